@@ -1,0 +1,64 @@
+// RMSNorm, one row per block:   y = x / sqrt(mean(x^2) + eps) * weight
+//
+// The first kernel of the book, and the pattern every later file follows: plain CUDA C++,
+// extern "C" kernels (no name mangling, so the loader finds them by name), compiled by
+// dsa_tutorial.kernels with NVRTC and checked against dsa_tutorial.norm.rms_norm.
+//
+//   rms_norm_f32   x, y float32 [n_rows, dim]
+//   rms_norm_bf16  x, y bfloat16 [n_rows, dim], arithmetic in float32
+//
+// Block: RMS_THREADS threads stride over the row, each keeps a partial sum of squares in a
+// register; a warp shuffle tree and one shared-memory round combine them; every thread then
+// scales its own elements. Any dim works (no tail condition beyond `i < dim`).
+#include <cuda_bf16.h>
+
+#define RMS_THREADS 256
+
+__device__ __forceinline__ float block_sum(float value) {
+    __shared__ float warp_sums[RMS_THREADS / 32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_sums[warp] = value;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < RMS_THREADS / 32; ++w) total += warp_sums[w];
+    return total;
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+template <typename T>
+__device__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y,
+                             int n_rows, int dim, float eps) {
+    const int row = blockIdx.x;
+    if (row >= n_rows) return;  // whole block leaves together: no thread skips the barrier
+    const T* x_row = x + (size_t)row * dim;
+    T* y_row = y + (size_t)row * dim;
+    // sum of squares: mean(x^2) = (1/dim) sum_i x_i^2
+    float sum_sq = 0.f;
+    for (int i = threadIdx.x; i < dim; i += RMS_THREADS) {
+        const float v = to_float(x_row[i]);
+        sum_sq += v * v;
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / dim + eps);
+    // y_i = x_i * inv_rms * weight_i
+    for (int i = threadIdx.x; i < dim; i += RMS_THREADS)
+        y_row[i] = from_float<T>(to_float(x_row[i]) * inv_rms * to_float(weight[i]));
+}
+
+extern "C" __global__ void __launch_bounds__(RMS_THREADS)
+rms_norm_f32(const float* x, const float* weight, float* y, int n_rows, int dim, float eps) {
+    rms_norm_row<float>(x, weight, y, n_rows, dim, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(RMS_THREADS)
+rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* weight, __nv_bfloat16* y, int n_rows, int dim,
+              float eps) {
+    rms_norm_row<__nv_bfloat16>(x, weight, y, n_rows, dim, eps);
+}

@@ -1,0 +1,157 @@
+"""The one timer of the book, and the machine's ceilings measured in the same run.
+
+:func:`benchmark` times a GPU function with CUDA events: warm-up calls first, then one event
+pair per call, the median reported. The inputs rotate through enough independent copies to
+exceed twice the L2 cache, so no call finds its operands already cached by the previous one.
+
+:func:`measure_ceilings` measures what the chip can do right now (device-to-device copy
+bandwidth, bf16 and FP8 GEMM rates); every reported kernel number is quoted as a fraction of
+these, measured in the same process.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .kernels import require_gpu
+
+__all__ = ["Timing", "benchmark", "Ceilings", "measure_ceilings", "report"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and spread of the timed calls, in microseconds."""
+
+    median_us: float
+    p20_us: float
+    p80_us: float
+    reps: int
+    input_sets: int
+
+    def tflops(self, flops: float) -> float:
+        return flops / (self.median_us * 1e-6) / 1e12
+
+    def tbps(self, nbytes: float) -> float:
+        return nbytes / (self.median_us * 1e-6) / 1e12
+
+    def __str__(self) -> str:
+        return f"{self.median_us:.1f} us (p20 {self.p20_us:.1f}, p80 {self.p80_us:.1f}, {self.reps} reps)"
+
+
+def _nbytes(args: Sequence[Any]) -> int:
+    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+
+def benchmark(
+    fn: Callable[..., Any],
+    make_inputs: Callable[[], Sequence[Any]],
+    *,
+    warmup: int = 5,
+    reps: int = 50,
+    max_input_bytes: int = 8 << 30,
+) -> Timing:
+    """Time ``fn(*inputs)`` on the current CUDA stream.
+
+    `make_inputs()` returns one fresh tuple of arguments (random data, never zeros); it is
+    called as often as needed to hold more than 2x the L2 cache (at most `max_input_bytes`),
+    and the calls cycle through those copies.
+    """
+    require_gpu()
+    if warmup < 0 or reps < 1:
+        raise ValueError(f"warmup must be >= 0 and reps >= 1, got {warmup}, {reps}")
+    first = tuple(make_inputs())
+    per_set = max(_nbytes(first), 1)
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    n_sets = max(1, min(math.ceil(2 * l2 / per_set), max(1, max_input_bytes // per_set), reps))
+    input_sets = [first] + [tuple(make_inputs()) for _ in range(n_sets - 1)]
+    for i in range(warmup):
+        fn(*input_sets[i % n_sets])
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i in range(reps):
+        args = input_sets[i % n_sets]
+        starts[i].record()
+        fn(*args)
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    quantiles = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return Timing(statistics.median(times), quantiles[0], quantiles[-1], reps, n_sets)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What the chip reached in this process: copy bandwidth and dense GEMM rates."""
+
+    copy_tbps: float  # bytes read + bytes written per second, device to device
+    bf16_tflops: float  # torch.matmul, 8192^3, random bf16
+    fp8_tflops: float  # torch._scaled_mm, 8192^3, random e4m3, per-tensor scales
+    device: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.device}: copy {self.copy_tbps:.2f} TB/s, bf16 GEMM {self.bf16_tflops:.0f} TFLOP/s, "
+            f"FP8 GEMM {self.fp8_tflops:.0f} TFLOP/s"
+        )
+
+
+def measure_ceilings(gemm_size: int = 8192, copy_bytes: int = 2 << 30) -> Ceilings:
+    """Measure the copy, bf16 GEMM and FP8 GEMM ceilings now, with :func:`benchmark`."""
+    require_gpu()
+    device = torch.device("cuda", torch.cuda.current_device())
+    n = copy_bytes // 4
+    copy = benchmark(lambda src, dst: dst.copy_(src),
+                     lambda: (torch.rand(n, device=device), torch.empty(n, device=device)),
+                     reps=20, max_input_bytes=copy_bytes * 2)
+    m = gemm_size
+    bf16 = benchmark(torch.matmul,
+                     lambda: (torch.randn(m, m, device=device, dtype=torch.bfloat16),
+                              torch.randn(m, m, device=device, dtype=torch.bfloat16)),
+                     reps=20)
+    one = torch.ones((), device=device)
+
+    def make_fp8():
+        a = torch.randn(m, m, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(m, m, device=device).to(torch.float8_e4m3fn).t()  # column-major B
+        return a, b
+
+    fp8 = benchmark(lambda a, b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16),
+                    make_fp8, reps=20)
+    return Ceilings(
+        copy_tbps=copy.tbps(2 * copy_bytes),
+        bf16_tflops=bf16.tflops(2 * m**3),
+        fp8_tflops=fp8.tflops(2 * m**3),
+        device=torch.cuda.get_device_name(device),
+    )
+
+
+def report(
+    name: str,
+    timing: Timing,
+    *,
+    flops: float | None = None,
+    nbytes: float | None = None,
+    ceiling_tflops: float | None = None,
+    ceiling_tbps: float | None = None,
+    baseline: Timing | None = None,
+) -> str:
+    """One line: time, rate, fraction of the ceiling, speed-up over the baseline."""
+    parts = [f"{name}: {timing.median_us:9.1f} us"]
+    if flops is not None:
+        rate = timing.tflops(flops)
+        parts.append(f"{rate:7.1f} TFLOP/s")
+        if ceiling_tflops:
+            parts.append(f"{100 * rate / ceiling_tflops:5.1f}% of ceiling")
+    if nbytes is not None:
+        rate = timing.tbps(nbytes)
+        parts.append(f"{rate:5.2f} TB/s")
+        if ceiling_tbps:
+            parts.append(f"{100 * rate / ceiling_tbps:5.1f}% of copy")
+    if baseline is not None:
+        parts.append(f"{baseline.median_us / timing.median_us:5.2f}x vs baseline")
+    return ", ".join(parts)

@@ -1,0 +1,135 @@
+"""The one way the book compares a result with its reference.
+
+Three numbers, computed in float64 over the positions where the reference is finite:
+
+* the largest absolute error, and the largest error relative to ``max|ref|`` there;
+* DeepGEMM's ``calc_diff(x, y) = 1 - 2 sum(x y) / sum(x^2 + y^2)``, which is 0 for equal tensors
+  and about ``relative error^2 / 2`` for small noise;
+
+plus two exact checks: the ``-inf`` pattern (every ``-inf`` of the reference is ``-inf`` in the
+output, and nowhere else) and that the output has no NaN (the poison that unwritten elements
+keep, see :func:`poisoned`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["calc_diff", "Comparison", "compare", "assert_close", "poisoned"]
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2 sum(x y) / sum(x^2 + y^2) in float64 (DeepGEMM's test metric; finite entries only)."""
+    x, y = x.double(), y.double()
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[finite], y[finite]
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare` measured, and whether it is within the stated tolerance."""
+
+    max_abs: float
+    max_rel: float
+    calc_diff: float
+    inf_pattern_ok: bool
+    nan_count: int
+    atol: float
+    rtol: float
+    max_calc_diff: float | None
+    passed: bool
+    first_mismatches: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        # Rounded to one significant digit: what a notebook prints must not change between runs.
+        parts = [
+            f"max abs err {self.max_abs:.0e}",
+            f"max rel err {self.max_rel:.0e}",
+            f"calc_diff {self.calc_diff:.0e}",
+            "-inf pattern " + ("exact" if self.inf_pattern_ok else "WRONG"),
+        ]
+        if self.nan_count:
+            parts.append(f"{self.nan_count} NaN")
+        return ", ".join(parts) + (": PASS" if self.passed else ": FAIL")
+
+
+def compare(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    max_calc_diff: float | None = None,
+) -> Comparison:
+    """Compare `out` with `ref` elementwise: pass when |out - ref| <= atol + rtol |ref| everywhere
+    ref is finite, the -inf pattern is exact, out has no NaN, and calc_diff <= max_calc_diff."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shapes differ: out {list(out.shape)} vs ref {list(ref.shape)}")
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    nan_count = int(torch.isnan(out64).sum())
+    inf_pattern_ok = bool(torch.equal(torch.isneginf(out64), torch.isneginf(ref64))) and bool(
+        torch.equal(torch.isposinf(out64), torch.isposinf(ref64))
+    )
+    finite = torch.isfinite(ref64)
+    err = (out64 - ref64).abs()
+    err = torch.where(finite, err, torch.zeros_like(err))
+    err = torch.where(torch.isnan(out64), torch.full_like(err, float("inf")), err)
+    scale = ref64[finite].abs().max().item() if finite.any() else 0.0
+    max_abs = err.max().item() if err.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    bound = atol + rtol * ref64.abs()
+    bad = (err > bound) & (finite | torch.isnan(out64))
+    diff = calc_diff(out64, ref64)
+    passed = (
+        not bool(bad.any())
+        and inf_pattern_ok
+        and nan_count == 0
+        and (max_calc_diff is None or diff <= max_calc_diff)
+    )
+    mismatches = []
+    for index in bad.nonzero()[:5].tolist():
+        mismatches.append(f"at {index}: out {out64[tuple(index)].item():.6g} ref {ref64[tuple(index)].item():.6g}")
+    if not inf_pattern_ok:
+        wrong = (torch.isinf(out64) != torch.isinf(ref64)).nonzero()[:5].tolist()
+        mismatches += [f"-inf pattern differs at {i}" for i in wrong]
+    return Comparison(max_abs, max_rel, diff, inf_pattern_ok, nan_count, atol, rtol, max_calc_diff,
+                      passed, tuple(mismatches))
+
+
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    max_calc_diff: float | None = None,
+    name: str = "output",
+) -> Comparison:
+    """:func:`compare`, raising AssertionError with the first mismatches when it fails."""
+    result = compare(out, ref, atol=atol, rtol=rtol, max_calc_diff=max_calc_diff)
+    if not result.passed:
+        tolerance = f"atol {atol:g}, rtol {rtol:g}" + (
+            f", calc_diff <= {max_calc_diff:g}" if max_calc_diff is not None else ""
+        )
+        detail = "\n  ".join(result.first_mismatches)
+        raise AssertionError(
+            f"{name} differs from its reference ({tolerance}): max abs {result.max_abs:.3g}, "
+            f"calc_diff {result.calc_diff:.3g}, {result.nan_count} NaN\n  {detail}"
+        )
+    return result
+
+
+def poisoned(shape, dtype: torch.dtype, device="cuda") -> torch.Tensor:
+    """An output buffer filled with a value no kernel writes: NaN for floating types (fp8 too),
+    the most negative integer for integer types. Any element a kernel forgets stays visible."""
+    if dtype.is_floating_point:
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return torch.full(shape, 0xFF, dtype=torch.uint8, device=device).view(dtype)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)

@@ -1,0 +1,333 @@
+"""The one loader for every CUDA kernel of the book.
+
+`cuda/<name>.cu` is plain CUDA C++ with `extern "C"` kernels. This module
+
+* compiles it with NVRTC (through CuPy's bindings) for one GPU architecture, with the compile
+  options defined once, in :func:`compile_options`;
+* caches the result per process (:func:`load` is memoised) and on disk (a cubin keyed by the
+  source, the headers it may include, the options, the architecture and the NVRTC version);
+* launches kernels on torch CUDA tensors without copying them, on torch's current stream
+  (:func:`launch`);
+* and compiles every source on a machine without a GPU (:func:`compile_source` with
+  ``arch="sm_90"``), which is how CI checks the CUDA sources it cannot run.
+
+Nothing here runs at import time: CuPy is imported on first use.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GPUUnavailableError",
+    "KernelCompileError",
+    "CompiledSource",
+    "cuda_dir",
+    "source_path",
+    "kernel_names",
+    "compile_options",
+    "compile_source",
+    "gpu_available",
+    "require_gpu",
+    "load",
+    "launch",
+    "as_cupy",
+]
+
+#: The architecture CI compiles for when there is no GPU to ask (the H200 of the book's runs).
+DEFAULT_ARCH = "sm_90"
+
+_INSTALL_HINT = (
+    "This needs an NVIDIA GPU, its driver and CuPy: `pip install -e '.[gpu]'` installs "
+    "cupy-cuda13x for a CUDA 13 driver (use cupy-cuda12x for CUDA 12). Reading the book on a CPU? "
+    "Skip the cells tagged `gpu`: the stored outputs show what they print on an H200, and nbval "
+    "skips them where no GPU is found."
+)
+
+
+class GPUUnavailableError(RuntimeError):
+    """Raised by every GPU entry point when no usable GPU (or no CuPy) is found."""
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a `.cu` file; the message carries its log with `cuda/<name>.cu(line)`."""
+
+
+def cuda_dir() -> Path:
+    """The folder of the `.cu` sources: `cuda/` beside the package, or `$DSA_CUDA_DIR`."""
+    override = os.environ.get("DSA_CUDA_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "cuda"
+
+
+def kernel_names() -> list[str]:
+    """The names `load` accepts: every `cuda/*.cu`, without its suffix."""
+    return sorted(p.stem for p in cuda_dir().glob("*.cu"))
+
+
+def source_path(name: str) -> Path:
+    """Path of `cuda/<name>.cu`; a clear `FileNotFoundError` when it does not exist."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"kernel source name must be letters, digits and '_' (no suffix), got {name!r}")
+    path = cuda_dir() / f"{name}.cu"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no CUDA source {path}: the sources in {cuda_dir()} are {', '.join(kernel_names()) or 'none'}"
+        )
+    return path
+
+
+def _cuda_include_dir() -> str:
+    """The CUDA headers (cuda_fp8.h, cuda_bf16.h, ...) that NVRTC needs."""
+    try:  # pip wheels (nvidia-cuda-runtime) or a toolkit, found the way CuPy itself finds them
+        from cuda import pathfinder
+
+        found = pathfinder.find_nvidia_header_directory("cudart")
+        if found:
+            return str(found)
+    except Exception:  # noqa: BLE001 - fall back to the usual toolkit locations
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp8.h").is_file():
+            return str(Path(root) / "include")
+    raise GPUUnavailableError(
+        "CUDA headers (cuda_fp8.h) not found: `pip install -e '.[nvrtc]'` brings them as wheels, "
+        "or set CUDA_PATH to a CUDA toolkit."
+    )
+
+
+def compile_options(arch: str) -> tuple[str, ...]:
+    """Every NVRTC option of the project, in one place.
+
+    ``-lineinfo`` keeps source lines for compute-sanitizer and profilers at no run-time cost;
+    ``--ptxas-options=-v`` makes the log report registers, shared memory and spills per kernel.
+    No fast-math: the kernels are compared against float64 references.
+    """
+    if not re.fullmatch(r"sm_\d{2,3}a?", arch):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    return (
+        f"--gpu-architecture={arch}",
+        "--std=c++17",
+        "-lineinfo",
+        "--ptxas-options=-v",
+        f"-I{cuda_dir()}",
+        f"-I{_cuda_include_dir()}",
+    )
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as exc:  # noqa: BLE001 - ImportError or a missing libnvrtc
+        raise GPUUnavailableError(
+            f"NVRTC is not available ({exc}). `pip install -e '.[nvrtc]'` brings it as wheels."
+        ) from exc
+    return nvrtc
+
+
+@dataclass(frozen=True)
+class CompiledSource:
+    """The cubin of one `.cu` file, and what ptxas said about each kernel in it."""
+
+    name: str
+    arch: str
+    cubin: bytes
+    log: str
+
+    def resource_usage(self) -> dict[str, dict[str, int]]:
+        """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory."""
+        usage: dict[str, dict[str, int]] = {}
+        current = None
+        for line in self.log.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = usage.setdefault(
+                    m.group(1), dict(registers=0, spill_stores=0, spill_loads=0, stack=0, smem=0)
+                )
+                continue
+            if current is None:
+                continue
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m:
+                current.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                current["registers"] = int(m[1])
+            m = re.search(r"(\d+) bytes smem", line)
+            if m:
+                current["smem"] = int(m[1])
+        return usage
+
+
+def _headers_digest() -> str:
+    digest = hashlib.sha256()
+    for header in sorted(cuda_dir().glob("*.cuh")):
+        digest.update(header.name.encode() + header.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DSA_CACHE_DIR", Path.home() / ".cache" / "dsa_tutorial" / "kernels"))
+
+
+def compile_source(name: str, arch: str = DEFAULT_ARCH, *, use_cache: bool = True) -> CompiledSource:
+    """Compile `cuda/<name>.cu` to a cubin for `arch` with NVRTC. Needs no GPU.
+
+    Errors come back as :class:`KernelCompileError` whose message is NVRTC's log, with locations
+    written `cuda/<name>.cu(<line>)`.
+    """
+    path = source_path(name)
+    source = path.read_text()
+    options = compile_options(arch)
+    nvrtc = _nvrtc()
+    version = ".".join(map(str, nvrtc.getVersion()))
+    key = hashlib.sha256(
+        "\0".join([source, _headers_digest(), *options[:-2], arch, version]).encode()
+    ).hexdigest()[:32]
+    cubin_path = _cache_dir() / f"{name}-{arch}-{key}.cubin"
+    log_path = cubin_path.with_suffix(".log")
+    if use_cache and cubin_path.is_file() and log_path.is_file():
+        return CompiledSource(name, arch, cubin_path.read_bytes(), log_path.read_text())
+
+    program_name = f"cuda/{name}.cu"
+    program = nvrtc.createProgram(source, program_name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, list(options))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(program)
+            raise KernelCompileError(f"NVRTC could not compile {program_name} for {arch}:\n{log}") from exc
+        log = nvrtc.getProgramLog(program)
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    if use_cache:
+        try:
+            cubin_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cubin_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(cubin)
+            tmp.replace(cubin_path)
+            log_path.write_text(log)
+        except OSError:
+            pass  # a read-only home only loses the disk cache
+    return CompiledSource(name, arch, cubin, log)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    """True when torch sees a CUDA GPU and CuPy can drive it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy, or CuPy without a driver
+        return False
+
+
+def require_gpu() -> None:
+    """Raise :class:`GPUUnavailableError` (with what to install) unless a GPU is usable."""
+    if not gpu_available():
+        raise GPUUnavailableError(_INSTALL_HINT)
+
+
+def _device_arch(device: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, device: int):
+    import cupy
+
+    compiled = compile_source(name, _device_arch(device))
+    cubin_dir = Path(tempfile.mkdtemp(prefix="dsa_tutorial_"))
+    cubin_path = cubin_dir / f"{name}.cubin"
+    cubin_path.write_bytes(compiled.cubin)
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(path=str(cubin_path))
+
+
+def load(name: str):
+    """The compiled `cuda/<name>.cu` as a `cupy.RawModule`, for the current CUDA device."""
+    require_gpu()
+    source_path(name)  # a clear error for a missing file, before any compilation
+    return _load(name, torch.cuda.current_device())
+
+
+_VIEW_AS = {
+    torch.bfloat16: torch.int16,
+    torch.float8_e4m3fn: torch.uint8,
+    torch.float8_e5m2: torch.uint8,
+}
+
+
+def as_cupy(tensor: torch.Tensor):
+    """A CuPy view of a CUDA tensor, no copy; bf16 is seen as int16 and fp8 as uint8 (same bytes)."""
+    import cupy
+
+    view = tensor.view(_VIEW_AS[tensor.dtype]) if tensor.dtype in _VIEW_AS else tensor
+    return cupy.asarray(view)
+
+
+def _kernel_arg(value: Any, index: int, kernel: str, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        where = f"argument {index} of {kernel}"
+        if not value.is_cuda:
+            raise ValueError(f"{where} must be a CUDA tensor, got one on {value.device}")
+        if value.device != device:
+            raise ValueError(f"{where} is on {value.device}, the launch is on {device}")
+        if not value.is_contiguous():
+            raise ValueError(f"{where} must be contiguous (call .contiguous()), got strides {value.stride()}")
+        return as_cupy(value)
+    if isinstance(value, (bool, np.bool_)):
+        return np.int32(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value
+    if isinstance(value, int):
+        if not -(2**31) <= value < 2**31:
+            raise ValueError(f"argument {index} of {kernel} = {value} does not fit an int32; pass np.int64")
+        return np.int32(value)
+    if isinstance(value, float):
+        return np.float32(value)
+    raise TypeError(f"argument {index} of {kernel}: cannot pass {type(value).__name__} to a kernel")
+
+
+def launch(
+    name: str,
+    kernel: str,
+    grid: Sequence[int] | int,
+    block: Sequence[int] | int,
+    args: Sequence[Any],
+    *,
+    shared_mem: int = 0,
+) -> None:
+    """Launch `kernel` of `cuda/<name>.cu` on torch's current stream.
+
+    Tensors are passed zero-copy and must be contiguous CUDA tensors of the current device; Python
+    ints become `int`, floats `float` (use numpy scalars for other widths). `shared_mem` bytes of
+    dynamic shared memory; above 48 KiB the kernel's limit is raised first.
+    """
+    import cupy
+
+    grid = (grid,) if isinstance(grid, int) else tuple(grid)
+    block = (block,) if isinstance(block, int) else tuple(block)
+    if not grid or any(g <= 0 for g in grid) or not block or any(b <= 0 for b in block):
+        raise ValueError(f"{kernel}: grid {grid} and block {block} must be positive")
+    function = load(name).get_function(kernel)
+    device = torch.device("cuda", torch.cuda.current_device())
+    kernel_args = tuple(_kernel_arg(a, i, kernel, device) for i, a in enumerate(args))
+    if shared_mem > 48 * 1024:
+        function.max_dynamic_shared_size_bytes = shared_mem
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    with stream:
+        function(grid, block, kernel_args, shared_mem=shared_mem)
