@@ -46,16 +46,21 @@ class Comparison:
     first_mismatches: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        # Rounded to one significant digit: what a notebook prints must not change between runs.
-        parts = [
-            f"max abs err {self.max_abs:.0e}",
-            f"max rel err {self.max_rel:.0e}",
-            f"calc_diff {self.calc_diff:.0e}",
-            "-inf pattern " + ("exact" if self.inf_pattern_ok else "WRONG"),
-        ]
-        if self.nan_count:
-            parts.append(f"{self.nan_count} NaN")
-        return ", ".join(parts) + (": PASS" if self.passed else ": FAIL")
+        """The verdict and the tolerance it was held to: the same text on every machine, so a
+        notebook can print it under strict nbval. The measured errors are in :meth:`measured`."""
+        bounds = [f"atol {self.atol:g}", f"rtol {self.rtol:g}"]
+        if self.max_calc_diff is not None:
+            bounds.append(f"calc_diff <= {self.max_calc_diff:g}")
+        verdict = "PASS" if self.passed else "FAIL"
+        inf = "" if self.inf_pattern_ok else ", -inf pattern WRONG"
+        nan = f", {self.nan_count} NaN" if self.nan_count else ""
+        return f"{verdict} ({', '.join(bounds)}{inf}{nan})"
+
+    def measured(self) -> str:
+        """The measured errors, to one significant digit (they vary with hardware and library
+        versions: print them in cells tagged nbval-ignore-output)."""
+        return (f"max abs err {self.max_abs:.0e}, max rel err {self.max_rel:.0e}, "
+                f"calc_diff {self.calc_diff:.0e}, -inf pattern " + ("exact" if self.inf_pattern_ok else "WRONG"))
 
 
 def compare(

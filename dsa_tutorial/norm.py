@@ -29,8 +29,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return (x64 * torch.rsqrt(mean_sq + eps) * weight.double()).to(x.dtype)
 
 
-def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """`cuda/rms_norm.cu`: x [n_rows, dim] float32 or bfloat16 on the GPU, weight [dim] alike."""
+def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/rms_norm.cu`: x [n_rows, dim] float32 or bfloat16 on the GPU, weight [dim] alike.
+
+    `out` (optional, like x) receives the result; tests pass a poisoned buffer there."""
     dims: dict[str, int] = {}
     check_tensor(x, "x", shape=("n_rows", "dim"), dims=dims, dtype=(torch.float32, torch.bfloat16),
                  cuda=True, contiguous=True)
@@ -38,7 +41,9 @@ def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> t
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     n_rows, dim = x.shape
-    y = torch.empty_like(x)
+    if out is not None:
+        check_tensor(out, "out", shape=("n_rows", "dim"), dims=dims, dtype=x.dtype, device=x.device, contiguous=True)
+    y = torch.empty_like(x) if out is None else out
     if n_rows == 0 or dim == 0:
         return y
     kernel = "rms_norm_f32" if x.dtype == torch.float32 else "rms_norm_bf16"

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The book's developer commands. Needs only Python >= 3.10 and pip.
+
+    python3 dev.py book            build the rendered book into _build/html
+    python3 dev.py test            run every test: pytest over tests/ and strict nbval over book/
+    python3 dev.py gpu             the GPU suite: the same, with GPU tests and GPU cells required
+    python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
+    python3 dev.py compile-check   compile every cuda/*.cu for sm_90 with NVRTC; registers, spills
+
+`book` and `test` create `.venv/` and install what they need there, unless they already run
+inside a virtual environment or `--system` is given (use it where nothing can be installed, e.g.
+on a GPU machine without a package index). `gpu`, `refresh` and `compile-check` use the current
+interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+# A CPU build of torch is enough for everything except the kernels; this pin keeps a fresh
+# environment from pulling a multi-GB CUDA build where a CPU wheel is at hand.
+TORCH_SPEC = os.environ.get("DSA_TORCH_SPEC", "torch==2.13.0")
+
+
+def _in_venv() -> bool:
+    return sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+
+
+def _python(extras: str, system: bool) -> str:
+    """The interpreter to use, with `.[extras]` installed when we manage the environment."""
+    if system:
+        return sys.executable
+    if _in_venv():
+        python = sys.executable
+    else:
+        python = str(VENV / "bin" / "python")
+        if not Path(python).exists():
+            print(f"creating {VENV}", flush=True)
+            venv.EnvBuilder(with_pip=True).create(VENV)
+    stamp = Path(python).parent.parent / f".dsa_tutorial-{extras.replace(',', '-')}"
+    pyproject = ROOT / "pyproject.toml"
+    if not stamp.exists() or stamp.stat().st_mtime < pyproject.stat().st_mtime:
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+        have_torch = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+        if not have_torch:
+            _run(pip + [TORCH_SPEC])
+        _run(pip + ["-e", f"{ROOT}[{extras}]"])
+        stamp.touch()
+    return python
+
+
+def _run(cmd: list[str], **kwargs) -> None:
+    print("+", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def _pytest(python: str, extra: list[str]) -> None:
+    # One pytest run: the unit tests, the CUDA compile check, and strict nbval over the chapters
+    # (--nbval compares every stored output; --nbval-current-env runs them in this interpreter).
+    _run([python, "-m", "pytest", "tests", "book", "--nbval", "--nbval-current-env", "-p", "no:cacheprovider",
+          "-ra", *extra])
+
+
+def cmd_test(args) -> None:
+    python = _python("test,nvrtc", args.system)
+    _run([python, str(ROOT / "dev.py"), "compile-check"])
+    _pytest(python, args.pytest_args)
+
+
+def cmd_gpu(args) -> None:
+    os.environ["DSA_REQUIRE_GPU"] = "1"  # a missing GPU fails the run instead of skipping
+    _pytest(sys.executable, args.pytest_args)
+
+
+def cmd_book(args) -> None:
+    python = _python("book", args.system)
+    _run([python, "-m", "jupyter_book", "build", str(ROOT), "--builder", "html", "-W", "-n", "--keep-going"])
+    index = ROOT / "_build" / "html" / "index.html"
+    print(f"\nThe book is built. Open {index.as_uri()}")
+
+
+def cmd_compile_check(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    from dsa_tutorial import kernels
+
+    failed = []
+    print(f"{'kernel':<40} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6} {'smem':>6}")
+    for name in kernels.kernel_names():
+        try:
+            compiled = kernels.compile_source(name, args.arch)
+        except kernels.KernelCompileError as exc:
+            failed.append(name)
+            print(exc)
+            continue
+        for kernel, use in compiled.resource_usage().items():
+            print(f"{name + ':' + kernel:<40} {use['registers']:>5} {use['spill_stores']:>9} "
+                  f"{use['spill_loads']:>9} {use['stack']:>6} {use['smem']:>6}")
+    if failed:
+        sys.exit(f"compile check failed for: {', '.join(failed)}")
+
+
+def cmd_refresh(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    import nbformat
+    from nbclient import NotebookClient
+
+    from dsa_tutorial.kernels import gpu_available
+
+    notebooks = [Path(p).resolve() for p in args.notebooks] or sorted((ROOT / "book").glob("*.ipynb"))
+    have_gpu = gpu_available()
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        skipped = 0
+        with client.setup_kernel():
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                if "gpu" in cell.metadata.get("tags", []) and not have_gpu:
+                    skipped += 1  # keep the outputs a GPU run stored
+                    continue
+                client.execute_cell(cell, index)
+        nbformat.write(nb, path)
+        note = f", {skipped} gpu cells kept as stored (no GPU here)" if skipped else ""
+        print(f"refreshed {path.relative_to(ROOT)}{note}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in [("test", cmd_test, "run the whole test suite (CPU)"),
+                             ("gpu", cmd_gpu, "run the whole suite with GPU tests and cells required"),
+                             ("book", cmd_book, "build the rendered book")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--system", action="store_true", help="use this interpreter; install nothing")
+        if name != "book":
+            p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
+        p.set_defaults(func=func)
+    p = sub.add_parser("refresh", help="re-execute chapters in place")
+    p.add_argument("notebooks", nargs="*", help="default: every book/*.ipynb")
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
+    p.set_defaults(func=cmd_refresh)
+    p = sub.add_parser("compile-check", help="compile every cuda/*.cu with NVRTC, no GPU needed")
+    p.add_argument("--arch", default="sm_90")
+    p.set_defaults(func=cmd_compile_check)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

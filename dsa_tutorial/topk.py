@@ -1,0 +1,139 @@
+"""Top-k selection (equation 2 of the report): the k keys each query will attend to.
+
+    S_t = Top-k(I_t,:)   over the positions s that query t may see (s <= its position)
+
+The rules, the same in the reference (`select_topk`) and the kernel (`select_topk_cuda`):
+
+* candidates: the visible positions (s <= query_positions[t]) whose score is not NaN. A NaN score is
+  treated like a masked position: never selected (a NaN cannot be ranked, and attending to a token
+  because its score is undefined would be worse than leaving the slot empty). -inf is an ordinary,
+  lowest score: a visible -inf position is still a candidate.
+* order: by value, largest first; +0.0 and -0.0 are the same value; among equal values the LOWER
+  position wins. This makes the selected set unique, which torch.topk does not promise under ties.
+* output: int32 [..., T, k], the selected positions in INCREASING order, then -1 in the slots left
+  over when a row has fewer than k candidates (t < k - 1 in a causal prefill). The causal mask
+  therefore holds after selection: no index is ever beyond its query's position.
+
+The kernel ranks values through `order_key`, a map of float32 to uint32 that preserves order, the
+way a radix select needs it; the reference uses the same map so the two agree bit for bit.
+
+`topk_without_causal_mask` reproduces the research repository's leak (SPEC section 8): torch.topk
+on the masked scores, keeping whatever it returns, future positions included.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_range, check_tensor
+from .kernels import launch
+
+__all__ = ["order_key", "visible_positions", "select_topk", "topk_without_causal_mask", "select_topk_cuda",
+           "TOPK_THREADS", "TOPK_MAX_K", "TOPK_MAX_S"]
+
+TOPK_THREADS = 1024  # threads per block (one block per row) of cuda/topk.cu
+TOPK_MAX_K = 2048
+TOPK_MAX_S = 1 << 20
+
+
+def order_key(scores: torch.Tensor) -> torch.Tensor:
+    """uint32 key (held in int64) with key(a) < key(b) exactly when a < b, for float32 scores.
+
+    Non-negative floats: set the sign bit (they rank above every negative); negative floats: flip
+    all bits (a larger magnitude becomes a smaller key). -0.0 is first made +0.0. NaN gets key 0,
+    below every float (-inf has key 0x007FFFFF), so a NaN is never a candidate.
+    """
+    check_tensor(scores, "scores", dtype=torch.float32)
+    # -0.0 + 0.0 = +0.0 in IEEE arithmetic; every other value is unchanged
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the uint32 bit pattern
+    negative = bits >= 0x80000000
+    # key = ~bits for negatives, bits | 0x80000000 for the rest
+    key = torch.where(negative, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return key.masked_fill(torch.isnan(scores), 0)
+
+
+def visible_positions(n_queries: int, n_keys: int, query_positions: torch.Tensor | None = None,
+                      device=None) -> torch.Tensor:
+    """The last visible position of each query: query_positions, or by default the causal
+    alignment to the end of the keys, arange(S - T, S) (query t is the token at slot S - T + t). [T]"""
+    if query_positions is None:
+        if n_queries > n_keys:
+            raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}): pass query_positions")
+        return torch.arange(n_keys - n_queries, n_keys, device=device)
+    check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64))
+    if query_positions.device != torch.device(device if device is not None else query_positions.device):
+        raise ValueError(f"query_positions must be on {device}, got {query_positions.device}")
+    check_range(query_positions, "query_positions", 0, n_keys - 1)
+    return query_positions.long()
+
+
+def _check_k(k, n_keys: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if k > n_keys:
+        raise ValueError(f"k = {k} is larger than the sequence (S = {n_keys} keys)")
+
+
+def select_topk(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k of each row among the visible, non-NaN positions; int32 [..., T, k], ascending, -1 padded.
+
+    scores float32 [..., T, S] (rows of index scores); k in [1, S]; query_positions int [T] (the last
+    position each query sees, default arange(S - T, S)). See the module docstring for the rules.
+    """
+    check_tensor(scores, "scores", dtype=torch.float32)
+    if scores.dim() < 2:
+        raise ValueError(f"scores must be [..., T, S], got shape {list(scores.shape)}")
+    n_queries, n_keys = scores.shape[-2:]
+    _check_k(k, n_keys)
+    last = visible_positions(n_queries, n_keys, query_positions, scores.device)  # [T]
+    # candidate: s <= position of t, and the score is a number: [..., T, S]
+    candidate = (torch.arange(n_keys, device=scores.device) <= last[:, None]) & ~torch.isnan(scores)
+    # rank key: order_key for candidates, -1 (below everything) for the rest: [..., T, S]
+    key = torch.where(candidate, order_key(scores), torch.full_like(scores, -1, dtype=torch.int64))
+    # largest key first; a stable sort keeps the lower position first among equal keys
+    ranked = torch.sort(key, dim=-1, descending=True, stable=True)
+    chosen = ranked.indices[..., :k]  # [..., T, k]
+    chosen = torch.where(ranked.values[..., :k] >= 0, chosen, torch.full_like(chosen, n_keys))
+    # ascending positions, non-candidates (set to S) last, then S -> -1
+    chosen = chosen.sort(dim=-1).values
+    return torch.where(chosen < n_keys, chosen, torch.full_like(chosen, -1)).to(torch.int32)
+
+
+def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The leak (SPEC section 8): torch.topk of the scores, every returned index kept.
+
+    When a row has fewer than k visible positions, torch.topk fills the rest with masked (-inf)
+    positions, i.e. future tokens; attending to them leaks the answer. int64 [..., T, k].
+    """
+    check_tensor(scores, "scores", dtype=torch.float32)
+    _check_k(k, scores.shape[-1])
+    return scores.topk(k, dim=-1).indices
+
+
+def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/topk.cu`: the radix select, one block per row; the same result as `select_topk`, bit for bit.
+
+    scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= 2^20; k in [1, min(S, 2048)];
+    query_positions as for `select_topk` (on the same GPU). Returns int32 [..., T, k].
+    """
+    check_tensor(scores, "scores", dtype=torch.float32, cuda=True, contiguous=True)
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"scores must be [T, S] or [B, T, S], got shape {list(scores.shape)}")
+    n_queries, n_keys = scores.shape[-2:]
+    _check_k(k, n_keys)
+    if k > TOPK_MAX_K:
+        raise ValueError(f"the kernel keeps at most k = {TOPK_MAX_K}, got {k}")
+    if n_keys > TOPK_MAX_S:
+        raise ValueError(f"the kernel takes rows of at most {TOPK_MAX_S} scores, got S = {n_keys}")
+    last = visible_positions(n_queries, n_keys, query_positions, scores.device)
+    rows = scores.numel() // max(n_keys, 1)
+    out = torch.empty(*scores.shape[:-1], k, dtype=torch.int32, device=scores.device)
+    if rows == 0:
+        return out
+    # one past the last visible position of each row: int32 [rows]
+    row_end = (last + 1).to(torch.int32).repeat(rows // n_queries).contiguous()
+    if rows > 2**31 - 1:
+        raise ValueError(f"too many rows: {rows}")
+    launch("topk", "topk_radix_select", grid=rows, block=TOPK_THREADS, args=(scores, row_end, out, n_keys, k))
+    return out
