@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -328,6 +329,8 @@ def launch(
     kernel_args = tuple(_kernel_arg(a, i, kernel, device) for i, a in enumerate(args))
     if shared_mem > 48 * 1024:
         function.max_dynamic_shared_size_bytes = shared_mem
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; CuPy 13 lacks the successor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
     with stream:
         function(grid, block, kernel_args, shared_mem=shared_mem)

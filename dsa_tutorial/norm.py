@@ -14,6 +14,7 @@ from .kernels import launch
 __all__ = ["rms_norm", "rms_norm_cuda", "RMS_THREADS"]
 
 RMS_THREADS = 256  # threads per block, as #defined in cuda/rms_norm.cu
+RMS_VECS = 4  # 16-byte vectors per thread in rms_norm_bf16_vec, as #defined there
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -46,6 +47,10 @@ def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     y = torch.empty_like(x) if out is None else out
     if n_rows == 0 or dim == 0:
         return y
-    kernel = "rms_norm_f32" if x.dtype == torch.float32 else "rms_norm_bf16"
+    # Kernel 2 holds the row in registers as 16-byte vectors: bf16, dim a multiple of 8, rows that
+    # fit; the tensors' data pointers must be 16-byte aligned (fresh allocations are 256-aligned).
+    vectorised = (x.dtype == torch.bfloat16 and dim % 8 == 0 and dim <= RMS_THREADS * 8 * RMS_VECS
+                  and all(t.data_ptr() % 16 == 0 for t in (x, weight, y)))
+    kernel = "rms_norm_bf16_vec" if vectorised else ("rms_norm_f32" if x.dtype == torch.float32 else "rms_norm_bf16")
     launch("rms_norm", kernel, grid=n_rows, block=RMS_THREADS, args=(x, weight, y, n_rows, dim, float(eps)))
     return y
