@@ -82,7 +82,7 @@ def cmd_gpu(args) -> None:
 
 def cmd_book(args) -> None:
     python = _python("book", args.system)
-    _run([python, "-m", "jupyter_book", "build", str(ROOT), "--builder", "html", "-W", "-n", "--keep-going"])
+    _run([str(Path(python).parent / "jupyter-book"), "build", str(ROOT), "--builder", "html", "-W", "-n", "--keep-going"])
     index = ROOT / "_build" / "html" / "index.html"
     print(f"\nThe book is built. Open {index.as_uri()}")
 

@@ -60,3 +60,34 @@ def test_leak_checker_accepts_clean_notebooks():
               ("%time y = x.cuda()\nprint([v for v in y])\ndef f(a):\n    return a", ["gpu"]),
               ("x = x + 1\nprint([a for a in x])", [])])
     assert gpu_leaks(nb) == []
+
+
+def test_nbval_skips_gpu_cells_without_a_gpu(tmp_path):
+    """Run nbval, through this repository's conftest, on a notebook whose `gpu` cell fails without
+    a GPU: where no GPU is found it must be skipped, where one is found it must run and pass."""
+    import os
+    import subprocess
+    import sys
+
+    from dsa_tutorial.kernels import gpu_available
+
+    root = Path(__file__).resolve().parent.parent
+    nb = _nb([("x = 1", []),
+              ("from dsa_tutorial.kernels import require_gpu\nrequire_gpu()", ["gpu"]),
+              ("print(x + 1)", [])])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    from nbclient import NotebookClient  # store the outputs nbval compares against (the gpu cell left unrun)
+
+    client = NotebookClient(nb, kernel_name="python3")
+    with client.setup_kernel():
+        client.execute_cell(nb.cells[0], 0)
+        client.execute_cell(nb.cells[2], 2)
+    path = tmp_path / "gated.ipynb"
+    nbformat.write(nb, path)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("DSA_REQUIRE_GPU", None)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "--nbval", "--nbval-current-env",
+                             "-p", "no:cacheprovider", "-q", str(path)], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)
+    expected = "3 passed" if gpu_available() else "2 passed, 1 skipped"
+    assert result.returncode == 0 and expected in result.stdout, result.stdout + result.stderr
