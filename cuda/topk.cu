@@ -32,6 +32,7 @@
 
 #define TOPK_THREADS 1024
 #define RADIX_BINS 2048  // 11-bit digits: bits 31..21, 20..10, then a 10-bit digit 9..0
+#define HIST_ITEMS 8     // scores in flight per thread in the histogram passes (memory parallelism)
 #define ITEMS 4          // scores per thread per chunk in the ordered pass
 
 // Order-preserving map float32 -> uint32: key(a) < key(b) exactly when a < b. NaN -> 0, below
@@ -90,15 +91,15 @@ topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_
         for (int i = tid; i < RADIX_BINS; i += TOPK_THREADS) hist[i] = 0u;
         __syncthreads();
         // histogram of this digit over the candidates that match the prefix so far
-        for (int base = 0; base < end; base += ITEMS * TOPK_THREADS) {
-            unsigned key[ITEMS];
+        for (int base = 0; base < end; base += HIST_ITEMS * TOPK_THREADS) {
+            unsigned key[HIST_ITEMS];
 #pragma unroll
-            for (int i = 0; i < ITEMS; ++i) {
+            for (int i = 0; i < HIST_ITEMS; ++i) {  // all loads first, coalesced: lane i reads base + i * 1024 + tid
                 const int s = base + i * TOPK_THREADS + tid;
                 key[i] = s < end ? order_key(row[s]) : 0u;
             }
 #pragma unroll
-            for (int i = 0; i < ITEMS; ++i)
+            for (int i = 0; i < HIST_ITEMS; ++i)
                 if (key[i] != 0u && (key[i] & prefix_mask) == prefix) atomicAdd(&hist[(key[i] >> shift) & digit_mask], 1u);
         }
         __syncthreads();

@@ -47,7 +47,7 @@ __all__ = ["index_scores", "index_weights", "indexer_rope", "causal_index_mask",
            "index_scores_cuda", "INDEXER_KERNELS"]
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
-INDEXER_KERNELS = ("naive", "tiled", "mma")
+INDEXER_KERNELS = ("naive", "tiled", "mma", "mma_wide")
 
 
 def _check_args(args) -> None:
@@ -256,7 +256,8 @@ class Indexer(nn.Module):
 
 # ----------------------------------------------------------------------------- CUDA
 
-LOGITS_TILE_T, LOGITS_TILE_S = 64, 128  # queries and keys per block of the mma kernel
+LOGITS_TILE_T = 64  # queries per block of the mma kernels
+LOGITS_TILE_S = {"mma": 128, "mma_wide": 256}  # keys per block (2 or 4 warps across the keys)
 TILED_TILE = 32  # queries and keys per block of the tiled kernel
 
 
@@ -266,7 +267,8 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
 
     q_idx [T, H, D] and k_idx [S, D] bfloat16, w [T, H] float32, all contiguous on one GPU, D a
     multiple of 16 and at most 256. kernel: "naive" (one thread per logit), "tiled" (shared memory),
-    "mma" (tensor cores, mma.sync m16n8k16 bf16 with float32 accumulation). With `causal`, query t
+    "mma" (tensor cores, mma.sync m16n8k16 bf16 with float32 accumulation, 64 x 128 tiles) or
+    "mma_wide" (the same with 64 x 256 tiles: half the L2 traffic for queries). With `causal`, query t
     (slot S - T + t) gets -inf at keys s > S - T + t, and fully masked tiles are not computed.
     Returns float32 [T, S].
     """
@@ -281,6 +283,11 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
     n_k = k_idx.shape[0]
     if d_idx % 16 or not 16 <= d_idx <= 256:
         raise ValueError(f"the head dim D must be a multiple of 16 in [16, 256] (k-steps of 16), got {d_idx}")
+    if q_idx.data_ptr() % 16 or k_idx.data_ptr() % 16:
+        raise ValueError("q_idx and k_idx must start on a 16-byte boundary (the mma kernel copies 16-byte "
+                         "chunks with cp.async); a sliced view may not: pass .clone()")
+    if kernel == "naive" and n_q > 65535:
+        raise ValueError(f"the naive kernel launches one grid row per query: T <= 65535, got {n_q}")
     if causal and n_q > n_k:
         raise ValueError(f"causal scoring needs T <= S (queries are the last T tokens), got T {n_q}, S {n_k}")
     out = torch.empty(n_q, n_k, dtype=torch.float32, device=q_idx.device)
@@ -298,9 +305,11 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
                grid=(math.ceil(n_k / TILED_TILE), math.ceil(n_q / TILED_TILE)), block=256, args=common,
                shared_mem=smem)
     else:
+        tile_s = LOGITS_TILE_S[kernel]
         row = d_idx + 8  # bf16 per shared-memory row: 16 bytes of padding against bank conflicts
-        smem = (LOGITS_TILE_S + 2 * LOGITS_TILE_T) * row * 2
-        launch("indexer_logits", "indexer_logits_mma",
-               grid=(math.ceil(n_k / LOGITS_TILE_S), math.ceil(n_q / LOGITS_TILE_T)), block=128, args=common,
+        smem = (tile_s + 2 * LOGITS_TILE_T) * row * 2  # the key tile and two query tiles
+        warps = 2 * (tile_s // 64)  # 2 along the queries x tile_s / 64 along the keys
+        launch("indexer_logits", f"indexer_logits_{kernel}",
+               grid=(math.ceil(n_k / tile_s), math.ceil(n_q / LOGITS_TILE_T)), block=32 * warps, args=common,
                shared_mem=smem)
     return out

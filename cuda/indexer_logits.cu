@@ -1,0 +1,279 @@
+// Lightning-indexer logits, equation 1:   I[t, s] = sum_h w[t, h] * ReLU(q[t, h, :] . k[s, :])
+//
+// Checked against dsa_tutorial.indexer.index_scores (float32) on the same bf16-rounded inputs.
+//
+//   q    bfloat16 [T, H, D]   the indexer queries q^I (after RoPE and the Hadamard rotation)
+//   w    float32  [T, H]      the head weights w^I (H^-0.5, D^-0.5 and any q scale folded in)
+//   k    bfloat16 [S, D]      the indexer keys k^I, ONE per token, shared by all H heads
+//   out  float32  [T, S]      the logits; with `causal`, query t is the token at slot S - T + t
+//                             and out[t, s] = -inf for s > S - T + t
+//
+// D is a multiple of 16, at most 256 (asserted by the Python loader, index_scores_cuda).
+//
+// The progression, each kernel a complete answer, each faster than the last:
+//   kernel 1  indexer_logits_naive  one thread per logit; q and k re-read from global memory for
+//             every (t, s) pair: H * D * 2 loads per 2 * H * D flops.
+//   kernel 2  indexer_logits_tiled  a block computes a 32 x 32 tile of logits: the 32 keys are staged
+//             once in shared memory (float32) and serve all H heads; for each head the 32 queries
+//             are staged too, and each thread computes 2 x 2 logits from shared memory.
+//   kernel 3  indexer_logits_mma    tensor cores: for each head, the tile Q_h [64 x D] K^T [D x 128] is
+//             a small GEMM done with mma.sync m16n8k16 (bf16 in, float32 accumulate); ReLU and the
+//             weight w[t, h] are applied to the accumulators in registers, and the sum over heads
+//             stays in registers too. The key tile is loaded once (cp.async) and the query tile of
+//             head h + 1 is loaded while head h computes (double buffering).
+#include <cuda_bf16.h>
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// ---------------------------------------------------------------------------------------------
+// kernel 1: one thread per logit
+extern "C" __global__ void indexer_logits_naive(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
+                                                const __nv_bfloat16* __restrict__ k, float* __restrict__ out,
+                                                int T, int S, int H, int D, int causal) {
+    const int t = blockIdx.y;
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T || s >= S) return;
+    if (causal && s > t + (S - T)) {  // key after the query: masked
+        out[(size_t)t * S + s] = NEG_INF;
+        return;
+    }
+    float logit = 0.f;
+    for (int h = 0; h < H; ++h) {
+        const __nv_bfloat16* q_th = q + ((size_t)t * H + h) * D;
+        const __nv_bfloat16* k_s = k + (size_t)s * D;
+        // q[t, h] . k[s]
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += __bfloat162float(q_th[d]) * __bfloat162float(k_s[d]);
+        // I[t, s] += w[t, h] ReLU(q[t, h] . k[s])
+        logit += w[(size_t)t * H + h] * fmaxf(dot, 0.f);
+    }
+    out[(size_t)t * S + s] = logit;
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel 2: 32 x 32 tiles in shared memory, 256 threads, 2 x 2 logits a thread
+#define TILE 32
+
+extern "C" __global__ void __launch_bounds__(256)
+indexer_logits_tiled(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
+                     const __nv_bfloat16* __restrict__ k, float* __restrict__ out,
+                     int T, int S, int H, int D, int causal) {
+    extern __shared__ float tiled_smem[];
+    const int stride = D + 1;  // odd row stride: the 16 keys a warp reads sit in 16 different banks
+    float* k_tile = tiled_smem;                 // [TILE][D + 1] keys s0 .. s0 + 31
+    float* q_tile = tiled_smem + TILE * stride;  // [TILE][D + 1] queries t0 .. t0 + 31 of one head
+    const int t0 = blockIdx.y * TILE, s0 = blockIdx.x * TILE;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // this thread: t0 + ty + 16 i, s0 + tx + 16 j
+    const int last_t = min(t0 + TILE, T) - 1;
+    if (causal && s0 > last_t + (S - T)) {  // the whole tile is after every query: -inf, no work
+        for (int i = threadIdx.x; i < TILE * TILE; i += 256) {
+            const int t = t0 + i / TILE, s = s0 + i % TILE;
+            if (t < T && s < S) out[(size_t)t * S + s] = NEG_INF;
+        }
+        return;  // the whole block returns together, before any barrier
+    }
+    for (int i = threadIdx.x; i < TILE * D; i += 256) {  // stage the keys once, zeros past S
+        const int r = i / D, d = i % D;
+        k_tile[r * stride + d] = s0 + r < S ? __bfloat162float(k[(size_t)(s0 + r) * D + d]) : 0.f;
+    }
+    float logit[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    for (int h = 0; h < H; ++h) {
+        __syncthreads();  // everyone is done with the previous head's queries (and the keys are in)
+        for (int i = threadIdx.x; i < TILE * D; i += 256) {
+            const int r = i / D, d = i % D;
+            q_tile[r * stride + d] = t0 + r < T ? __bfloat162float(q[((size_t)(t0 + r) * H + h) * D + d]) : 0.f;
+        }
+        __syncthreads();
+        float dot[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+        for (int d = 0; d < D; ++d) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    dot[i][j] += q_tile[(ty + 16 * i) * stride + d] * k_tile[(tx + 16 * j) * stride + d];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int t = t0 + ty + 16 * i;
+            const float w_th = t < T ? w[(size_t)t * H + h] : 0.f;
+#pragma unroll
+            for (int j = 0; j < 2; ++j) logit[i][j] += w_th * fmaxf(dot[i][j], 0.f);  // w ReLU(q . k)
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int t = t0 + ty + 16 * i, s = s0 + tx + 16 * j;
+            if (t < T && s < S) out[(size_t)t * S + s] = causal && s > t + (S - T) ? NEG_INF : logit[i][j];
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel 3: tensor cores. Block tile 64 queries x (64 WARPS_S) keys; 2 x WARPS_S warps, each warp
+// 32 queries x 64 keys = 2 x 8 tiles of m16n8. Two widths are compiled:
+//   indexer_logits_mma       WARPS_S = 2: 128 keys, 128 threads, 3 blocks an SM (12 warps)
+//   indexer_logits_mma_wide  WARPS_S = 4: 256 keys, 256 threads, 1 block an SM (8 warps), but every
+//                            query tile read from L2 serves twice the keys: half the L2 traffic
+//                            (each block re-reads its 64 queries for all H heads: 16 KiB a head)
+#define MMA_T 64
+#define MMA_PAD 8  // bf16 of padding per shared row: rows start 16 bytes apart modulo 128 bytes,
+                   // so the 8 rows a fragment load touches fall in 8 different groups of banks
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+    // copy 16 bytes global -> shared without passing through registers; src-size 0 writes zeros
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// D[16 x 8] += A[16 x 16] B[16 x 8], bf16 inputs, float32 accumulators. Fragments (PTX ISA,
+// mma.m16n8k16 for .bf16), with g = lane / 4 and c = lane % 4:
+//   a[0] = A[g][2c, 2c+1]     a[1] = A[g+8][2c, 2c+1]   a[2] = A[g][2c+8, 2c+9]   a[3] = A[g+8][2c+8, 2c+9]
+//   b[0] = B[2c, 2c+1][g]     b[1] = B[2c+8, 2c+9][g]
+//   acc[0], acc[1] = D[g][2c, 2c+1]                    acc[2], acc[3] = D[g+8][2c, 2c+1]
+__device__ __forceinline__ void mma_bf16_16816(float* acc, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned load_pair(const __nv_bfloat16* p) {  // two adjacent bf16 as one register
+    return *reinterpret_cast<const unsigned*>(p);
+}
+
+// Stage `rows` rows of D bf16 (global rows `row_stride` elements apart) into shared rows of D + MMA_PAD;
+// rows at or past `valid_rows` are filled with zeros (cp.async with src-size 0 reads nothing).
+__device__ __forceinline__ void stage_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int rows, int valid_rows,
+                                           size_t row_stride, int D) {
+    const int chunks_per_row = D / 8;  // 16-byte chunks
+    for (int i = threadIdx.x; i < rows * chunks_per_row; i += blockDim.x) {
+        const int r = i / chunks_per_row, c = i % chunks_per_row;
+        const bool valid = r < valid_rows;
+        const __nv_bfloat16* from = src + (valid ? (size_t)r * row_stride + c * 8 : 0);
+        cp_async_16(dst + r * (D + MMA_PAD) + c * 8, from, valid);
+    }
+}
+
+template <int WARPS_S>
+__device__ __forceinline__ void indexer_logits_mma_body(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
+                                                        const __nv_bfloat16* __restrict__ k, float* __restrict__ out,
+                                                        int T, int S, int H, int D, int causal) {
+    constexpr int MMA_S = 64 * WARPS_S;  // keys per block
+    extern __shared__ __align__(16) __nv_bfloat16 mma_smem[];
+    const int row = D + MMA_PAD;
+    __nv_bfloat16* k_tile = mma_smem;                  // [MMA_S][D + 8]  keys s0 .. s0 + MMA_S - 1
+    __nv_bfloat16* q_tiles = mma_smem + MMA_S * row;   // [2][MMA_T][D + 8]  queries of heads h, h + 1
+    const int t0 = blockIdx.y * MMA_T, s0 = blockIdx.x * MMA_S;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c = lane % 4;                            // fragment coordinates
+    const int warp_t = (warp / WARPS_S) * 32, warp_s = (warp % WARPS_S) * 64;  // this warp's corner in the tile
+
+    const int last_t = min(t0 + MMA_T, T) - 1;
+    if (causal && s0 > last_t + (S - T)) {  // every key of the tile is after every query: -inf, no work
+        for (int i = threadIdx.x; i < MMA_T * MMA_S; i += blockDim.x) {
+            const int t = t0 + i / MMA_S, s = s0 + i % MMA_S;
+            if (t < T && s < S) out[(size_t)t * S + s] = NEG_INF;
+        }
+        return;  // block-uniform, before any barrier
+    }
+
+    // keys once for all heads, then the queries of head 0: one commit group
+    stage_rows(k_tile, k + (size_t)s0 * D, MMA_S, S - s0, D, D);
+    stage_rows(q_tiles, q + (size_t)t0 * H * D, MMA_T, T - t0, (size_t)H * D, D);
+    cp_async_commit();
+
+    float logit[2][8][4];  // sum over heads of w ReLU(q . k), per warp 32 x 64, in fragment layout
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) logit[mi][ni][e] = 0.f;
+
+    for (int h = 0; h < H; ++h) {
+        if (h + 1 < H) {  // prefetch head h + 1 into the other buffer while head h computes
+            stage_rows(q_tiles + ((h + 1) % 2) * MMA_T * row, q + ((size_t)t0 * H + h + 1) * D, MMA_T, T - t0,
+                       (size_t)H * D, D);
+            cp_async_commit();
+            cp_async_wait<1>();  // everything but the newest group has landed: head h is in
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const __nv_bfloat16* q_tile = q_tiles + (h % 2) * MMA_T * row;
+
+        // dot[t, s] = q[t, h] . k[s] for the warp's 32 x 64 tile: a GEMM over D in steps of 16
+        float dot[2][8][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dot[mi][ni][e] = 0.f;
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const __nv_bfloat16* q_row = q_tile + (warp_t + mi * 16 + g) * row + d0 + 2 * c;
+                a[mi][0] = load_pair(q_row);
+                a[mi][1] = load_pair(q_row + 8 * row);
+                a[mi][2] = load_pair(q_row + 8);
+                a[mi][3] = load_pair(q_row + 8 * row + 8);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 8; ++ni) {
+                // B = K^T: column n of B is key row n, so B[2c, 2c+1][g] are adjacent in k_tile
+                const __nv_bfloat16* k_row = k_tile + (warp_s + ni * 8 + g) * row + d0 + 2 * c;
+                const unsigned b0 = load_pair(k_row), b1 = load_pair(k_row + 8);
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) mma_bf16_16816(dot[mi][ni], a[mi], b0, b1);
+            }
+        }
+        // I[t, s] += w[t, h] ReLU(dot[t, s]); this thread's rows are g and g + 8 of each m16 tile
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const int t_top = t0 + warp_t + mi * 16 + g, t_bottom = t_top + 8;
+            const float w_top = t_top < T ? w[(size_t)t_top * H + h] : 0.f;
+            const float w_bottom = t_bottom < T ? w[(size_t)t_bottom * H + h] : 0.f;
+#pragma unroll
+            for (int ni = 0; ni < 8; ++ni) {
+                logit[mi][ni][0] += w_top * fmaxf(dot[mi][ni][0], 0.f);
+                logit[mi][ni][1] += w_top * fmaxf(dot[mi][ni][1], 0.f);
+                logit[mi][ni][2] += w_bottom * fmaxf(dot[mi][ni][2], 0.f);
+                logit[mi][ni][3] += w_bottom * fmaxf(dot[mi][ni][3], 0.f);
+            }
+        }
+        __syncthreads();  // the buffer of head h is refilled (with head h + 2) next iteration
+    }
+
+    // store: accumulator e of tile (mi, ni) is row g + 8 (e / 2), column 2c + (e % 2)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int t = t0 + warp_t + mi * 16 + g + 8 * (e / 2);
+                const int s = s0 + warp_s + ni * 8 + 2 * c + (e % 2);
+                if (t < T && s < S)
+                    out[(size_t)t * S + s] = causal && s > t + (S - T) ? NEG_INF : logit[mi][ni][e];
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+indexer_logits_mma(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w, const __nv_bfloat16* __restrict__ k,
+                   float* __restrict__ out, int T, int S, int H, int D, int causal) {
+    indexer_logits_mma_body<2>(q, w, k, out, T, S, H, D, causal);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+indexer_logits_mma_wide(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
+                        const __nv_bfloat16* __restrict__ k, float* __restrict__ out, int T, int S, int H, int D,
+                        int causal) {
+    indexer_logits_mma_body<4>(q, w, k, out, T, S, H, D, causal);
+}

@@ -1,0 +1,203 @@
+"""Top-k selection: the rules (ties, +-0, NaN, -inf, causality), the leak, bad input, the kernel."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsa_tutorial import compare
+from dsa_tutorial.kernels import gpu_available
+from dsa_tutorial.topk import order_key, select_topk, select_topk_cuda, topk_without_causal_mask
+
+NAN, INF = float("nan"), float("inf")
+
+
+def brute_force_topk(row: list[float], k: int, last: int) -> list[int]:
+    """The rules with Python lists: candidates s <= last with a number as score, ranked by
+    (value descending, position ascending), +0 == -0; the first k, in increasing position, -1 padded."""
+    candidates = [(-(v + 0.0), s) for s, v in enumerate(row[: last + 1]) if v == v]
+    chosen = sorted(s for _, s in sorted(candidates)[:k])
+    return chosen + [-1] * (k - len(chosen))
+
+
+def check_against_brute_force(scores, k, positions=None):
+    out = select_topk(scores, k, positions)
+    T, S = scores.shape[-2:]
+    last = positions.tolist() if positions is not None else list(range(S - T, S))
+    rows = scores.reshape(-1, T, S)
+    flat = out.reshape(-1, T, k)
+    for b in range(rows.shape[0]):
+        for t in range(T):
+            assert flat[b, t].tolist() == brute_force_topk(rows[b, t].tolist(), k, last[t]), (b, t)
+    return out
+
+
+def test_order_key_preserves_order():
+    values = torch.tensor([-INF, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, INF])
+    keys = order_key(values)
+    assert keys[3] == keys[4]  # -0 and +0 are one value
+    strictly = torch.cat([keys[:4], keys[5:]])  # without the duplicate zero, strictly increasing
+    assert bool((strictly[1:] > strictly[:-1]).all())
+    assert order_key(torch.tensor([NAN, -NAN])).tolist() == [0, 0]
+    assert int(keys[0]) == 0x007FFFFF and int(keys[-1]) == 0xFF800000
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 10 ** torch.randint(-30, 30, (1000,)).float()
+    order = x.argsort()
+    assert bool((order_key(x)[order].diff() >= 0).all())
+
+
+def test_matches_torch_topk_without_ties():
+    torch.manual_seed(1)
+    scores = torch.randn(6, 500)
+    out = select_topk(scores, 37, torch.full((6,), 499))
+    expected = scores.topk(37, dim=-1).indices.sort(dim=-1).values
+    assert out.dtype == torch.int32 and torch.equal(out.long(), expected)
+
+
+def test_ties_lower_position_wins_and_signed_zeros():
+    scores = torch.tensor([[1.0, 0.0, -0.0, 2.0, 0.0, 2.0, -0.0]])
+    # 2.0 at 3 and 5; then 1.0 at 0; then the zeros 1, 2, 4, 6: the lowest win
+    assert select_topk(scores, 5, torch.tensor([6])).tolist() == [[0, 1, 2, 3, 5]]
+    assert select_topk(scores, 2, torch.tensor([6])).tolist() == [[3, 5]]
+    assert select_topk(scores, 1, torch.tensor([6])).tolist() == [[3]]
+
+
+def test_nan_is_never_selected_and_inf_is_a_score():
+    scores = torch.tensor([[NAN, -INF, 1.0, NAN, INF, -INF]])
+    assert select_topk(scores, 3, torch.tensor([5])).tolist() == [[1, 2, 4]]
+    assert select_topk(scores, 6, torch.tensor([5])).tolist() == [[1, 2, 4, 5, -1, -1]]
+    assert select_topk(torch.full((2, 4), NAN), 2, torch.tensor([3, 3])).tolist() == [[-1, -1], [-1, -1]]
+
+
+def test_causal_prefill_pads_with_minus_one():
+    torch.manual_seed(2)
+    T = S = 40
+    k = 16
+    out = select_topk(torch.randn(3, T, S), k)
+    positions = torch.arange(T)[None, :, None]
+    assert bool((out <= positions).all())  # the causal mask holds after selection
+    n_padded = (out == -1).sum(-1)  # query t sees t + 1 positions
+    assert n_padded.tolist() == [[max(0, k - (t + 1)) for t in range(T)]] * 3
+    valid = out[out >= 0]
+    assert bool((valid >= 0).all())
+
+
+def test_against_brute_force_with_many_ties():
+    torch.manual_seed(3)
+    scores = torch.randint(-2, 3, (2, 9, 23)).float()
+    scores[0, 0, :5] = NAN
+    scores[1, 3, 2] = -INF
+    scores[1, 4] = -scores[1, 4]  # negative zeros
+    check_against_brute_force(scores, 7)
+    check_against_brute_force(scores, 23, torch.arange(9) + 14)
+    check_against_brute_force(scores[0], 1, torch.tensor([0, 22, 5, 5, 9, 1, 0, 3, 7]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_property_against_brute_force(data):
+    T = data.draw(st.integers(1, 5))
+    S = data.draw(st.integers(T, 30))
+    k = data.draw(st.integers(1, S))
+    values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, NAN, INF, -INF, 3.25])
+    rows = data.draw(st.lists(st.lists(values, min_size=S, max_size=S), min_size=T, max_size=T))
+    positions = torch.tensor(data.draw(st.lists(st.integers(0, S - 1), min_size=T, max_size=T)))
+    check_against_brute_force(torch.tensor(rows, dtype=torch.float32), k, positions)
+
+
+def test_the_leak_of_topk_without_the_mask():
+    torch.manual_seed(4)
+    T = S = 12
+    k = 4
+    scores = torch.randn(T, S).masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), -INF)
+    leaky = topk_without_causal_mask(scores, k)
+    future = leaky > torch.arange(T)[:, None]
+    # rows t < k - 1 see fewer than k tokens: torch.topk fills the rest with future ones
+    assert future.any(dim=-1).tolist() == [t < k - 1 for t in range(T)]
+    safe = select_topk(scores, k)
+    assert not bool((safe > torch.arange(T)[:, None]).any())
+
+
+@pytest.mark.parametrize("k, match", [(0, "positive"), (-3, "positive"), (11, "larger than the sequence"),
+                                      (2.0, "must be an int"), (True, "must be an int")])
+def test_bad_k(k, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        select_topk(torch.randn(4, 10), k)
+
+
+def test_bad_scores_and_positions():
+    with pytest.raises(TypeError, match="float32"):
+        select_topk(torch.randn(4, 10, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match=r"\[..., T, S\]"):
+        select_topk(torch.randn(10), 2)
+    with pytest.raises(ValueError, match="more queries"):
+        select_topk(torch.randn(12, 10), 2)
+    with pytest.raises(ValueError, match="query_positions must have shape"):
+        select_topk(torch.randn(4, 10), 2, torch.arange(3))
+    with pytest.raises(ValueError, match="<= 9"):
+        select_topk(torch.randn(4, 10), 2, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match=">= 0"):
+        select_topk(torch.randn(4, 10), 2, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="must be on"):
+        select_topk(torch.randn(4, 10), 2, torch.arange(4, device="meta"))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _gpu_case(shape, seed, ties=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    if ties:  # few distinct values: every selection boundary falls in a long run of equal scores
+        scores = torch.randint(-3, 4, shape, device="cuda", generator=gen).float()
+        scores[..., ::7] = -scores[..., ::7]  # -0.0 among the +0.0
+    else:
+        scores = torch.randn(shape, device="cuda", generator=gen)
+    scores[..., 3::101] = NAN
+    scores[..., 5::211] = -INF
+    scores[..., 8::307] = INF
+    return scores.contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape, k, ties, causal", [
+    ((7, 5000), 100, False, False), ((7, 5000), 100, True, False), ((3, 131072), 2048, False, False),
+    ((3, 131072), 2048, True, False), ((50, 50), 16, False, True), ((2, 300, 333), 64, True, True),
+    ((5, 4097), 1, False, False), ((4, 100000), 2048, False, True), ((2, 3000), 2048, True, False),
+])
+def test_select_topk_cuda_is_the_reference_exactly(shape, k, ties, causal):
+    scores = _gpu_case(shape, seed=k + shape[-1], ties=ties)
+    T, S = shape[-2:]
+    positions = None if causal else torch.full((T,), S - 1, device="cuda")
+    ref = select_topk(scores, k, positions)
+    out = compare.poisoned((*shape[:-1], k), torch.int32)
+    out.copy_(select_topk_cuda(scores, k, positions))
+    assert torch.equal(out, ref), (out != ref).nonzero()[:5].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows():
+    scores = _gpu_case((6, 3000), seed=9)
+    scores[2] = NAN  # nothing to select: all -1
+    positions = torch.tensor([0, 10, 2999, 500, 2047, 2048], device="cuda")
+    ref = select_topk(scores, 2048, positions)
+    out = select_topk_cuda(scores, 2048, positions)
+    assert torch.equal(out, ref) and bool((out[2] == -1).all()) and int((out[0] >= 0).sum()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+def test_select_topk_cuda_bad_input():
+    scores = torch.randn(4, 3000, device="cuda")
+    with pytest.raises(ValueError, match="at most k = 2048"):
+        select_topk_cuda(scores, 2049)
+    with pytest.raises(ValueError, match="contiguous"):
+        select_topk_cuda(scores.t(), 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        select_topk_cuda(scores.cpu(), 2)
+    with pytest.raises(ValueError, match="larger than the sequence"):
+        select_topk_cuda(scores[:, :10].contiguous(), 11)
+
+
+def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        select_topk_cuda(torch.randn(4, 10), 2)
