@@ -14,7 +14,8 @@
 //
 // One thread per pair, a grid-stride loop over the T * H * d_R/2 pairs. cos and sin are read from
 // a float32 table [max_seq_len, d_R/2] built in float64 on the host (dsa_tutorial.rope.cos_sin_table):
-// m theta_i reaches 1.6e5 rad at V3.2's context, and forming it in float32 here would cost ~1e-2 rad.
+// m theta_i reaches 1.6e5 rad at V3.2's context, and forming it in float32 here would be off by
+// several 1e-3 rad.
 // A position outside the table writes NaN (the loader rejects such positions before launching).
 // Memory-bound: each pair reads 2 values, 2 table entries (cached: H heads share them) and writes 2.
 #include <cuda_bf16.h>

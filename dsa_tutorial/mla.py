@@ -51,7 +51,7 @@ from .rope import apply_rope, cos_sin_table
 __all__ = [
     "ModelArgs", "kv_compress", "kv_decompress", "rotary_key", "final_key", "query_latent", "queries",
     "absorb_query", "latent_scores", "latent_output", "explicit_scores", "causal_mask", "LatentCache", "RMSNorm",
-    "MLA", "kv_compress_cuda", "decode_scores_cuda", "COMPRESS_WARPS", "SCORES_TILE",
+    "MLA", "kv_compress_cuda", "decode_scores_cuda", "COMPRESS_WARPS", "SCORES_TILE", "SCORES_MMA_ROWS",
 ]
 
 FLOATS = (torch.float32, torch.float64)
@@ -396,14 +396,17 @@ class MLA(nn.Module):
 
 COMPRESS_WARPS = 8  # token rows per block of cuda/mla_compress.cu (one warp each)
 SCORES_TILE = 64  # rows and keys per block tile of the tiled kernels in cuda/mla_decode_scores.cu
+SCORES_MMA_ROWS = 128  # query rows per block of the tensor-core kernel (all 128 heads of a decode token)
 
 
 def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: ModelArgs,
-                     positions: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     positions: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                     check_positions: bool = True) -> torch.Tensor:
     """`cuda/mla_compress.cu`: the wkv_a output kv [T, d_c + d_R] -> latent [T, d_c + d_R] =
     [RMSNorm(c^KV) | k^R], k^R rotated (interleaved RoPE) when `positions` int64 [T] is given,
     copied unrotated otherwise. float32 or bfloat16 (float32 arithmetic), contiguous, on the GPU.
-    Writes into `out` [T, d_c + d_R] when given."""
+    Writes into `out` [T, d_c + d_R] when given. `check_positions=False` skips the range check (a
+    device-to-host sync); the kernel then writes NaN for a position outside the table, never reads there."""
     _check_args(args)
     check_tensor(kv, "kv", shape=("T", args.latent_dim), dtype=(torch.float32, torch.bfloat16), cuda=True,
                  contiguous=True)
@@ -413,13 +416,15 @@ def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: Model
     if positions is not None:
         check_tensor(positions, "positions", shape=(n_tokens,), dtype=torch.int64, device=kv.device,
                      contiguous=True)
-        check_range(positions, "positions", 0, args.max_seq_len - 1)
+        if check_positions:
+            check_range(positions, "positions", 0, args.max_seq_len - 1)
     latent = torch.empty_like(kv) if out is None else out
     check_tensor(latent, "out", shape=tuple(kv.shape), dtype=kv.dtype, device=kv.device, contiguous=True)
     if n_tokens == 0:
         return latent
     suffix = "f32" if kv.dtype == torch.float32 else "bf16"
     blocks = math.ceil(n_tokens / COMPRESS_WARPS)
+    kv, kv_norm_weight = kv.detach(), kv_norm_weight.detach()  # kernels are inference only: no autograd
     common = (kv, kv_norm_weight, latent, n_tokens, args.kv_lora_rank, args.qk_rope_head_dim, float(args.norm_eps))
     if positions is None:
         launch("mla_compress", f"mla_compress_{suffix}", grid=blocks, block=32 * COMPRESS_WARPS, args=common)
@@ -444,13 +449,13 @@ def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.
     dtype = torch.bfloat16 if kernel == "mma" else torch.float32
     if kernel not in ("naive", "tiled", "mma"):
         raise ValueError(f"kernel must be 'naive', 'tiled' or 'mma', got {kernel!r}")
+    if kernel == "mma" and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
+        raise ValueError("the mma kernel needs kv_lora_rank and qk_rope_head_dim multiples of 16 (one k-step of "
+                         f"m16n8k16), got {args.kv_lora_rank} and {args.qk_rope_head_dim}")
     check_tensor(q_abs, "q_abs", shape=("B", "T", "n_h", "d_c"), dims=dims, dtype=dtype, cuda=True, contiguous=True)
     check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", "d_R"), dims=dims, dtype=dtype, contiguous=True)
     check_tensor(latent, "latent", shape=("B", "S", "L"), dims=dims, dtype=dtype, contiguous=True)
     check_same_device(q_abs=q_abs, q_rope=q_rope, latent=latent)
-    if kernel == "mma" and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
-        raise ValueError("the mma kernel needs kv_lora_rank and qk_rope_head_dim multiples of 16 (one k-step of "
-                         f"m16n8k16), got {args.kv_lora_rank} and {args.qk_rope_head_dim}")
     batch, n_q, n_h, _ = q_abs.shape
     n_keys = latent.shape[1]
     rows = n_q * n_h  # the T n_h query rows of one batch entry share its cache
@@ -466,13 +471,16 @@ def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.
         for name, tensor in (("q_abs", q_abs), ("q_rope", q_rope), ("latent", latent)):
             if tensor.data_ptr() % 16:
                 raise ValueError(f"the mma kernel reads 16-byte chunks: {name} must be 16-byte aligned")
+    q_abs, q_rope, latent = q_abs.detach(), q_rope.detach(), latent.detach()  # inference only: no autograd
     common = (q_abs, q_rope, latent, scores, rows, n_keys, args.kv_lora_rank, args.qk_rope_head_dim,
               float(args.softmax_scale))
     if kernel == "naive":
         launch("mla_decode_scores", "decode_scores_naive_f32", grid=(math.ceil(n_keys / 128), rows, batch),
                block=128, args=common)
-    else:
-        name = "decode_scores_tiled_f32" if kernel == "tiled" else "decode_scores_mma_bf16"
-        launch("mla_decode_scores", name,
+    elif kernel == "tiled":
+        launch("mla_decode_scores", "decode_scores_tiled_f32",
                grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_TILE), batch), block=256, args=common)
+    else:
+        launch("mla_decode_scores", "decode_scores_mma_bf16",
+               grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_MMA_ROWS), batch), block=256, args=common)
     return scores

@@ -114,7 +114,7 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat([y_a, y_b], dim=-1)  # [..., d_R], halves side by side again
 
 
-def _check_rope_inputs(x, positions, layout, args) -> int:
+def _check_rope_inputs(x, positions, layout, args, check_positions: bool = True) -> int:
     """Validate apply_rope's inputs; return the axis of x that holds the tokens."""
     if not isinstance(args, ModelArgs):
         raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
@@ -131,7 +131,8 @@ def _check_rope_inputs(x, positions, layout, args) -> int:
     token_axis = 1 if x.dim() == 4 else 0
     check_tensor(positions, "positions", shape=("T",), dims={"T": x.shape[token_axis]}, dtype=torch.int64)
     check_same_device(x=x, positions=positions)
-    check_range(positions, "positions", 0, args.max_seq_len - 1)
+    if check_positions:
+        check_range(positions, "positions", 0, args.max_seq_len - 1)
     return token_axis
 
 
@@ -161,7 +162,7 @@ def cos_sin_table(args: ModelArgs = ModelArgs(), device="cpu") -> tuple[torch.Te
     """cos(m theta_i) and sin(m theta_i), computed in float64, stored float32 [max_seq_len, d_R/2].
 
     What the kernels read: an angle m theta_i can exceed 10^5 radians, far too large to form in
-    float32 on the GPU (the error of the product would be ~10^-2 rad), so the table is exact to
+    float32 on the GPU (the product would be off by several 10^-3 rad), so the table is exact to
     float32 rounding instead. Cached per (args, device).
     """
     if not isinstance(args, ModelArgs):
@@ -170,12 +171,16 @@ def cos_sin_table(args: ModelArgs = ModelArgs(), device="cpu") -> tuple[torch.Te
 
 
 def rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleaved",
-              args: ModelArgs = ModelArgs(), out: torch.Tensor | None = None) -> torch.Tensor:
+              args: ModelArgs = ModelArgs(), out: torch.Tensor | None = None, *,
+              check_positions: bool = True) -> torch.Tensor:
     """`cuda/rope.cu`: x [T, d_R] or [T, H, d_R] float32 or bfloat16 on the GPU, contiguous;
-    positions int64 [T] on the same GPU. Returns `out` (a new tensor like x when None)."""
+    positions int64 [T] on the same GPU. Returns `out` (a new tensor like x when None).
+
+    Checking 0 <= positions < max_seq_len costs a device-to-host copy; `check_positions=False` skips
+    it (the kernel still never reads outside the table: it writes NaN for such a position)."""
     if x.dim() == 4:
         raise ValueError(f"rope_cuda takes x [T, d_R] or [T, H, d_R], got shape {list(x.shape)}")
-    _check_rope_inputs(x, positions, layout, args)
+    _check_rope_inputs(x, positions, layout, args, check_positions)
     check_tensor(x, "x", dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
     check_tensor(positions, "positions", contiguous=True)
     n_tokens, n_heads, d_rope = x.shape[0], (x.shape[1] if x.dim() == 3 else 1), x.shape[-1]
@@ -186,6 +191,7 @@ def rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleav
     if n_pairs == 0:
         return out
     cos, sin = cos_sin_table(args, x.device)
+    x = x.detach()  # inference only: no autograd
     kernel = f"rope_{layout}_{'f32' if x.dtype == torch.float32 else 'bf16'}"
     blocks = min(math.ceil(n_pairs / ROPE_THREADS), 65535 * 8)
     launch("rope", kernel, grid=blocks, block=ROPE_THREADS,

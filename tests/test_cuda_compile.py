@@ -13,7 +13,7 @@ SOURCES = kernels.kernel_names()
 def test_compiles_for_sm90(name):
     compiled = kernels.compile_source(name, "sm_90")
     usage = compiled.resource_usage()
-    assert usage, f"cuda/{name}.cu defines no kernel (is it extern \"C\" __global__?)"
+    assert usage, f"cuda/{name}.cu defines no kernel (is it extern \"C\" __global__?); NVRTC log:\n{compiled.log}"
     assert "warning" not in compiled.log.lower(), f"cuda/{name}.cu compiles with warnings:\n{compiled.log}"
     heavy = {k: u for k, u in usage.items() if u["spill_stores"] > 256 or u["stack"] > 4096}
     assert not heavy, f"cuda/{name}.cu spills heavily: {heavy}"

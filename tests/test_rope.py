@@ -207,3 +207,16 @@ def test_rope_cuda_bad_inputs():
         rope.rope_cuda(torch.randn(8, 4, device="cuda").t(), torch.arange(4, device="cuda"), "half", TINY)
     with pytest.raises(ValueError, match="CUDA device"):
         rope.rope_cuda(x.cpu(), torch.arange(4), "half", TINY)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", rope.LAYOUTS)
+def test_rope_cuda_positions_outside_the_table_give_nan(layout):
+    """With the range check off, the kernel's own guard: NaN for that token, no read outside the table."""
+    x = torch.randn(6, 2, 8, device="cuda")
+    positions = torch.tensor([0, 256, 5, -3, 255, 1000], device="cuda")
+    out = rope.rope_cuda(x, positions, layout, TINY, check_positions=False)
+    assert out[[1, 3, 5]].isnan().all() and not out[[0, 2, 4]].isnan().any()
+    ok = torch.tensor([0, 2, 4], device="cuda")
+    compare.assert_close(out[ok], rope.apply_rope(x[ok].double(), positions[ok], layout, TINY),
+                         atol=10 * 2**-24 * x.abs().max().item())

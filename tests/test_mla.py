@@ -1,0 +1,374 @@
+"""MLA: formulas (1)-(4) and the query path, the absorption identity, the module (MHA mode = MQA
+mode = the official code, cache prefill + decode = one pass), bad inputs, and the two kernels."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsa_tutorial import compare, cost, mla, rope
+from dsa_tutorial.config import ModelArgs
+from dsa_tutorial.norm import rms_norm
+
+TINY = ModelArgs.tiny()
+V32 = ModelArgs()
+
+
+def make_mla(args=TINY, dtype=torch.float64, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    module = mla.MLA(args, dtype=dtype, device=device)
+    with torch.no_grad():  # norm weights away from 1, so a forgotten weight shows
+        module.q_norm.weight.normal_(1.0, 0.2)
+        module.kv_norm.weight.normal_(1.0, 0.2)
+    return module
+
+
+def official_forward(m: mla.MLA, x, start_pos, kv_cache, pe_cache, mqa: bool):
+    """A transcription of the official MLA.forward (bf16/FP8 simulation and the indexer left out),
+    batch-first; kv_cache / pe_cache are preallocated [B, max_len, d_c] / [B, max_len, d_R]."""
+    a = m.args
+    bsz, seqlen, _ = x.size()
+    end_pos = start_pos + seqlen
+    freqs_cis = rope.precompute_freqs_cis(a)[start_pos:end_pos]
+
+    def apply_rotary_emb(t):  # interleaved, t [B, T, H, d]
+        c = torch.view_as_complex(t.double().reshape(*t.shape[:-1], -1, 2))
+        return torch.view_as_real(c * freqs_cis.view(1, seqlen, 1, -1)).flatten(3).to(t.dtype)
+
+    def norm(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + a.norm_eps) * w
+
+    qr = norm(F.linear(x, m.wq_a.weight), m.q_norm.weight)
+    q = F.linear(qr, m.wq_b.weight).view(bsz, seqlen, a.n_heads, a.qk_head_dim)
+    q_nope, q_pe = torch.split(q, [a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+    q_pe = apply_rotary_emb(q_pe)
+    kv = F.linear(x, m.wkv_a.weight)
+    kv, k_pe = torch.split(kv, [a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+    kv = norm(kv, m.kv_norm.weight)
+    k_pe = apply_rotary_emb(k_pe.unsqueeze(2))
+    kv_cache[:bsz, start_pos:end_pos] = kv
+    pe_cache[:bsz, start_pos:end_pos] = k_pe.squeeze(2)
+    mask = torch.full((seqlen, end_pos), float("-inf"), dtype=x.dtype).triu_(start_pos + 1)
+    if not mqa:  # MHA prefill (needs start_pos == 0 in the official code)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        kv = F.linear(kv, m.wkv_b.weight).view(bsz, seqlen, a.n_heads, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v = torch.split(kv, [a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, a.n_heads, -1)], dim=-1)
+        scores = torch.einsum("bshd,bthd->bsht", q, k).mul_(a.softmax_scale)
+        scores += mask.unsqueeze(1)
+        x = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v)
+    else:  # MQA decode
+        wkv_b = m.wkv_b.weight.view(a.n_heads, -1, a.kv_lora_rank)
+        q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :a.qk_nope_head_dim])
+        scores = (torch.einsum("bshc,btc->bsht", q_nope, kv_cache[:bsz, :end_pos])
+                  + torch.einsum("bshr,btr->bsht", q_pe, pe_cache[:bsz, :end_pos])) * a.softmax_scale
+        scores += mask.unsqueeze(1)
+        x = torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1), kv_cache[:bsz, :end_pos])
+        x = torch.einsum("bshc,hdc->bshd", x, wkv_b[:, -a.v_head_dim:])
+    return F.linear(x.flatten(2), m.wo.weight)
+
+
+def rel_err(out, ref) -> float:
+    return compare.compare(out, ref).max_rel
+
+
+# ------------------------------------------------------------------------------- the formulas
+
+def test_shapes_and_parameter_names():
+    m = make_mla()
+    assert set(m.state_dict()) == {f"{n}.weight" for n in ("wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b", "wo")}
+    assert m.wkv_a.weight.shape == (16 + 8, 64) and m.wkv_b.weight.shape == (4 * (16 + 16), 16)
+    h = torch.randn(2, 5, 64, dtype=torch.float64)
+    positions = torch.arange(5)
+    c_q = m.query_latent(h)
+    q_nope, q_rope = m.queries(c_q, positions)
+    c_kv, k_rope = m.latents(h, positions)
+    q_abs = m.absorb_query(q_nope)
+    assert c_q.shape == (2, 5, 32) and q_nope.shape == (2, 5, 4, 16) and q_rope.shape == (2, 5, 4, 8)
+    assert c_kv.shape == (2, 5, 16) and k_rope.shape == (2, 5, 8) and q_abs.shape == (2, 5, 4, 16)
+    assert m.latent_scores(q_abs, q_rope, c_kv, k_rope).shape == (2, 5, 4, 5)
+    assert m.latent_output(torch.randn(2, 5, 4, 16, dtype=torch.float64)).shape == (2, 5, 64)
+
+
+def test_compression_is_rmsnorm_of_the_first_d_c_outputs():
+    m = make_mla()
+    h = torch.randn(1, 6, 64, dtype=torch.float64)
+    c_kv, k_pe = mla.kv_compress(h, m.wkv_a.weight, m.kv_norm.weight, TINY)
+    kv = h @ m.wkv_a.weight.T
+    assert torch.equal(k_pe, kv[..., 16:])
+    # RMSNorm: c_kv / weight has unit root-mean-square per token
+    rms = (c_kv / m.kv_norm.weight).pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-5)  # eps = 1e-6 against mean(c^2) = O(1)
+    assert torch.allclose(c_kv, rms_norm(kv[..., :16], m.kv_norm.weight, TINY.norm_eps))
+
+
+def test_rotary_key_is_shared_by_all_heads():
+    m = make_mla()
+    h = torch.randn(1, 7, 64, dtype=torch.float64)
+    positions = torch.arange(3, 10)
+    c_kv, k_rope = m.latents(h, positions)
+    k_nope, v = mla.kv_decompress(c_kv, m.wkv_b.weight, TINY)
+    k = mla.final_key(k_nope, k_rope)
+    assert k.shape == (1, 7, 4, 24) and v.shape == (1, 7, 4, 16)
+    assert torch.equal(k[..., :16], k_nope)
+    for head in range(4):
+        assert torch.equal(k[:, :, head, 16:], k_rope)
+    _, k_pe = mla.kv_compress(h, m.wkv_a.weight, m.kv_norm.weight, TINY)
+    assert torch.equal(k_rope, rope.apply_rope(k_pe[0], positions, "interleaved", TINY)[None])
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("args", [TINY, ModelArgs(n_heads=8)], ids=["tiny", "v32-head-dims-8-heads"])
+def test_absorption_identity(dtype, bound, args):
+    """q^C_i . (W^UK_i c^KV) = (W^UK_i^T q^C_i) . c^KV, and W^UV applied after the weighted sum."""
+    gen = torch.Generator().manual_seed(1)
+    n_h, d_h, d_v, d_c = args.n_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
+    wkv_b = (torch.randn(n_h * (d_h + d_v), d_c, generator=gen, dtype=torch.float64) * d_c**-0.5).to(dtype)
+    c_kv = torch.randn(1, 9, d_c, generator=gen, dtype=torch.float64).to(dtype)
+    q_nope = torch.randn(1, 2, n_h, d_h, generator=gen, dtype=torch.float64).to(dtype)
+    k_rope = torch.randn(1, 9, args.qk_rope_head_dim, generator=gen, dtype=torch.float64).to(dtype)
+    q_rope = torch.randn(1, 2, n_h, args.qk_rope_head_dim, generator=gen, dtype=torch.float64).to(dtype)
+    k_nope, v = mla.kv_decompress(c_kv, wkv_b, args)
+    explicit = mla.explicit_scores(q_nope, q_rope, mla.final_key(k_nope, k_rope), args)
+    absorbed = mla.latent_scores(mla.absorb_query(q_nope, wkv_b, args), q_rope, c_kv, k_rope, args)
+    assert rel_err(absorbed, explicit) < bound
+    p = torch.softmax(explicit, dim=-1)
+    wo = torch.eye(n_h * d_v, dtype=dtype)[: args.dim] if args.dim <= n_h * d_v else None
+    o_explicit = torch.einsum("bths,bshv->bthv", p, v)  # values first, then the weighted sum
+    o_latent = torch.einsum("bths,bsc->bthc", p, c_kv)  # the weighted sum of latents, then W^UV
+    w_uv = wkv_b.view(n_h, d_h + d_v, d_c)[:, d_h:]
+    assert rel_err(torch.einsum("bthc,hvc->bthv", o_latent, w_uv), o_explicit) < bound
+    if wo is not None:
+        out = mla.latent_output(o_latent, wkv_b, wo, args)
+        assert rel_err(out, o_explicit.flatten(2)[..., : args.dim]) < bound
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_mha_mode_equals_mqa_mode_and_official_code(dtype, bound):
+    m = make_mla(dtype=dtype)
+    h = torch.randn(3, 12, 64, dtype=dtype)
+    mqa, mha = m(h, mode="mqa"), m(h, mode="mha")
+    assert mqa.shape == (3, 12, 64) and mqa.dtype == dtype
+    assert 0.1 < mqa.std().item() < 10  # O(1) activations: the tolerances mean something
+    assert rel_err(mqa, mha) < bound
+    caches = (torch.zeros(3, 12, 16, dtype=dtype), torch.zeros(3, 12, 8, dtype=dtype))
+    assert rel_err(mha, official_forward(m, h, 0, *caches, mqa=False)) < bound
+    assert rel_err(mqa, official_forward(m, h, 0, *caches, mqa=True)) < bound
+
+
+@pytest.mark.parametrize("mode", ["mqa", "mha"])
+def test_cache_prefill_then_decode(mode):
+    m = make_mla()
+    h = torch.randn(2, 10, 64, dtype=torch.float64)
+    full = m(h, mode=mode)
+    cache = mla.LatentCache(TINY, batch_size=2, dtype=torch.float64)
+    outs = [m(h[:, :6], cache=cache, mode=mode)]
+    for t in range(6, 10):  # one token at a time
+        outs.append(m(h[:, t:t + 1], cache=cache, mode=mode))
+    assert len(cache) == 10 and cache.kv.shape == (2, 10, TINY.latent_dim)
+    assert torch.allclose(torch.cat(outs, dim=1), full, rtol=0, atol=1e-12)
+    # the cache holds exactly [c^KV | k^R] of every token, nothing else
+    c_kv, k_rope = m.latents(h, torch.arange(10))
+    assert torch.allclose(cache.c_kv, c_kv, rtol=0, atol=1e-14) and torch.allclose(cache.k_rope, k_rope, rtol=0, atol=1e-14)
+    assert cache.nbytes() == 2 * 10 * TINY.latent_dim * 8
+    # and matches the official decode path step by step
+    kv_cache, pe_cache = torch.zeros(2, 10, 16, dtype=torch.float64), torch.zeros(2, 10, 8, dtype=torch.float64)
+    official = [official_forward(m, h[:, :6], 0, kv_cache, pe_cache, mqa=True)]
+    official += [official_forward(m, h[:, t:t + 1], t, kv_cache, pe_cache, mqa=True) for t in range(6, 10)]
+    assert torch.allclose(torch.cat(official, dim=1), full, rtol=0, atol=1e-12)
+
+
+def test_causal_and_explicit_positions():
+    m = make_mla()
+    h = torch.randn(1, 8, 64, dtype=torch.float64)
+    changed = h.clone()
+    changed[:, 5:] = torch.randn(1, 3, 64, dtype=torch.float64)
+    assert torch.equal(m(h)[:, :5], m(changed)[:, :5])  # the future does not leak back
+    # positions shift every rotary angle by the same amount: scores depend on m - n only
+    shifted = m(h, positions=torch.arange(8) + 100)
+    assert torch.allclose(shifted, m(h), atol=1e-12)
+    assert not torch.allclose(m(h, positions=torch.arange(8).flip(0)), m(h), atol=1e-3)
+
+
+def test_cache_bytes_against_mha():
+    table = cost.cache_bytes_per_token(V32)
+    assert table["MLA latent c^KV + k^R (bf16)"] == 1152 and table["MHA keys+values (bf16)"] == 81920
+    cache = mla.LatentCache(V32, batch_size=1, dtype=torch.bfloat16)
+    cache.append(torch.randn(1, 3, 512).bfloat16(), torch.randn(1, 3, 64).bfloat16())
+    assert cache.nbytes() == 3 * table["MLA latent c^KV + k^R (bf16)"]
+
+
+def test_bad_inputs():
+    m = make_mla(dtype=torch.float32)
+    h = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match=r"h must have 3 dims \[B, T, 64\]"):
+        m(torch.randn(4, 64))
+    with pytest.raises(ValueError, match=r"h must have shape \[B, T, 64\]"):
+        m(torch.randn(1, 4, 65))
+    with pytest.raises(TypeError, match="h must be float32, got float64"):
+        m(h.double())
+    with pytest.raises(ValueError, match="h must be on meta"):
+        mla.MLA(TINY, device="meta")(h)
+    with pytest.raises(ValueError, match="mode must be"):
+        m(h, mode="gqa")
+    with pytest.raises(ValueError, match="positions must be <= 255"):
+        m(h, positions=torch.tensor([0, 1, 2, 256]))
+    with pytest.raises(ValueError, match="positions has T = 3"):
+        m(h, positions=torch.arange(3))
+    cache = mla.LatentCache(TINY, batch_size=2)
+    with pytest.raises(ValueError, match="cache holds batch 2"):
+        m(h, cache=cache)
+    with pytest.raises(ValueError, match="c_kv has B = 1"):
+        cache.append(torch.randn(1, 3, 16), torch.randn(1, 3, 8))
+    with pytest.raises(TypeError, match="k_rope must be float32"):
+        cache.append(torch.randn(2, 3, 16), torch.randn(2, 3, 8).double())
+    with pytest.raises(ValueError, match="more than max_seq_len = 256"):
+        cache.append(torch.randn(2, 257, 16), torch.randn(2, 257, 8))
+    with pytest.raises(ValueError, match=r"wkv_a must have shape \[24, dim\], got \[23, 64\]"):
+        mla.kv_compress(h, torch.randn(23, 64), torch.ones(16), TINY)
+    with pytest.raises(ValueError, match="q_rope has B = 2"):
+        mla.latent_scores(torch.randn(1, 1, 4, 16), torch.randn(2, 1, 4, 8), torch.randn(1, 5, 16),
+                          torch.randn(1, 5, 8), TINY)
+    with pytest.raises(TypeError, match="c_kv must be float32"):
+        mla.latent_scores(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 16).double(),
+                          torch.randn(1, 5, 8), TINY)
+    with pytest.raises(ValueError, match="k_rope has S = 4"):
+        mla.latent_scores(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 16),
+                          torch.randn(1, 4, 8), TINY)
+    with pytest.raises(ValueError, match="one device"):
+        mla.latent_scores(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 16),
+                          torch.randn(1, 5, 8, device="meta"), TINY)
+    with pytest.raises(TypeError, match="args must be a ModelArgs"):
+        mla.kv_decompress(torch.randn(1, 5, 16), torch.randn(128, 16), None)
+    with pytest.raises(TypeError, match="MLA parameters must be float32 or float64"):
+        mla.MLA(TINY, dtype=torch.bfloat16)
+
+
+def test_cuda_wrappers_reject_cpu_tensors():
+    with pytest.raises(ValueError, match="kv must be on a CUDA device"):
+        mla.kv_compress_cuda(torch.randn(3, 24), torch.ones(16), TINY)
+    with pytest.raises(ValueError, match="q_abs must be on a CUDA device"):
+        mla.decode_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY)
+    with pytest.raises(ValueError, match="kernel must be"):
+        mla.decode_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY,
+                               kernel="fast")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        mla.decode_scores_cuda(*(torch.randn(s).bfloat16() for s in [(1, 1, 4, 16), (1, 1, 4, 8), (1, 5, 24)]),
+                               TINY, kernel="mma")
+
+
+# --------------------------------------------------------------------------------------- GPU
+U32 = 2.0**-24  # float32 unit roundoff
+MMA_ARGS = ModelArgs.tiny(kv_lora_rank=32, qk_rope_head_dim=16)  # latent 48: the last 32-dim step is half full
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rope", [False, True])
+@pytest.mark.parametrize("args,n_tokens", [(TINY, 29), (V32, 1037), (V32, 3)])
+def test_kv_compress_cuda(dtype, with_rope, args, n_tokens):
+    """Tolerance: float32 sums 512 squares (relative error <= 512 u of the sum, halved by the rsqrt)
+    and scales each value with 3 more roundings: 300 u relative covers it. bf16 output: one rounding
+    at 2^-9 relative of |out| (<= 2^-9 max|ref|) on top."""
+    torch.manual_seed(8)
+    kv = (torch.randn(n_tokens, args.latent_dim, device="cuda") * 3).to(dtype)
+    weight = torch.randn(args.kv_lora_rank, device="cuda") * 0.2 + 1
+    positions = torch.randint(0, args.max_seq_len, (n_tokens,), device="cuda") if with_rope else None
+    out = compare.poisoned(kv.shape, dtype, "cuda")
+    got = mla.kv_compress_cuda(kv, weight, args, positions=positions, out=out)
+    kv64 = kv.double()
+    c_kv = rms_norm(kv64[:, : args.kv_lora_rank], weight.double(), args.norm_eps)
+    k_rope = kv64[:, args.kv_lora_rank:]
+    if with_rope:
+        k_rope = rope.apply_rope(k_rope, positions, "interleaved", args)
+    want = torch.cat([c_kv, k_rope], dim=-1)
+    amax = want.abs().max().item()
+    if dtype == torch.float32:
+        compare.assert_close(got, want, atol=8 * U32 * amax, rtol=300 * U32, name="kv_compress_cuda f32")
+    else:
+        compare.assert_close(got, want, atol=2**-8 * amax, rtol=300 * U32, name="kv_compress_cuda bf16")
+
+
+def _scores_inputs(args, batch, n_q, n_keys, dtype, seed=9):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_h, d_c, d_r = args.n_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    q_abs = torch.randn(batch, n_q, n_h, d_c, device="cuda", generator=gen).to(dtype)
+    q_rope = torch.randn(batch, n_q, n_h, d_r, device="cuda", generator=gen).to(dtype)
+    latent = torch.randn(batch, n_keys, d_c + d_r, device="cuda", generator=gen).to(dtype)
+    return q_abs, q_rope, latent
+
+
+def _scores_reference(q_abs, q_rope, latent, args):
+    d_c = args.kv_lora_rank
+    q_abs, q_rope, latent = q_abs.double(), q_rope.double(), latent.double()
+    ref = mla.latent_scores(q_abs, q_rope, latent[..., :d_c], latent[..., d_c:], args)
+    # Higham's bound for a float32 dot product of n terms: gamma_n sum |q_d| |latent_d|
+    q = torch.cat([q_abs, q_rope], dim=-1).abs()
+    bound = torch.einsum("bthd,bsd->bths", q, latent.abs()) * args.softmax_scale
+    return ref, bound.max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["naive", "tiled", "mma"])
+@pytest.mark.parametrize("args,batch,n_q,n_keys", [
+    (TINY, 3, 1, 77), (TINY, 2, 5, 130), (MMA_ARGS, 3, 1, 77), (MMA_ARGS, 2, 7, 65),
+    (V32, 2, 1, 200), (V32, 3, 2, 63),
+], ids=["tiny-decode", "tiny-T5", "mma-dims", "mma-dims-T7", "v32-decode", "v32-T2"])
+def test_decode_scores_cuda(kernel, args, batch, n_q, n_keys):
+    """Tolerance: |error| <= gamma_n sum_d |q_d latent_d| * scale with n = d_c + d_R + 1 (Higham), for
+    float32 accumulation of exact products: bf16 products are exact in float32, so the same bound
+    holds for the mma kernel (doubled there: the tensor-core adder may truncate instead of round)."""
+    if kernel == "mma" and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
+        pytest.skip("the mma kernel needs d_c and d_R multiples of 16")
+    dtype = torch.bfloat16 if kernel == "mma" else torch.float32
+    q_abs, q_rope, latent = _scores_inputs(args, batch, n_q, n_keys, dtype)
+    out = compare.poisoned((batch, n_q, args.n_heads, n_keys), torch.float32, "cuda")
+    got = mla.decode_scores_cuda(q_abs, q_rope, latent, args, kernel=kernel, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    want, dot_bound = _scores_reference(q_abs, q_rope, latent, args)
+    n = args.latent_dim + 1
+    gamma = n * U32 / (1 - n * U32) * (2 if kernel == "mma" else 1)
+    compare.assert_close(got, want, atol=gamma * dot_bound, name=f"decode_scores_cuda {kernel}")
+
+
+@pytest.mark.gpu
+def test_decode_scores_cuda_on_a_real_cache():
+    """End to end: the module's latent cache, its absorbed queries, the kernel, the module's scores."""
+    m = make_mla(dtype=torch.float32, device="cuda")
+    h = torch.randn(2, 45, 64, device="cuda")
+    cache = mla.LatentCache(TINY, batch_size=2, device="cuda")
+    m(h[:, :44], cache=cache)
+    positions = torch.tensor([44], device="cuda")
+    q_nope, q_rope = m.queries(m.query_latent(h[:, 44:]), positions)
+    c_kv, k_rope = m.latents(h[:, 44:], positions)
+    cache.append(c_kv, k_rope)
+    q_abs = m.absorb_query(q_nope).contiguous()
+    got = mla.decode_scores_cuda(q_abs, q_rope.contiguous(), cache.kv, TINY)
+    want = m.latent_scores(q_abs, q_rope, cache.c_kv, cache.k_rope)
+    compare.assert_close(got, want, atol=1e-4, rtol=1e-4, name="decode scores on the cache")
+
+
+@pytest.mark.gpu
+def test_kv_compress_cuda_positions_outside_the_table_give_nan():
+    kv = torch.randn(5, TINY.latent_dim, device="cuda")
+    positions = torch.tensor([3, 256, 7, -1, 0], device="cuda")
+    out = mla.kv_compress_cuda(kv, torch.ones(16, device="cuda"), TINY, positions=positions, check_positions=False)
+    assert out[[1, 3], 16:].isnan().all()
+    assert not out[:, :16].isnan().any() and not out[[0, 2, 4]].isnan().any()
+    with pytest.raises(ValueError, match="positions must be >= 0, got -1"):
+        mla.kv_compress_cuda(kv, torch.ones(16, device="cuda"), TINY, positions=positions)
+
+
+@pytest.mark.gpu
+def test_decode_scores_cuda_bad_inputs():
+    with pytest.raises(TypeError, match="q_abs must be bfloat16"):
+        mla.decode_scores_cuda(*_scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32), MMA_ARGS, kernel="mma")
+    q_abs, q_rope, latent = _scores_inputs(TINY, 1, 1, 9, torch.float32)
+    with pytest.raises(ValueError, match="latent has L = 23"):
+        mla.decode_scores_cuda(q_abs, q_rope, latent[..., :23].contiguous(), TINY)
+    with pytest.raises(ValueError, match="one device"):
+        mla.decode_scores_cuda(q_abs, q_rope, latent.cpu(), TINY)
+    with pytest.raises(ValueError, match="contiguous"):
+        mla.decode_scores_cuda(q_abs, q_rope, latent.transpose(1, 2).contiguous().transpose(1, 2), TINY)
+    bf = [t.bfloat16() for t in _scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32)]
+    shifted = torch.empty(bf[2].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view_as(bf[2])
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        mla.decode_scores_cuda(bf[0], bf[1], shifted, MMA_ARGS, kernel="mma")
