@@ -24,7 +24,7 @@ Which function runs where:
 * `act_quant_cuda`, `mqa_logits_cuda` always run `cuda/act_quant.cu` / `cuda/fp8_mqa_logits.cu`.
 
 `mqa_logits` with clean_logits=False: the CUDA kernel writes every position of the key range that
-its block of 8 queries computes (-inf where the row's own mask says so) and leaves the columns
+its block of 12 queries computes (-inf where the row's own mask says so) and leaves the columns
 outside that range as `torch.empty` gave them: unspecified. Only [ks_i, ke_i) is defined.
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "act_quant_cuda",
     "act_dequant",
     "block_scales",
+    "round_trip",
     "mqa_logits",
     "mqa_logits_reference",
     "mqa_logits_cuda",
@@ -57,7 +58,7 @@ SCALE_FORMATS = ("ue8m0", None)
 ACT_QUANT_WARPS = 8  # warps per block of cuda/act_quant.cu: one quantisation block per warp
 MQA_SUPPORTED_HEADS = (32, 64)  # H the CUDA kernel is compiled for (V3.2 uses 64)
 MQA_SUPPORTED_HEAD_DIM = 128  # D: one 128-value block scale per key, four k32 steps
-MQA_QUERIES_PER_CTA = 8  # as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
+MQA_QUERIES_PER_CTA = 12  # as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
 MQA_THREADS = 32 * MQA_QUERIES_PER_CTA
 
 
@@ -78,8 +79,9 @@ def _check_quant_args(x: torch.Tensor, block_size: int, scale_fmt) -> None:
 
 def block_scales(amax: torch.Tensor, scale_fmt="ue8m0") -> torch.Tensor:
     """The scale s of each block from its amax (float32), as the official act_quant computes it."""
-    # s = max(amax, 1e-4) / 448, one IEEE float32 division
-    s = torch.clamp(amax.float(), min=AMAX_FLOOR) / FP8_E4M3_MAX
+    # s = max(amax, 1e-4) / 448, one IEEE float32 division (448 as a tensor: torch's CUDA path would
+    # multiply by 1/448 for a Python scalar, which can differ in the last bit)
+    s = torch.clamp(amax.float(), min=AMAX_FLOOR) / torch.tensor(FP8_E4M3_MAX, device=amax.device)
     if scale_fmt is None:
         return s
     # s = 2^ceil(log2 s): s = m 2^e with m in [0.5, 1), so ceil(log2 s) = e, or e - 1 when m = 0.5
@@ -138,3 +140,153 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
             and isinstance(block_size, int) and block_size > 0 and block_size % 32 == 0 and x.is_contiguous():
         return act_quant_cuda(x, block_size, scale_fmt)
     return act_quant_reference(x, block_size, scale_fmt)
+
+
+def round_trip(x: torch.Tensor, fmt: str = "e4m3", block_size: int = 128) -> torch.Tensor:
+    """x after a trip through `fmt` and back, in float32: "e4m3" (act_quant, ue8m0 scales),
+    "e5m2" (the same block scales against its own maximum, 57344) or "bf16" (no scale)."""
+    if fmt == "bf16":
+        return x.bfloat16().float()
+    if fmt == "e4m3":
+        return act_dequant(*act_quant_reference(x, block_size), block_size)
+    if fmt == "e5m2":
+        x_blocks = x.float().unflatten(-1, (-1, block_size))  # [..., n_b, block]
+        # s = 2^ceil(log2(max(amax, 1e-4) / 57344))
+        s = block_scales(x_blocks.abs().amax(-1, keepdim=True) * (FP8_E4M3_MAX / 57344.0))
+        x_q = torch.clamp(x_blocks / s, -57344.0, 57344.0).to(torch.float8_e5m2)
+        return (x_q.float() * s).flatten(-2)
+    raise ValueError(f"fmt must be 'e4m3', 'e5m2' or 'bf16', got {fmt!r}")
+
+
+# ----------------------------------------------------------------------------- MQA logits
+
+
+def causal_ks_ke(seq_lens, device="cpu"):
+    """ks, ke [sum(seq_lens)] int32 for a packed batch of causal prefills: query t of sequence n
+    (keys [start_n, start_n + len_n)) sees keys start_n .. start_n + t."""
+    seq_lens = [int(n) for n in seq_lens]
+    if any(n < 0 for n in seq_lens):
+        raise ValueError(f"sequence lengths must be >= 0, got {seq_lens}")
+    starts = torch.tensor([0] + seq_lens[:-1], dtype=torch.int64).cumsum(0)
+    lens = torch.tensor(seq_lens, dtype=torch.int64)
+    # ks_i = start of the sequence of query i: [S_q]
+    ks = torch.repeat_interleave(starts, lens)
+    # ke_i = i + 1 (the query itself is visible): [S_q]
+    ke = torch.arange(int(lens.sum()), dtype=torch.int64) + 1
+    return ks.to(torch.int32).to(device), ke.to(torch.int32).to(device)
+
+
+def _split_kv(kv):
+    if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+        raise TypeError("kv must be the pair (k, k_scale)")
+    k, k_scale = kv
+    if isinstance(k_scale, torch.Tensor) and k_scale.dim() == 2 and k_scale.shape[-1] == 1:
+        k_scale = k_scale.squeeze(-1)  # act_quant's [S_k, 1] for D = 128
+    return k, k_scale
+
+
+def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
+    """Every check of fp8_mqa_logits, before any launch; returns the named dims (S_q, H, D, S_k).
+
+    The reference (cuda=False) also takes unquantised float q and k; the kernel needs e4m3,
+    H in MQA_SUPPORTED_HEADS, D = 128 and contiguous CUDA tensors."""
+    k, k_scale = _split_kv(kv)
+    dims: dict[str, int] = {}
+    fp8 = (torch.float8_e4m3fn,)
+    float_types = fp8 + (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    check_tensor(q, "q", shape=("S_q", "H", "D"), dims=dims, dtype=fp8 if cuda else float_types)
+    check_tensor(k, "k (kv[0])", shape=("S_k", "D"), dims=dims, dtype=fp8 if cuda else float_types)
+    check_tensor(k_scale, "k_scale (kv[1])", shape=("S_k",), dims=dims, dtype=torch.float32)
+    check_tensor(weights, "weights", shape=("S_q", "H"), dims=dims, dtype=torch.float32)
+    check_tensor(ks, "ks", shape=("S_q",), dims=dims, dtype=torch.int32)
+    check_tensor(ke, "ke", shape=("S_q",), dims=dims, dtype=torch.int32)
+    check_same_device(q=q, k=k, k_scale=k_scale, weights=weights, ks=ks, ke=ke)
+    if cuda and dims["H"] not in MQA_SUPPORTED_HEADS:
+        raise ValueError(f"the CUDA fp8_mqa_logits supports H in {MQA_SUPPORTED_HEADS} heads, got H = {dims['H']}")
+    if cuda and dims["D"] != MQA_SUPPORTED_HEAD_DIM:
+        raise ValueError(f"the CUDA fp8_mqa_logits supports head_dim D = {MQA_SUPPORTED_HEAD_DIM}, got D = {dims['D']}")
+    if ks.numel():
+        check_range(ks, "ks", 0, None)
+        check_range(ke, "ke", None, dims["S_k"])
+        if bool((ks > ke).any()):
+            first = int((ks > ke).nonzero()[0, 0])
+            raise ValueError(f"ks must be <= ke, got ks[{first}] = {int(ks[first])} > ke[{first}] = {int(ke[first])}")
+    if cuda:
+        for name, x in (("q", q), ("k (kv[0])", k), ("k_scale (kv[1])", k_scale), ("weights", weights),
+                        ("ks", ks), ("ke", ke)):
+            check_tensor(x, name, cuda=True, contiguous=True)
+    return dims
+
+
+def mqa_logits_reference(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: int = 256):
+    """Reference FP8 MQA logits in float64: logits [S_q, S_k] float32 with -inf outside [ks_i, ke_i).
+
+    q [S_q, H, D] and k [S_k, D] may be e4m3 (their exact values are used) or unquantised floats
+    (with k_scale = 1): that is the higher-precision reference the kernels are judged against.
+    The reference always writes -inf outside the ranges (clean_logits only matters to the kernels)."""
+    dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=False)
+    k, k_scale = _split_kv(kv)
+    S_q, S_k = dims["S_q"], dims["S_k"]
+    # k[j] * k_scale[j]: [S_k, D]
+    k64 = k.double() * k_scale.double().unsqueeze(-1)
+    j = torch.arange(S_k, device=q.device)
+    logits = torch.empty(S_q, S_k, dtype=torch.float32, device=q.device)
+    for start in range(0, S_q, query_chunk):
+        rows = slice(start, min(start + query_chunk, S_q))
+        # scores[i, h, j] = q[i, h] . (k[j] k_scale[j]): [chunk, H, S_k]
+        scores = torch.einsum("ihd,jd->ihj", q[rows].double(), k64)
+        # logits[i, j] = sum_h w[i, h] ReLU(scores[i, h, j]): [chunk, S_k]
+        chunk = torch.einsum("ih,ihj->ij", weights[rows].double(), scores.relu())
+        # -inf where j is outside [ks_i, ke_i): [chunk, S_k]
+        visible = (j >= ks[rows, None].long()) & (j < ke[rows, None].long())
+        logits[rows] = chunk.masked_fill(~visible, float("-inf")).float()
+    return logits
+
+
+def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str = "tensor_core",
+                    out: torch.Tensor | None = None):
+    """`cuda/fp8_mqa_logits.cu`: kernel "tensor_core" (mma.sync e4m3) or "naive" (scalar).
+
+    Returns logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits, else unspecified.
+    `out` (optional, [S_q, S_k] float32 contiguous) receives them: tests pass a poisoned buffer."""
+    if kernel not in ("tensor_core", "naive"):
+        raise ValueError(f"kernel must be 'tensor_core' or 'naive', got {kernel!r}")
+    dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
+    shape = (dims["S_q"], dims["S_k"])
+    if out is None:
+        logits = torch.empty(shape, dtype=torch.float32, device=q.device)
+    else:
+        logits = check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
+    _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits, kernel)
+    return logits
+
+
+def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str = "tensor_core") -> None:
+    """The launch alone, on inputs already checked (the benchmark times this)."""
+    k, k_scale = _split_kv(kv)
+    S_q, H, _ = q.shape
+    S_k = k.shape[0]
+    if S_q == 0 or S_k == 0:
+        return
+    args = (q, k, k_scale, weights, ks, ke, logits, S_q, S_k)
+    if kernel == "naive":
+        if S_q > 65535:
+            raise ValueError(f"the naive kernel puts queries on grid.y (at most 65535), got S_q = {S_q}")
+        launch("fp8_mqa_logits", "fp8_mqa_logits_naive", grid=((S_k + 127) // 128, S_q), block=128,
+               args=(*args, H, bool(clean_logits)))
+    elif kernel == "tensor_core":
+        grid = (S_q + MQA_QUERIES_PER_CTA - 1) // MQA_QUERIES_PER_CTA
+        launch("fp8_mqa_logits", f"fp8_mqa_logits_h{H}", grid=grid, block=MQA_THREADS,
+               args=(*args, bool(clean_logits)))
+    else:
+        raise ValueError(f"kernel must be 'tensor_core' or 'naive', got {kernel!r}")
+
+
+def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True):
+    """fp8_mqa_logits (SPEC section 6): the CUDA tensor-core kernel for CUDA inputs, else the reference.
+
+    q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
+    ks, ke [S_q] int32 -> logits [S_q, S_k] float32."""
+    if isinstance(q, torch.Tensor) and q.is_cuda:
+        return mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits)
+    return mqa_logits_reference(q, kv, weights, ks, ke, clean_logits)

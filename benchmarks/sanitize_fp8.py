@@ -1,0 +1,74 @@
+"""Launch every kernel of chapter 7 at small ragged sizes and check each result, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_fp8.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py
+
+Kernels: act_quant_f32 / _bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive / _h64 / _h32
+(cuda/fp8_mqa_logits.cu), fp8_paged_mqa_logits_h64 / _h32 (cuda/fp8_paged_mqa_logits.cu).
+Sizes are not multiples of any tile; outputs are poisoned first; clean_logits both ways.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from dsa_tutorial import compare, fp8, paged  # noqa: E402
+from test_paged import call_args, make_batch  # noqa: E402
+
+
+def check_act_quant() -> None:
+    for dtype, block_size in ((torch.float32, 128), (torch.bfloat16, 96)):
+        x = (torch.randn(13, 3 * 384, device="cuda") * 4).to(dtype)  # 1152 = 9 x 128 = 12 x 96
+        x_q, s = fp8.act_quant_cuda(x, block_size)
+        ref_q, ref_s = fp8.act_quant_reference(x.cpu(), block_size)
+        assert torch.equal(x_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
+
+
+def check_mqa_logits() -> None:
+    for H, kernel in ((64, "tensor_core"), (32, "tensor_core"), (64, "naive")):
+        seq_lens = [5, 70, 1, 27]  # S = 103
+        S = sum(seq_lens)
+        q, q_s = fp8.act_quant(torch.randn(S, H, 128, device="cuda"))
+        k, k_s = fp8.act_quant(torch.randn(S + 9, 128, device="cuda"))  # 9 keys nobody sees
+        w = torch.randn(S, H, device="cuda") * q_s.squeeze(-1)
+        ks, ke = fp8.causal_ks_ke(seq_lens, device="cuda")
+        ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
+        scale = ref[torch.isfinite(ref)].abs().max().item()
+        for clean in (True, False):
+            out = compare.poisoned((S, S + 9), torch.float32, "cuda")
+            fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, clean, kernel=kernel, out=out)
+            if clean:
+                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} H={H}")
+            else:
+                visible = torch.isfinite(ref)
+                compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, name=f"{kernel} H={H} unclean")
+
+
+def check_paged() -> None:
+    for H, next_n, num_sms in ((64, 1, 3), (64, 2, 5), (32, 2, 1)):
+        batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H)
+        q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
+        ref = paged.paged_mqa_logits_reference(q, kv_cache, w, ctx, bt, meta, 307)
+        scale = ref[torch.isfinite(ref)].abs().max().item()
+        for clean in (True, False):
+            out = compare.poisoned((5 * next_n, 307), torch.float32, "cuda")
+            paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out)
+            if clean:
+                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"paged H={H}")
+            else:
+                inside = torch.arange(307, device="cuda") < ctx.repeat_interleave(next_n).unsqueeze(-1)
+                compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"paged H={H} unclean")
+
+
+def main() -> None:
+    check_act_quant()
+    check_mqa_logits()
+    check_paged()
+    torch.cuda.synchronize()
+    print("sanitize_fp8: all launches checked")
+
+
+if __name__ == "__main__":
+    main()

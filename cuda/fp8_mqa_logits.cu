@@ -1,0 +1,291 @@
+// FP8 MQA logits of the lightning indexer (DeepGEMM's fp8_mqa_logits, SPEC section 6):
+//
+//   logits[i, j] = sum_h w[i, h] * ReLU(q[i, h] . k[j]) * k_scale[j]     for ks[i] <= j < ke[i]
+//   logits[i, j] = -inf                                                   elsewhere (clean_logits)
+//
+// (k_scale > 0, so ReLU(x * s) = ReLU(x) * s and the scale leaves the head sum.)
+//   q       e4m3 [S_q, H, D]   one indexer query per token, H heads, D = 128
+//   k       e4m3 [S_k, D]      one indexer key per token, shared by all heads (MQA)
+//   k_scale fp32 [S_k]         one power-of-two block scale per key (act_quant, block 128)
+//   w       fp32 [S_q, H]      head weights with the q scale and d_I^-0.5 folded in
+//   ks, ke  int32 [S_q]        the key range of query i (a packed batch of causal prefills)
+//   logits  fp32 [S_q, S_k]
+//
+// Kernels, as a progression (both checked against dsa_tutorial.fp8.mqa_logits_reference):
+//   fp8_mqa_logits_naive      kernel 1: one thread per (i, j), H * D scalar multiply-adds in
+//                             float32 after converting each e4m3 byte. The specification in CUDA.
+//   fp8_mqa_logits_h64/_h32   kernel 2: FP8 tensor cores. A block of 12 warps owns 12 consecutive
+//                             queries (one per warp) and streams the union of their key ranges
+//                             through shared memory in tiles of 64 keys (cp.async, 4 stages).
+//                             Per 16 keys a warp computes the [16 keys x H heads] score tile with
+//                             mma.sync m16n8k32 e4m3 -> f32 over the four 32-wide slices of D:
+//                             A = the keys (from shared memory with ldmatrix), B = q[i] (kept in
+//                             registers for the whole kernel: H * D bytes over 32 lanes). Then
+//                             ReLU, times w, a sum over the heads in registers (each lane holds 2
+//                             heads of every 8-head n-tile) and two shuffles (the 4 lanes of a
+//                             row), times k_scale, and one store per key.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k32 with 8-bit types), lane = 4 * g + t:
+//   A (16 x 32, row-major) a0: row g, cols 4t..4t+3    a1: row g+8, cols 4t..4t+3
+//                          a2: row g, cols 16+4t..     a3: row g+8, cols 16+4t..
+//   B (32 x 8, col-major)  b0: col g, rows 4t..4t+3    b1: col g, rows 16+4t..16+4t+3
+//   C (16 x 8, f32)        c0, c1: row g, cols 2t, 2t+1    c2, c3: row g+8, cols 2t, 2t+1
+// Here A's rows are keys, B's columns are heads and the 32-wide k dimension is a slice of D.
+//
+// Shared memory holds a key tile as 64 rows of 128 bytes; the 16-byte chunk c of row r sits at
+// chunk position c ^ (r % 8) (an XOR swizzle), so the 8 rows one ldmatrix phase reads fall in 8
+// different bank groups instead of all in the same one.
+//
+// Bounds: rows i >= S_q do no work (their warp still joins the barriers); key tiles are loaded
+// with zero fill past ke_max (the largest ke of the block, <= S_k) so no load leaves [0, S_k);
+// stores go only to keys < ke_max. Columns outside [ks_min, ke_max) of the block are filled with
+// -inf when clean_logits, and left untouched otherwise.
+#include <cuda_fp8.h>
+
+#define HEAD_DIM 128             // D
+#define QUERIES_PER_CTA 12       // one query per warp
+#define THREADS (32 * QUERIES_PER_CTA)
+#define BLOCK_KV 64              // keys per pipeline stage
+#define STAGES 4                 // cp.async pipeline depth
+#define CHUNKS_PER_ROW (HEAD_DIM / 16)
+// q[i] alone takes H * D / 32 = 64 registers a lane; the kernel needs ~136 in all (it spills at
+// 128), so a block of 12 warps (12 * 32 * 136 <= 65536 registers) fills an SM.
+#define MAX_REGISTERS 136
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// ------------------------------------------------------------------------------------ kernel 1
+
+extern "C" __global__ void __launch_bounds__(128)
+fp8_mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                     const float* __restrict__ k_scale, const float* __restrict__ w, const int* __restrict__ ks,
+                     const int* __restrict__ ke, float* __restrict__ logits, int S_q, int S_k, int H, int clean_logits) {
+    const int i = blockIdx.y;
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= S_q || j >= S_k) return;
+    float* out = logits + (size_t)i * S_k + j;
+    if (j < ks[i] || j >= ke[i]) {
+        if (clean_logits) *out = NEG_INF;
+        return;
+    }
+    const __nv_fp8_e4m3* q_i = reinterpret_cast<const __nv_fp8_e4m3*>(q) + (size_t)i * H * HEAD_DIM;
+    const __nv_fp8_e4m3* k_j = reinterpret_cast<const __nv_fp8_e4m3*>(k) + (size_t)j * HEAD_DIM;
+    float logit = 0.f;
+    for (int h = 0; h < H; ++h) {
+        // q[i, h] . k[j]
+        float score = 0.f;
+        for (int d = 0; d < HEAD_DIM; ++d) score += float(q_i[h * HEAD_DIM + d]) * float(k_j[d]);
+        // sum_h w[i, h] * ReLU(q[i, h] . k[j])
+        logit += w[(size_t)i * H + h] * fmaxf(score, 0.f);
+    }
+    // * k_scale[j]
+    *out = logit * k_scale[j];
+}
+
+// ------------------------------------------------------------------------------------ kernel 2
+
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8x8 b16 matrices (= 8 rows x 16 bytes of e4m3 each) from shared memory: the A fragment.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_address(row_address)));
+}
+
+// C[16 x 8] += A[16 x 32] * B[32 x 8], e4m3 inputs, float32 accumulation.
+__device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A float2 from shared memory, re-read at every use (volatile): without it the compiler hoists
+// the loop-invariant head weights into 2H/8 more registers and the q fragments spill.
+__device__ __forceinline__ float2 ld_shared_f2(const float2* p) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_address(p)));
+    return v;
+}
+
+// Byte offset of chunk `chunk` (16 bytes) of key row `row` in a swizzled tile.
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+    return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16);
+}
+
+// Write -inf to row[begin, end), 16 bytes at a time where the address allows.
+__device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int lane) {
+    int head_end = begin;
+    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
+    for (int j = begin + lane; j < head_end; j += 32) row[j] = NEG_INF;
+    const int n_vec = (end - head_end) / 4;
+    float4* vec = reinterpret_cast<float4*>(row + head_end);
+    for (int v = lane; v < n_vec; v += 32) vec[v] = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+    for (int j = head_end + 4 * n_vec + lane; j < end; j += 32) row[j] = NEG_INF;
+}
+
+// Start loading key tile `tile` (keys kv_begin + 64 * tile + r) into pipeline stage `stage`.
+__device__ __forceinline__ void load_key_tile(unsigned char* k_tile, float* scale_tile, const unsigned char* k,
+                                              const float* k_scale, int kv_begin, int kv_end, int tile) {
+    const int first = kv_begin + tile * BLOCK_KV;
+    for (int c = threadIdx.x; c < BLOCK_KV * CHUNKS_PER_ROW; c += THREADS) {
+        const int row = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
+        const int key = first + row;
+        const bool inside = key < kv_end;  // past the block's last key: zeros, and no read
+        const unsigned char* src = k + (size_t)(inside ? key : kv_begin) * HEAD_DIM + chunk * 16;
+        cp_async_16(k_tile + swizzled(row, chunk), src, inside ? 16 : 0);
+    }
+    if (threadIdx.x < BLOCK_KV) {
+        const int key = first + threadIdx.x;
+        const bool inside = key < kv_end;
+        cp_async_4(scale_tile + threadIdx.x, k_scale + (inside ? key : kv_begin), inside ? 4 : 0);
+    }
+}
+
+template <int H>
+__device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                  const float* __restrict__ k_scale, const float* __restrict__ w,
+                                  const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                  int S_q, int S_k, int clean_logits) {
+    constexpr int N_TILES = H / 8;  // 8-head n-tiles
+    __shared__ __align__(128) unsigned char k_tiles[STAGES][BLOCK_KV * HEAD_DIM];
+    __shared__ float scale_tiles[STAGES][BLOCK_KV];
+    __shared__ __align__(16) float w_rows[QUERIES_PER_CTA][H];  // w[i] of each warp's query
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    // heaviest (latest, longest-range) query blocks first: a better tail for causal ranges
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * QUERIES_PER_CTA;
+    const int i = i0 + warp;
+    const bool row_valid = i < S_q;
+
+    // the union of the block's key ranges: [kv_begin, kv_end) = [min ks, max ke) over non-empty rows
+    int kv_begin = S_k, kv_end = 0;
+    for (int r = i0; r < min(i0 + QUERIES_PER_CTA, S_q); ++r)
+        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
+    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
+
+    // pipeline prologue: the first STAGES - 1 tiles in flight
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_tiles) load_key_tile(k_tiles[s], scale_tiles[s], k, k_scale, kv_begin, kv_end, s);
+        cp_async_commit();
+    }
+
+    const int row_ks = row_valid ? ks[i] : 0, row_ke = row_valid ? ke[i] : 0;
+    float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
+    if (row_valid && clean_logits) {  // outside the block's range nobody else writes: -inf now
+        fill_neg_inf(logits_row, 0, kv_begin, lane);
+        fill_neg_inf(logits_row, kv_end, S_k, lane);
+    }
+
+    // B fragments: q[i] for all heads and the four 32-wide slices of D, held for the whole kernel
+    unsigned q_frag[N_TILES][4][2];
+    // w[i] to shared memory (registers are spent on q): read back as the float2 of heads 8nt+2t, +1
+    for (int h = lane; h < H; h += 32) w_rows[warp][h] = row_valid ? w[(size_t)i * H + h] : 0.f;
+    __syncwarp();
+    const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
+    #pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt) {
+        const unsigned char* q_head = q + ((size_t)(row_valid ? i : 0) * H + nt * 8 + g) * HEAD_DIM;
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            q_frag[nt][kk][0] = row_valid ? *reinterpret_cast<const unsigned*>(q_head + kk * 32 + 4 * t) : 0u;
+            q_frag[nt][kk][1] = row_valid ? *reinterpret_cast<const unsigned*>(q_head + kk * 32 + 16 + 4 * t) : 0u;
+        }
+    }
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile `tile` is in shared memory, and every warp is done with tile - 1
+        if (tile + STAGES - 1 < n_tiles)
+            load_key_tile(k_tiles[(tile + STAGES - 1) % STAGES], scale_tiles[(tile + STAGES - 1) % STAGES], k,
+                          k_scale, kv_begin, kv_end, tile + STAGES - 1);
+        cp_async_commit();
+        if (!row_valid) continue;
+
+        const unsigned char* k_tile = k_tiles[tile % STAGES];
+        const float* scale_tile = scale_tiles[tile % STAGES];
+        const int tile_first = kv_begin + tile * BLOCK_KV;
+        #pragma unroll 1
+        for (int mt = 0; mt < BLOCK_KV / 16; ++mt) {
+            const int key0 = tile_first + mt * 16;
+            if (key0 >= kv_end) break;
+            const int key_lo = key0 + g, key_hi = key0 + g + 8;  // the two rows of this lane
+            if (key0 + 16 <= row_ks || key0 >= row_ke) {  // no visible key for this query: warp-uniform
+                if (clean_logits && t < 2) {
+                    const int key = t == 0 ? key_lo : key_hi;
+                    if (key < kv_end) logits_row[key] = NEG_INF;
+                }
+                continue;
+            }
+            // The H heads in groups of 32 (4 n-tiles of 8): 16 accumulators live at a time, so the q
+            // fragments stay in registers; the key fragments are re-read from shared memory per group.
+            float sum_lo = 0.f, sum_hi = 0.f;  // this lane's part of the head sum, keys g and g+8
+            #pragma unroll
+            for (int hg = 0; hg < N_TILES / 4; ++hg) {
+                // scores[key, h] = k[key] . q[i, h] for 16 keys x 32 heads, float32 accumulators
+                float acc[4][4];
+                #pragma unroll
+                for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+                #pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    unsigned a[4];
+                    const int row = mt * 16 + (lane % 16);  // lanes 0-15: chunk 2kk, lanes 16-31: chunk 2kk+1
+                    ldmatrix_x4(a, k_tile + swizzled(row, 2 * kk + lane / 16));
+                    #pragma unroll
+                    for (int n = 0; n < 4; ++n)
+                        mma_e4m3_16832(acc[n], a, q_frag[4 * hg + n][kk][0], q_frag[4 * hg + n][kk][1]);
+                }
+                // sum_h w[i, h] * ReLU(scores[key, h]) over this lane's 2 heads of each n-tile
+                #pragma unroll
+                for (int n = 0; n < 4; ++n) {
+                    const float2 w_h = ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t);  // w[i, 8nt+2t], w[i, 8nt+2t+1]
+                    sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
+                    sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
+                }
+            }
+            // ... and over the 4 lanes (t = 0..3) that share a row
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            // logits[i, key] = k_scale[key] * sum, or -inf outside [ks_i, ke_i); lane t = 0 stores
+            // key g, lane t = 1 key g + 8
+            if (t < 2) {
+                const int key = t == 0 ? key_lo : key_hi;
+                const float sum = t == 0 ? sum_lo : sum_hi;
+                if (key < kv_end) {
+                    const bool visible = key >= row_ks && key < row_ke;
+                    if (visible) logits_row[key] = sum * scale_tile[key - tile_first];
+                    else if (clean_logits) logits_row[key] = NEG_INF;
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // leave no copy in flight into a shared memory that is about to go away
+}
+
+extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
+fp8_mqa_logits_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                   const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_tc<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}
+
+extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
+fp8_mqa_logits_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                   const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_tc<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}

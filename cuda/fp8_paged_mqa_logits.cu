@@ -1,0 +1,255 @@
+// FP8 MQA logits over a paged key cache, for decode (DeepGEMM's fp8_paged_mqa_logits, SPEC 6):
+//
+//   logits[b next_n + j, p] = sum_h w[b next_n + j, h] * ReLU(q[b, j, h] . k[p]) * k_scale[p]
+//                             for p <= context_lens[b] - next_n + j, -inf for the other p
+//
+//   q            e4m3 [B, next_n, H, D]   next_n in {1, 2} (draft tokens of speculative decode)
+//   kv_cache     uint8 [num_blocks, 64, 1, D + 4]: block = 64 x D e4m3 values, then 64 fp32 scales
+//   w            fp32 [B * next_n, H]
+//   context_lens int32 [B]; block_table int32 [B, max_blocks] (logical -> physical block)
+//   schedule     int32 [n_ctas + 1, 2]: (batch, 256-token segment) where each block of the grid starts
+//   logits       fp32 [B * next_n, max_context_len]
+//
+// Kernel (one; fp8_paged_mqa_logits_h64 / _h32 for H = 64 / 32, D = 128):
+//   A persistent block of 4 warps per schedule row walks its segments in order, one 64-token
+//   physical block at a time. Each physical block is 8448 contiguous bytes (values then scales),
+//   so it is copied whole into a shared-memory stage with 16-byte cp.async (528 copies over 128
+//   threads, STAGES deep: the next blocks are in flight while this one is computed). Every cache
+//   byte is read once. Warp w computes draft position j = w % next_n over the 16-key m-tiles
+//   w / next_n + i * (4 / next_n): with next_n = 1 each warp takes one m-tile of the block, with
+//   next_n = 2 two. The math per m-tile is that of cuda/fp8_mqa_logits.cu (kernel 2): mma.sync
+//   m16n8k32 e4m3 with A = 16 keys (ldmatrix from the XOR-swizzled stage), B = q[b, j] in
+//   registers (reloaded when the walk enters a new batch), ReLU, times w, head sum in registers
+//   plus two shuffles, times k_scale.
+//   Stores: positions p < context_lens[b] only (a value, or -inf past the draft position's limit).
+//   With clean_logits, block s then fills [context_lens[b], max_context_len) of the rows of
+//   batches b = s, s + n_ctas, ... with -inf, so every position is written exactly once.
+//
+// Bounds: a block id is read from block_table only for logical blocks below ceil(context_len / 64)
+// (checked in Python: within the row, and each id in [0, num_blocks)); the tokens of a last,
+// partial block past context_len are computed from whatever the cache holds there but never
+// stored (mma rows are independent, so a NaN there stays in its row).
+#include <cuda_fp8.h>
+
+#define HEAD_DIM 128
+#define BLOCK_KV 64                                // tokens per physical block
+#define SPLIT_KV 256                               // tokens per schedule segment
+#define BLOCKS_PER_SEGMENT (SPLIT_KV / BLOCK_KV)
+#define WARPS 4
+#define THREADS (32 * WARPS)
+#define STAGES 5                                   // physical blocks in shared memory at once
+#define BLOCK_BYTES (BLOCK_KV * (HEAD_DIM + 4))    // 8448
+#define VALUE_BYTES (BLOCK_KV * HEAD_DIM)          // 8192: the scales start here
+#define CHUNKS_PER_ROW (HEAD_DIM / 16)
+#define MAX_REGISTERS 160                          // 64 for q[b, j]; 3 x 128 x 160 <= 65536: 3 blocks an SM
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_address(row_address)));
+}
+
+// C[16 x 8] += A[16 x 32] * B[32 x 8], e4m3 inputs, float32 accumulation (layouts: fp8_mqa_logits.cu).
+__device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float2 ld_shared_f2(const float2* p) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_address(p)));
+    return v;
+}
+
+// Byte offset of 16-byte chunk `chunk` of token row `row` in a stage (XOR swizzle, as in fp8_mqa_logits.cu).
+__device__ __forceinline__ int swizzled(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16); }
+
+__device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int lane) {
+    int head_end = begin;
+    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
+    for (int p = begin + lane; p < head_end; p += 32) row[p] = NEG_INF;
+    const int n_vec = (end - head_end) / 4;
+    float4* vec = reinterpret_cast<float4*>(row + head_end);
+    for (int v = lane; v < n_vec; v += 32) vec[v] = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+    for (int p = head_end + 4 * n_vec + lane; p < end; p += 32) row[p] = NEG_INF;
+}
+
+// Where the walk is: batch b, logical block n of that batch. Every thread walks identically.
+struct Cursor {
+    int b, n;
+};
+
+__device__ __forceinline__ int blocks_of(const int* context_lens, int b) {
+    return (context_lens[b] + BLOCK_KV - 1) / BLOCK_KV;
+}
+// Skip past finished (and empty) batches.
+__device__ __forceinline__ void settle(Cursor& c, const int* context_lens, int B) {
+    while (c.b < B && c.n >= blocks_of(context_lens, c.b)) { ++c.b; c.n = 0; }
+}
+// Still inside this block's share of segments: before (end_b, end_segment), and inside the batch.
+__device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_segment, int B) {
+    return c.b < B && (c.b < end_b || (c.b == end_b && c.n < end_segment * BLOCKS_PER_SEGMENT));
+}
+
+// Copy physical block block_table[b, n] (8448 bytes) into a stage: values swizzled, scales as they are.
+__device__ __forceinline__ void load_block(unsigned char* stage, const unsigned char* kv_cache,
+                                           const int* block_table, int max_blocks, const Cursor& c) {
+    const int physical = block_table[(size_t)c.b * max_blocks + c.n];
+    const unsigned char* src = kv_cache + (size_t)physical * BLOCK_BYTES;
+    for (int chunk = threadIdx.x; chunk < BLOCK_BYTES / 16; chunk += THREADS) {
+        const int offset = chunk * 16;
+        const int dst = offset < VALUE_BYTES ? swizzled(chunk / CHUNKS_PER_ROW, chunk % CHUNKS_PER_ROW) : offset;
+        cp_async_16(stage + dst, src + offset);
+    }
+}
+
+template <int H>
+__device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                     const float* __restrict__ w, const int* __restrict__ context_lens,
+                                     const int* __restrict__ block_table, const int* __restrict__ schedule,
+                                     float* __restrict__ logits, int B, int next_n, int max_blocks,
+                                     int max_context_len, int clean_logits) {
+    constexpr int N_TILES = H / 8;
+    __shared__ __align__(128) unsigned char stages[STAGES][BLOCK_BYTES];
+    __shared__ __align__(16) float w_rows[WARPS][H];
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int j = warp % next_n;                      // this warp's draft position
+    const int first_mt = warp / next_n, mt_step = WARPS / next_n;
+
+    const int end_b = schedule[2 * (blockIdx.x + 1)], end_segment = schedule[2 * (blockIdx.x + 1) + 1];
+    Cursor load = {schedule[2 * blockIdx.x], schedule[2 * blockIdx.x + 1] * BLOCKS_PER_SEGMENT};
+    settle(load, context_lens, B);
+    Cursor work = load;
+
+    // pipeline prologue: the first STAGES - 1 blocks in flight
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (inside(load, end_b, end_segment, B)) {
+            load_block(stages[s], kv_cache, block_table, max_blocks, load);
+            ++load.n;
+            settle(load, context_lens, B);
+        }
+        cp_async_commit();
+    }
+
+    unsigned q_frag[N_TILES][4][2];  // B fragments of q[b, j] (see fp8_mqa_logits.cu)
+    const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
+    int q_batch = -1;  // the batch whose q sits in q_frag
+
+    for (int step = 0; inside(work, end_b, end_segment, B); ++step) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // block `step` has landed, and every warp is done with block step - 1
+        if (inside(load, end_b, end_segment, B)) {
+            load_block(stages[(step + STAGES - 1) % STAGES], kv_cache, block_table, max_blocks, load);
+            ++load.n;
+            settle(load, context_lens, B);
+        }
+        cp_async_commit();
+
+        const int b = work.b, row = b * next_n + j;
+        if (b != q_batch) {  // a new batch: its q[b, j] and w[b next_n + j] (warp-uniform branch)
+            #pragma unroll
+            for (int nt = 0; nt < N_TILES; ++nt) {
+                const unsigned char* q_head = q + ((size_t)row * H + nt * 8 + g) * HEAD_DIM;
+                #pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    q_frag[nt][kk][0] = *reinterpret_cast<const unsigned*>(q_head + kk * 32 + 4 * t);
+                    q_frag[nt][kk][1] = *reinterpret_cast<const unsigned*>(q_head + kk * 32 + 16 + 4 * t);
+                }
+            }
+            __syncwarp();  // every lane is done reading the previous batch's weights
+            for (int h = lane; h < H; h += 32) w_rows[warp][h] = w[(size_t)row * H + h];
+            __syncwarp();
+            q_batch = b;
+        }
+
+        const unsigned char* stage = stages[step % STAGES];
+        const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
+        const int context_len = context_lens[b];
+        const int last_visible = context_len - next_n + j;  // query j sees p <= last_visible
+        float* logits_row = logits + (size_t)row * max_context_len;
+        #pragma unroll 1
+        for (int mt = first_mt; mt < BLOCK_KV / 16; mt += mt_step) {
+            const int p0 = work.n * BLOCK_KV + mt * 16;  // position of the m-tile's first key
+            if (p0 >= context_len) break;                // past the context: nothing to store
+            const int p_lo = p0 + g, p_hi = p0 + g + 8;
+            float sum_lo = 0.f, sum_hi = 0.f;
+            if (p0 <= last_visible) {  // some key visible to query j (warp-uniform)
+                #pragma unroll
+                for (int hg = 0; hg < N_TILES / 4; ++hg) {
+                    // scores[p, h] = k[p] . q[b, j, h] for 16 keys x 32 heads
+                    float acc[4][4];
+                    #pragma unroll
+                    for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+                    #pragma unroll
+                    for (int kk = 0; kk < 4; ++kk) {
+                        unsigned a[4];
+                        ldmatrix_x4(a, stage + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
+                        #pragma unroll
+                        for (int n = 0; n < 4; ++n)
+                            mma_e4m3_16832(acc[n], a, q_frag[4 * hg + n][kk][0], q_frag[4 * hg + n][kk][1]);
+                    }
+                    // sum_h w[row, h] * ReLU(scores[p, h]) over this lane's 2 heads of each n-tile
+                    #pragma unroll
+                    for (int n = 0; n < 4; ++n) {
+                        const float2 w_h = ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t);
+                        sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
+                        sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
+                    }
+                }
+                // ... and over the 4 lanes of a key row
+                sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
+                sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
+                sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
+                sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            }
+            // logits[row, p] = k_scale[p] * sum for visible p, -inf for context positions j cannot see
+            if (t < 2) {
+                const int p = t == 0 ? p_lo : p_hi;
+                const float sum = t == 0 ? sum_lo : sum_hi;
+                if (p < context_len) logits_row[p] = p <= last_visible ? sum * k_scale[p % BLOCK_KV] : NEG_INF;
+            }
+        }
+        ++work.n;
+        settle(work, context_lens, B);
+    }
+    cp_async_wait<0>();
+
+    // -inf past each context: rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
+    if (clean_logits) {
+        for (int r = warp; ; r += WARPS) {
+            const int b = blockIdx.x + (r / next_n) * gridDim.x;
+            if (b >= B) break;
+            fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b],
+                         max_context_len, lane);
+        }
+    }
+}
+
+extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
+fp8_paged_mqa_logits_h64(const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,
+                         const int* block_table, const int* schedule, float* logits, int B, int next_n,
+                         int max_blocks, int max_context_len, int clean_logits) {
+    fp8_paged_mqa_logits<64>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n, max_blocks,
+                             max_context_len, clean_logits);
+}
+
+extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
+fp8_paged_mqa_logits_h32(const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,
+                         const int* block_table, const int* schedule, float* logits, int B, int next_n,
+                         int max_blocks, int max_context_len, int clean_logits) {
+    fp8_paged_mqa_logits<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n, max_blocks,
+                             max_context_len, clean_logits);
+}

@@ -1,0 +1,335 @@
+"""fp8: block quantisation (reference and cuda/act_quant.cu) and the FP8 MQA logits
+(reference and cuda/fp8_mqa_logits.cu)."""
+import math
+
+import pytest
+import torch
+
+from dsa_tutorial import compare, fp8
+from dsa_tutorial.hadamard import rotate_activation
+
+
+def with_outliers(shape, seed=0, scale=1.0):
+    """Gaussian data with a few large entries (the activations the Hadamard rotation is for)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale
+    flat = x.view(-1)
+    idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=g)
+    flat[idx] *= 50
+    return x
+
+
+# ---------------------------------------------------------------------------------- act_quant
+
+
+def test_ue8m0_scale_is_smallest_power_of_two_covering_the_block():
+    x = with_outliers((64, 256))
+    x_q, s = fp8.act_quant_reference(x)
+    assert x_q.dtype == torch.float8_e4m3fn and x_q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (64, 2)
+    amax = x.view(64, 2, 128).abs().amax(-1).double()
+    for a, scale in zip(amax.flatten().tolist(), s.flatten().tolist()):
+        expected = 2.0 ** math.ceil(math.log2(max(a, 1e-4) / 448))  # computed independently, in float64
+        assert scale == expected
+        assert a / scale <= 448 < 2 * a / scale  # covers the block, and half of it would not
+
+
+@pytest.mark.parametrize("amax, expected", [(448.0, 1.0), (448.0 * 2 ** -3, 2 ** -3), (449.0, 2.0), (0.0, 2.0 ** -22),
+                                            (1e-5, 2.0 ** -22), (3.0, 2.0 ** -7)])
+def test_ue8m0_scale_edge_cases(amax, expected):
+    x = torch.zeros(1, 128)
+    x[0, 17] = -amax
+    _, s = fp8.act_quant_reference(x)
+    assert s.item() == expected
+
+
+def test_plain_scale_is_amax_over_448_and_amax_maps_to_448():
+    x = with_outliers((32, 128), seed=1)
+    x_q, s = fp8.act_quant_reference(x, scale_fmt=None)
+    amax = x.abs().amax(-1, keepdim=True)
+    assert torch.equal(s, amax / 448)
+    # the largest element lands on +-448 exactly (after the saturating clamp)
+    assert torch.equal(x_q.float().abs().amax(-1, keepdim=True), torch.full_like(amax, 448.0))
+
+
+def test_saturation_clamps_before_the_cast():
+    # plain scales: x / (amax / 448) can round just above 448; the clamp keeps it at 448, never NaN
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(4096, 128, generator=g) * 10
+    x_q, _ = fp8.act_quant_reference(x, scale_fmt=None)
+    assert not torch.isnan(x_q.float()).any()
+    assert x_q.float().abs().max().item() == 448.0
+
+
+def test_round_trip_error_is_within_e4m3_rounding():
+    for scale_fmt in ("ue8m0", None):
+        x = with_outliers((128, 384), seed=3)
+        x_q, s = fp8.act_quant_reference(x, scale_fmt=scale_fmt)
+        back = fp8.act_dequant(x_q, s)
+        s_full = s.repeat_interleave(128, dim=-1)
+        # e4m3: 3 mantissa bits, so |error| <= 2^-4 |x| for normals, <= 2^-10 s in the subnormal range
+        bound = torch.maximum(x.abs() * 2.0 ** -4, s_full * 2.0 ** -10)
+        assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_cast_rounds_to_nearest_even():
+    # 1 + 1/16 is halfway between 1 and 1.125 (mantissa step 1/8): even mantissa 1.0 wins;
+    # 1 + 3/16 is halfway between 1.125 and 1.25: 1.25 (even) wins
+    x = torch.zeros(1, 128)
+    x[0, 0], x[0, 1], x[0, 2] = 448.0, 1 + 1 / 16, 1 + 3 / 16  # amax 448: scale 1
+    x_q, s = fp8.act_quant_reference(x)
+    assert s.item() == 1.0
+    assert x_q[0, :3].float().tolist() == [448.0, 1.0, 1.25]
+
+
+def test_act_quant_batched_shapes_and_dtypes():
+    x = with_outliers((3, 5, 256)).bfloat16()
+    x_q, s = fp8.act_quant(x)  # CPU: the reference
+    assert x_q.shape == (3, 5, 256) and s.shape == (3, 5, 2)
+    x_q32, s32 = fp8.act_quant_reference(x.float())
+    assert torch.equal(x_q.view(torch.uint8), x_q32.view(torch.uint8)) and torch.equal(s, s32)
+    x_q, s = fp8.act_quant(x.float(), block_size=64)
+    assert s.shape == (3, 5, 4)
+
+
+def test_rounding_error_by_format_and_rotation():
+    # score error of q.k with q, k in each format: e5m2 (2 mantissa bits) > e4m3 (3) > bf16 (7);
+    # with one scale per 128 values the rotation neither helps nor hurts much (within 25%)
+    q, k = with_outliers((128, 128), seed=5), with_outliers((256, 128), seed=6)
+    ref = q.double() @ k.double().T
+    errors = {}
+    for fmt in ("e4m3", "e5m2", "bf16"):
+        for rotate in (False, True):
+            qq, kk = (rotate_activation(q), rotate_activation(k)) if rotate else (q, k)
+            scores = fp8.round_trip(qq, fmt).double() @ fp8.round_trip(kk, fmt).double().T
+            errors[fmt, rotate] = ((scores - ref).norm() / ref.norm()).item()
+    for rotate in (False, True):
+        assert errors["e5m2", rotate] > 1.5 * errors["e4m3", rotate] > 10 * errors["bf16", rotate]
+    assert 0.8 < errors["e4m3", True] / errors["e4m3", False] < 1.25
+    # the rotation itself is exact up to float rounding: (R q) . (R k) = q . k
+    rotated = rotate_activation(q.double()) @ rotate_activation(k.double()).T
+    assert torch.allclose(rotated, ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=torch.randn(4, 100)), "multiple of block_size"),
+    (dict(x=torch.randn(4, 128), scale_fmt="e8m0"), "scale_fmt"),
+    (dict(x=torch.randn(4, 128), block_size=0), "block_size"),
+    (dict(x=torch.ones(4, 128, dtype=torch.int32)), "x must be"),
+])
+def test_act_quant_rejects_bad_input(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fp8.act_quant(**kwargs)
+
+
+def test_act_dequant_rejects_bad_scales():
+    x_q, s = fp8.act_quant(torch.randn(4, 256))
+    with pytest.raises(ValueError, match="scales"):
+        fp8.act_dequant(x_q, s[:, :1])
+
+
+# ---------------------------------------------------------------------------------- MQA logits
+
+
+def mqa_inputs(seq_lens, H=64, D=128, seed=0, device="cpu"):
+    """Unquantised q, k, w (Hadamard-rotated, as the indexer feeds them), their FP8 forms with the
+    q scale folded into w, and causal ks/ke for the packed prefills."""
+    g = torch.Generator().manual_seed(seed)
+    S = sum(seq_lens)
+    q = rotate_activation(torch.randn(S, H, D, generator=g))
+    k = rotate_activation(torch.randn(S, D, generator=g))
+    w = torch.randn(S, H, generator=g)
+    q_fp8, q_scale = fp8.act_quant(q, block_size=D)
+    k_fp8, k_scale = fp8.act_quant(k, block_size=D)
+    w_fp8 = w * q_scale.squeeze(-1)  # ReLU(s x) = s ReLU(x) for s > 0: the q scale joins w
+    ks, ke = fp8.causal_ks_ke(seq_lens)
+    put = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    return dict(raw=put(q, k, w), fp8=put(q_fp8, k_fp8, k_scale.squeeze(-1), w_fp8), ks=ks.to(device),
+                ke=ke.to(device))
+
+
+def loop_logits(q, k, k_scale, w, ks, ke):
+    """The formula with Python loops over i and j, float64."""
+    S_q, S_k = q.shape[0], k.shape[0]
+    out = torch.full((S_q, S_k), float("-inf"), dtype=torch.float64)
+    for i in range(S_q):
+        for j in range(int(ks[i]), int(ke[i])):
+            scores = q[i].double() @ (k[j].double() * float(k_scale[j]))  # [H]
+            out[i, j] = (w[i].double() * scores.clamp(min=0)).sum()
+    return out
+
+
+def test_causal_ks_ke():
+    ks, ke = fp8.causal_ks_ke([3, 2])
+    assert ks.tolist() == [0, 0, 0, 3, 3] and ke.tolist() == [1, 2, 3, 4, 5] and ks.dtype == torch.int32
+
+
+def test_mqa_logits_reference_matches_loops():
+    data = mqa_inputs([5, 9], H=4, D=32)
+    q, k, k_scale, w = data["fp8"]
+    ks, ke = data["ks"].clone(), data["ke"].clone()
+    ks[3], ke[3] = 1, 1  # an empty row
+    ke[7] = 14  # a non-causal range
+    out = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke, query_chunk=3)
+    compare.assert_close(out, loop_logits(q, k, k_scale, w, ks, ke), atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(out[3]).all()
+
+
+def test_fp8_logits_close_to_unquantised_logits():
+    # DeepGEMM's acceptance test: FP8 inputs against the higher-precision reference on the
+    # unquantised inputs, calc_diff < 1e-3 (e4m3 rounds each value by up to 2^-4 relative)
+    data = mqa_inputs([40, 57], H=64)
+    q, k, w = data["raw"]
+    ref = fp8.mqa_logits_reference(q, (k, torch.ones(k.shape[0])), w, data["ks"], data["ke"])
+    out = fp8.mqa_logits(*data["fp8"][:1], tuple(data["fp8"][1:3]), data["fp8"][3], data["ks"], data["ke"])
+    result = compare.assert_close(out, ref, atol=float("inf"), max_calc_diff=1e-3)
+    assert result.inf_pattern_ok and result.calc_diff > 0  # it is an approximation, and the mask is exact
+
+
+def test_mqa_logits_accepts_scale_column():
+    data = mqa_inputs([7], H=4, D=32)
+    q, k, k_scale, w = data["fp8"]
+    a = fp8.mqa_logits(q, (k, k_scale), w, data["ks"], data["ke"])
+    b = fp8.mqa_logits(q, (k, k_scale.unsqueeze(-1)), w, data["ks"], data["ke"])
+    assert torch.equal(a, b)
+
+
+def _bad_mqa(**change):
+    data = mqa_inputs([6, 4], H=64)
+    q, k, k_scale, w = data["fp8"]
+    args = dict(q=q, kv=(k, k_scale), weights=w, ks=data["ks"], ke=data["ke"])
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ks=torch.tensor([0, 0, 0, 0, 0, 0, 6, 6, 10, 6], dtype=torch.int32)), "ks must be <= ke"),
+    (dict(ke=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 11], dtype=torch.int32)), "ke must be <= 10"),
+    (dict(ks=torch.full((10,), -1, dtype=torch.int32)), "ks must be >= 0"),
+    (dict(ks=torch.zeros(10, dtype=torch.int64)), "ks must be int32"),
+    (dict(weights=torch.randn(10, 64).double()), "weights must be float32"),
+    (dict(weights=torch.randn(10, 32)), "H = 32"),
+    (dict(kv=(torch.randn(10, 64), torch.ones(10))), "D = 64"),
+    (dict(kv=(torch.randn(10, 128),)), "pair"),
+])
+def test_mqa_logits_rejects_bad_input(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fp8.mqa_logits_reference(**_bad_mqa(**change))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(), "must be on a CUDA device"),
+    (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
+])
+def test_mqa_logits_cuda_checks_before_launch(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fp8.mqa_logits_cuda(**_bad_mqa(**change))
+
+
+def test_mqa_logits_cuda_rejects_unsupported_heads_and_head_dim():
+    data = mqa_inputs([6], H=16, D=128)
+    q, k, k_scale, w = data["fp8"]
+    with pytest.raises(ValueError, match="supports H in"):
+        fp8.check_mqa_logits_inputs(q, (k, k_scale), w, data["ks"], data["ke"], cuda=True)
+    data = mqa_inputs([6], H=64, D=64)
+    q, k, k_scale, w = data["fp8"]
+    with pytest.raises(ValueError, match="supports head_dim"):
+        fp8.check_mqa_logits_inputs(q, (k, k_scale), w, data["ks"], data["ke"], cuda=True)
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [128, 32, 192])
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", None])
+def test_act_quant_cuda_is_bit_exact(dtype, block_size, scale_fmt):
+    x = (with_outliers((37, 3, 4 * 192), seed=5, scale=3.0)).to(dtype)
+    x[0, 0] = 0  # an all-zero block: the 1e-4 floor
+    x[1, 1, :block_size] = 1e-30  # a block of tiny values
+    ref_q, ref_s = fp8.act_quant_reference(x, block_size, scale_fmt)
+    x_cuda = x.cuda()
+    out_q, out_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt)
+    assert torch.equal(out_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))  # every byte
+    assert torch.equal(out_s.cpu(), ref_s)
+    # the reference gives the same bits on the GPU (true division there too, see block_scales)
+    gpu_q, gpu_s = fp8.act_quant_reference(x_cuda, block_size, scale_fmt)
+    assert torch.equal(gpu_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(gpu_s.cpu(), ref_s)
+    # act_quant dispatches to the kernel for CUDA tensors
+    again_q, again_s = fp8.act_quant(x_cuda, block_size, scale_fmt)
+    assert torch.equal(again_q.view(torch.uint8), out_q.view(torch.uint8)) and torch.equal(again_s, out_s)
+
+
+def _ragged_ranges(S_q, S_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.randint(0, S_k, (S_q,), generator=g)
+    ke = torch.minimum(ks + torch.randint(0, 300, (S_q,), generator=g), torch.tensor(S_k))
+    ks[::17] = ke[::17]  # some empty rows
+    return ks.int(), ke.int()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("kernel", ["tensor_core", "naive"])
+@pytest.mark.parametrize("ranges", ["causal", "ragged"])
+def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
+    seq_lens = [1, 37, 130, 66, 7]  # S = 241: not a multiple of 12 queries or 64 keys
+    data = mqa_inputs(seq_lens, H=H, seed=6)
+    q, k, k_scale, w = data["fp8"]
+    ks, ke = (data["ks"], data["ke"]) if ranges == "causal" else _ragged_ranges(241, 241, 7)
+    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)  # float64 on the same FP8 values
+    cuda = [t.cuda() for t in (q, k, k_scale, w, ks, ke)]
+    out = compare.poisoned((241, 241), torch.float32, "cuda")
+    fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], cuda[4], cuda[5], kernel=kernel, out=out)
+    # FP8 products are exact in float32; what remains is float32 accumulation over D = 128 and
+    # H heads, ~1e-6 of the magnitudes summed; 1e-3 of max|logit| leaves room for a tensor core
+    # accumulating with fewer bits, and calc_diff 1e-6 is 1000x below DeepGEMM's bar.
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} logits")
+    # and DeepGEMM's acceptance test against the unquantised inputs (causal ranges only)
+    if ranges == "causal":
+        q_raw, k_raw, w_raw = data["raw"]
+        ref_raw = fp8.mqa_logits_reference(q_raw, (k_raw, torch.ones(241)), w_raw, ks, ke)
+        compare.assert_close(out, ref_raw, atol=float("inf"), max_calc_diff=1e-3, name="logits vs unquantised")
+
+
+@pytest.mark.gpu
+def test_mqa_logits_cuda_unclean_defines_the_visible_part():
+    data = mqa_inputs([100, 29], H=64, seed=8)
+    q, k, k_scale, w = (t.cuda() for t in data["fp8"])
+    ks, ke = data["ks"].cuda(), data["ke"].cuda()
+    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke).cpu()
+    out = compare.poisoned((129, 129), torch.float32, "cuda")
+    fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, clean_logits=False, out=out)
+    visible = torch.isfinite(ref)
+    scale = ref[visible].abs().max().item()
+    compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+@pytest.mark.gpu
+def test_mqa_logits_cuda_longer_key_side():
+    # S_k > S_q: queries are the last 150 positions of a 700-key context (offset causal ranges)
+    g = torch.Generator().manual_seed(9)
+    q, q_s = fp8.act_quant(rotate_activation(torch.randn(150, 64, 128, generator=g)))
+    k, k_s = fp8.act_quant(rotate_activation(torch.randn(700, 128, generator=g)))
+    w = torch.randn(150, 64, generator=g) * q_s.squeeze(-1)
+    ks = torch.zeros(150, dtype=torch.int32)
+    ke = torch.arange(551, 701, dtype=torch.int32)
+    ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
+    out = fp8.mqa_logits(q.cuda(), (k.cuda(), k_s.squeeze(-1).cuda()), w.cuda(), ks.cuda(), ke.cuda())
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+@pytest.mark.gpu
+def test_mqa_logits_cuda_rejects_bad_input_before_launch():
+    args = _bad_mqa()
+    cuda = dict(q=args["q"].cuda(), kv=(args["kv"][0].cuda(), args["kv"][1].cuda()), weights=args["weights"].cuda(),
+                ks=args["ks"].cuda(), ke=args["ke"].cuda())
+    with pytest.raises(ValueError, match="ks must be <= ke"):
+        fp8.mqa_logits_cuda(**{**cuda, "ks": cuda["ke"] + 1})
+    with pytest.raises(ValueError, match="ke must be <="):
+        fp8.mqa_logits_cuda(**{**cuda, "ke": cuda["ke"] + 5})
+    with pytest.raises(ValueError, match="contiguous"):
+        fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()})

@@ -1,0 +1,263 @@
+"""paged: the fused FP8 key cache, the schedule metadata and the paged logits
+(reference and cuda/fp8_paged_mqa_logits.cu)."""
+import pytest
+import torch
+
+from dsa_tutorial import compare, fp8, paged
+from dsa_tutorial.hadamard import rotate_activation
+
+
+def make_batch(context_lens, next_n=1, H=64, D=128, extra_blocks=3, max_blocks=None, seed=0):
+    """Random rotated keys and queries, quantised; keys stored in a cache whose physical blocks are
+    a random permutation; unused block-table entries are -1."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(context_lens)
+    n_blocks = [(c + 63) // 64 for c in context_lens]
+    max_blocks = max_blocks or max(max(n_blocks), 1) + 1
+    num_blocks = sum(n_blocks) + extra_blocks
+    physical = torch.randperm(num_blocks, generator=g)
+    block_table = torch.full((B, max_blocks), -1, dtype=torch.int32)
+    kv_cache = paged.new_kv_cache(num_blocks, D)
+    kv_cache.view(torch.uint8).random_(0, 256, generator=g)  # garbage (NaN bytes too) where nothing is stored
+    keys, used = [], 0
+    for b, c in enumerate(context_lens):
+        block_table[b, : n_blocks[b]] = physical[used: used + n_blocks[b]].int()
+        used += n_blocks[b]
+        k_raw = rotate_activation(torch.randn(c, D, generator=g))
+        k_fp8, k_scale = fp8.act_quant(k_raw, block_size=D)
+        pos = torch.arange(c)
+        paged.store_kv(kv_cache, k_fp8, k_scale, block_table[b, pos // 64].long() * 64 + pos % 64)
+        keys.append((k_raw, k_fp8, k_scale.squeeze(-1)))
+    q_raw = rotate_activation(torch.randn(B, next_n, H, D, generator=g))
+    q_fp8, q_scale = fp8.act_quant(q_raw, block_size=D)
+    w_raw = torch.randn(B * next_n, H, generator=g)
+    w = w_raw * q_scale.reshape(B * next_n, H)
+    context_lens = torch.tensor(context_lens, dtype=torch.int32)
+    return dict(q=q_fp8, kv_cache=kv_cache, weights=w, context_lens=context_lens, block_table=block_table,
+                keys=keys, q_raw=q_raw, w_raw=w_raw)
+
+
+def dense_logits(batch, next_n, raw=False):
+    """The formula straight from the dense keys (not through the cache), float64."""
+    B = len(batch["keys"])
+    width = int(batch["context_lens"].max()) if B else 0
+    out = torch.full((B * next_n, width), float("-inf"), dtype=torch.float64)
+    for b, (k_raw, k_fp8, k_scale) in enumerate(batch["keys"]):
+        c = k_raw.shape[0]
+        k = k_raw.double() if raw else k_fp8.double() * k_scale.double().unsqueeze(-1)  # [c, D]
+        for j in range(next_n):
+            row = b * next_n + j
+            q = batch["q_raw"][b, j].double() if raw else batch["q"][b, j].double()  # [H, D]
+            w = batch["w_raw"][row].double() if raw else batch["weights"][row].double()  # [H]
+            visible = max(c - next_n + j + 1, 0)  # p <= c - next_n + j
+            out[row, :visible] = ((q @ k[:visible].T).clamp(min=0) * w.unsqueeze(-1)).sum(0)
+    return out
+
+
+def call_args(batch, num_sms=5, max_context_len=None, device="cpu"):
+    ctx = batch["context_lens"]
+    max_context_len = max_context_len if max_context_len is not None else int(ctx.max())
+    meta = paged.paged_mqa_logits_metadata(ctx, 64, num_sms)
+    args = (batch["q"], batch["kv_cache"], batch["weights"], ctx, batch["block_table"], meta)
+    return tuple(t.to(device) for t in args) + (max_context_len,)
+
+
+# ---------------------------------------------------------------------------------- cache layout
+
+
+def test_fused_layout_values_then_scales():
+    kv_cache = paged.new_kv_cache(3, 128)
+    assert kv_cache.shape == (3, 64, 1, 132) and paged.kv_cache_block_bytes(128) == 8448
+    k_fp8, k_scale = fp8.act_quant(torch.randn(2, 128) * 5)
+    paged.store_kv(kv_cache, k_fp8, k_scale, torch.tensor([2 * 64 + 5, 0 * 64 + 63]))
+    block2 = kv_cache[2].reshape(-1)  # the 8448 bytes of physical block 2
+    assert torch.equal(block2[5 * 128: 6 * 128], k_fp8[0].view(torch.uint8))  # values of slot 5
+    assert torch.equal(block2[64 * 128 + 4 * 5: 64 * 128 + 4 * 6].view(torch.float32), k_scale[0])  # its scale
+    block0 = kv_cache[0].reshape(-1)
+    assert torch.equal(block0[63 * 128: 64 * 128], k_fp8[1].view(torch.uint8))
+    assert torch.equal(block0[8444:8448].view(torch.float32), k_scale[1])
+    assert int(kv_cache[1].count_nonzero()) == 0  # nothing else written
+
+
+def test_gather_returns_what_was_stored():
+    batch = make_batch([130, 5])
+    for b, (_, k_fp8, k_scale) in enumerate(batch["keys"]):
+        c = k_fp8.shape[0]
+        got_fp8, got_scale = paged.gather_kv(batch["kv_cache"], batch["block_table"][b, : (c + 63) // 64], c)
+        assert torch.equal(got_fp8.view(torch.uint8), k_fp8.view(torch.uint8))
+        assert torch.equal(got_scale, k_scale)
+
+
+def test_store_rejects_bad_slots():
+    kv_cache = paged.new_kv_cache(2, 128)
+    k_fp8, k_scale = fp8.act_quant(torch.randn(1, 128))
+    with pytest.raises(ValueError, match="slots must be <= 127"):
+        paged.store_kv(kv_cache, k_fp8, k_scale, torch.tensor([128]))
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+def schedule_by_loops(context_lens, num_sms, split=256):
+    """DeepGEMM's metadata kernel, spelled out with loops."""
+    num_segs = [(c + split - 1) // split for c in context_lens]
+    prefix, total = [], 0
+    for n in num_segs:
+        total += n
+        prefix.append(total)
+    q, r = divmod(total, num_sms)
+    rows = []
+    for s in range(num_sms + 1):
+        start = s * q + min(s, r)
+        b = next((i for i, p in enumerate(prefix) if p > start), len(context_lens))
+        rows.append([b, start - (prefix[b - 1] if b > 0 else 0)])
+    return rows
+
+
+@pytest.mark.parametrize("context_lens, num_sms", [([1, 256, 257, 0, 5000, 33], 4), ([32768] * 7, 132),
+                                                   ([0, 0, 3], 2), ([700], 1), ([10, 20], 9)])
+def test_metadata_matches_the_loop_algorithm(context_lens, num_sms):
+    meta = paged.paged_mqa_logits_metadata(torch.tensor(context_lens, dtype=torch.int32), 64, num_sms)
+    assert meta.dtype == torch.int32 and meta.shape == (num_sms + 1, 2)
+    assert meta.tolist() == schedule_by_loops(context_lens, num_sms)
+    assert meta[-1].tolist() == [len(context_lens), 0]
+
+
+def test_metadata_spreads_segments_evenly():
+    context_lens = torch.tensor([100, 9000, 0, 3000, 65536, 1], dtype=torch.int32)
+    meta = paged.paged_mqa_logits_metadata(context_lens, 64, 17)
+    num_segs = ((context_lens.long() + 255) // 256).tolist()
+    offsets = [0]
+    for n in num_segs:
+        offsets.append(offsets[-1] + n)
+    flat = [offsets[b] + s for b, s in meta.tolist()]  # each row as a global segment index
+    shares = [b - a for a, b in zip(flat, flat[1:])]
+    assert sum(shares) == offsets[-1] and max(shares) - min(shares) <= 1
+
+
+def test_metadata_rejects_bad_input():
+    with pytest.raises(ValueError, match="context_lens must be >= 0"):
+        paged.paged_mqa_logits_metadata(torch.tensor([-1], dtype=torch.int32), 64, 4)
+    with pytest.raises(ValueError, match="num_sms"):
+        paged.paged_mqa_logits_metadata(torch.tensor([1], dtype=torch.int32), 64, 0)
+    with pytest.raises(TypeError, match="int32"):
+        paged.paged_mqa_logits_metadata(torch.tensor([1]), 64, 4)
+
+
+# ---------------------------------------------------------------------------------- paged logits
+
+
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_paged_reference_matches_dense_formula(next_n):
+    batch = make_batch([1, 64, 65, 200, 0, 2], next_n=next_n, H=4, D=32, seed=next_n)
+    args = call_args(batch, num_sms=3, max_context_len=210)
+    out = paged.paged_mqa_logits(*args)  # CPU: the reference
+    expected = torch.full((6 * next_n, 210), float("-inf"), dtype=torch.float64)
+    expected[:, :200] = dense_logits(batch, next_n)
+    compare.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if next_n == 2:  # draft 0 of a batch sees one position less than draft 1
+        assert torch.isneginf(out[2 * 3, 199]) and torch.isfinite(out[2 * 3 + 1, 199])
+
+
+def test_paged_fp8_close_to_unquantised():
+    batch = make_batch([300, 77, 129], next_n=2, H=64, seed=3)
+    out = paged.paged_mqa_logits(*call_args(batch))
+    compare.assert_close(out, dense_logits(batch, 2, raw=True), atol=float("inf"), max_calc_diff=1e-3)
+
+
+def _bad_paged(**change):
+    batch = make_batch([70, 10], next_n=1, H=64, seed=4)
+    q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=2)
+    args = dict(q=q, kv_cache=kv_cache, weights=w, context_lens=ctx, block_table=bt, schedule_meta=meta,
+                max_context_len=max_len)
+    args.update(change)
+    return args
+
+
+def _table(*rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.zeros(2, 3, 64, 128).to(torch.float8_e4m3fn), weights=torch.randn(6, 64)), "next_n"),
+    (dict(context_lens=torch.tensor([70, 10], dtype=torch.int32), max_context_len=60), "context_lens must be <= 60"),
+    (dict(context_lens=torch.tensor([70, 200], dtype=torch.int32), max_context_len=200), "needs 4 blocks"),
+    (dict(block_table=_table([0, 1, -1], [-2, -1, -1])), "block id -2"),
+    (dict(block_table=_table([0, 1, -1], [99, -1, -1])), "block id 99"),
+    (dict(context_lens=torch.tensor([70, 10])), "context_lens must be int32"),
+    (dict(block_table=_table([0, 1, -1], [2, -1, -1]).long()), "block_table must be int32"),
+    (dict(weights=torch.randn(2, 64).bfloat16()), "weights must be float32"),
+    (dict(kv_cache=torch.zeros(5, 64, 1, 68, dtype=torch.uint8)), "D = 64"),
+    (dict(kv_cache=torch.zeros(5, 32, 1, 132, dtype=torch.uint8)), "kv_cache"),
+    (dict(schedule_meta=torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)), "schedule_meta does not match"),
+    (dict(max_context_len=70.0), "max_context_len"),
+])
+def test_paged_rejects_bad_input(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        paged.paged_mqa_logits_reference(**_bad_paged(**change))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(), "must be on a CUDA device"),
+    (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
+])
+def test_paged_cuda_checks_before_launch(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        paged.paged_mqa_logits_cuda(**_bad_paged(**change))
+
+
+def test_paged_cuda_rejects_unsupported_heads():
+    batch = make_batch([70, 10], H=16, seed=5)
+    q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch)
+    with pytest.raises(ValueError, match="supports H in"):
+        paged.check_paged_inputs(q, kv_cache, w, ctx, bt, meta, max_len, cuda=True)
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("num_sms", [1, 7, "device"])
+def test_paged_cuda_matches_reference(next_n, H, num_sms):
+    context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513]  # partial blocks, an empty context, 256-token edges
+    batch = make_batch(context_lens, next_n=next_n, H=H, seed=10 + next_n)
+    num_sms = paged.schedule_size() if num_sms == "device" else num_sms
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
+    max_len = 1029  # wider than any context: the clean fill must reach the end of every row
+    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
+    out = compare.poisoned((len(context_lens) * next_n, max_len), torch.float32, "cuda")
+    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out)
+    # same tolerance and reasoning as test_fp8.test_mqa_logits_cuda_matches_reference
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name="paged logits")
+    raw = torch.full_like(ref, float("-inf"), dtype=torch.float64)
+    raw[:, :1000] = dense_logits(batch, next_n, raw=True)
+    compare.assert_close(out, raw, atol=float("inf"), max_calc_diff=1e-3, name="paged logits vs unquantised")
+
+
+@pytest.mark.gpu
+def test_paged_cuda_unclean_defines_context_positions():
+    batch = make_batch([129, 7, 256], next_n=2, H=64, seed=20)
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=4, device="cuda")
+    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), 300)
+    out = compare.poisoned((6, 300), torch.float32, "cuda")
+    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 300, False, out=out)
+    out = out.cpu()
+    for b, c in enumerate([129, 7, 256]):  # p < context_len is defined: values and -inf alike
+        rows = slice(2 * b, 2 * b + 2)
+        scale = ref[rows, :c][torch.isfinite(ref[rows, :c])].abs().max().item()
+        compare.assert_close(out[rows, :c], ref[rows, :c], atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+@pytest.mark.gpu
+def test_paged_dispatch_and_errors_on_gpu():
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_paged().items()}
+    out = paged.paged_mqa_logits(*args.values())
+    assert out.is_cuda and out.shape == (2, 70)
+    with pytest.raises(ValueError, match="block id"):
+        paged.paged_mqa_logits(**{**args, "block_table": _table([0, 1, -1], [-5, -1, -1]).cuda()})
+    with pytest.raises(ValueError, match="schedule_meta does not match"):
+        paged.paged_mqa_logits(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
+            torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
