@@ -6,8 +6,9 @@ Cases (one `bench.report` line each; FLOPs count a multiply-add as two):
 * torch baseline: bf16 GEMM per 1024-query chunk (q [c H, D] @ k^T), ReLU, times w, sum over heads,
   full T x S (SPEC section 9 measured 24.1 ms = 46 TFLOP/s for this one).
 * kernel 3 (mma.sync, bf16 in, float32 accumulate) at T = S = 8192, H = 64, D = 128, both tile widths
-  (mma: 64 x 128, mma_wide: 64 x 256): full, and causal (masked tiles skipped; FLOPs of the causal
-  pairs only; the baseline is still the full torch computation).
+  (mma: 64 x 128, mma_wide: 64 x 256), and kernel 4 (mma_keys: the keys in registers, the queries
+  streamed with ldmatrix): full, and causal (masked tiles skipped; FLOPs of the causal pairs only;
+  the baseline is still the full torch computation).
 * kernels 1 and 2 (naive, tiled) at T = S = 2048 (a sixteenth of the work), to show the progression.
 Every rate is quoted against the bf16 GEMM ceiling measured in the same run (torch.matmul 8192^3).
 """
@@ -56,27 +57,26 @@ def main() -> None:
     causal = 2 * causal_pairs(T) * H * D
     base = bench.benchmark(torch_logits, make_inputs(T, S), warmup=1, reps=5)
     print(bench.report(f"torch bf16 chunks      T=S={T} full  ", base, flops=full, ceiling_tflops=ceilings.bf16_tflops))
-    mma = bench.benchmark(lambda q, w, k: index_scores_cuda(q, w, k, "mma"), make_inputs(T, S), warmup=3, reps=20)
-    print(bench.report(f"kernel 3 mma           T=S={T} full  ", mma, flops=full,
-                       ceiling_tflops=ceilings.bf16_tflops, baseline=base))
-    wide = bench.benchmark(lambda q, w, k: index_scores_cuda(q, w, k, "mma_wide"), make_inputs(T, S), warmup=3,
-                           reps=20)
-    print(bench.report(f"kernel 3 mma_wide      T=S={T} full  ", wide, flops=full,
-                       ceiling_tflops=ceilings.bf16_tflops, baseline=base))
-    for kernel in ("mma", "mma_wide"):
+    labels = {"mma": "kernel 3 mma     ", "mma_wide": "kernel 3 mma_wide", "mma_keys": "kernel 4 mma_keys"}
+    for kernel, label in labels.items():
+        timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel),
+                                 make_inputs(T, S), warmup=3, reps=20)
+        print(bench.report(f"{label}      T=S={T} full  ", timing, flops=full,
+                           ceiling_tflops=ceilings.bf16_tflops, baseline=base))
+    for kernel, label in labels.items():
         timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel, causal=True),
                                  make_inputs(T, S), warmup=3, reps=20)
-        print(bench.report(f"kernel 3 {kernel:<8}      T=S={T} causal", timing, flops=causal,
+        print(bench.report(f"{label}      T=S={T} causal", timing, flops=causal,
                            ceiling_tflops=ceilings.bf16_tflops, baseline=base))
     small = 2048
     small_flops = 2 * small * small * H * D
     small_base = bench.benchmark(torch_logits, make_inputs(small, small), warmup=1, reps=5)
     print(bench.report(f"torch bf16 chunks      T=S={small} full  ", small_base, flops=small_flops,
                        ceiling_tflops=ceilings.bf16_tflops))
-    for kernel in ("naive", "tiled", "mma"):
+    for number, kernel in enumerate(("naive", "tiled", "mma", "mma_keys"), start=1):
         timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel),
                                  make_inputs(small, small), warmup=1, reps=5)
-        print(bench.report(f"kernel {'123'[('naive', 'tiled', 'mma').index(kernel)]} {kernel:<5}          T=S={small} full  ",
+        print(bench.report(f"kernel {number} {kernel:<8}       T=S={small} full  ",
                            timing, flops=small_flops, ceiling_tflops=ceilings.bf16_tflops, baseline=small_base))
 
 

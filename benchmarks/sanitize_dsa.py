@@ -20,13 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsa_tutorial import compare  # noqa: E402
-from dsa_tutorial.indexer import causal_index_mask, index_scores, index_scores_cuda  # noqa: E402
+from dsa_tutorial.indexer import INDEXER_KERNELS, causal_index_mask, index_scores, index_scores_cuda  # noqa: E402
 from dsa_tutorial.sparse_attention import sparse_mla_attention, sparse_mla_decode_cuda  # noqa: E402
-from dsa_tutorial.topk import select_topk, select_topk_cuda  # noqa: E402
+from dsa_tutorial.topk import TOPK_KERNELS, select_topk, select_topk_cuda  # noqa: E402
 
 
 def check_indexer() -> None:
-    for T, S, H, D, causal in [(70, 150, 3, 48, True), (9, 133, 5, 16, False)]:
+    for T, S, H, D, causal in [(70, 150, 3, 48, True), (9, 133, 5, 16, False), (70, 333, 9, 128, True),
+                               (9, 270, 5, 128, False)]:
         q = torch.randn(T, H, D, device="cuda").to(torch.bfloat16)
         k = torch.randn(S, D, device="cuda").to(torch.bfloat16)
         w = torch.randn(T, H, device="cuda")
@@ -34,26 +35,34 @@ def check_indexer() -> None:
         if causal:
             ref = ref.masked_fill(~causal_index_mask(T, S, ref.device), float("-inf"))
         scale = ref[torch.isfinite(ref)].abs().max().item()
-        for kernel in ("naive", "tiled", "mma", "mma_wide"):
+        for kernel in INDEXER_KERNELS:
+            if kernel == "mma_keys" and D != 128:  # kernel 4 is compiled for D = 128 only
+                continue
             out = index_scores_cuda(q, w, k, kernel=kernel, causal=causal)
             compare.assert_close(out, ref, atol=1e-5 * scale, rtol=1e-5, name=f"indexer_logits_{kernel}")
             print(f"indexer_logits_{kernel} T={T} S={S} H={H} D={D} causal={causal}: OK")
 
 
 def check_topk() -> None:
-    scores = torch.randint(-3, 4, (2, 45, 5000), device="cuda").float()
+    scores = torch.randint(-3, 4, (2, 45, 5001), device="cuda").float()  # S % 4 == 1: unaligned rows
     scores[..., 3::101] = float("nan")
     scores[..., 5::203] = float("-inf")
-    for k in (300, 1):
-        ref = select_topk(scores, k)  # causal: query t sees 4955 + t + 1 positions
-        out = compare.poisoned((2, 45, k), torch.int32)
-        out.copy_(select_topk_cuda(scores, k))
-        assert torch.equal(out, ref), f"topk k={k} differs"
-        print(f"topk_radix_select k={k}: OK")
-    short = torch.randn(5, 3000, device="cuda")
-    positions = torch.tensor([0, 17, 2999, 1000, 2046], device="cuda")
-    assert torch.equal(select_topk_cuda(short, 2048, positions), select_topk(short, 2048, positions))
-    print("topk_radix_select short rows: OK")
+    for kernel in TOPK_KERNELS:
+        for k in (300, 1):
+            ref = select_topk(scores, k)  # causal: query t sees 4956 + t + 1 positions
+            out = compare.poisoned((2, 45, k), torch.int32)
+            out.copy_(select_topk_cuda(scores, k, kernel=kernel))
+            assert torch.equal(out, ref), f"topk {kernel} k={k} differs"
+            print(f"topk {kernel} k={k}: OK")
+        short = torch.randn(5, 3000, device="cuda")
+        positions = torch.tensor([0, 17, 2999, 1000, 2046], device="cuda")
+        assert torch.equal(select_topk_cuda(short, 2048, positions, kernel=kernel), select_topk(short, 2048, positions))
+        print(f"topk {kernel} short rows: OK")
+    ties = torch.zeros(2, 30000, device="cuda")  # 30000 equal keys: kernel 2's list overflows, it falls back
+    ties[1, 7::5] = 1.0
+    for kernel in TOPK_KERNELS:
+        assert torch.equal(select_topk_cuda(ties, 2048, kernel=kernel), select_topk(ties, 2048))
+        print(f"topk {kernel} long ties: OK")
 
 
 def check_sparse_mla() -> None:

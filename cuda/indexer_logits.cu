@@ -8,7 +8,8 @@
 //   out  float32  [T, S]      the logits; with `causal`, query t is the token at slot S - T + t
 //                             and out[t, s] = -inf for s > S - T + t
 //
-// D is a multiple of 16, at most 256 (asserted by the Python loader, index_scores_cuda).
+// D is a multiple of 16, at most 256 (asserted by the Python loader, index_scores_cuda); kernel 4
+// takes D = 128 only.
 //
 // The progression, each kernel a complete answer, each faster than the last:
 //   kernel 1  indexer_logits_naive  one thread per logit; q and k re-read from global memory for
@@ -21,6 +22,12 @@
 //             weight w[t, h] are applied to the accumulators in registers, and the sum over heads
 //             stays in registers too. The key tile is loaded once (cp.async) and the query tile of
 //             head h + 1 is loaded while head h computes (double buffering).
+//   kernel 4  indexer_logits_mma_keys  tensor cores with the roles turned around: the keys are the A
+//             operand, held in registers for all H heads (kernel 3 re-reads them from shared memory
+//             for every head); the queries of each head are the B operand, streamed through shared
+//             memory (cp.async, 8 heads a stage, two stages in flight) and read with ldmatrix. Each
+//             block covers 256 keys, so it reads its queries from L2 for 4 times as many keys as
+//             kernel 3. D = 128 only (the loader checks): the key fragments are 128 registers.
 #include <cuda_bf16.h>
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -276,4 +283,196 @@ indexer_logits_mma_wide(const __nv_bfloat16* __restrict__ q, const float* __rest
                         const __nv_bfloat16* __restrict__ k, float* __restrict__ out, int T, int S, int H, int D,
                         int causal) {
     indexer_logits_mma_body<4>(q, w, k, out, T, S, H, D, causal);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel 4: the keys stay in registers. Kernel 3 re-reads its key fragments from shared memory for
+// every head, although the keys are the same for all H heads. Here the roles turn around: the keys
+// are the A operand (M = keys), held in registers for the whole block, and the queries of each head
+// are the B operand (N = queries), streamed through shared memory with ldmatrix:
+//
+//   dot[s, t] = sum_d K[s, d] Q_h[t, d]   A = K tile [16 keys x 16 d] (registers, loaded once)
+//                                         B = Q_h^T [16 d x 8 queries] (ldmatrix from shared memory)
+//
+// Block: 4 warps, 256 keys (64 a warp: 4 m16 tiles x 8 k-steps x 4 registers = 128 registers of
+// keys) and 64 queries, taken 16 at a time (a "pass": 2 n8 tiles). For each pass the queries of
+// all heads stream through shared memory, KEYS_STAGE_H heads a cp.async stage, two stages in
+// flight; the weights w[t, h] are read one head ahead. Every query byte read from shared memory
+// serves 64 keys (kernel 3: 32 or 64), and each block reads the queries of its 64 rows once for
+// 256 keys: a quarter of kernel 3's L2 traffic. D is fixed at 128 (the DSA head dim).
+#define KEYS_D 128                           // head dim kernel 4 is compiled for: 8 k-steps of 16
+#define KEYS_WARPS 4
+#define KEYS_PER_WARP 64                     // keys per warp: 4 m16 tiles
+#define KEYS_S (KEYS_WARPS * KEYS_PER_WARP)  // keys per block
+#define KEYS_T 64                            // queries per block
+#define KEYS_PASS_T 16                       // queries per pass: 2 n8 tiles
+#define KEYS_STAGE_H 8                       // heads per cp.async stage
+#define KEYS_ROW (KEYS_D + MMA_PAD)          // bf16 per shared row (272 bytes: ldmatrix rows in distinct banks)
+
+// The same mma as mma_bf16_16816, but not volatile: the compiler may interleave it with the loads.
+__device__ __forceinline__ void mma_bf16_16816_free(float* acc, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 bf16 matrices from shared memory; lanes 8j .. 8j + 7 give the row addresses of matrix j,
+// and register j of lane l receives row l / 4, columns 2 (l % 4), 2 (l % 4) + 1 of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const __nv_bfloat16* row_address) {
+    const unsigned address = (unsigned)__cvta_generic_to_shared(row_address);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// Stage the queries t0 .. t0 + 15 of heads h0 .. h0 + KEYS_STAGE_H - 1 into buffer[hh][t - t0][:].
+// Rows with t >= T or h >= H are zeros (cp.async with src-size 0 reads nothing).
+__device__ __forceinline__ void stage_query_heads(__nv_bfloat16* buffer, const __nv_bfloat16* __restrict__ q, int t0,
+                                                  int h0, int T, int H) {
+    constexpr int chunks = KEYS_D / 8;  // 16-byte chunks per row
+    for (int i = threadIdx.x; i < KEYS_PASS_T * KEYS_STAGE_H * chunks; i += KEYS_WARPS * 32) {
+        // i = (r KEYS_STAGE_H + hh) chunks + cc: consecutive i are consecutive bytes of q[t0 + r]
+        const int cc = i % chunks, hh = (i / chunks) % KEYS_STAGE_H, r = i / (chunks * KEYS_STAGE_H);
+        const bool valid = t0 + r < T && h0 + hh < H;
+        const __nv_bfloat16* from = q + (valid ? ((size_t)(t0 + r) * H + h0 + hh) * KEYS_D + cc * 8 : 0);
+        cp_async_16(buffer + (hh * KEYS_PASS_T + r) * KEYS_ROW + cc * 8, from, valid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KEYS_WARPS * 32, 2)
+indexer_logits_mma_keys(const __nv_bfloat16* __restrict__ q, const float* __restrict__ w,
+                        const __nv_bfloat16* __restrict__ k, float* __restrict__ out, int T, int S, int H, int D,
+                        int causal) {
+    // two stages of KEYS_STAGE_H heads x KEYS_PASS_T queries x KEYS_ROW bf16 (D == KEYS_D, checked by the loader)
+    extern __shared__ __align__(16) __nv_bfloat16 keys_smem[];
+    constexpr int stage_elems = KEYS_STAGE_H * KEYS_PASS_T * KEYS_ROW;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c = lane % 4;  // fragment coordinates
+    const int s0 = blockIdx.x * KEYS_S, t0 = blockIdx.y * KEYS_T;
+    const int warp_s = s0 + warp * KEYS_PER_WARP;  // this warp's first key
+    const int t_end = min(t0 + KEYS_T, T);
+    if (D != KEYS_D) return;  // the loader never launches it so; a guard against reading rows of another length
+
+    if (causal && s0 > t_end - 1 + (S - T)) {  // every key of the tile is after every query: -inf, no work
+        for (int i = threadIdx.x; i < KEYS_T * KEYS_S; i += blockDim.x) {
+            const int t = t0 + i / KEYS_S, s = s0 + i % KEYS_S;
+            if (t < T && s < S) out[(size_t)t * S + s] = NEG_INF;
+        }
+        return;  // block-uniform, before any barrier
+    }
+
+    // A fragments of the warp's 64 keys, all of D, straight from global memory (zeros past S):
+    //   key[mi][kk] = K[warp_s + 16 mi .. + 15][16 kk .. 16 kk + 15] in the mma layout
+    //   [0] = K[g][2c, 2c+1]   [1] = K[g+8][2c, 2c+1]   [2] = K[g][2c+8, 2c+9]   [3] = K[g+8][2c+8, 2c+9]
+    unsigned key[4][KEYS_D / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+        const int s_top = warp_s + mi * 16 + g, s_bottom = s_top + 8;
+#pragma unroll
+        for (int kk = 0; kk < KEYS_D / 16; ++kk) {
+            const int d = kk * 16 + 2 * c;
+            key[mi][kk][0] = s_top < S ? load_pair(k + (size_t)s_top * KEYS_D + d) : 0u;
+            key[mi][kk][1] = s_bottom < S ? load_pair(k + (size_t)s_bottom * KEYS_D + d) : 0u;
+            key[mi][kk][2] = s_top < S ? load_pair(k + (size_t)s_top * KEYS_D + d + 8) : 0u;
+            key[mi][kk][3] = s_bottom < S ? load_pair(k + (size_t)s_bottom * KEYS_D + d + 8) : 0u;
+        }
+    }
+    // ldmatrix row addresses of this lane: matrix j = lane / 8 is queries 8 (j / 2) .. + 7, columns
+    // 8 (j % 2) .. + 7 of the k-step: registers b[0], b[1] = B fragment of n-tile 0, b[2], b[3] of n-tile 1
+    const int b_row = lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+    const int n_stages = (H + KEYS_STAGE_H - 1) / KEYS_STAGE_H;
+
+    for (int tp = t0; tp < t_end; tp += KEYS_PASS_T) {  // block-uniform
+        if (causal && s0 > min(tp + KEYS_PASS_T, T) - 1 + (S - T)) {  // this pass is fully masked
+            for (int i = threadIdx.x; i < KEYS_PASS_T * KEYS_S; i += blockDim.x) {
+                const int t = tp + i / KEYS_S, s = s0 + i % KEYS_S;
+                if (t < T && s < S) out[(size_t)t * S + s] = NEG_INF;
+            }
+            continue;
+        }
+        // w for this thread's queries tp + 8 ni + 2c + j, head h: zero past T (those rows are not stored)
+        float w_next[2][2];
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int t = tp + 8 * ni + 2 * c + j;
+                w_next[ni][j] = t < T ? __ldg(w + (size_t)t * H) : 0.f;
+            }
+        float logit[4][2][4];  // sum over heads of w ReLU(q . k): [key tile][query tile][fragment]
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) logit[mi][ni][e] = 0.f;
+
+        stage_query_heads(keys_smem, q, tp, 0, T, H);
+        cp_async_commit();
+        for (int st = 0; st < n_stages; ++st) {
+            if (st + 1 < n_stages) {  // prefetch the next stage into the other buffer
+                stage_query_heads(keys_smem + ((st + 1) % 2) * stage_elems, q, tp, (st + 1) * KEYS_STAGE_H, T, H);
+                cp_async_commit();
+                cp_async_wait<1>();  // everything but the newest group has landed: stage st is in
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            const __nv_bfloat16* stage = keys_smem + (st % 2) * stage_elems;
+#pragma unroll 2
+            for (int hh = 0; hh < KEYS_STAGE_H; ++hh) {
+                const int h = st * KEYS_STAGE_H + hh;
+                if (h >= H) break;  // block-uniform
+                float w_cur[2][2];
+#pragma unroll
+                for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        w_cur[ni][j] = w_next[ni][j];
+                        const int t = tp + 8 * ni + 2 * c + j;
+                        w_next[ni][j] = t < T && h + 1 < H ? __ldg(w + (size_t)t * H + h + 1) : 0.f;
+                    }
+                // dot[s, t] = K[s] . Q_h[t] for the warp's 64 keys x 16 queries
+                float dot[4][2][4];
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) dot[mi][ni][e] = 0.f;
+                const __nv_bfloat16* q_rows = stage + (hh * KEYS_PASS_T + b_row) * KEYS_ROW + b_col;
+#pragma unroll
+                for (int kk = 0; kk < KEYS_D / 16; ++kk) {
+                    unsigned b[4];
+                    ldmatrix_x4(b, q_rows + kk * 16);
+#pragma unroll
+                    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                        for (int ni = 0; ni < 2; ++ni)
+                            mma_bf16_16816_free(dot[mi][ni], key[mi][kk], b[2 * ni], b[2 * ni + 1]);
+                }
+                // I[t, s] += w[t, h] ReLU(dot[s, t]); fragment e is key g + 8 (e / 2), query 2c + (e % 2)
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) logit[mi][ni][e] += w_cur[ni][e % 2] * fmaxf(dot[mi][ni][e], 0.f);
+            }
+            __syncthreads();  // the buffer of stage st is refilled (with stage st + 2) next iteration
+        }
+        // store: fragment e of tile (mi, ni) is key warp_s + 16 mi + g + 8 (e / 2), query tp + 8 ni + 2c + (e % 2)
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int s = warp_s + mi * 16 + g + 8 * (e / 2);
+                    const int t = tp + ni * 8 + 2 * c + (e % 2);
+                    if (t < T && s < S)
+                        out[(size_t)t * S + s] = causal && s > t + (S - T) ? NEG_INF : logit[mi][ni][e];
+                }
+    }
 }

@@ -2,9 +2,9 @@
 //
 // Checked against dsa_tutorial.topk.select_topk, bit for bit: the same set, the same order.
 //
-//   topk_radix_select   scores float32 [rows, S], row_end int32 [rows] (one past the last visible
-//                       position of each row), out int32 [rows, k]: the selected positions in
-//                       increasing order, then -1 in the slots a short row leaves over.
+//   scores float32 [rows, S], row_end int32 [rows] (one past the last visible position of each
+//   row), out int32 [rows, k]: the selected positions in increasing order, then -1 in the slots a
+//   short row leaves over.
 //
 // The rules (module docstring of dsa_tutorial/topk.py):
 //   * candidates are the positions s < row_end whose score is not NaN; -inf is an ordinary score;
@@ -26,14 +26,26 @@
 //           A block-wide prefix sum over each chunk gives every selected element its output slot,
 //           so the output comes out in increasing position with no sort at all.
 //
-// Four reads of the row and no sort; torch.topk sorts its candidates. The histograms live in
-// shared memory (8 KiB) and are built with shared-memory atomics: a row of many equal scores makes
-// those atomics collide (the answer stays right, only slower).
+// The progression, each kernel a complete answer:
+//   kernel 1  topk_radix_select          the four passes above, each one a read of the whole row
+//             from global memory. Simple, but passes 2 and 3 read 131072 scores to look at the
+//             few thousand of bucket B1.
+//   kernel 2  topk_radix_select_compact  two reads of the row. Read 1 is pass 1 (float4 loads).
+//             Read 2 keeps, in position order, every key in bucket B1 or above (the selected keys
+//             and the few thousand whose fate passes 2-3 decide) with its position: a short list
+//             in shared memory. Passes 2, 3 and 4 then run on that list, not on the row.
+//             A row whose list does not fit (a long run of equal scores right at the threshold)
+//             falls back to kernel 1's four passes: the same answer, slower.
+//
+// No sort anywhere; torch.topk sorts its candidates. The histograms live in shared memory (8 KiB)
+// and are built with shared-memory atomics: a row of many equal scores makes those atomics
+// collide (the answer stays right, only slower).
 
 #define TOPK_THREADS 1024
 #define RADIX_BINS 2048  // 11-bit digits: bits 31..21, 20..10, then a 10-bit digit 9..0
 #define HIST_ITEMS 8     // scores in flight per thread in the histogram passes (memory parallelism)
 #define ITEMS 4          // scores per thread per chunk in the ordered pass
+#define LOADS 4          // kernel 2: float4 loads per thread per chunk (64 bytes in flight a thread)
 
 // Order-preserving map float32 -> uint32: key(a) < key(b) exactly when a < b. NaN -> 0, below
 // every number (the key of -inf is 0x007FFFFF), so a NaN is never a candidate.
@@ -47,44 +59,73 @@ __device__ __forceinline__ unsigned order_key(float score) {
 
 // Exclusive prefix sum over the block, in thread order; `total` gets the sum of all values.
 // Starts with a barrier so the shared scratch of the previous call has been read by everyone.
-__device__ __forceinline__ unsigned block_exclusive_scan(unsigned value, unsigned& total) {
-    __shared__ unsigned warp_totals[TOPK_THREADS / 32];
+template <typename T>
+__device__ __forceinline__ T block_exclusive_scan(T value, T& total) {
+    __shared__ T warp_totals[TOPK_THREADS / 32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     __syncthreads();
-    unsigned inclusive = value;
+    T inclusive = value;
     for (int offset = 1; offset < 32; offset <<= 1) {
-        const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        const T other = __shfl_up_sync(0xffffffffu, inclusive, offset);
         if (lane >= offset) inclusive += other;
     }
     if (lane == 31) warp_totals[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
-        unsigned warp_sum = warp_totals[lane];  // TOPK_THREADS / 32 == 32 warps: one per lane
+        T warp_sum = warp_totals[lane];  // TOPK_THREADS / 32 == 32 warps: one per lane
         for (int offset = 1; offset < 32; offset <<= 1) {
-            const unsigned other = __shfl_up_sync(0xffffffffu, warp_sum, offset);
+            const T other = __shfl_up_sync(0xffffffffu, warp_sum, offset);
             if (lane >= offset) warp_sum += other;
         }
         warp_totals[lane] = warp_sum;  // inclusive sums of the warp totals
     }
     __syncthreads();
     total = warp_totals[TOPK_THREADS / 32 - 1];
-    return inclusive - value + (warp > 0 ? warp_totals[warp - 1] : 0u);
+    return inclusive - value + (warp > 0 ? warp_totals[warp - 1] : T(0));
 }
 
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_end, int* __restrict__ out,
-                  int S, int k) {
-    __shared__ unsigned hist[RADIX_BINS];
-    __shared__ unsigned s_bin, s_above, s_candidates;
+// The bucket of a RADIX_BINS histogram where the running count from the top bucket reaches
+// `remaining` (1 <= remaining <= total; when remaining > total, `bin` is meaningless). Returns, the
+// same in every thread: the bucket, `above` (keys in higher buckets), `in_bin` (keys in the bucket)
+// and `total` (keys in all buckets). Barriers on entry (the histogram is complete) and on exit
+// (everyone has read the results: the histogram and the scratch may be rewritten).
+struct Bucket {
+    unsigned bin, above, in_bin, total;
+};
+__device__ __forceinline__ Bucket find_bucket(const unsigned* hist, unsigned remaining) {
+    __shared__ Bucket found;
     const int tid = threadIdx.x;
-    const float* row = scores + (size_t)blockIdx.x * S;
-    int* out_row = out + (size_t)blockIdx.x * k;
-    const int end = min(max(row_end[blockIdx.x], 0), S);  // positions [0, end) are visible
+    __syncthreads();
+    // thread t holds buckets 2047-2t and 2046-2t: thread order is descending bucket order, so the
+    // exclusive prefix sum of the per-thread counts is the number of keys in higher buckets
+    const int hi_bin = RADIX_BINS - 1 - 2 * tid, lo_bin = hi_bin - 1;
+    const unsigned c_hi = hist[hi_bin], c_lo = hist[lo_bin];
+    unsigned total;
+    const unsigned above = block_exclusive_scan(c_hi + c_lo, total);
+    if (tid == 0) found = Bucket{0u, 0u, 0u, total};
+    __syncthreads();  // found.total is written before the thread that holds the bucket writes the rest
+    if (above < remaining && remaining <= above + c_hi) {
+        found = Bucket{(unsigned)hi_bin, above, c_hi, total};
+    } else if (above + c_hi < remaining && remaining <= above + c_hi + c_lo) {
+        found = Bucket{(unsigned)lo_bin, above + c_hi, c_lo, total};
+    }
+    __syncthreads();
+    const Bucket result = found;
+    __syncthreads();
+    return result;
+}
 
+// ---------------------------------------------------------------------------------------------
+// kernel 1: four passes over the row in global memory. A device function, because kernel 2 falls
+// back to it; `hist` is RADIX_BINS words of shared memory.
+__device__ void select_four_passes(const float* __restrict__ row, int end, int* __restrict__ out_row, int k,
+                                   unsigned* hist) {
+    const int tid = threadIdx.x;
     // ---- passes 1-3: find the threshold key K and r, the number of keys == K to keep
     unsigned prefix = 0u, prefix_mask = 0u;  // the digits of K found so far, and where they are
     unsigned remaining = (unsigned)k;        // keys still to select at or below the current prefix
     bool take_all = false;                   // fewer than k candidates: select every one
+    unsigned n_candidates = 0u;
     for (int pass = 0; pass < 3; ++pass) {
         const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
         const unsigned digit_mask = pass == 2 ? 0x3FFu : 0x7FFu;
@@ -102,37 +143,21 @@ topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_
             for (int i = 0; i < HIST_ITEMS; ++i)
                 if (key[i] != 0u && (key[i] & prefix_mask) == prefix) atomicAdd(&hist[(key[i] >> shift) & digit_mask], 1u);
         }
-        __syncthreads();
-        // thread t holds buckets 2047-2t and 2046-2t: thread order is descending bucket order, so the
-        // exclusive prefix sum of the per-thread counts is the number of keys in higher buckets
-        const int hi_bin = RADIX_BINS - 1 - 2 * tid, lo_bin = hi_bin - 1;
-        const unsigned c_hi = hist[hi_bin], c_lo = hist[lo_bin];
-        unsigned total;
-        const unsigned above = block_exclusive_scan(c_hi + c_lo, total);
-        if (pass == 0 && tid == 0) s_candidates = total;
-        // the bucket where the running count from the top reaches `remaining`
-        if (above < remaining && remaining <= above + c_hi) {
-            s_bin = (unsigned)hi_bin;
-            s_above = above;
-        } else if (above + c_hi < remaining && remaining <= above + c_hi + c_lo) {
-            s_bin = (unsigned)lo_bin;
-            s_above = above + c_hi;
-        }
-        __syncthreads();
-        if (pass == 0 && s_candidates <= (unsigned)k) {  // block-uniform: every thread reads the same value
+        const Bucket bucket = find_bucket(hist, remaining);  // block-uniform
+        if (pass == 0) n_candidates = bucket.total;
+        if (pass == 0 && n_candidates <= (unsigned)k) {
             take_all = true;
             break;
         }
         // K starts with this bucket's digit; the keys in higher buckets are all selected
-        prefix |= s_bin << shift;
+        prefix |= bucket.bin << shift;
         prefix_mask |= digit_mask << shift;
-        remaining -= s_above;
-        __syncthreads();  // s_bin and s_above are rewritten by the next pass
+        remaining -= bucket.above;
     }
     // select key > K, and the first r keys == K; "take all" is K = 0, r = 0 (every key > 0)
     const unsigned threshold = take_all ? 0u : prefix;
     const unsigned r = take_all ? 0u : remaining;
-    const unsigned n_select = take_all ? s_candidates : (unsigned)k;
+    const unsigned n_select = take_all ? n_candidates : (unsigned)k;
 
     // ---- pass 4: write the selected positions in increasing order
     unsigned greater_before = 0u, equal_before = 0u;  // over all earlier chunks (block-uniform)
@@ -166,5 +191,190 @@ topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_
         if (greater_before + min(equal_before, r) >= n_select) break;  // block-uniform: all found
     }
     // -1 in the slots left over when the row has fewer than k candidates
+    for (int i = (int)n_select + tid; i < k; i += TOPK_THREADS) out_row[i] = -1;
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_end, int* __restrict__ out,
+                  int S, int k) {
+    __shared__ unsigned hist[RADIX_BINS];
+    const int end = min(max(row_end[blockIdx.x], 0), S);  // positions [0, end) are visible
+    select_four_passes(scores + (size_t)blockIdx.x * S, end, out + (size_t)blockIdx.x * k, k, hist);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel 2: two reads of the row; passes 2-4 on a short list in shared memory.
+//
+// The row is read as float4 (16 bytes a load) where it is 16-byte aligned: a scalar head of at
+// most 3 scores up to the first 16-byte boundary, a body of float4s, a scalar tail of at most 3.
+// Every read of the body is coalesced: load i of thread tid is float4 number base + i * 1024 + tid.
+
+// The keys of the 4 scores of one float4; invalid (past the body) -> 0, the key of NaN: no candidate.
+__device__ __forceinline__ void load_keys4(const float4* __restrict__ body, int index, int n4, unsigned key[4]) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (index < n4) v = __ldg(body + index);
+    key[0] = index < n4 ? order_key(v.x) : 0u;
+    key[1] = index < n4 ? order_key(v.y) : 0u;
+    key[2] = index < n4 ? order_key(v.z) : 0u;
+    key[3] = index < n4 ? order_key(v.w) : 0u;
+}
+
+// A list entry: a key in bucket `low_bin` or above (bits 31..21; key 0 = NaN or invisible is never one).
+__device__ __forceinline__ bool in_list(unsigned key, unsigned low_bin) { return key != 0u && (key >> 21) >= low_bin; }
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_radix_select_compact(const float* __restrict__ scores, const int* __restrict__ row_end, int* __restrict__ out,
+                          int S, int k, int list_capacity) {
+    extern __shared__ __align__(16) unsigned topk_list[];  // dynamic: keys [list_capacity], positions [list_capacity]
+    __shared__ unsigned hist[RADIX_BINS];
+    unsigned* list_key = topk_list;
+    int* list_pos = reinterpret_cast<int*>(topk_list + list_capacity);
+    const int tid = threadIdx.x;
+    const float* row = scores + (size_t)blockIdx.x * S;
+    int* out_row = out + (size_t)blockIdx.x * k;
+    const int end = min(max(row_end[blockIdx.x], 0), S);  // positions [0, end) are visible
+    // [0, head) scalars, [head, tail) float4s (n4 of them), [tail, end) scalars
+    const int head = min(end, (int)((4u - (unsigned)(reinterpret_cast<size_t>(row) / 4u)) % 4u));
+    const int n4 = (end - head) / 4, tail = head + 4 * n4;
+    const float4* body = reinterpret_cast<const float4*>(row + head);
+
+    // ---- read 1 (pass 1): histogram of bits 31..21 of every candidate key
+    for (int i = tid; i < RADIX_BINS; i += TOPK_THREADS) hist[i] = 0u;
+    __syncthreads();
+    if (tid < head) {
+        const unsigned key = order_key(row[tid]);
+        if (key != 0u) atomicAdd(&hist[key >> 21], 1u);
+    }
+    if (tail + tid < end) {
+        const unsigned key = order_key(row[tail + tid]);
+        if (key != 0u) atomicAdd(&hist[key >> 21], 1u);
+    }
+    for (int base = 0; base < n4; base += LOADS * TOPK_THREADS) {
+        unsigned key[LOADS][4];
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) load_keys4(body, base + i * TOPK_THREADS + tid, n4, key[i]);  // all loads first
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (key[i][j] != 0u) atomicAdd(&hist[key[i][j] >> 21], 1u);
+    }
+    const Bucket b1 = find_bucket(hist, (unsigned)k);  // block-uniform
+    // fewer than k candidates: the list is all of them and all are selected (K = 0, r = 0)
+    const bool take_all = b1.total <= (unsigned)k;
+    const unsigned low_bin = take_all ? 0u : b1.bin;
+    const unsigned list_len = take_all ? b1.total : b1.above + b1.in_bin;
+    if (list_len > (unsigned)list_capacity) {  // block-uniform: a long run of ties at the threshold
+        select_four_passes(row, end, out_row, k, hist);
+        return;
+    }
+
+    // ---- read 2: the list, in increasing position: every key in bucket low_bin or above
+    // head and tail (at most 3 scores each): every thread computes the same count, thread 0 writes
+    unsigned filled = 0u;  // entries written so far (block-uniform)
+    for (int s = 0; s < head; ++s) {
+        const unsigned key = order_key(row[s]);
+        if (in_list(key, low_bin)) {
+            if (tid == 0 && filled < list_len) {
+                list_key[filled] = key;
+                list_pos[filled] = s;
+            }
+            ++filled;
+        }
+    }
+    for (int base = 0; base < n4; base += LOADS * TOPK_THREADS) {
+        unsigned key[LOADS][4];
+        unsigned long long counts = 0ull;  // list entries of load i in bits 16 i .. 16 i + 15 (each <= 4096)
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            load_keys4(body, base + i * TOPK_THREADS + tid, n4, key[i]);
+            const unsigned n = in_list(key[i][0], low_bin) + in_list(key[i][1], low_bin) + in_list(key[i][2], low_bin) +
+                               in_list(key[i][3], low_bin);
+            counts |= (unsigned long long)n << (16 * i);
+        }
+        // load i of all threads covers float4s base + i * 1024 .. + 1023, in thread order: one scan of the
+        // packed counts gives, field by field, the entries of the earlier threads within each load
+        unsigned long long totals;
+        const unsigned long long before = block_exclusive_scan(counts, totals);
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            unsigned slot = filled + ((unsigned)(before >> (16 * i)) & 0xFFFFu);
+            const int first = head + 4 * (base + i * TOPK_THREADS + tid);  // position of key[i][0]
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (in_list(key[i][j], low_bin)) {
+                    if (slot < list_len) {  // always true; a guard against writing past the list
+                        list_key[slot] = key[i][j];
+                        list_pos[slot] = first + j;
+                    }
+                    ++slot;
+                }
+            filled += (unsigned)(totals >> (16 * i)) & 0xFFFFu;
+        }
+    }
+    for (int s = tail; s < end; ++s) {
+        const unsigned key = order_key(row[s]);
+        if (in_list(key, low_bin)) {
+            if (tid == 0 && filled < list_len) {
+                list_key[filled] = key;
+                list_pos[filled] = s;
+            }
+            ++filled;
+        }
+    }
+    __syncthreads();  // the list is complete (filled == list_len)
+
+    // ---- passes 2-3 on the list: the threshold key K and r, as in kernel 1
+    unsigned prefix = b1.bin << 21, prefix_mask = 0x7FFu << 21;
+    unsigned remaining = (unsigned)k - b1.above;
+    if (!take_all) {
+        for (int pass = 1; pass < 3; ++pass) {
+            const int shift = pass == 1 ? 10 : 0;
+            const unsigned digit_mask = pass == 1 ? 0x7FFu : 0x3FFu;
+            for (int i = tid; i < RADIX_BINS; i += TOPK_THREADS) hist[i] = 0u;
+            __syncthreads();
+            for (int i = tid; i < (int)list_len; i += TOPK_THREADS) {
+                const unsigned key = list_key[i];
+                if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
+            }
+            const Bucket bucket = find_bucket(hist, remaining);
+            prefix |= bucket.bin << shift;
+            prefix_mask |= digit_mask << shift;
+            remaining -= bucket.above;
+        }
+    }
+    const unsigned threshold = take_all ? 0u : prefix;
+    const unsigned r = take_all ? 0u : remaining;
+    const unsigned n_select = take_all ? list_len : (unsigned)k;
+
+    // ---- pass 4 on the list (already in position order): key > K, or among the first r keys == K
+    unsigned greater_before = 0u, equal_before = 0u;  // over all earlier chunks (block-uniform)
+    for (int base = 0; base < (int)list_len; base += ITEMS * TOPK_THREADS) {
+        const int first = base + tid * ITEMS;  // this thread's ITEMS consecutive list entries
+        unsigned key[ITEMS];
+        unsigned n_greater = 0u, n_equal = 0u;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            key[i] = first + i < (int)list_len ? list_key[first + i] : 0u;
+            n_greater += key[i] > threshold;
+            n_equal += key[i] == threshold && key[i] != 0u;
+        }
+        unsigned chunk_total;
+        const unsigned before = block_exclusive_scan(n_greater | (n_equal << 16), chunk_total);
+        unsigned greater = greater_before + (before & 0xFFFFu), equal = equal_before + (before >> 16);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            if (key[i] > threshold) {
+                out_row[greater + min(equal, r)] = list_pos[first + i];
+                ++greater;
+            } else if (key[i] == threshold && key[i] != 0u) {
+                if (equal < r) out_row[greater + equal] = list_pos[first + i];
+                ++equal;
+            }
+        }
+        greater_before += chunk_total & 0xFFFFu;
+        equal_before += chunk_total >> 16;
+        if (greater_before + min(equal_before, r) >= n_select) break;  // block-uniform: all found
+    }
     for (int i = (int)n_select + tid; i < k; i += TOPK_THREADS) out_row[i] = -1;
 }

@@ -27,8 +27,8 @@ Interface (used by the sparse attention of chapter 6 and the training of chapter
           -> index_scores float32 [B, T, S], -inf where the key comes after the query
     IndexerCache(args, batch_size)  the indexer keys k^I of every cached token, [B, S, d_I]
 
-CUDA: `index_scores_cuda` launches one of the three kernels of cuda/indexer_logits.cu
-(naive, tiled in shared memory, tensor cores) on bfloat16 q^I and k^I.
+CUDA: `index_scores_cuda` launches one of the kernels of cuda/indexer_logits.cu (naive, tiled in
+shared memory, tensor cores, tensor cores with the keys held in registers) on bfloat16 q^I and k^I.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ __all__ = ["index_scores", "index_weights", "indexer_rope", "causal_index_mask",
            "index_scores_cuda", "INDEXER_KERNELS"]
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
-INDEXER_KERNELS = ("naive", "tiled", "mma", "mma_wide")
+INDEXER_KERNELS = ("naive", "tiled", "mma", "mma_wide", "mma_keys")
 
 
 def _check_args(args) -> None:
@@ -257,21 +257,27 @@ class Indexer(nn.Module):
 # ----------------------------------------------------------------------------- CUDA
 
 LOGITS_TILE_T = 64  # queries per block of the mma kernels
-LOGITS_TILE_S = {"mma": 128, "mma_wide": 256}  # keys per block (2 or 4 warps across the keys)
+LOGITS_TILE_S = {"mma": 128, "mma_wide": 256, "mma_keys": 256}  # keys per block
 TILED_TILE = 32  # queries and keys per block of the tiled kernel
+KEYS_HEAD_DIM = 128  # kernel 4 (mma_keys) holds the keys in registers: compiled for D = 128 only
+KEYS_STAGE_H, KEYS_PASS_T = 8, 16  # kernel 4: heads per cp.async stage, queries per pass
 
 
-def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, kernel: str = "mma",
+def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, kernel: str | None = None,
                       causal: bool = False) -> torch.Tensor:
     """`cuda/indexer_logits.cu`: equation 1 on the GPU.
 
     q_idx [T, H, D] and k_idx [S, D] bfloat16, w [T, H] float32, all contiguous on one GPU, D a
     multiple of 16 and at most 256. kernel: "naive" (one thread per logit), "tiled" (shared memory),
     "mma" (tensor cores, mma.sync m16n8k16 bf16 with float32 accumulation, 64 x 128 tiles) or
-    "mma_wide" (the same with 64 x 256 tiles: half the L2 traffic for queries). With `causal`, query t
-    (slot S - T + t) gets -inf at keys s > S - T + t, and fully masked tiles are not computed.
-    Returns float32 [T, S].
+    "mma_wide" (the same with 64 x 256 tiles: half the L2 traffic for queries) or "mma_keys" (kernel 4:
+    the keys held in registers for all heads, the queries streamed with ldmatrix; D = 128 only).
+    The default (None) is the fastest that applies: "mma_keys" when D = 128, else "mma".
+    With `causal`, query t (slot S - T + t) gets -inf at keys s > S - T + t, and fully masked tiles
+    are not computed. Returns float32 [T, S].
     """
+    if kernel is None:
+        kernel = "mma_keys" if isinstance(q_idx, torch.Tensor) and q_idx.shape[-1:] == (KEYS_HEAD_DIM,) else "mma"
     if kernel not in INDEXER_KERNELS:
         raise ValueError(f"kernel must be one of {INDEXER_KERNELS}, got {kernel!r}")
     dims: dict[str, int] = {}
@@ -286,6 +292,8 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
     if q_idx.data_ptr() % 16 or k_idx.data_ptr() % 16:
         raise ValueError("q_idx and k_idx must start on a 16-byte boundary (the mma kernel copies 16-byte "
                          "chunks with cp.async); a sliced view may not: pass .clone()")
+    if kernel == "mma_keys" and d_idx != KEYS_HEAD_DIM:
+        raise ValueError(f"the mma_keys kernel is compiled for D = {KEYS_HEAD_DIM}, got {d_idx}: use kernel='mma'")
     if kernel == "naive" and n_q > 65535:
         raise ValueError(f"the naive kernel launches one grid row per query: T <= 65535, got {n_q}")
     if causal and n_q > n_k:
@@ -303,6 +311,12 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
         smem = 2 * TILED_TILE * (d_idx + 1) * 4
         launch("indexer_logits", "indexer_logits_tiled",
                grid=(math.ceil(n_k / TILED_TILE), math.ceil(n_q / TILED_TILE)), block=256, args=common,
+               shared_mem=smem)
+    elif kernel == "mma_keys":
+        # two cp.async stages of KEYS_STAGE_H heads x KEYS_PASS_T queries, rows of D + 8 bf16
+        smem = 2 * KEYS_STAGE_H * KEYS_PASS_T * (d_idx + 8) * 2
+        launch("indexer_logits", "indexer_logits_mma_keys",
+               grid=(math.ceil(n_k / LOGITS_TILE_S[kernel]), math.ceil(n_q / LOGITS_TILE_T)), block=128, args=common,
                shared_mem=smem)
     else:
         tile_s = LOGITS_TILE_S[kernel]

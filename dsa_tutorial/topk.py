@@ -28,11 +28,14 @@ from .checks import check_range, check_tensor
 from .kernels import launch
 
 __all__ = ["order_key", "visible_positions", "select_topk", "topk_without_causal_mask", "select_topk_cuda",
-           "TOPK_THREADS", "TOPK_MAX_K", "TOPK_MAX_S"]
+           "TOPK_THREADS", "TOPK_MAX_K", "TOPK_MAX_S", "TOPK_KERNELS", "TOPK_LIST_MAX"]
 
 TOPK_THREADS = 1024  # threads per block (one block per row) of cuda/topk.cu
 TOPK_MAX_K = 2048
 TOPK_MAX_S = 1 << 20
+# the kernels of cuda/topk.cu: kernel 1 reads the row four times, kernel 2 twice
+TOPK_KERNELS = {"four_passes": "topk_radix_select", "compact": "topk_radix_select_compact"}
+TOPK_LIST_MAX = 24576  # kernel 2's list in shared memory: 8 bytes an entry (key, position), 192 KiB
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -111,12 +114,16 @@ def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices
 
 
-def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None,
+                     kernel: str = "compact") -> torch.Tensor:
     """`cuda/topk.cu`: the radix select, one block per row; the same result as `select_topk`, bit for bit.
 
     scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= 2^20; k in [1, min(S, 2048)];
-    query_positions as for `select_topk` (on the same GPU). Returns int32 [..., T, k].
+    query_positions as for `select_topk` (on the same GPU). kernel: "compact" (kernel 2, two reads of
+    the row, the default) or "four_passes" (kernel 1). Returns int32 [..., T, k].
     """
+    if kernel not in TOPK_KERNELS:
+        raise ValueError(f"kernel must be one of {tuple(TOPK_KERNELS)}, got {kernel!r}")
     check_tensor(scores, "scores", dtype=torch.float32, cuda=True, contiguous=True)
     if scores.dim() not in (2, 3):
         raise ValueError(f"scores must be [T, S] or [B, T, S], got shape {list(scores.shape)}")
@@ -135,5 +142,11 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
     row_end = (last + 1).to(torch.int32).repeat(rows // n_queries).contiguous()
     if rows > 2**31 - 1:
         raise ValueError(f"too many rows: {rows}")
-    launch("topk", "topk_radix_select", grid=rows, block=TOPK_THREADS, args=(scores, row_end, out, n_keys, k))
+    if kernel == "four_passes":
+        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS, args=(scores, row_end, out, n_keys, k))
+    else:
+        # the list never holds more entries than a row has scores; longer lists fall back to kernel 1
+        list_capacity = min(n_keys, TOPK_LIST_MAX)
+        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS,
+               args=(scores, row_end, out, n_keys, k, list_capacity), shared_mem=8 * list_capacity)
     return out

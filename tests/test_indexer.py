@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from dsa_tutorial import compare
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.hadamard import hadamard_matrix
-from dsa_tutorial.indexer import (IndexerCache, Indexer, causal_index_mask, index_scores, index_scores_cuda,
-                                  index_weights)
+from dsa_tutorial.indexer import (INDEXER_KERNELS, IndexerCache, Indexer, causal_index_mask, index_scores,
+                                  index_scores_cuda, index_weights)
 from dsa_tutorial.kernels import gpu_available
 from dsa_tutorial.mla import MLA
 from dsa_tutorial.rope import inv_freq
@@ -204,13 +204,20 @@ def _gpu_inputs(T, S, H, D, seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kernel", ["naive", "tiled", "mma", "mma_wide"])
+@pytest.mark.parametrize("kernel", INDEXER_KERNELS)
 @pytest.mark.parametrize("T, S, H, D, causal", [
     (77, 200, 5, 48, False), (77, 200, 5, 48, True), (130, 300, 8, 128, True), (1, 129, 3, 16, False),
     (64, 128, 64, 128, False), (200, 201, 4, 256, True),
+    # D = 128 (kernel 4 too), T and S off every tile, H off the 8-head stages
+    (77, 200, 5, 128, False), (1, 129, 3, 128, False), (100, 333, 9, 128, True), (300, 300, 64, 128, True),
+    (17, 1000, 11, 128, False),
 ])
 def test_index_scores_cuda(kernel, T, S, H, D, causal):
     q, w, k = _gpu_inputs(T, S, H, D, seed=T + S + H + D)
+    if kernel == "mma_keys" and D != 128:  # kernel 4 keeps the keys in registers: compiled for D = 128
+        with pytest.raises(ValueError, match="D = 128"):
+            index_scores_cuda(q, w, k, kernel=kernel, causal=causal)
+        return
     ref = index_scores(q.float(), w, k.float())  # float32 on the same bf16-rounded values
     if causal:
         ref = ref.masked_fill(~causal_index_mask(T, S, ref.device), float("-inf"))
@@ -220,6 +227,15 @@ def test_index_scores_cuda(kernel, T, S, H, D, causal):
     # |w| |q . k| terms, i.e. ~1e-6 of the largest logit; 1e-5 leaves room, a wrong index is O(1)
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-5 * scale, rtol=1e-5, name=f"indexer_logits_{kernel}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+def test_index_scores_cuda_default_is_kernel_4_at_d_128():
+    q, w, k = _gpu_inputs(70, 300, 6, 128, seed=3)
+    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel="mma_keys"))
+    q, w, k = _gpu_inputs(70, 300, 6, 64, seed=3)
+    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel="mma"))
 
 
 @pytest.mark.gpu

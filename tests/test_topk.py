@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from dsa_tutorial import compare
 from dsa_tutorial.kernels import gpu_available
-from dsa_tutorial.topk import order_key, select_topk, select_topk_cuda, topk_without_causal_mask
+from dsa_tutorial.topk import TOPK_KERNELS, order_key, select_topk, select_topk_cuda, topk_without_causal_mask
 
 NAN, INF = float("nan"), float("inf")
 
@@ -158,30 +158,56 @@ def _gpu_case(shape, seed, ties=False):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
 @pytest.mark.parametrize("shape, k, ties, causal", [
     ((7, 5000), 100, False, False), ((7, 5000), 100, True, False), ((3, 131072), 2048, False, False),
     ((3, 131072), 2048, True, False), ((50, 50), 16, False, True), ((2, 300, 333), 64, True, True),
     ((5, 4097), 1, False, False), ((4, 100000), 2048, False, True), ((2, 3000), 2048, True, False),
+    ((3, 7, 8191), 2048, False, True), ((9, 1030), 1000, True, False),
 ])
-def test_select_topk_cuda_is_the_reference_exactly(shape, k, ties, causal):
+def test_select_topk_cuda_is_the_reference_exactly(kernel, shape, k, ties, causal):
+    # S % 4 != 0 in several shapes: rows start off the 16-byte grid, kernel 2 reads a scalar head and tail
     scores = _gpu_case(shape, seed=k + shape[-1], ties=ties)
     T, S = shape[-2:]
     positions = None if causal else torch.full((T,), S - 1, device="cuda")
     ref = select_topk(scores, k, positions)
     out = compare.poisoned((*shape[:-1], k), torch.int32)
-    out.copy_(select_topk_cuda(scores, k, positions))
+    out.copy_(select_topk_cuda(scores, k, positions, kernel=kernel))
     assert torch.equal(out, ref), (out != ref).nonzero()[:5].tolist()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
-def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows():
+@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
+def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
     scores = _gpu_case((6, 3000), seed=9)
     scores[2] = NAN  # nothing to select: all -1
     positions = torch.tensor([0, 10, 2999, 500, 2047, 2048], device="cuda")
     ref = select_topk(scores, 2048, positions)
-    out = select_topk_cuda(scores, 2048, positions)
+    out = select_topk_cuda(scores, 2048, positions, kernel=kernel)
     assert torch.equal(out, ref) and bool((out[2] == -1).all()) and int((out[0] >= 0).sum()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
+def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    # a contiguous view one float past a 16-byte boundary: every row starts off the float4 grid
+    flat = torch.randn(4 * 65536 + 1, device="cuda", generator=gen)
+    scores = flat[1:].view(4, 65536)
+    # row 1: 60000 equal scores at the threshold, more than kernel 2's list holds (it falls back to
+    # kernel 1); row 2: all -inf (ordinary scores); row 3: +0.0 and -0.0 mixed, then a few larger
+    scores[1, :60000] = 0.5
+    scores[2] = -INF
+    scores[3] = 0.0
+    scores[3, ::3] = -0.0
+    scores[3, 1000:1100] = 1.0
+    for k in (1, 2, 2048):
+        ref = select_topk(scores, k, torch.full((4,), 65535, device="cuda"))
+        out = compare.poisoned((4, k), torch.int32)
+        out.copy_(select_topk_cuda(scores, k, torch.full((4,), 65535, device="cuda"), kernel=kernel))
+        assert torch.equal(out, ref), (k, (out != ref).nonzero()[:5].tolist())
 
 
 @pytest.mark.gpu
@@ -196,6 +222,8 @@ def test_select_topk_cuda_bad_input():
         select_topk_cuda(scores.cpu(), 2)
     with pytest.raises(ValueError, match="larger than the sequence"):
         select_topk_cuda(scores[:, :10].contiguous(), 11)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        select_topk_cuda(scores, 2, kernel="sort")
 
 
 def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
