@@ -115,12 +115,16 @@ def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None,
-                     kernel: str = "compact") -> torch.Tensor:
+                     kernel: str = "compact", check_positions: bool = True) -> torch.Tensor:
     """`cuda/topk.cu`: the radix select, one block per row; the same result as `select_topk`, bit for bit.
 
     scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= 2^20; k in [1, min(S, 2048)];
     query_positions as for `select_topk` (on the same GPU). kernel: "compact" (kernel 2, two reads of
     the row, the default) or "four_passes" (kernel 1). Returns int32 [..., T, k].
+
+    check_positions=False skips the range check of query_positions, which reads them back to the
+    host (a device synchronisation). Memory safety does not depend on it: the row ends handed to
+    the kernel are clamped to [0, S] on the device, so the kernel never reads outside a row.
     """
     if kernel not in TOPK_KERNELS:
         raise ValueError(f"kernel must be one of {tuple(TOPK_KERNELS)}, got {kernel!r}")
@@ -133,13 +137,18 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
         raise ValueError(f"the kernel keeps at most k = {TOPK_MAX_K}, got {k}")
     if n_keys > TOPK_MAX_S:
         raise ValueError(f"the kernel takes rows of at most {TOPK_MAX_S} scores, got S = {n_keys}")
-    last = visible_positions(n_queries, n_keys, query_positions, scores.device)
+    if query_positions is None or check_positions:
+        last = visible_positions(n_queries, n_keys, query_positions, scores.device)
+    else:
+        check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64),
+                     device=scores.device)
+        last = query_positions
     rows = scores.numel() // max(n_keys, 1)
     out = torch.empty(*scores.shape[:-1], k, dtype=torch.int32, device=scores.device)
     if rows == 0:
         return out
     # one past the last visible position of each row: int32 [rows]
-    row_end = (last + 1).to(torch.int32).repeat(rows // n_queries).contiguous()
+    row_end = (last + 1).clamp(0, n_keys).to(torch.int32).repeat(rows // n_queries).contiguous()
     if rows > 2**31 - 1:
         raise ValueError(f"too many rows: {rows}")
     if kernel == "four_passes":

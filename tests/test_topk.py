@@ -229,3 +229,16 @@ def test_select_topk_cuda_bad_input():
 def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
     with pytest.raises(ValueError, match="must be on a CUDA device"):
         select_topk_cuda(torch.randn(4, 10), 2)
+
+
+@pytest.mark.gpu
+def test_unchecked_positions_stay_inside_the_row():
+    """check_positions=False skips the host-side range check; out-of-range positions must still
+    never make the kernel read outside its row (row ends are clamped on the device)."""
+    scores = torch.randn(5, 300, device="cuda")
+    wild = torch.tensor([-7, 0, 150, 299, 10**6], device="cuda")
+    out = select_topk_cuda(scores, 8, wild, check_positions=False)
+    clamped = wild.clamp(-1, 299)
+    for row, last in enumerate(clamped.tolist()):
+        picked = out[row][out[row] >= 0]
+        assert (picked <= max(last, -1)).all() and picked.numel() == min(8, last + 1)
