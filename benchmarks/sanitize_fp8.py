@@ -3,8 +3,10 @@
     compute-sanitizer --tool memcheck python benchmarks/sanitize_fp8.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py
 
-Kernels: act_quant_f32 / _bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive / _h64 / _h32
-(cuda/fp8_mqa_logits.cu), fp8_paged_mqa_logits_h64 / _h32 (cuda/fp8_paged_mqa_logits.cu).
+Kernels: act_quant_f32 / _bf16 / _b128_f32 / _b128_bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive /
+_h64 / _h32 / _f16_h64 / _f16_h32 (cuda/fp8_mqa_logits.cu), fp8_paged_mqa_logits_h64 / _h32 /
+_f16_h64 / _f16_h32 (cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at every block size
+(next_n 1 and 2, H 64 and 32).
 Sizes are not multiples of any tile; outputs are poisoned first; clean_logits both ways.
 """
 import sys
@@ -19,15 +21,18 @@ from test_paged import call_args, make_batch  # noqa: E402
 
 
 def check_act_quant() -> None:
-    for dtype, block_size in ((torch.float32, 128), (torch.bfloat16, 96)):
-        x = (torch.randn(13, 3 * 384, device="cuda") * 4).to(dtype)  # 1152 = 9 x 128 = 12 x 96
-        x_q, s = fp8.act_quant_cuda(x, block_size)
+    cases = ((torch.float32, 128, "blockwise"), (torch.bfloat16, 96, "blockwise"), (torch.float32, 128, "b128"),
+             (torch.bfloat16, 128, "b128"))
+    for dtype, block_size, kernel in cases:
+        x = (torch.randn(13, 3 * 384, device="cuda") * 4).to(dtype)  # 1152 = 9 x 128 = 12 x 96; 117 blocks of 128
+        x_q, s = fp8.act_quant_cuda(x, block_size, kernel=kernel)
         ref_q, ref_s = fp8.act_quant_reference(x.cpu(), block_size)
         assert torch.equal(x_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
 
 
 def check_mqa_logits() -> None:
-    for H, kernel in ((64, "tensor_core"), (32, "tensor_core"), (64, "naive")):
+    for H, kernel in ((64, "tensor_core"), (32, "tensor_core"), (64, "naive"), (64, "tensor_core_f16"),
+                      (32, "tensor_core_f16")):
         seq_lens = [5, 70, 1, 27]  # S = 103
         S = sum(seq_lens)
         q, q_s = fp8.act_quant(torch.randn(S, H, 128, device="cuda"))
@@ -47,19 +52,23 @@ def check_mqa_logits() -> None:
 
 
 def check_paged() -> None:
-    for H, next_n, num_sms in ((64, 1, 3), (64, 2, 5), (32, 2, 1)):
+    cases = [("tensor_core", 64, 1, 3), ("tensor_core", 64, 2, 5), ("tensor_core", 32, 2, 1),
+             ("tensor_core_f16", 64, 1, 3), ("tensor_core_f16", 64, 2, 5), ("tensor_core_f16", 32, 1, 2),
+             ("tensor_core_f16", 32, 2, 1)]
+    for kernel, H, next_n, num_sms in cases:
         batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H)
         q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
         ref = paged.paged_mqa_logits_reference(q, kv_cache, w, ctx, bt, meta, 307)
         scale = ref[torch.isfinite(ref)].abs().max().item()
+        name = f"paged {kernel} H={H} next_n={next_n}"
         for clean in (True, False):
             out = compare.poisoned((5 * next_n, 307), torch.float32, "cuda")
-            paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out)
+            paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out, kernel=kernel)
             if clean:
-                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"paged H={H}")
+                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
             else:
                 inside = torch.arange(307, device="cuda") < ctx.repeat_interleave(next_n).unsqueeze(-1)
-                compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"paged H={H} unclean")
+                compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"{name} unclean")
 
 
 def main() -> None:

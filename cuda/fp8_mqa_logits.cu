@@ -11,7 +11,7 @@
 //   ks, ke  int32 [S_q]        the key range of query i (a packed batch of causal prefills)
 //   logits  fp32 [S_q, S_k]
 //
-// Kernels, as a progression (both checked against dsa_tutorial.fp8.mqa_logits_reference):
+// Kernels, as a progression (each checked against dsa_tutorial.fp8.mqa_logits_reference):
 //   fp8_mqa_logits_naive      kernel 1: one thread per (i, j), H * D scalar multiply-adds in
 //                             float32 after converting each e4m3 byte. The specification in CUDA.
 //   fp8_mqa_logits_h64/_h32   kernel 2: FP8 tensor cores. A block of 12 warps owns 12 consecutive
@@ -24,6 +24,22 @@
 //                             ReLU, times w, a sum over the heads in registers (each lane holds 2
 //                             heads of every 8-head n-tile) and two shuffles (the 4 lanes of a
 //                             row), times k_scale, and one store per key.
+//   fp8_mqa_logits_f16_h64/_h32  kernel 3: what kernel 2 costs on Hopper. sm_90 has no FP8 mma.sync:
+//                             ptxas lowers each m16n8k32 e4m3 to f16 conversions of both operands
+//                             (24 bytes a lane: about 12 cvt) plus two f16 m16n8k16 mma (NVIDIA,
+//                             CUTLASS issue 1986), so kernel 2 spends most of its issue slots
+//                             converting the same bytes again and again. Kernel 3 converts once:
+//                             q[i] to f16 B fragments at the start (registers), each ldmatrix'ed
+//                             key fragment once per warp for
+//                             4 head tiles (cvt.rn.f16x2.e4m3x2), then f16 mma.sync m16n8k16 with
+//                             float32 accumulation: the same exact products (every e4m3 value is an
+//                             f16 value). f16 q takes twice the registers, so a warp owns 32 heads
+//                             of one query (64 registers of q): 8 warps a block = 4 queries (H 64)
+//                             or 8 (H 32), two blocks of <= 128 registers a thread per SM. A warp
+//                             writes k_scale * (its head sum) per key to shared memory; after the
+//                             barrier that starts the next key tile, the warps of a query add their
+//                             halves and store 32 consecutive keys each (coalesced). Same pipeline,
+//                             swizzle and bounds as kernel 2.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k32 with 8-bit types), lane = 4 * g + t:
 //   A (16 x 32, row-major) a0: row g, cols 4t..4t+3    a1: row g+8, cols 4t..4t+3
@@ -137,10 +153,11 @@ __device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int
 }
 
 // Start loading key tile `tile` (keys kv_begin + 64 * tile + r) into pipeline stage `stage`.
+template <int N_THREADS = THREADS>
 __device__ __forceinline__ void load_key_tile(unsigned char* k_tile, float* scale_tile, const unsigned char* k,
                                               const float* k_scale, int kv_begin, int kv_end, int tile) {
     const int first = kv_begin + tile * BLOCK_KV;
-    for (int c = threadIdx.x; c < BLOCK_KV * CHUNKS_PER_ROW; c += THREADS) {
+    for (int c = threadIdx.x; c < BLOCK_KV * CHUNKS_PER_ROW; c += N_THREADS) {
         const int row = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
         const int key = first + row;
         const bool inside = key < kv_end;  // past the block's last key: zeros, and no read
@@ -288,4 +305,195 @@ extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
 fp8_mqa_logits_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
                    const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
     fp8_mqa_logits_tc<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}
+
+// ------------------------------------------------------------------------------------ kernel 3
+
+// Hopper (sm_90) has no FP8 path for mma.sync: ptxas lowers m16n8k32 e4m3 into byte conversions of
+// both operands followed by two f16 m16n8k16 mma, on every call. Kernel 3 does that conversion
+// itself, where it is cheapest: q once per kernel (kept as f16 in registers), each key fragment once
+// per warp and shared by 4 head tiles. Every e4m3 value is exactly an f16 value, so the products
+// are the same; accumulation stays float32.
+
+// Four e4m3 bytes (one 32-bit register, little end first) -> two f16x2 registers: lo gets bytes
+// 0, 1 and hi bytes 2, 3 (each f16x2 keeps the lower address in its lower half).
+__device__ __forceinline__ void e4m3x4_to_f16x4(unsigned x, unsigned& lo, unsigned& hi) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi) : "r"(x));
+}
+
+// C[16 x 8] += A[16 x 16] * B[16 x 8], f16 inputs, float32 accumulation. Fragments (PTX ISA,
+// mma.m16n8k16 .f16), lane = 4 g + t:
+//   A a0: row g, k 2t, 2t+1   a1: row g+8, k 2t, 2t+1   a2: row g, k 2t+8, 2t+9   a3: row g+8, k 2t+8, 2t+9
+//   B b0: col g, k 2t, 2t+1   b1: col g, k 2t+8, 2t+9
+//   C as for m16n8k32 above.
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Which k is which: a dot product does not care in what order its D terms are summed, as long as
+// A and B agree. In each 16-wide slice s of D, lane t takes the 4 bytes d = 16 s + 4t .. 4t+3 (what
+// ldmatrix hands it from a key row) and calls d = 16s+4t, +1 "k = 2t, 2t+1" and d = 16s+4t+2, +3
+// "k = 2t+8, 2t+9". q's B fragment is read with the same rule, so every product pairs q[d] with k[d].
+// 8 warps a block and 2 blocks an SM (<= 128 registers, 44 KB of shared memory each): while one
+// block waits at its per-tile barrier the other computes.
+#define K3_WARPS 8                     // warps a block; 32 heads a warp
+#define K3_BLOCKS_PER_SM 2
+#define K3_THREADS (32 * K3_WARPS)
+#define K3_HEADS_PER_WARP 32
+
+template <int H>
+__device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                   const float* __restrict__ k_scale, const float* __restrict__ w,
+                                   const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                   int S_q, int S_k, int clean_logits) {
+    constexpr int HALVES = H / K3_HEADS_PER_WARP;    // warps a query: 2 for H = 64, 1 for H = 32
+    constexpr int QUERIES = K3_WARPS / HALVES;       // queries a block: 4 or 8
+    constexpr int N_TILES = K3_HEADS_PER_WARP / 8;   // 8-head n-tiles a warp: 4
+    constexpr int K_STEPS = HEAD_DIM / 16;           // 16-wide slices of D: 8
+    __shared__ __align__(128) unsigned char k_tiles[STAGES][BLOCK_KV * HEAD_DIM];
+    __shared__ float scale_tiles[STAGES][BLOCK_KV];
+    __shared__ __align__(16) float w_rows[K3_WARPS][K3_HEADS_PER_WARP];  // w[i, this warp's 32 heads]
+    // partial[tile % 2][warp][key]: k_scale[key] * sum over this warp's heads, summed over the warps
+    // of a query (the head halves) one tile later, after the barrier that starts the next tile
+    __shared__ float partials[2][K3_WARPS][BLOCK_KV];
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int half = warp % HALVES, query = warp / HALVES;  // heads [32 half, 32 half + 32) of query i0 + query
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * QUERIES;  // heaviest (latest) query blocks first
+    const int i = i0 + query;
+    const bool row_valid = i < S_q;
+
+    // the union of the block's key ranges, as in kernel 2
+    int kv_begin = S_k, kv_end = 0;
+    for (int r = i0; r < min(i0 + QUERIES, S_q); ++r)
+        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
+    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_tiles) load_key_tile<K3_THREADS>(k_tiles[s], scale_tiles[s], k, k_scale, kv_begin, kv_end, s);
+        cp_async_commit();
+    }
+
+    const int row_ks = row_valid ? ks[i] : 0, row_ke = row_valid ? ke[i] : 0;
+    float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
+    if (row_valid && clean_logits) {  // outside the block's key range: -inf, the first half before, the last after
+        if (half == 0) fill_neg_inf(logits_row, 0, kv_begin, lane);
+        if (half == HALVES - 1) fill_neg_inf(logits_row, kv_end, S_k, lane);
+    }
+
+    // q[i, h] for this warp's 32 heads as f16 B fragments: q_frag[n][s] = (b0, b1) of head 32 half + 8n + g,
+    // slice s of D; 64 registers, converted once
+    unsigned q_frag[N_TILES][K_STEPS][2];
+    #pragma unroll
+    for (int n = 0; n < N_TILES; ++n) {
+        const int head = half * K3_HEADS_PER_WARP + n * 8 + g;
+        const unsigned char* q_head = q + ((size_t)(row_valid ? i : 0) * H + head) * HEAD_DIM;
+        #pragma unroll
+        for (int s = 0; s < K_STEPS; ++s) {
+            const unsigned bytes = row_valid ? *reinterpret_cast<const unsigned*>(q_head + s * 16 + 4 * t) : 0u;
+            e4m3x4_to_f16x4(bytes, q_frag[n][s][0], q_frag[n][s][1]);
+        }
+    }
+    w_rows[warp][lane] = row_valid ? w[(size_t)i * H + half * K3_HEADS_PER_WARP + lane] : 0.f;
+    __syncwarp();
+    const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
+
+    // logits[i, key] for the keys of tile `done`: partial sums of the HALVES warps of query i; each warp
+    // stores a disjoint half of the tile's 64 keys, one key a lane (coalesced)
+    auto store_tile = [&](int done) {
+        if (!row_valid) return;
+        const float* parts = partials[done % 2][query * HALVES];
+        for (int slot = half * 32 + lane; slot < BLOCK_KV; slot += 32 * HALVES) {
+            const int key = kv_begin + done * BLOCK_KV + slot;
+            if (key >= kv_end) break;
+            if (key >= row_ks && key < row_ke) {  // visible: its m-tile was computed, its partials written
+                // logits[i, key] = sum over the head halves of k_scale[key] * sum_h w[i, h] ReLU(q[i, h] . k[key])
+                float logit = 0.f;
+                #pragma unroll
+                for (int h = 0; h < HALVES; ++h) logit += parts[h * BLOCK_KV + slot];
+                logits_row[key] = logit;
+            } else if (clean_logits) {
+                logits_row[key] = NEG_INF;
+            }
+        }
+    };
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile `tile` has landed; every warp is done with tile - 1 and its partials
+        if (tile + STAGES - 1 < n_tiles)
+            load_key_tile<K3_THREADS>(k_tiles[(tile + STAGES - 1) % STAGES], scale_tiles[(tile + STAGES - 1) % STAGES],
+                                      k, k_scale, kv_begin, kv_end, tile + STAGES - 1);
+        cp_async_commit();
+        if (tile > 0) store_tile(tile - 1);
+        if (!row_valid) continue;
+
+        const unsigned char* k_tile = k_tiles[tile % STAGES];
+        const float* scale_tile = scale_tiles[tile % STAGES];
+        float* part = partials[tile % 2][warp];
+        const int tile_first = kv_begin + tile * BLOCK_KV;
+        #pragma unroll 1
+        for (int mt = 0; mt < BLOCK_KV / 16; ++mt) {
+            const int key0 = tile_first + mt * 16;
+            if (key0 >= kv_end) break;
+            if (key0 + 16 <= row_ks || key0 >= row_ke) continue;  // no visible key: store_tile writes -inf
+            // scores[key, h] = k[key] . q[i, h] for 16 keys x 32 heads, float32 accumulators
+            float acc[N_TILES][4];
+            #pragma unroll
+            for (int n = 0; n < N_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
+                // bytes of keys g, g+8 in the 16-byte chunks 2kk and 2kk+1 (slices s = 2kk, 2kk+1 of D)
+                unsigned k_bytes[4], a[4];
+                ldmatrix_x4(k_bytes, k_tile + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
+                #pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    e4m3x4_to_f16x4(k_bytes[2 * s], a[0], a[2]);      // key g
+                    e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[1], a[3]);  // key g + 8
+                    #pragma unroll
+                    for (int n = 0; n < N_TILES; ++n)
+                        mma_f16_16816(acc[n], a, q_frag[n][2 * kk + s][0], q_frag[n][2 * kk + s][1]);
+                }
+            }
+            // sum_h w[i, h] * ReLU(scores[key, h]) over this lane's 2 heads of each n-tile ...
+            float sum_lo = 0.f, sum_hi = 0.f;  // keys g and g + 8
+            #pragma unroll
+            for (int n = 0; n < N_TILES; ++n) {
+                const float2 w_h = ld_shared_f2(w_pairs + n * 4 + t);  // w[i, 8n+2t], w[i, 8n+2t+1] of this half
+                sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
+                sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
+            }
+            // ... over the 4 lanes of a key row ...
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            // ... times k_scale[key]; lane t = 0 keeps key g, lane t = 1 key g + 8
+            if (t < 2) {
+                const int slot = mt * 16 + g + 8 * t;
+                part[slot] = (t == 0 ? sum_lo : sum_hi) * scale_tile[slot];
+            }
+        }
+    }
+    __syncthreads();  // the last tile's partials are complete
+    if (n_tiles > 0) store_tile(n_tiles - 1);
+    cp_async_wait<0>();
+}
+
+extern "C" __global__ void __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM)
+fp8_mqa_logits_f16_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                       const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_f16<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}
+
+extern "C" __global__ void __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM)
+fp8_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                       const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_f16<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
 }

@@ -10,7 +10,8 @@
 //   schedule     int32 [n_ctas + 1, 2]: (batch, 256-token segment) where each block of the grid starts
 //   logits       fp32 [B * next_n, max_context_len]
 //
-// Kernel (one; fp8_paged_mqa_logits_h64 / _h32 for H = 64 / 32, D = 128):
+// Kernels, as a progression (each checked against dsa_tutorial.paged.paged_mqa_logits_reference):
+// Kernel 1 (fp8_paged_mqa_logits_h64 / _h32 for H = 64 / 32, D = 128):
 //   A persistent block of 4 warps per schedule row walks its segments in order, one 64-token
 //   physical block at a time. Each physical block is 8448 contiguous bytes (values then scales),
 //   so it is copied whole into a shared-memory stage with 16-byte cp.async (528 copies over 128
@@ -24,6 +25,18 @@
 //   Stores: positions p < context_lens[b] only (a value, or -inf past the draft position's limit).
 //   With clean_logits, block s then fills [context_lens[b], max_context_len) of the rows of
 //   batches b = s, s + n_ctas, ... with -inf, so every position is written exactly once.
+// Kernel 2 (fp8_paged_mqa_logits_f16_h64 / _h32): kernel 1 without the FP8 emulation. sm_90 has no
+//   FP8 mma.sync (ptxas converts both operands to f16 inside every m16n8k32 e4m3), so this one
+//   converts q[b, j] once per batch into f16 B fragments (registers) and each key fragment once
+//   per warp, shared by 4 head tiles, then runs f16 mma.sync m16n8k16 (float32 accumulation, the
+//   same exact products; see kernel 3 of cuda/fp8_mqa_logits.cu). f16 q takes twice the registers,
+//   so a warp owns 32 heads: the block has one warp per (16-key m-tile, draft position j, 32-head
+//   half) = 4 x next_n x H / 32 warps (8 for next_n = 1, H = 64: two blocks an SM; 16 for next_n =
+//   2), and each physical block (64 tokens) is computed by all of them at once; both draft
+//   positions read the same stage, so each key is loaded once for both. A warp writes k_scale *
+//   (its head sum) per key to shared memory; after the barrier of the next step, thread
+//   (j, slot) adds the halves and stores logits[b next_n + j, 64 n + slot] (coalesced). Same stages,
+//   stores and -inf fill as kernel 1.
 //
 // Bounds: a block id is read from block_table only for logical blocks below ceil(context_len / 64)
 // (checked in Python: within the row, and each id in [0, num_blocks)); the tokens of a last,
@@ -101,6 +114,8 @@ __device__ __forceinline__ void settle(Cursor& c, const int* context_lens, int B
 __device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_segment, int B) {
     return c.b < B && (c.b < end_b || (c.b == end_b && c.n < end_segment * BLOCKS_PER_SEGMENT));
 }
+
+// ------------------------------------------------------------------------------------ kernel 1
 
 // Copy physical block block_table[b, n] (8448 bytes) into a stage: values swizzled, scales as they are.
 __device__ __forceinline__ void load_block(unsigned char* stage, const unsigned char* kv_cache,
@@ -252,4 +267,201 @@ fp8_paged_mqa_logits_h32(const unsigned char* q, const unsigned char* kv_cache, 
                          int max_blocks, int max_context_len, int clean_logits) {
     fp8_paged_mqa_logits<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n, max_blocks,
                              max_context_len, clean_logits);
+}
+
+// ------------------------------------------------------------------------------------ kernel 2
+
+// The conversion that sm_90 would otherwise redo inside every emulated e4m3 mma (see kernel 3 of
+// cuda/fp8_mqa_logits.cu): q once, to f16 B fragments in registers; each key fragment once per
+// warp, shared by the warp's 4 head tiles. Helpers and the k-order rule are those of that file.
+__device__ __forceinline__ void e4m3x4_to_f16x4(unsigned x, unsigned& lo, unsigned& hi) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi) : "r"(x));
+}
+
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define K2_HEADS_PER_WARP 32
+#define K2_MAX_THREADS 512  // 4 m-tiles x next_n x H / 32 warps: at most 4 x 2 x 2 = 16
+
+// Copy physical block block_table[b, n] into a stage with n_threads threads.
+__device__ __forceinline__ void load_block_n(unsigned char* stage, const unsigned char* kv_cache,
+                                             const int* block_table, int max_blocks, const Cursor& c, int n_threads) {
+    const int physical = block_table[(size_t)c.b * max_blocks + c.n];
+    const unsigned char* src = kv_cache + (size_t)physical * BLOCK_BYTES;
+    for (int chunk = threadIdx.x; chunk < BLOCK_BYTES / 16; chunk += n_threads) {
+        const int offset = chunk * 16;
+        const int dst = offset < VALUE_BYTES ? swizzled(chunk / CHUNKS_PER_ROW, chunk % CHUNKS_PER_ROW) : offset;
+        cp_async_16(stage + dst, src + offset);
+    }
+}
+
+template <int H>
+__device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
+                                         const unsigned char* __restrict__ kv_cache, const float* __restrict__ w,
+                                         const int* __restrict__ context_lens, const int* __restrict__ block_table,
+                                         const int* __restrict__ schedule,
+                                         float* __restrict__ logits, int B, int next_n, int max_blocks,
+                                         int max_context_len, int clean_logits) {
+    constexpr int HALVES = H / K2_HEADS_PER_WARP;   // warps a draft position: 2 for H = 64, 1 for H = 32
+    constexpr int N_TILES = K2_HEADS_PER_WARP / 8;  // 4
+    constexpr int K_STEPS = HEAD_DIM / 16;          // 8
+    constexpr int MAX_PARTS = 2 * HALVES;           // (draft position, head half) pairs at next_n = 2
+    __shared__ __align__(128) unsigned char stages[STAGES][BLOCK_BYTES];
+    __shared__ __align__(16) float w_rows[K2_MAX_THREADS / 32][K2_HEADS_PER_WARP];
+    // partials[step % 2][part][slot]: k_scale * sum over a part's 32 heads, summed over the head halves
+    // one step later, after the barrier that starts the next step
+    __shared__ float partials[2][MAX_PARTS][BLOCK_KV];
+
+    const int n_threads = blockDim.x;                  // 128 x next_n x HALVES: one warp per (m-tile, part)
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int parts = next_n * HALVES;
+    const int part = warp % parts, mt = warp / parts;  // this warp: 16 keys mt of each block, for one part
+    const int j = part / HALVES, half = part % HALVES;
+
+    const int end_b = schedule[2 * (blockIdx.x + 1)], end_segment = schedule[2 * (blockIdx.x + 1) + 1];
+    Cursor load = {schedule[2 * blockIdx.x], schedule[2 * blockIdx.x + 1] * BLOCKS_PER_SEGMENT};
+    settle(load, context_lens, B);
+    Cursor work = load;
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (inside(load, end_b, end_segment, B)) {
+            load_block_n(stages[s], kv_cache, block_table, max_blocks, load, n_threads);
+            ++load.n;
+            settle(load, context_lens, B);
+        }
+        cp_async_commit();
+    }
+
+    unsigned q_frag[N_TILES][K_STEPS][2];  // f16 B fragments of q[b, j], heads 32 half .. 32 half + 31
+    const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
+    int q_batch = -1;
+
+    // logits of the block computed at step `done` (cursor `c`): one (draft position, slot) a thread
+    auto store_block = [&](const Cursor& c, int done) {
+        if (threadIdx.x >= next_n * BLOCK_KV) return;
+        const int jj = threadIdx.x / BLOCK_KV, slot = threadIdx.x % BLOCK_KV;
+        const int context_len = context_lens[c.b], p = c.n * BLOCK_KV + slot;
+        if (p >= context_len) return;  // past the context: nothing stored (clean_logits fills it below)
+        // logits[b next_n + jj, p] = sum over the head halves of k_scale[p] * sum_h w ReLU(q . k), or -inf
+        float logit = NEG_INF;         // positions draft jj cannot see yet
+        if (p <= context_len - next_n + jj) {  // visible: its m-tile was computed, its partials written
+            logit = 0.f;
+            #pragma unroll
+            for (int h = 0; h < HALVES; ++h) logit += partials[done % 2][jj * HALVES + h][slot];
+        }
+        logits[(size_t)(c.b * next_n + jj) * max_context_len + p] = logit;
+    };
+
+    Cursor done = work;
+    int step = 0;
+    for (; inside(work, end_b, end_segment, B); ++step) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // block `step` has landed; every warp is done with step - 1 and its partials
+        if (inside(load, end_b, end_segment, B)) {
+            load_block_n(stages[(step + STAGES - 1) % STAGES], kv_cache, block_table, max_blocks, load, n_threads);
+            ++load.n;
+            settle(load, context_lens, B);
+        }
+        cp_async_commit();
+        if (step > 0) store_block(done, step - 1);
+
+        const int b = work.b, row = b * next_n + j;
+        if (b != q_batch) {  // a new batch: q[b, j] to f16 fragments, w[row] of this half (warp-uniform)
+            #pragma unroll
+            for (int n = 0; n < N_TILES; ++n) {
+                const unsigned char* q_head = q + ((size_t)row * H + half * K2_HEADS_PER_WARP + n * 8 + g) * HEAD_DIM;
+                #pragma unroll
+                for (int s = 0; s < K_STEPS; ++s)
+                    e4m3x4_to_f16x4(*reinterpret_cast<const unsigned*>(q_head + s * 16 + 4 * t), q_frag[n][s][0],
+                                    q_frag[n][s][1]);
+            }
+            __syncwarp();  // every lane is done reading the previous batch's weights
+            w_rows[warp][lane] = w[(size_t)row * H + half * K2_HEADS_PER_WARP + lane];
+            __syncwarp();
+            q_batch = b;
+        }
+
+        const unsigned char* stage = stages[step % STAGES];
+        const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
+        const int context_len = context_lens[b];
+        const int p0 = work.n * BLOCK_KV + mt * 16;  // position of the m-tile's first key
+        // some key of the m-tile visible to draft j (warp-uniform); else store_block writes -inf / nothing
+        if (p0 <= context_len - next_n + j) {
+            // scores[p, h] = k[p] . q[b, j, h] for 16 keys x this warp's 32 heads, float32 accumulators
+            float acc[N_TILES][4];
+            #pragma unroll
+            for (int n = 0; n < N_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
+                // bytes of keys g, g+8 in the 16-byte chunks 2kk and 2kk+1 (slices s = 2kk, 2kk+1 of D)
+                unsigned k_bytes[4], a[4];
+                ldmatrix_x4(k_bytes, stage + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
+                #pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    e4m3x4_to_f16x4(k_bytes[2 * s], a[0], a[2]);      // key g
+                    e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[1], a[3]);  // key g + 8
+                    #pragma unroll
+                    for (int n = 0; n < N_TILES; ++n)
+                        mma_f16_16816(acc[n], a, q_frag[n][2 * kk + s][0], q_frag[n][2 * kk + s][1]);
+                }
+            }
+            // sum_h w[row, h] * ReLU(scores[p, h]) over this lane's 2 heads of each n-tile ...
+            float sum_lo = 0.f, sum_hi = 0.f;  // keys g and g + 8
+            #pragma unroll
+            for (int n = 0; n < N_TILES; ++n) {
+                const float2 w_h = ld_shared_f2(w_pairs + n * 4 + t);  // w[row, 32 half + 8n + 2t], and + 1
+                sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
+                sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
+            }
+            // ... over the 4 lanes of a key row ...
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            // ... times k_scale[p]; lane t = 0 keeps key g, lane t = 1 key g + 8
+            if (t < 2) {
+                const int slot = mt * 16 + g + 8 * t;
+                partials[step % 2][part][slot] = (t == 0 ? sum_lo : sum_hi) * k_scale[slot];
+            }
+        }
+        done = work;
+        ++work.n;
+        settle(work, context_lens, B);
+    }
+    __syncthreads();  // the last block's partials are complete
+    if (step > 0) store_block(done, step - 1);
+    cp_async_wait<0>();
+
+    if (clean_logits) {  // -inf past each context, rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
+        const int n_warps = n_threads / 32;
+        for (int r = warp; ; r += n_warps) {
+            const int b = blockIdx.x + (r / next_n) * gridDim.x;
+            if (b >= B) break;
+            fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b],
+                         max_context_len, lane);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(K2_MAX_THREADS)
+fp8_paged_mqa_logits_f16_h64(const unsigned char* q, const unsigned char* kv_cache, const float* w,
+                             const int* context_lens, const int* block_table, const int* schedule, float* logits,
+                             int B, int next_n, int max_blocks, int max_context_len, int clean_logits) {
+    fp8_paged_mqa_logits_f16<64>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n,
+                                 max_blocks, max_context_len, clean_logits);
+}
+
+extern "C" __global__ void __launch_bounds__(K2_MAX_THREADS)
+fp8_paged_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* kv_cache, const float* w,
+                             const int* context_lens, const int* block_table, const int* schedule, float* logits,
+                             int B, int next_n, int max_blocks, int max_context_len, int clean_logits) {
+    fp8_paged_mqa_logits_f16<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n,
+                                 max_blocks, max_context_len, clean_logits);
 }

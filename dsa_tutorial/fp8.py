@@ -23,8 +23,13 @@ Which function runs where:
   the logits reference computes in float64 and also accepts unquantised float inputs).
 * `act_quant_cuda`, `mqa_logits_cuda` always run `cuda/act_quant.cu` / `cuda/fp8_mqa_logits.cu`.
 
-`mqa_logits` with clean_logits=False: the CUDA kernel writes every position of the key range that
-its block of 12 queries computes (-inf where the row's own mask says so) and leaves the columns
+`mqa_logits_cuda` runs one of three kernels of `cuda/fp8_mqa_logits.cu` (`kernel=`): "naive"
+(kernel 1, scalar), "tensor_core" (kernel 2, mma.sync e4m3, which sm_90 emulates with f16 mma and
+per-call conversions) and "tensor_core_f16" (kernel 3, the default: e4m3 converted to f16 once,
+f16 mma.sync, float32 accumulation; the same products).
+
+`mqa_logits` with clean_logits=False: the CUDA kernels write every position of the key range that
+their block of queries computes (-inf where the row's own mask says so) and leave the columns
 outside that range as `torch.empty` gave them: unspecified. Only [ks_i, ke_i) is defined.
 """
 from __future__ import annotations
@@ -50,16 +55,21 @@ __all__ = [
     "causal_ks_ke",
     "MQA_SUPPORTED_HEADS",
     "MQA_SUPPORTED_HEAD_DIM",
+    "MQA_KERNELS",
 ]
 
 FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value: 1.75 * 2^8
 AMAX_FLOOR = 1e-4  # an all-zero block still gets a positive scale
 SCALE_FORMATS = ("ue8m0", None)
-ACT_QUANT_WARPS = 8  # warps per block of cuda/act_quant.cu: one quantisation block per warp
+ACT_QUANT_WARPS = 8  # warps per block of cuda/act_quant.cu: one quantisation block per warp (kernel 1)
+ACT_QUANT_B128_BLOCKS_PER_WARP = 4  # kernel 2 (block_size 128): 4 consecutive blocks per warp
 MQA_SUPPORTED_HEADS = (32, 64)  # H the CUDA kernel is compiled for (V3.2 uses 64)
 MQA_SUPPORTED_HEAD_DIM = 128  # D: one 128-value block scale per key, four k32 steps
-MQA_QUERIES_PER_CTA = 12  # as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
+MQA_QUERIES_PER_CTA = 12  # kernel 2, as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
 MQA_THREADS = 32 * MQA_QUERIES_PER_CTA
+MQA_F16_WARPS = 8  # kernel 3 (K3_WARPS): 32 heads a warp, so H / 32 warps a query
+MQA_KERNELS = ("naive", "tensor_core", "tensor_core_f16")
+MQA_DEFAULT_KERNEL = "tensor_core_f16"  # the fastest on the H200
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -113,10 +123,14 @@ def act_dequant(x_fp8: torch.Tensor, scales: torch.Tensor, block_size: int = 128
     return (x_fp8.float().unflatten(-1, (-1, block_size)) * scales.unsqueeze(-1)).flatten(-2)
 
 
-def act_quant_cuda(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
+def act_quant_cuda(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0", *, kernel: str | None = None):
     """`cuda/act_quant.cu`: x float32 or bfloat16 on the GPU, contiguous; block_size a multiple of 32.
 
+    kernel: "blockwise" (kernel 1, any block_size), "b128" (kernel 2: block_size 128, x 16-byte
+    aligned) or None (the default: "b128" where it applies, else "blockwise").
     Bit-identical to act_quant_reference for finite inputs."""
+    if kernel not in (None, "blockwise", "b128"):
+        raise ValueError(f"kernel must be None, 'blockwise' or 'b128', got {kernel!r}")
     _check_quant_args(x, block_size, scale_fmt)
     check_tensor(x, "x", dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
     if block_size % 32:
@@ -126,10 +140,18 @@ def act_quant_cuda(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
     n_blocks = scales.numel()
     if n_blocks == 0:
         return x_fp8, scales
-    kernel = "act_quant_f32" if x.dtype == torch.float32 else "act_quant_bf16"
-    grid = (n_blocks + ACT_QUANT_WARPS - 1) // ACT_QUANT_WARPS
-    launch("act_quant", kernel, grid=grid, block=32 * ACT_QUANT_WARPS,
-           args=(x, x_fp8, scales, n_blocks, block_size, scale_fmt == "ue8m0"))
+    fits_b128 = block_size == 128 and x.data_ptr() % 16 == 0  # one 16- or 8-byte load a lane
+    if kernel == "b128" and not fits_b128:
+        raise ValueError("the b128 act_quant kernel needs block_size 128 and a 16-byte aligned x")
+    dtype = "f32" if x.dtype == torch.float32 else "bf16"
+    if kernel == "b128" or (kernel is None and fits_b128):
+        n_warps = (n_blocks + ACT_QUANT_B128_BLOCKS_PER_WARP - 1) // ACT_QUANT_B128_BLOCKS_PER_WARP
+        launch("act_quant", f"act_quant_b128_{dtype}", grid=(n_warps + ACT_QUANT_WARPS - 1) // ACT_QUANT_WARPS,
+               block=32 * ACT_QUANT_WARPS, args=(x, x_fp8, scales, n_blocks, scale_fmt == "ue8m0"))
+    else:
+        grid = (n_blocks + ACT_QUANT_WARPS - 1) // ACT_QUANT_WARPS
+        launch("act_quant", f"act_quant_{dtype}", grid=grid, block=32 * ACT_QUANT_WARPS,
+               args=(x, x_fp8, scales, n_blocks, block_size, scale_fmt == "ue8m0"))
     return x_fp8, scales
 
 
@@ -243,14 +265,15 @@ def mqa_logits_reference(q, kv, weights, ks, ke, clean_logits: bool = True, quer
     return logits
 
 
-def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str = "tensor_core",
+def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str = MQA_DEFAULT_KERNEL,
                     out: torch.Tensor | None = None):
-    """`cuda/fp8_mqa_logits.cu`: kernel "tensor_core" (mma.sync e4m3) or "naive" (scalar).
+    """`cuda/fp8_mqa_logits.cu`: kernel "tensor_core_f16" (kernel 3, f16 mma.sync on the converted
+    e4m3 values, the default), "tensor_core" (kernel 2, mma.sync e4m3) or "naive" (kernel 1, scalar).
 
     Returns logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits, else unspecified.
     `out` (optional, [S_q, S_k] float32 contiguous) receives them: tests pass a poisoned buffer."""
-    if kernel not in ("tensor_core", "naive"):
-        raise ValueError(f"kernel must be 'tensor_core' or 'naive', got {kernel!r}")
+    if kernel not in MQA_KERNELS:
+        raise ValueError(f"kernel must be one of {MQA_KERNELS}, got {kernel!r}")
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
     shape = (dims["S_q"], dims["S_k"])
     if out is None:
@@ -261,7 +284,7 @@ def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel
     return logits
 
 
-def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str = "tensor_core") -> None:
+def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str = MQA_DEFAULT_KERNEL) -> None:
     """The launch alone, on inputs already checked (the benchmark times this)."""
     k, k_scale = _split_kv(kv)
     S_q, H, _ = q.shape
@@ -278,12 +301,17 @@ def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kerne
         grid = (S_q + MQA_QUERIES_PER_CTA - 1) // MQA_QUERIES_PER_CTA
         launch("fp8_mqa_logits", f"fp8_mqa_logits_h{H}", grid=grid, block=MQA_THREADS,
                args=(*args, bool(clean_logits)))
+    elif kernel == "tensor_core_f16":
+        queries_per_cta = MQA_F16_WARPS // (H // 32)  # 4 for H = 64, 8 for H = 32
+        grid = (S_q + queries_per_cta - 1) // queries_per_cta
+        launch("fp8_mqa_logits", f"fp8_mqa_logits_f16_h{H}", grid=grid, block=32 * MQA_F16_WARPS,
+               args=(*args, bool(clean_logits)))
     else:
-        raise ValueError(f"kernel must be 'tensor_core' or 'naive', got {kernel!r}")
+        raise ValueError(f"kernel must be one of {MQA_KERNELS}, got {kernel!r}")
 
 
 def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True):
-    """fp8_mqa_logits (SPEC section 6): the CUDA tensor-core kernel for CUDA inputs, else the reference.
+    """fp8_mqa_logits (SPEC section 6): the fastest CUDA kernel for CUDA inputs, else the reference.
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
     ks, ke [S_q] int32 -> logits [S_q, S_k] float32."""

@@ -21,9 +21,11 @@ Which function runs where:
 * `paged_mqa_logits` dispatches: `paged_mqa_logits_cuda` (cuda/fp8_paged_mqa_logits.cu) for CUDA
   inputs, `paged_mqa_logits_reference` (float64, any device) otherwise.
 * `paged_mqa_logits_metadata` is plain torch and runs where context_lens is.
-* The CUDA kernel launches one block of 4 warps per schedule row; 3 such blocks fit an SM, so
-  ask the schedule for `schedule_size(device)` = 3 x the SM count (any size is correct; fewer
-  rows just leave the SMs emptier).
+* `paged_mqa_logits_cuda` runs one of two kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
+  "tensor_core" (kernel 1: 4 warps a block, mma.sync e4m3, which sm_90 emulates with f16 mma and
+  per-call conversions) or "tensor_core_f16" (kernel 2, the default: 4 x next_n x H / 32 warps a
+  block, e4m3 converted to f16 once, f16 mma.sync). Either launches one block per schedule row;
+  ask the schedule for `schedule_size(device)` = CTAS_PER_SM x the SM count (any size is correct).
 
 clean_logits=False: the kernel still writes every position p < context_lens[b] (a value or -inf
 for the draft positions j cannot see yet) and leaves p >= context_lens[b] untouched (unspecified).
@@ -50,12 +52,17 @@ __all__ = [
     "paged_mqa_logits",
     "paged_mqa_logits_reference",
     "paged_mqa_logits_cuda",
+    "PAGED_KERNELS",
 ]
 
 BLOCK_KV = 64  # tokens per physical block
 SPLIT_KV = 4 * BLOCK_KV  # tokens per schedule segment (DeepGEMM: block_kv x 4 math warpgroups)
-CTAS_PER_SM = 3  # blocks of cuda/fp8_paged_mqa_logits.cu that fit one H200 SM (registers)
-PAGED_THREADS = 128  # as #defined in cuda/fp8_paged_mqa_logits.cu
+# Schedule rows per SM. Kernel 2 at next_n = 1, H = 64 (8 warps of <= 128 registers) fits 2 blocks an
+# SM: 2 rows an SM make one full wave; at next_n = 2 (16 warps, 1 block an SM) two full waves.
+CTAS_PER_SM = 2
+PAGED_THREADS = 128  # kernel 1, as #defined in cuda/fp8_paged_mqa_logits.cu
+PAGED_KERNELS = ("tensor_core", "tensor_core_f16")
+PAGED_DEFAULT_KERNEL = "tensor_core_f16"  # the fastest on the H200
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -218,11 +225,15 @@ def paged_mqa_logits_reference(q, kv_cache, weights, context_lens, block_table, 
 
 
 def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
-                          clean_logits: bool = True, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`cuda/fp8_paged_mqa_logits.cu`: one block of 4 warps per schedule row.
+                          clean_logits: bool = True, *, out: torch.Tensor | None = None,
+                          kernel: str = PAGED_DEFAULT_KERNEL) -> torch.Tensor:
+    """`cuda/fp8_paged_mqa_logits.cu`: one block per schedule row; kernel "tensor_core_f16" (kernel 2,
+    the default) or "tensor_core" (kernel 1).
 
     `out` (optional, [B * next_n, max_context_len] float32) receives the logits; a test passes a
     poisoned buffer to see that every position that must be written is."""
+    if kernel not in PAGED_KERNELS:
+        raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
     shape = (dims["B"] * dims["next_n"], max_context_len)
@@ -230,18 +241,24 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
         out = torch.empty(shape, dtype=torch.float32, device=q.device)
     else:
         check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
-    _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, out)
+    _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, out,
+                  kernel)
     return out
 
 
 def _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits,
-                  out) -> None:
+                  out, kernel: str = PAGED_DEFAULT_KERNEL) -> None:
     """The launch alone, on inputs already checked (the benchmark times this)."""
     B, next_n, H, _ = q.shape
     if B == 0 or max_context_len == 0:
         return
-    launch("fp8_paged_mqa_logits", f"fp8_paged_mqa_logits_h{H}", grid=schedule_meta.shape[0] - 1,
-           block=PAGED_THREADS,
+    if kernel == "tensor_core":
+        name, threads = f"fp8_paged_mqa_logits_h{H}", PAGED_THREADS
+    elif kernel == "tensor_core_f16":  # one warp per (16-key m-tile, draft position, 32-head half)
+        name, threads = f"fp8_paged_mqa_logits_f16_h{H}", 4 * 32 * next_n * (H // 32)
+    else:
+        raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
+    launch("fp8_paged_mqa_logits", name, grid=schedule_meta.shape[0] - 1, block=threads,
            args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n,
                  block_table.shape[1], max_context_len, bool(clean_logits)))
 

@@ -220,6 +220,7 @@ def test_mqa_logits_rejects_bad_input(change, match):
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
+    (dict(kernel="wgmma"), "kernel must be one of"),
 ])
 def test_mqa_logits_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -244,13 +245,16 @@ def test_mqa_logits_cuda_rejects_unsupported_heads_and_head_dim():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [128, 32, 192])
 @pytest.mark.parametrize("scale_fmt", ["ue8m0", None])
-def test_act_quant_cuda_is_bit_exact(dtype, block_size, scale_fmt):
+@pytest.mark.parametrize("kernel", [None, "blockwise", "b128"])
+def test_act_quant_cuda_is_bit_exact(dtype, block_size, scale_fmt, kernel):
+    if kernel == "b128" and block_size != 128:
+        pytest.skip("kernel 2 is for block_size 128 only")
     x = (with_outliers((37, 3, 4 * 192), seed=5, scale=3.0)).to(dtype)
     x[0, 0] = 0  # an all-zero block: the 1e-4 floor
     x[1, 1, :block_size] = 1e-30  # a block of tiny values
     ref_q, ref_s = fp8.act_quant_reference(x, block_size, scale_fmt)
     x_cuda = x.cuda()
-    out_q, out_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt)
+    out_q, out_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt, kernel=kernel)
     assert torch.equal(out_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))  # every byte
     assert torch.equal(out_s.cpu(), ref_s)
     # the reference gives the same bits on the GPU (true division there too, see block_scales)
@@ -259,6 +263,25 @@ def test_act_quant_cuda_is_bit_exact(dtype, block_size, scale_fmt):
     # act_quant dispatches to the kernel for CUDA tensors
     again_q, again_s = fp8.act_quant(x_cuda, block_size, scale_fmt)
     assert torch.equal(again_q.view(torch.uint8), out_q.view(torch.uint8)) and torch.equal(again_s, out_s)
+
+
+@pytest.mark.gpu
+def test_act_quant_cuda_b128_tails_and_alignment():
+    # 1, 3, 5 and 9 blocks: partial last groups of 4 blocks per warp; a tensor at an offset of 4
+    # values (8 or 16 bytes) takes the general kernel, or is refused by "b128" when not 16-byte aligned
+    for n_rows in (1, 3, 5, 9):
+        x = with_outliers((n_rows, 128), seed=n_rows).cuda()
+        q, s = fp8.act_quant_cuda(x, kernel="b128")
+        ref_q, ref_s = fp8.act_quant_reference(x.cpu())
+        assert torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
+    x = with_outliers((4 * 128 + 4,), seed=3).cuda()[4:]  # 16 bytes in for float32: still aligned
+    q, s = fp8.act_quant_cuda(x, kernel="b128")
+    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant_reference(x.cpu())[0].view(torch.uint8))
+    x = with_outliers((4 * 128 + 2,), seed=4).cuda()[2:]  # 8 bytes in: not 16-byte aligned
+    q, s = fp8.act_quant_cuda(x)  # the general kernel
+    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant_reference(x.cpu())[0].view(torch.uint8))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fp8.act_quant_cuda(x, kernel="b128")
 
 
 def _ragged_ranges(S_q, S_k, seed):
@@ -271,10 +294,10 @@ def _ragged_ranges(S_q, S_k, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("H", [64, 32])
-@pytest.mark.parametrize("kernel", ["tensor_core", "naive"])
+@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
 @pytest.mark.parametrize("ranges", ["causal", "ragged"])
 def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
-    seq_lens = [1, 37, 130, 66, 7]  # S = 241: not a multiple of 12 queries or 64 keys
+    seq_lens = [1, 37, 130, 66, 7]  # S = 241: not a multiple of 8, 12 or 16 queries, nor of 64 keys
     data = mqa_inputs(seq_lens, H=H, seed=6)
     q, k, k_scale, w = data["fp8"]
     ks, ke = (data["ks"], data["ke"]) if ranges == "causal" else _ragged_ranges(241, 241, 7)
@@ -295,16 +318,51 @@ def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
 
 
 @pytest.mark.gpu
-def test_mqa_logits_cuda_unclean_defines_the_visible_part():
-    data = mqa_inputs([100, 29], H=64, seed=8)
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+def test_mqa_logits_cuda_unclean_defines_the_visible_part(kernel, H):
+    data = mqa_inputs([100, 29], H=H, seed=8)
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
     ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke).cpu()
     out = compare.poisoned((129, 129), torch.float32, "cuda")
-    fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, clean_logits=False, out=out)
+    fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, clean_logits=False, kernel=kernel, out=out)
     visible = torch.isfinite(ref)
     scale = ref[visible].abs().max().item()
     compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+@pytest.mark.gpu
+def test_mqa_logits_dispatches_to_the_fastest_kernel():
+    assert fp8.MQA_DEFAULT_KERNEL == "tensor_core_f16"
+    data = mqa_inputs([70, 33], H=64, seed=11)
+    cuda = [t.cuda() for t in data["fp8"]]
+    ks, ke = data["ks"].cuda(), data["ke"].cuda()
+    a = fp8.mqa_logits(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke)
+    b = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke, kernel="tensor_core_f16")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
+    # ranges that start and end anywhere, some much wider than a 64-key tile and some empty, so a
+    # block's union of ranges has tiles where only some of its queries see anything
+    g = torch.Generator().manual_seed(12)
+    S_q, S_k = 157, 1000
+    q, q_s = fp8.act_quant(rotate_activation(torch.randn(S_q, 64, 128, generator=g)))
+    k, k_s = fp8.act_quant(rotate_activation(torch.randn(S_k, 128, generator=g)))
+    w = torch.randn(S_q, 64, generator=g) * q_s.squeeze(-1)
+    ks = torch.randint(0, S_k, (S_q,), generator=g)
+    ke = torch.minimum(ks + torch.randint(0, 700, (S_q,), generator=g), torch.tensor(S_k))
+    ks[::13] = ke[::13]
+    ks, ke = ks.int(), ke.int()
+    ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
+    out = compare.poisoned((S_q, S_k), torch.float32, "cuda")
+    fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_s.squeeze(-1).cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel,
+                        out=out)
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} logits")
 
 
 @pytest.mark.gpu
@@ -333,3 +391,5 @@ def test_mqa_logits_cuda_rejects_bad_input_before_launch():
         fp8.mqa_logits_cuda(**{**cuda, "ke": cuda["ke"] + 5})
     with pytest.raises(ValueError, match="contiguous"):
         fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fp8.mqa_logits_cuda(**cuda, kernel="wgmma")

@@ -200,6 +200,7 @@ def test_paged_rejects_bad_input(change, match):
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
+    (dict(kernel="wgmma"), "kernel must be one of"),
 ])
 def test_paged_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -217,10 +218,11 @@ def test_paged_cuda_rejects_unsupported_heads():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", paged.PAGED_KERNELS)
 @pytest.mark.parametrize("next_n", [1, 2])
 @pytest.mark.parametrize("H", [64, 32])
 @pytest.mark.parametrize("num_sms", [1, 7, "device"])
-def test_paged_cuda_matches_reference(next_n, H, num_sms):
+def test_paged_cuda_matches_reference(next_n, H, num_sms, kernel):
     context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513]  # partial blocks, an empty context, 256-token edges
     batch = make_batch(context_lens, next_n=next_n, H=H, seed=10 + next_n)
     num_sms = paged.schedule_size() if num_sms == "device" else num_sms
@@ -228,7 +230,7 @@ def test_paged_cuda_matches_reference(next_n, H, num_sms):
     max_len = 1029  # wider than any context: the clean fill must reach the end of every row
     ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
     out = compare.poisoned((len(context_lens) * next_n, max_len), torch.float32, "cuda")
-    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out)
+    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out, kernel=kernel)
     # same tolerance and reasoning as test_fp8.test_mqa_logits_cuda_matches_reference
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name="paged logits")
@@ -238,15 +240,17 @@ def test_paged_cuda_matches_reference(next_n, H, num_sms):
 
 
 @pytest.mark.gpu
-def test_paged_cuda_unclean_defines_context_positions():
-    batch = make_batch([129, 7, 256], next_n=2, H=64, seed=20)
+@pytest.mark.parametrize("kernel", paged.PAGED_KERNELS)
+@pytest.mark.parametrize("next_n, H", [(2, 64), (1, 64), (2, 32)])
+def test_paged_cuda_unclean_defines_context_positions(kernel, next_n, H):
+    batch = make_batch([129, 7, 256], next_n=next_n, H=H, seed=20)
     q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=4, device="cuda")
     ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), 300)
-    out = compare.poisoned((6, 300), torch.float32, "cuda")
-    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 300, False, out=out)
+    out = compare.poisoned((3 * next_n, 300), torch.float32, "cuda")
+    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 300, False, out=out, kernel=kernel)
     out = out.cpu()
     for b, c in enumerate([129, 7, 256]):  # p < context_len is defined: values and -inf alike
-        rows = slice(2 * b, 2 * b + 2)
+        rows = slice(next_n * b, next_n * b + next_n)
         scale = ref[rows, :c][torch.isfinite(ref[rows, :c])].abs().max().item()
         compare.assert_close(out[rows, :c], ref[rows, :c], atol=1e-3 * scale, max_calc_diff=1e-6)
 
@@ -258,6 +262,8 @@ def test_paged_dispatch_and_errors_on_gpu():
     assert out.is_cuda and out.shape == (2, 70)
     with pytest.raises(ValueError, match="block id"):
         paged.paged_mqa_logits(**{**args, "block_table": _table([0, 1, -1], [-5, -1, -1]).cuda()})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        paged.paged_mqa_logits_cuda(**args, kernel="wgmma")
     with pytest.raises(ValueError, match="schedule_meta does not match"):
         paged.paged_mqa_logits(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
             torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
