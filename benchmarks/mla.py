@@ -3,14 +3,18 @@
     python benchmarks/mla.py            (from the repository root, on a GPU; about a minute)
 
 Cases (one `bench.report` line each; bytes are what the kernel must move at least):
-* compress: the wkv_a output of T = 16384 tokens [T, 576] -> latent cache entries [T, 576]
-  (kv_norm on c^KV, k^R copied or rotated). Memory-bound: bytes = read + write of T x 576 values.
-* rope: q^R of T = 16384 tokens x 128 heads x 64 dims, both layouts. Bytes = read + write.
+* compress: the wkv_a output of T = 131072 tokens [T, 576] -> latent cache entries [T, 576]
+  (kv_norm on c^KV, k^R copied or rotated; a prefill of 128K tokens, 600 MB moved in float32: large
+  enough to fill the chip). Memory-bound: bytes = read + write of T x 576 values. Kernels 1
+  ("scalar") and 2 ("vector", the default at V3.2's dims).
+* rope: q^R of T = 16384 tokens x 128 heads x 64 dims, both layouts, kernels 1 ("pairs") and 2
+  ("vector", the default). Bytes = read + write.
 * decode scores: B = 64 sequences, S = 8192 cached tokens, n_h = 128 heads, one new token:
   the cache [B, S, 576] is read once, scores [B, 128, S] float32 written. FLOPs 2 B n_h S 576.
   With 128 heads sharing each cache row this is 2 * 128 * 576 / (576 * 2 + 128 * 4) = 89 FLOP per
   byte in bf16: near the H200's bf16 ridge (~190 FLOP/B at 790 TFLOP/s / 4.2 TB/s), so both ceilings
-  are printed; in float32 on CUDA cores (~60 TFLOP/s) it is compute-bound.
+  are printed; in float32 on CUDA cores (~60 TFLOP/s) it is compute-bound. Kernels: tiled (float32)
+  against torch's float32 einsums; mma and pipelined (bf16) against one cuBLAS bf16 batched GEMM.
 """
 from __future__ import annotations
 
@@ -73,8 +77,8 @@ def main() -> None:
     freqs_cis = rope.precompute_freqs_cis(ARGS).to(torch.complex64).to(dev)
     del cos_sin
 
-    # ---------------------------------------------------------------- compress, T = 16384
-    n_tokens, width = 16384, ARGS.latent_dim
+    # ---------------------------------------------------------------- compress, T = 131072
+    n_tokens, width = 131072, ARGS.latent_dim
     weight = torch.rand(ARGS.kv_lora_rank, device=dev) + 0.5
     for dtype in (torch.float32, torch.bfloat16):
         nbytes = 2 * n_tokens * width * torch.finfo(dtype).bits // 8
@@ -84,14 +88,16 @@ def main() -> None:
                 positions = torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev) if with_rope else None
                 return kv, positions
             base = bench.benchmark(lambda kv, p: torch_compress(kv, weight, p, freqs_cis), make)
-            ours = bench.benchmark(lambda kv, p: mla.kv_compress_cuda(kv, weight, ARGS, positions=p,
-                                                                      check_positions=False), make)
             tag = f"compress{'+rope' if with_rope else ''} {str(dtype)[6:]:8s} T={n_tokens}"
-            print(bench.report(f"{tag} torch", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-            print(bench.report(f"{tag} cuda ", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps, baseline=base))
+            print(bench.report(f"{tag} torch       ", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
+            for kernel in ("scalar", "vector"):
+                ours = bench.benchmark(lambda kv, p, kernel=kernel: mla.kv_compress_cuda(
+                    kv, weight, ARGS, positions=p, check_positions=False, kernel=kernel), make)
+                print(bench.report(f"{tag} cuda {kernel:6s}", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps,
+                                   baseline=base))
 
     # ---------------------------------------------------------------- rope on q^R, 16384 x 128 x 64
-    n_heads = ARGS.n_heads
+    n_tokens, n_heads = 16384, ARGS.n_heads
     for dtype in (torch.float32, torch.bfloat16):
         nbytes = 2 * n_tokens * n_heads * ARGS.qk_rope_head_dim * torch.finfo(dtype).bits // 8
         for layout in rope.LAYOUTS:
@@ -99,16 +105,19 @@ def main() -> None:
                 return (torch.randn(n_tokens, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
                         torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev))
             base = bench.benchmark(lambda x, p: torch_rope(x, p, freqs_cis, layout == "interleaved"), make)
-            # without the position range check (a device-to-host sync), as a model that knows its positions
-            ours = bench.benchmark(lambda x, p: rope.rope_cuda(x, p, layout, ARGS, check_positions=False), make)
             tag = f"rope {layout:11s} {str(dtype)[6:]:8s} T={n_tokens} H={n_heads}"
-            print(bench.report(f"{tag} torch", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-            print(bench.report(f"{tag} cuda ", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps, baseline=base))
+            print(bench.report(f"{tag} torch       ", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
+            for kernel in ("pairs", "vector"):
+                # without the position range check (a device-to-host sync), as a model that knows its positions
+                ours = bench.benchmark(lambda x, p, kernel=kernel: rope.rope_cuda(
+                    x, p, layout, ARGS, check_positions=False, kernel=kernel), make)
+                print(bench.report(f"{tag} cuda {kernel:6s}", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps,
+                                   baseline=base))
 
     # ---------------------------------------------------------------- decode scores, B 64, S 8192, n_h 128
     batch, n_keys, n_q = 64, 8192, 1
     flops = 2 * batch * n_q * n_heads * n_keys * width
-    for kernel, dtype in (("tiled", torch.float32), ("mma", torch.bfloat16)):
+    for kernel, dtype in (("tiled", torch.float32), ("mma", torch.bfloat16), ("pipelined", torch.bfloat16)):
         size = torch.finfo(dtype).bits // 8
         nbytes = batch * n_keys * width * size + batch * n_q * n_heads * n_keys * 4 + batch * n_q * n_heads * width * size
 
@@ -121,7 +130,7 @@ def main() -> None:
         ours = bench.benchmark(lambda q, r, c, kernel=kernel: mla.decode_scores_cuda(q, r, c, ARGS, kernel=kernel),
                                make, warmup=3, reps=20)
         ceiling = ceilings.bf16_tflops if dtype == torch.bfloat16 else None
-        tag = f"decode scores {kernel:5s} {str(dtype)[6:]:8s} B={batch} S={n_keys} n_h={n_heads}"
+        tag = f"decode scores {kernel:9s} {str(dtype)[6:]:8s} B={batch} S={n_keys} n_h={n_heads}"
         print(bench.report(f"{tag} torch", base, flops=flops, nbytes=nbytes, ceiling_tflops=ceiling,
                            ceiling_tbps=ceilings.copy_tbps))
         print(bench.report(f"{tag} cuda ", ours, flops=flops, nbytes=nbytes, ceiling_tflops=ceiling,
@@ -134,7 +143,7 @@ def main() -> None:
     for kernel in ("naive", "tiled"):
         t = bench.benchmark(lambda q, r, c, kernel=kernel: mla.decode_scores_cuda(q, r, c, ARGS, kernel=kernel),
                             make_small, warmup=2, reps=10)
-        print(bench.report(f"decode scores {kernel:5s} float32  B={small} S={n_keys} n_h={n_heads} cuda ", t,
+        print(bench.report(f"decode scores {kernel:9s} float32  B={small} S={n_keys} n_h={n_heads} cuda ", t,
                            flops=2 * small * n_heads * n_keys * width))
 
 

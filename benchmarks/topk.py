@@ -44,15 +44,16 @@ def main() -> None:
         nbytes = rows * length * 4 + rows * K * 4
         sorted_base = bench.benchmark(lambda s: s.topk(K, dim=-1), make)
         base = bench.benchmark(lambda s: s.topk(K, dim=-1, sorted=False), make)
-        four = bench.benchmark(lambda s, p=positions: select_topk_cuda(s, K, p, kernel="four_passes", check_positions=False), make)
-        compact = bench.benchmark(lambda s, p=positions: select_topk_cuda(s, K, p, kernel="compact", check_positions=False), make)
-        row_end = torch.full((rows,), length, dtype=torch.int32, device="cuda")
+        four = bench.benchmark(
+            lambda s, p=positions: select_topk_cuda(s, K, p, kernel="four_passes", check_positions=False), make)
+        compact = bench.benchmark(
+            lambda s, p=positions: select_topk_cuda(s, K, p, kernel="compact", check_positions=False), make)
         out = torch.empty(rows, K, dtype=torch.int32, device="cuda")
         capacity = min(length, TOPK_LIST_MAX)
 
-        def kernel_only(s, row_end=row_end, out=out, length=length, capacity=capacity, rows=rows):
+        def kernel_only(s, p=positions, out=out, length=length, capacity=capacity, rows=rows):
             launch("topk", "topk_radix_select_compact", grid=rows, block=TOPK_THREADS,
-                   args=(s, row_end, out, length, K, capacity), shared_mem=8 * capacity)
+                   args=(s, p, rows, out, length, K, capacity), shared_mem=8 * capacity)
 
         bare = bench.benchmark(kernel_only, make)
         label = f"{rows:5d} x {length:6d}"

@@ -17,12 +17,19 @@
 //                                       (R = 128 heads) each cache row is read from DRAM once; the
 //                                       next 32 dims are loaded into registers while the tensor
 //                                       cores work on the current ones
+//   kernel 4  decode_scores_pipelined_bf16  the same mma, fed without stalls: the 128 x 576 query
+//                                       tile stays in shared memory for all the keys a block
+//                                       computes, one persistent block per SM, the cache streamed
+//                                       through a 5-stage cp.async pipeline, fragments loaded with
+//                                       ldmatrix from XOR-swizzled tiles, 128 x 128 scores a tile
 //
 // Inputs are contiguous: q_abs [B, R, d_c], q_rope [B, R, d_R], latent [B, S, d_c + d_R];
 // output scores float32 [B, R, S]. Grids: kernel 1 (ceil(S/128), R, B) x 128 threads; kernel 2
-// (ceil(S/64), ceil(R/64), B) x 256; kernel 3 (ceil(S/64), ceil(R/128), B) x 256. Every tail (R, S,
-// and d_c + d_R not multiples of the tile) is zero-filled on load and masked on store. Kernel 3 needs d_c and d_R multiples of
-// 16 and 16-byte aligned tensors (asserted by dsa_tutorial.mla.decode_scores_cuda).
+// (ceil(S/64), ceil(R/64), B) x 256; kernel 3 (ceil(S/64), ceil(R/128), B) x 256; kernel 4
+// min(#SMs, tiles) x 256 with 229376 bytes of dynamic shared memory at d_c + d_R = 576. Every tail
+// (R, S, and d_c + d_R not multiples of the tile) is zero-filled on load and masked on store.
+// Kernels 3 and 4 need d_c and d_R multiples of 16 and 16-byte aligned inputs (asserted by
+// dsa_tutorial.mla.decode_scores_cuda).
 // Checked against dsa_tutorial.mla.latent_scores.
 #include <cuda_bf16.h>
 
@@ -188,4 +195,177 @@ decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, 
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------ kernel 4
+// decode_scores_pipelined_bf16: the same mma.sync product, organised so that the tensor cores wait
+// for neither the query nor the cache.
+//   * The query tile (128 rows x all 576 dims, 144 KiB) is loaded into shared memory once per block
+//     and reused for every key tile the block computes: kernel 3 re-reads it for every 64 keys.
+//   * Persistent blocks: one block per SM; the work items (batch entry, 128-row block, 128-key tile)
+//     are cut into contiguous ranges, one per block, so every SM gets the same number of tiles
+//     (+-1) and the query is reloaded only when a range crosses into the next batch entry.
+//   * The cache streams through PIPE_STAGES shared-memory buffers of 128 keys x 64 dims filled by
+//     cp.async (global -> shared without registers): while the tensor cores work on one buffer, the
+//     next PIPE_STAGES - 1 are in flight (64 KiB a SM, enough to cover DRAM latency).
+//   * Fragments come from ldmatrix.x4 (four 8 x 8 bf16 matrices, one 16-byte row address per lane).
+//     Rows of 64 dims are 128 bytes: without care, the 8 rows an ldmatrix phase reads would all sit
+//     in the same banks. The 16-byte chunk j of row r is stored at chunk j ^ (r % 8) (XOR swizzle),
+//     which puts those 8 rows in 8 different bank groups; the cp.async writes are permuted the same way.
+//   * 8 warps in a 2 x 4 grid: warp w computes rows 64 (w % 2) .. +63 and keys 32 (w / 2) .. +31 of
+//     the 128 x 128 tile: 4 A fragments x 4 B fragments = 16 mma per 16 dims, from 6 ldmatrix.x4.
+// ldmatrix.x4 hands lane l the pair (row l/4, cols 2 (l%4), +1) of each matrix j in register j, which
+// is the mma fragment layout above when the matrices are
+//   A: j = 0 (rows 0-7, dims 0-7), 1 (rows 8-15, dims 0-7), 2 (rows 0-7, dims 8-15), 3 (rows 8-15, dims 8-15)
+//   B: j = 0 (keys 0-7, dims 0-7), 1 (keys 0-7, dims 8-15), 2 (keys 8-15, dims 0-7), 3 (keys 8-15, dims 8-15)
+//      (registers 0, 1 are b0, b1 of the first 8 keys; 2, 3 those of the next 8)
+// and lane l supplies the address of row l % 8 of matrix l / 8.
+// Dynamic shared memory: 128 x width_pad bf16 (query) + PIPE_STAGES x 128 x 64 bf16, width_pad =
+// d_c + d_R rounded up to 64 (576 -> 147456 + 81920 = 229376 bytes; the loader checks the device limit).
+#define PIPE_ROWS 128    // query rows per tile
+#define PIPE_KEYS 128    // keys per tile
+#define PIPE_DIMS 64     // dims per pipeline stage (one 128-byte row per key)
+#define PIPE_STAGES 5
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes 16 zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `row_bytes`-byte rows
+__device__ __forceinline__ int swizzled(int row, int chunk, int row_bytes) {
+    return row * row_bytes + ((chunk ^ (row & 7)) << 4);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, const __nv_bfloat16* latent,
+                             float* scores, int n_rows, int n_keys, int d_c, int d_rope, float softmax_scale,
+                             int n_batch) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int width = d_c + d_rope;
+    const int n_chunks = (width + PIPE_DIMS - 1) / PIPE_DIMS;  // pipeline stages per key tile
+    const int q_row_bytes = n_chunks * PIPE_DIMS * 2;          // query tile [128][width_pad] bf16
+    unsigned char* q_tile = smem;
+    unsigned char* kv_tiles = smem + PIPE_ROWS * q_row_bytes;  // PIPE_STAGES x [128 keys][64 dims] bf16
+    const int row_blocks = (n_rows + PIPE_ROWS - 1) / PIPE_ROWS, n_tiles = (n_keys + PIPE_KEYS - 1) / PIPE_KEYS;
+    const int n_items = n_batch * row_blocks * n_tiles;  // < 2^31 (checked by the loader)
+    // this block's contiguous range of work items [first, last)
+    const int first = (int)((long long)n_items * blockIdx.x / gridDim.x);
+    const int last = (int)((long long)n_items * (blockIdx.x + 1) / gridDim.x);
+    const int n_steps = (last - first) * n_chunks;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+    const int warp_row = 64 * (warp % 2), warp_key = 32 * (warp / 2);
+
+    // item -> (batch entry, first query row, first key)
+    auto decode_item = [&](int item, int& b, int& row0, int& key0) {
+        key0 = (item % n_tiles) * PIPE_KEYS;
+        const int rest = item / n_tiles;
+        row0 = (rest % row_blocks) * PIPE_ROWS;
+        b = rest / row_blocks;
+    };
+    // query rows row0 .. row0+127 of batch entry b, all dims, zero past n_rows and width
+    auto load_query = [&](int b, int row0) {
+        const int row_chunks = q_row_bytes / 16;
+        for (int idx = tid; idx < PIPE_ROWS * row_chunks; idx += THREADS) {
+            const int r = idx / row_chunks, chunk = idx % row_chunks, d = 8 * chunk;
+            const long long row = (long long)b * n_rows + row0 + r;
+            const bool valid = row0 + r < n_rows && d < width;  // d_c % 8 == 0: a chunk is all q_abs or all q_rope
+            const __nv_bfloat16* src = !valid ? q_abs : d < d_c ? q_abs + row * d_c + d : q_rope + row * d_rope + (d - d_c);
+            cp_async_16(q_tile + swizzled(r, chunk, q_row_bytes), src, valid ? 16 : 0);
+        }
+    };
+    // pipeline step `step` of this block: keys key0 .. +127, dims 64 (step % n_chunks) .. +63
+    auto load_step = [&](int step) {
+        int b, row0, key0;
+        decode_item(first + step / n_chunks, b, row0, key0);
+        const int d0 = (step % n_chunks) * PIPE_DIMS;
+        unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * (PIPE_KEYS * PIPE_DIMS * 2);
+        for (int idx = tid; idx < PIPE_KEYS * 8; idx += THREADS) {  // 8 chunks of 16 bytes per key
+            const int key = idx / 8, chunk = idx % 8, s = key0 + key, d = d0 + 8 * chunk;
+            const bool valid = s < n_keys && d < width;
+            const __nv_bfloat16* src = valid ? latent + ((long long)b * n_keys + s) * width + d : latent;
+            cp_async_16(tile + swizzled(key, chunk, PIPE_DIMS * 2), src, valid ? 16 : 0);
+        }
+    };
+
+    int b, row0, key0;
+    if (n_steps > 0) {
+        decode_item(first, b, row0, key0);
+        load_query(b, row0);  // committed with step 0: waited for before step 0 is computed
+    }
+    for (int step = 0; step < PIPE_STAGES - 1; ++step) {
+        if (step < n_steps) load_step(step);
+        cp_async_commit();  // (possibly empty) group per step keeps the wait_group count uniform
+    }
+    float acc[4][4][4] = {};  // [16-row tile m][8-key tile n][c0..c3]
+    for (int step = 0; step < n_steps; ++step) {
+        const int chunk = step % n_chunks;
+        cp_async_wait<PIPE_STAGES - 2>();  // this thread's copies of step `step` have landed ...
+        __syncthreads();                   // ... and everyone's; everyone is done with step - 1's buffer
+        if (chunk == 0 && step > 0) {      // a new tile: reload the query when the batch entry or row block changes
+            int b_new, row0_new;
+            decode_item(first + step / n_chunks, b_new, row0_new, key0);
+            if (b_new != b || row0_new != row0) {
+                b = b_new, row0 = row0_new;
+                load_query(b, row0);
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncthreads();
+            }
+        }
+        if (step + PIPE_STAGES - 1 < n_steps) load_step(step + PIPE_STAGES - 1);  // into the buffer freed at step - 1
+        cp_async_commit();
+
+        const unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * (PIPE_KEYS * PIPE_DIMS * 2);
+        for (int k = 0; k < PIPE_DIMS; k += 16) {
+            unsigned a[4][4], bfrag[2][4];
+            for (int m = 0; m < 4; ++m) {  // A: rows warp_row + 16 m + (l % 8) + 8 ((l / 8) % 2), dims k + 8 (l / 16)
+                const int r = warp_row + 16 * m + (lane % 8) + 8 * ((lane / 8) % 2);
+                ldmatrix_x4(a[m], q_tile + swizzled(r, chunk * 8 + k / 8 + lane / 16, q_row_bytes));
+            }
+            for (int p = 0; p < 2; ++p) {  // B: keys warp_key + 16 p + (l % 8) + 8 (l / 16), dims k + 8 ((l / 8) % 2)
+                const int key = warp_key + 16 * p + (lane % 8) + 8 * (lane / 16);
+                ldmatrix_x4(bfrag[p], tile + swizzled(key, k / 8 + (lane / 8) % 2, PIPE_DIMS * 2));
+            }
+            for (int m = 0; m < 4; ++m)
+                for (int n = 0; n < 4; ++n) {
+                    const unsigned bn[2] = {bfrag[n / 2][2 * (n % 2)], bfrag[n / 2][2 * (n % 2) + 1]};
+                    // acc += q[16 rows, 16 dims] . latent[8 keys, 16 dims]^T
+                    mma_bf16_16816(acc[m][n], a[m], bn);
+                }
+        }
+        if (chunk == n_chunks - 1) {  // the tile's 576 dims are summed: write 128 x 128 scores, reset
+            int b_out, row0_out, key0_out;
+            decode_item(first + step / n_chunks, b_out, row0_out, key0_out);
+            for (int m = 0; m < 4; ++m)
+                for (int half = 0; half < 2; ++half) {  // c0, c1 on row g; c2, c3 on row g + 8
+                    const int r = row0_out + warp_row + 16 * m + g + 8 * half;
+                    float* out_row = scores + ((long long)b_out * n_rows + r) * n_keys;
+                    for (int n = 0; n < 4; ++n) {
+                        const int s = key0_out + warp_key + 8 * n + 2 * c;
+                        const float v0 = acc[m][n][2 * half] * softmax_scale, v1 = acc[m][n][2 * half + 1] * softmax_scale;
+                        if (r < n_rows && s + 1 < n_keys && (reinterpret_cast<size_t>(out_row + s) & 7) == 0) {
+                            __stcs(reinterpret_cast<float2*>(out_row + s), make_float2(v0, v1));  // streaming: not re-read
+                        } else if (r < n_rows) {
+                            if (s < n_keys) __stcs(out_row + s, v0);
+                            if (s + 1 < n_keys) __stcs(out_row + s + 1, v1);
+                        }
+                    }
+                }
+            for (int m = 0; m < 4; ++m)
+                for (int n = 0; n < 4; ++n)
+                    for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
+        }
+    }
+    cp_async_wait<0>();  // no copy may be in flight when the block exits
 }

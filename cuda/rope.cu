@@ -9,16 +9,27 @@
 //
 // Checked against dsa_tutorial.rope.apply_rope (float64). Loader: dsa_tutorial.rope.rope_cuda.
 //
-//   rope_interleaved_f32 / rope_half_f32    x, y float32  [T, H, d_R]
-//   rope_interleaved_bf16 / rope_half_bf16  x, y bfloat16 [T, H, d_R], arithmetic in float32
+//   kernel 1  rope_{interleaved,half}_{f32,bf16}       one thread per pair, any even d_R
+//   kernel 2  rope_{interleaved,half}_vec_{f32,bf16}   one thread per 16-byte chunk of x (4 float32
+//             or 8 bfloat16 values: 2 or 4 interleaved pairs; for the half layout a chunk of each
+//             half, 4 or 8 pairs), ROPE_UNROLL chunks per thread loaded before any is rotated, the
+//             cos / sin entries of those pairs read as one vector too. Needs d_R (interleaved) or
+//             d_R / 2 (half) a multiple of the chunk and 16-byte aligned x, y (the loader checks).
+//   x, y float32 or bfloat16 [T, H, d_R], arithmetic in float32.
 //
-// One thread per pair, a grid-stride loop over the T * H * d_R/2 pairs. cos and sin are read from
-// a float32 table [max_seq_len, d_R/2] built in float64 on the host (dsa_tutorial.rope.cos_sin_table):
-// m theta_i reaches 1.6e5 rad at V3.2's context, and forming it in float32 here would be off by
-// several 1e-3 rad.
+// Kernel 1: one thread per pair, a grid-stride loop over the T * H * d_R/2 pairs. Each thread moves
+// 8 (float32) or 4 (bf16) bytes and spends more instructions on 64-bit index arithmetic than on the
+// rotation: it reaches about half the copy bandwidth on an H200. Kernel 2 moves 16 bytes per load,
+// keeps two loads in flight per thread and needs one 32-bit division per chunk.
+//
+// Both: cos and sin are read from a float32 table [max_seq_len, d_R/2] built in float64 on the host
+// (dsa_tutorial.rope.cos_sin_table): m theta_i reaches 1.6e5 rad at V3.2's context, and forming it in
+// float32 here would be off by several 1e-3 rad.
 // A position outside the table writes NaN (the loader rejects such positions before launching).
 // Memory-bound: each pair reads 2 values, 2 table entries (cached: H heads share them) and writes 2.
 #include <cuda_bf16.h>
+
+#define ROPE_UNROLL 2  // kernel 2: 16-byte chunks per thread, all loaded before the first is rotated
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
@@ -69,3 +80,127 @@ ROPE_KERNEL(rope_interleaved_f32, float, true)
 ROPE_KERNEL(rope_half_f32, float, false)
 ROPE_KERNEL(rope_interleaved_bf16, __nv_bfloat16, true)
 ROPE_KERNEL(rope_half_bf16, __nv_bfloat16, false)
+
+// ------------------------------------------------------------------------------------ kernel 2
+// 16 bytes <-> 4 float32 or 8 bf16 values as floats, with explicit bit operations (so that the
+// compiler keeps one 16-byte load or store). bf16 -> float32 is exact: the 16 bits shifted up; the
+// low address (the low half of a 32-bit word) holds the first value.
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[4]) {
+    v[0] = __uint_as_float(raw.x), v[1] = __uint_as_float(raw.y), v[2] = __uint_as_float(raw.z), v[3] = __uint_as_float(raw.w);
+}
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[8]) {
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+}
+__device__ __forceinline__ uint4 pack16(const float (&v)[4]) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+__device__ __forceinline__ uint4 pack16(const float (&v)[8]) {  // round to nearest even, as __float2bfloat16
+    unsigned w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        w[j] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j])) |
+               ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j + 1])) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 16 bytes of T (x, y are 16-byte aligned: checked by the loader), kept raw until the arithmetic
+template <typename T> struct Chunk {
+    static constexpr int N = 16 / sizeof(T);  // values per chunk: 4 float32, 8 bfloat16
+    uint4 raw;
+    __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
+    __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
+    __device__ __forceinline__ void unpack(float (&v)[N]) const { unpack16(raw, v); }
+    __device__ __forceinline__ void pack(const float (&v)[N]) { raw = pack16(v); }
+};
+
+// N consecutive table entries, N = 2 (p 8-byte aligned), 4 or 8 (p 16-byte aligned)
+template <int N> __device__ __forceinline__ void load_table(const float* p, float (&v)[N]) {
+    if constexpr (N == 2) {
+        const float2 t = *reinterpret_cast<const float2*>(p);
+        v[0] = t.x, v[1] = t.y;
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; j += 4) {
+            const float4 t = *reinterpret_cast<const float4*>(p + j);
+            v[j] = t.x, v[j + 1] = t.y, v[j + 2] = t.z, v[j + 3] = t.w;
+        }
+    }
+}
+
+// Chunk `idx` of the [T * H rows][chunks_per_row] grid:
+//   interleaved: values c N .. c N + N-1 of the row = pairs i0 .. i0 + N/2 - 1, i0 = c N / 2
+//   half:        values c N .. (first half) and d_R/2 + c N .. (second half) = pairs c N .. c N + N-1
+template <typename T, bool INTERLEAVED>
+__device__ void rope_chunks(const T* __restrict__ x, const long long* __restrict__ positions,
+                            const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                            T* __restrict__ y, int n_tokens, int n_heads, int d_rope, int max_seq_len) {
+    constexpr int N = Chunk<T>::N;
+    constexpr int PAIRS = INTERLEAVED ? N / 2 : N;  // pairs per chunk
+    const int n_half = d_rope / 2;
+    const unsigned chunks_per_row = INTERLEAVED ? d_rope / N : n_half / N;
+    const unsigned n_chunks = (unsigned)n_tokens * n_heads * chunks_per_row;  // < 2^31: checked by the loader
+    const unsigned first = blockIdx.x * (blockDim.x * ROPE_UNROLL) + threadIdx.x;
+    Chunk<T> x_a[ROPE_UNROLL], x_b[ROPE_UNROLL];  // x_b: the second half's chunk (half layout only)
+    float cos_mi[ROPE_UNROLL][PAIRS], sin_mi[ROPE_UNROLL][PAIRS];
+    bool inside[ROPE_UNROLL];
+    long long offset[ROPE_UNROLL];  // of the chunk's first value in x and y
+    // every load first (consecutive threads: consecutive chunks, coalesced), then the arithmetic
+#pragma unroll
+    for (int u = 0; u < ROPE_UNROLL; ++u) {
+        const unsigned idx = first + u * blockDim.x;
+        if (idx >= n_chunks) continue;
+        const unsigned row = idx / chunks_per_row, c = idx - row * chunks_per_row;  // row = t * H + head
+        const int t = row / n_heads;
+        offset[u] = (long long)row * d_rope + c * N;
+        x_a[u].load(x + offset[u]);
+        if (!INTERLEAVED) x_b[u].load(x + offset[u] + n_half);
+        const long long m = positions[t];
+        inside[u] = m >= 0 && m < max_seq_len;  // never read outside the table
+        if (inside[u]) {
+            load_table<PAIRS>(cos_table + m * n_half + c * PAIRS, cos_mi[u]);  // cos(m theta_i), i = i0 ..
+            load_table<PAIRS>(sin_table + m * n_half + c * PAIRS, sin_mi[u]);
+        } else {
+#pragma unroll
+            for (int p = 0; p < PAIRS; ++p) cos_mi[u][p] = sin_mi[u][p] = 0.f;  // unused: the output is NaN
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < ROPE_UNROLL; ++u) {
+        const unsigned idx = first + u * blockDim.x;
+        if (idx >= n_chunks) continue;
+        float v_a[N], v_b[N];
+        x_a[u].unpack(v_a);
+        if (!INTERLEAVED) x_b[u].unpack(v_b);
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            // the pair (a, b): (v_a[2p], v_a[2p+1]) of one chunk, or (v_a[p], v_b[p]) of the two halves
+            float& a = INTERLEAVED ? v_a[2 * p] : v_a[p];
+            float& b = INTERLEAVED ? v_a[2 * p + 1] : v_b[p];
+            const float x_a_p = a, x_b_p = b;
+            // y_a = x_a cos - x_b sin,  y_b = x_a sin + x_b cos  (NaN for a position outside the table)
+            a = inside[u] ? x_a_p * cos_mi[u][p] - x_b_p * sin_mi[u][p] : __int_as_float(0x7fc00000);
+            b = inside[u] ? x_a_p * sin_mi[u][p] + x_b_p * cos_mi[u][p] : __int_as_float(0x7fc00000);
+        }
+        x_a[u].pack(v_a);
+        x_a[u].store(y + offset[u]);
+        if (!INTERLEAVED) {
+            x_b[u].pack(v_b);
+            x_b[u].store(y + offset[u] + n_half);
+        }
+    }
+}
+
+#define ROPE_VEC_KERNEL(NAME, T, INTERLEAVED)                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                                   \
+    NAME(const T* x, const long long* positions, const float* cos_table, const float* sin_table, T* y,  \
+         int n_tokens, int n_heads, int d_rope, int max_seq_len) {                                       \
+        rope_chunks<T, INTERLEAVED>(x, positions, cos_table, sin_table, y, n_tokens, n_heads, d_rope,    \
+                                    max_seq_len);                                                        \
+    }
+
+ROPE_VEC_KERNEL(rope_interleaved_vec_f32, float, true)
+ROPE_VEC_KERNEL(rope_half_vec_f32, float, false)
+ROPE_VEC_KERNEL(rope_interleaved_vec_bf16, __nv_bfloat16, true)
+ROPE_VEC_KERNEL(rope_half_vec_bf16, __nv_bfloat16, false)

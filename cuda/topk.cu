@@ -1,13 +1,14 @@
-// Top-k selection by radix select, one block per row:   S_t = Top-k(I_t,:) over s < row_end[t]
+// Top-k selection by radix select, one block per row:   S_t = Top-k(I_t,:) over s <= position of t
 //
 // Checked against dsa_tutorial.topk.select_topk, bit for bit: the same set, the same order.
 //
-//   scores float32 [rows, S], row_end int32 [rows] (one past the last visible position of each
-//   row), out int32 [rows, k]: the selected positions in increasing order, then -1 in the slots a
-//   short row leaves over.
+//   scores float32 [rows, S] (rows = B * T), query_positions int64 [T] (the last visible position
+//   of each query, or a null pointer for the causal default S - T + t), out int32 [rows, k]: the
+//   selected positions in increasing order, then -1 in the slots a short row leaves over.
 //
 // The rules (module docstring of dsa_tutorial/topk.py):
-//   * candidates are the positions s < row_end whose score is not NaN; -inf is an ordinary score;
+//   * candidates are the visible positions s <= position of t (clamped to [0, S)) whose score is
+//     not NaN; -inf is an ordinary score;
 //   * larger value first, +0.0 == -0.0, and among equal values the lower position wins.
 //
 // The idea. Sorting a row of 131072 scores to keep 2048 of them is wasteful: we only need the
@@ -194,11 +195,20 @@ __device__ void select_four_passes(const float* __restrict__ row, int end, int* 
     for (int i = (int)n_select + tid; i < k; i += TOPK_THREADS) out_row[i] = -1;
 }
 
+// One past the last visible position of this block's row, clamped to [0, S]. Row r is query
+// t = r % T of its batch; its last visible position is query_positions[t], or, when no positions
+// are given (a null pointer), the causal alignment to the end of the keys: S - T + t.
+__device__ __forceinline__ int visible_end(const long long* __restrict__ query_positions, int T, int S) {
+    const int t = blockIdx.x % T;
+    const long long last = query_positions ? query_positions[t] : (long long)S - T + t;
+    return (int)min(max(last + 1, 0ll), (long long)S);
+}
+
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_radix_select(const float* __restrict__ scores, const int* __restrict__ row_end, int* __restrict__ out,
-                  int S, int k) {
+topk_radix_select(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
+                  int* __restrict__ out, int S, int k) {
     __shared__ unsigned hist[RADIX_BINS];
-    const int end = min(max(row_end[blockIdx.x], 0), S);  // positions [0, end) are visible
+    const int end = visible_end(query_positions, T, S);  // positions [0, end) are visible
     select_four_passes(scores + (size_t)blockIdx.x * S, end, out + (size_t)blockIdx.x * k, k, hist);
 }
 
@@ -223,8 +233,8 @@ __device__ __forceinline__ void load_keys4(const float4* __restrict__ body, int 
 __device__ __forceinline__ bool in_list(unsigned key, unsigned low_bin) { return key != 0u && (key >> 21) >= low_bin; }
 
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_radix_select_compact(const float* __restrict__ scores, const int* __restrict__ row_end, int* __restrict__ out,
-                          int S, int k, int list_capacity) {
+topk_radix_select_compact(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
+                          int* __restrict__ out, int S, int k, int list_capacity) {
     extern __shared__ __align__(16) unsigned topk_list[];  // dynamic: keys [list_capacity], positions [list_capacity]
     __shared__ unsigned hist[RADIX_BINS];
     unsigned* list_key = topk_list;
@@ -232,7 +242,7 @@ topk_radix_select_compact(const float* __restrict__ scores, const int* __restric
     const int tid = threadIdx.x;
     const float* row = scores + (size_t)blockIdx.x * S;
     int* out_row = out + (size_t)blockIdx.x * k;
-    const int end = min(max(row_end[blockIdx.x], 0), S);  // positions [0, end) are visible
+    const int end = visible_end(query_positions, T, S);  // positions [0, end) are visible
     // [0, head) scalars, [head, tail) float4s (n4 of them), [tail, end) scalars
     const int head = min(end, (int)((4u - (unsigned)(reinterpret_cast<size_t>(row) / 4u)) % 4u));
     const int n4 = (end - head) / 4, tail = head + 4 * n4;

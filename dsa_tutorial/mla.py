@@ -32,7 +32,7 @@ Interface used by the other chapters (the indexer and DSA):
 
 CUDA: `kv_compress_cuda` (cuda/mla_compress.cu: split + RMSNorm, optionally RoPE, of the wkv_a
 output into the latent cache layout) and `decode_scores_cuda` (cuda/mla_decode_scores.cu:
-absorbed scores over the latent cache).
+absorbed scores over the latent cache, kernels naive -> tiled -> mma -> pipelined).
 """
 from __future__ import annotations
 
@@ -395,19 +395,27 @@ class MLA(nn.Module):
 # ----------------------------------------------------------------------------- CUDA loaders
 
 COMPRESS_WARPS = 8  # token rows per block of cuda/mla_compress.cu (one warp each)
+COMPRESS_VEC_DIMS = (512, 64)  # (d_c, d_R) built into its vector kernel (COMPRESS_D_C, COMPRESS_D_R)
 SCORES_TILE = 64  # rows and keys per block tile of the tiled kernels in cuda/mla_decode_scores.cu
-SCORES_MMA_ROWS = 128  # query rows per block of the tensor-core kernel (all 128 heads of a decode token)
+SCORES_MMA_ROWS = 128  # query rows per block of the tensor-core kernels (all 128 heads of a decode token)
+SCORES_PIPE_KEYS = 128  # keys per tile of decode_scores_pipelined_bf16
+SCORES_PIPE_DIMS = 64  # latent dims per pipeline stage of decode_scores_pipelined_bf16
+SCORES_PIPE_STAGES = 5  # shared-memory buffers of its cache pipeline
 
 
 def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: ModelArgs,
                      positions: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                     check_positions: bool = True) -> torch.Tensor:
+                     check_positions: bool = True, kernel: str | None = None) -> torch.Tensor:
     """`cuda/mla_compress.cu`: the wkv_a output kv [T, d_c + d_R] -> latent [T, d_c + d_R] =
     [RMSNorm(c^KV) | k^R], k^R rotated (interleaved RoPE) when `positions` int64 [T] is given,
     copied unrotated otherwise. float32 or bfloat16 (float32 arithmetic), contiguous, on the GPU.
     Writes into `out` [T, d_c + d_R] when given. `check_positions=False` skips the range check (a
-    device-to-host sync); the kernel then writes NaN for a position outside the table, never reads there."""
+    device-to-host sync); the kernel then writes NaN for a position outside the table, never reads there.
+    `kernel`: "scalar" (kernel 1, any dims) or "vector" (kernel 2, d_c = 512 and d_R = 64 built in,
+    16-byte loads; needs 16-byte aligned kv, kv_norm_weight and out); None picks "vector" where it applies."""
     _check_args(args)
+    if kernel not in (None, "scalar", "vector"):
+        raise ValueError(f"kernel must be None, 'scalar' or 'vector', got {kernel!r}")
     check_tensor(kv, "kv", shape=("T", args.latent_dim), dtype=(torch.float32, torch.bfloat16), cuda=True,
                  contiguous=True)
     check_tensor(kv_norm_weight, "kv_norm_weight", shape=(args.kv_lora_rank,), dtype=torch.float32,
@@ -422,10 +430,18 @@ def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: Model
     check_tensor(latent, "out", shape=tuple(kv.shape), dtype=kv.dtype, device=kv.device, contiguous=True)
     if n_tokens == 0:
         return latent
-    suffix = "f32" if kv.dtype == torch.float32 else "bf16"
+    # kernel 2 has V3.2's dims built in and moves 16-byte chunks
+    fits = ((args.kv_lora_rank, args.qk_rope_head_dim) == COMPRESS_VEC_DIMS
+            and all(t.data_ptr() % 16 == 0 for t in (kv, kv_norm_weight, latent)))
+    if kernel == "vector" and not fits:
+        raise ValueError(f"the vector kernel needs (kv_lora_rank, qk_rope_head_dim) = {COMPRESS_VEC_DIMS} and "
+                         "16-byte aligned kv, kv_norm_weight and out")
+    vector = fits if kernel is None else kernel == "vector"
+    suffix = ("vec_" if vector else "") + ("f32" if kv.dtype == torch.float32 else "bf16")
     blocks = math.ceil(n_tokens / COMPRESS_WARPS)
     kv, kv_norm_weight = kv.detach(), kv_norm_weight.detach()  # kernels are inference only: no autograd
-    common = (kv, kv_norm_weight, latent, n_tokens, args.kv_lora_rank, args.qk_rope_head_dim, float(args.norm_eps))
+    dims = () if vector else (args.kv_lora_rank, args.qk_rope_head_dim)
+    common = (kv, kv_norm_weight, latent, n_tokens, *dims, float(args.norm_eps))
     if positions is None:
         launch("mla_compress", f"mla_compress_{suffix}", grid=blocks, block=32 * COMPRESS_WARPS, args=common)
     else:
@@ -435,23 +451,42 @@ def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: Model
     return latent
 
 
+def _pipelined_smem_bytes(args: ModelArgs) -> int:
+    """Dynamic shared memory of decode_scores_pipelined_bf16: the query tile and the cache stages."""
+    width_pad = math.ceil(args.latent_dim / SCORES_PIPE_DIMS) * SCORES_PIPE_DIMS
+    return SCORES_MMA_ROWS * width_pad * 2 + SCORES_PIPE_STAGES * SCORES_PIPE_KEYS * SCORES_PIPE_DIMS * 2
+
+
+def _smem_optin(device: torch.device) -> int:
+    """The most shared memory one block may ask for on `device` (227 KiB on an H100/H200)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
 def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, args: ModelArgs,
-                       kernel: str = "tiled", out: torch.Tensor | None = None) -> torch.Tensor:
+                       kernel: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`cuda/mla_decode_scores.cu`: absorbed scores over the latent cache,
     scores[b, t, i, s] = (q_abs[b, t, i] . c_kv[b, s] + q_rope[b, t, i] . k_rope[b, s]) * softmax_scale.
 
     q_abs [B, T, n_h, d_c], q_rope [B, T, n_h, d_R], latent [B, S, d_c + d_R] (LatentCache.kv), all
-    float32 (kernel "naive" or "tiled") or all bfloat16 (kernel "mma", tensor cores; needs d_c and d_R
-    multiples of 16). Returns float32 [B, T, n_h, S] (written into `out` when given).
+    float32 (kernel "naive" or "tiled") or all bfloat16 (kernel "mma" or "pipelined", tensor cores;
+    d_c and d_R multiples of 16). `kernel=None` picks the fastest for the dtype: "tiled" for float32,
+    "pipelined" for bfloat16 ("mma" when the query tile would not fit the GPU's shared memory).
+    Returns float32 [B, T, n_h, S] (written into `out` when given).
     """
     _check_args(args)
+    if kernel is None:
+        kernel = "pipelined" if isinstance(q_abs, torch.Tensor) and q_abs.dtype == torch.bfloat16 else "tiled"
+        if kernel == "pipelined" and q_abs.is_cuda and _pipelined_smem_bytes(args) > _smem_optin(q_abs.device):
+            kernel = "mma"
+    if kernel not in ("naive", "tiled", "mma", "pipelined"):
+        raise ValueError(f"kernel must be 'naive', 'tiled', 'mma' or 'pipelined', got {kernel!r}")
+    tensor_cores = kernel in ("mma", "pipelined")
     dims = {"d_c": args.kv_lora_rank, "d_R": args.qk_rope_head_dim, "L": args.latent_dim}
-    dtype = torch.bfloat16 if kernel == "mma" else torch.float32
-    if kernel not in ("naive", "tiled", "mma"):
-        raise ValueError(f"kernel must be 'naive', 'tiled' or 'mma', got {kernel!r}")
-    if kernel == "mma" and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
-        raise ValueError("the mma kernel needs kv_lora_rank and qk_rope_head_dim multiples of 16 (one k-step of "
-                         f"m16n8k16), got {args.kv_lora_rank} and {args.qk_rope_head_dim}")
+    dtype = torch.bfloat16 if tensor_cores else torch.float32
+    if tensor_cores and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
+        raise ValueError(f"the {kernel} kernel needs kv_lora_rank and qk_rope_head_dim multiples of 16 (one "
+                         f"k-step of m16n8k16), got {args.kv_lora_rank} and {args.qk_rope_head_dim}")
     check_tensor(q_abs, "q_abs", shape=("B", "T", "n_h", "d_c"), dims=dims, dtype=dtype, cuda=True, contiguous=True)
     check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", "d_R"), dims=dims, dtype=dtype, contiguous=True)
     check_tensor(latent, "latent", shape=("B", "S", "L"), dims=dims, dtype=dtype, contiguous=True)
@@ -467,10 +502,10 @@ def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.
     row_blocks = rows if kernel == "naive" else math.ceil(rows / SCORES_TILE)
     if batch > 65535 or row_blocks > 65535:
         raise ValueError(f"batch {batch} and T n_h = {rows} rows must fit the grid (<= 65535 blocks a dim)")
-    if kernel == "mma":
+    if tensor_cores:
         for name, tensor in (("q_abs", q_abs), ("q_rope", q_rope), ("latent", latent)):
             if tensor.data_ptr() % 16:
-                raise ValueError(f"the mma kernel reads 16-byte chunks: {name} must be 16-byte aligned")
+                raise ValueError(f"the {kernel} kernel reads 16-byte chunks: {name} must be 16-byte aligned")
     q_abs, q_rope, latent = q_abs.detach(), q_rope.detach(), latent.detach()  # inference only: no autograd
     common = (q_abs, q_rope, latent, scores, rows, n_keys, args.kv_lora_rank, args.qk_rope_head_dim,
               float(args.softmax_scale))
@@ -480,7 +515,19 @@ def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.
     elif kernel == "tiled":
         launch("mla_decode_scores", "decode_scores_tiled_f32",
                grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_TILE), batch), block=256, args=common)
-    else:
+    elif kernel == "mma":
         launch("mla_decode_scores", "decode_scores_mma_bf16",
                grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_MMA_ROWS), batch), block=256, args=common)
+    else:
+        # work items (batch entry, 128-row block, 128-key tile), spread in contiguous ranges over one block per SM
+        items = batch * math.ceil(rows / SCORES_MMA_ROWS) * math.ceil(n_keys / SCORES_PIPE_KEYS)
+        if items >= 2**31:
+            raise ValueError(f"{items} tiles of 128 x 128 scores: more than the kernel's int32 item count")
+        smem = _pipelined_smem_bytes(args)
+        if smem > _smem_optin(q_abs.device):
+            raise ValueError(f"the pipelined kernel needs {smem} bytes of shared memory for latent_dim "
+                             f"{args.latent_dim}, the GPU offers {_smem_optin(q_abs.device)}: use kernel='mma'")
+        n_sm = torch.cuda.get_device_properties(q_abs.device).multi_processor_count
+        launch("mla_decode_scores", "decode_scores_pipelined_bf16", grid=min(items, n_sm),
+               block=256, args=common + (batch,), shared_mem=smem)
     return scores

@@ -24,7 +24,7 @@ Interface (used by `mla`, the indexer and the kernels):
     apply_rope(x, positions, layout="interleaved", args=ModelArgs())
         x [T, d_R], [T, H, d_R] or [B, T, H, d_R]; positions int64 [T], 0 <= p < max_seq_len;
         returns x's shape and dtype (computed in float64).
-    rope_cuda(x, positions, layout, args)   the kernel of cuda/rope.cu (float32 / bfloat16)
+    rope_cuda(x, positions, layout, args)   the kernels of cuda/rope.cu (float32 / bfloat16)
     cos_sin_table(args, device)        -> (cos, sin) float32 [max_seq_len, d_R/2], what kernels read
 """
 from __future__ import annotations
@@ -39,10 +39,11 @@ from .config import ModelArgs
 from .kernels import launch
 
 __all__ = ["LAYOUTS", "inv_freq", "precompute_freqs_cis", "rope_angles", "rotate_interleaved", "rotate_half",
-           "apply_rope", "cos_sin_table", "rope_cuda", "ROPE_THREADS"]
+           "apply_rope", "cos_sin_table", "rope_cuda", "ROPE_THREADS", "ROPE_UNROLL"]
 
 LAYOUTS = ("interleaved", "half")
 ROPE_THREADS = 256  # threads per block of cuda/rope.cu
+ROPE_UNROLL = 2  # 16-byte chunks per thread of its vector kernel (ROPE_UNROLL in cuda/rope.cu)
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:
@@ -170,16 +171,31 @@ def cos_sin_table(args: ModelArgs = ModelArgs(), device="cpu") -> tuple[torch.Te
     return _cos_sin_table(args, torch.device(device))
 
 
+def _vector_kernel_fits(x: torch.Tensor, out: torch.Tensor, layout: str) -> bool:
+    """cuda/rope.cu kernel 2 reads 16-byte chunks (4 float32 or 8 bf16 values of one layout half),
+    aligned, and counts them in 32 bits."""
+    chunk = 16 // x.element_size()
+    d_rope = x.shape[-1]
+    span = d_rope if layout == "interleaved" else d_rope // 2  # values a chunk must tile
+    return (span % chunk == 0 and x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+            and x.numel() // chunk < 2**31)
+
+
 def rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleaved",
               args: ModelArgs = ModelArgs(), out: torch.Tensor | None = None, *,
-              check_positions: bool = True) -> torch.Tensor:
+              check_positions: bool = True, kernel: str | None = None) -> torch.Tensor:
     """`cuda/rope.cu`: x [T, d_R] or [T, H, d_R] float32 or bfloat16 on the GPU, contiguous;
     positions int64 [T] on the same GPU. Returns `out` (a new tensor like x when None).
 
+    `kernel`: "pairs" (kernel 1, one thread per pair, any d_R) or "vector" (kernel 2, 16-byte
+    chunks; needs d_R, or d_R/2 for the half layout, a multiple of 4 float32 / 8 bf16 values and
+    16-byte aligned x and out); None picks "vector" where it applies.
     Checking 0 <= positions < max_seq_len costs a device-to-host copy; `check_positions=False` skips
     it (the kernel still never reads outside the table: it writes NaN for such a position)."""
     if x.dim() == 4:
         raise ValueError(f"rope_cuda takes x [T, d_R] or [T, H, d_R], got shape {list(x.shape)}")
+    if kernel not in (None, "pairs", "vector"):
+        raise ValueError(f"kernel must be None, 'pairs' or 'vector', got {kernel!r}")
     _check_rope_inputs(x, positions, layout, args, check_positions)
     check_tensor(x, "x", dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
     check_tensor(positions, "positions", contiguous=True)
@@ -190,10 +206,21 @@ def rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleav
     n_pairs = n_tokens * n_heads * (d_rope // 2)
     if n_pairs == 0:
         return out
+    fits = _vector_kernel_fits(x, out, layout)
+    if kernel == "vector" and not fits:
+        raise ValueError(f"the vector kernel needs d_R{'/2' if layout == 'half' else ''} a multiple of "
+                         f"{16 // x.element_size()}, 16-byte aligned x and out, and fewer than 2^31 chunks")
+    vector = fits if kernel is None else kernel == "vector"
     cos, sin = cos_sin_table(args, x.device)
     x = x.detach()  # inference only: no autograd
-    kernel = f"rope_{layout}_{'f32' if x.dtype == torch.float32 else 'bf16'}"
-    blocks = min(math.ceil(n_pairs / ROPE_THREADS), 65535 * 8)
-    launch("rope", kernel, grid=blocks, block=ROPE_THREADS,
-           args=(x, positions, cos, sin, out, n_tokens, n_heads, d_rope, args.max_seq_len))
+    suffix = "f32" if x.dtype == torch.float32 else "bf16"
+    common = (x, positions, cos, sin, out, n_tokens, n_heads, d_rope, args.max_seq_len)
+    if vector:
+        values = 16 // x.element_size()  # per 16-byte chunk
+        n_chunks = n_pairs // (values // 2 if layout == "interleaved" else values)  # pairs per chunk
+        blocks = math.ceil(n_chunks / (ROPE_THREADS * ROPE_UNROLL))
+        launch("rope", f"rope_{layout}_vec_{suffix}", grid=blocks, block=ROPE_THREADS, args=common)
+    else:
+        blocks = min(math.ceil(n_pairs / ROPE_THREADS), 65535 * 8)
+        launch("rope", f"rope_{layout}_{suffix}", grid=blocks, block=ROPE_THREADS, args=common)
     return out

@@ -22,6 +22,7 @@ on the masked scores, keeping whatever it returns, future positions included.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .checks import check_range, check_tensor
@@ -123,8 +124,8 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
     the row, the default) or "four_passes" (kernel 1). Returns int32 [..., T, k].
 
     check_positions=False skips the range check of query_positions, which reads them back to the
-    host (a device synchronisation). Memory safety does not depend on it: the row ends handed to
-    the kernel are clamped to [0, S] on the device, so the kernel never reads outside a row.
+    host (a device synchronisation). Memory safety does not depend on it: the kernel clamps each
+    row's visible end to [0, S], so it never reads outside a row.
     """
     if kernel not in TOPK_KERNELS:
         raise ValueError(f"kernel must be one of {tuple(TOPK_KERNELS)}, got {kernel!r}")
@@ -137,25 +138,29 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
         raise ValueError(f"the kernel keeps at most k = {TOPK_MAX_K}, got {k}")
     if n_keys > TOPK_MAX_S:
         raise ValueError(f"the kernel takes rows of at most {TOPK_MAX_S} scores, got S = {n_keys}")
-    if query_positions is None or check_positions:
-        last = visible_positions(n_queries, n_keys, query_positions, scores.device)
+    if query_positions is None:
+        if n_queries > n_keys:
+            raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}): pass query_positions")
+        positions_arg = np.uint64(0)  # a null pointer: the kernel uses the causal default S - T + t
     else:
-        check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64),
-                     device=scores.device)
-        last = query_positions
+        if check_positions:
+            visible_positions(n_queries, n_keys, query_positions, scores.device)
+        else:
+            check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64),
+                         device=scores.device)
+        positions_arg = query_positions.to(torch.int64).contiguous()
     rows = scores.numel() // max(n_keys, 1)
     out = torch.empty(*scores.shape[:-1], k, dtype=torch.int32, device=scores.device)
     if rows == 0:
         return out
-    # one past the last visible position of each row: int32 [rows]
-    row_end = (last + 1).clamp(0, n_keys).to(torch.int32).repeat(rows // n_queries).contiguous()
     if rows > 2**31 - 1:
         raise ValueError(f"too many rows: {rows}")
     if kernel == "four_passes":
-        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS, args=(scores, row_end, out, n_keys, k))
+        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS,
+               args=(scores, positions_arg, n_queries, out, n_keys, k))
     else:
         # the list never holds more entries than a row has scores; longer lists fall back to kernel 1
         list_capacity = min(n_keys, TOPK_LIST_MAX)
         launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS,
-               args=(scores, row_end, out, n_keys, k, list_capacity), shared_mem=8 * list_capacity)
+               args=(scores, positions_arg, n_queries, out, n_keys, k, list_capacity), shared_mem=8 * list_capacity)
     return out

@@ -250,9 +250,18 @@ def test_cuda_wrappers_reject_cpu_tensors():
     with pytest.raises(ValueError, match="kernel must be"):
         mla.decode_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY,
                                kernel="fast")
-    with pytest.raises(ValueError, match="multiples of 16"):
-        mla.decode_scores_cuda(*(torch.randn(s).bfloat16() for s in [(1, 1, 4, 16), (1, 1, 4, 8), (1, 5, 24)]),
-                               TINY, kernel="mma")
+    for kernel in ("mma", "pipelined"):
+        with pytest.raises(ValueError, match="multiples of 16"):
+            mla.decode_scores_cuda(*(torch.randn(s).bfloat16() for s in [(1, 1, 4, 16), (1, 1, 4, 8), (1, 5, 24)]),
+                                   TINY, kernel=kernel)
+    with pytest.raises(ValueError, match="kernel must be None, 'scalar' or 'vector'"):
+        mla.kv_compress_cuda(torch.randn(3, 24), torch.ones(16), TINY, kernel="fast")
+
+
+def test_pipelined_shared_memory_fits_an_h200():
+    """The query tile of V3.2 (128 x 576 bf16) plus 5 cache stages: within sm_90's 227 KiB per block."""
+    assert mla._pipelined_smem_bytes(V32) == 128 * 576 * 2 + 5 * 128 * 64 * 2 == 229376 <= 227 * 1024
+    assert mla._pipelined_smem_bytes(MMA_ARGS) == 128 * 64 * 2 + 5 * 128 * 64 * 2  # width 48 padded to 64
 
 
 # --------------------------------------------------------------------------------------- GPU
@@ -261,19 +270,26 @@ MMA_ARGS = ModelArgs.tiny(kv_lora_rank=32, qk_rope_head_dim=16)  # latent 48: th
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_rope", [False, True])
 @pytest.mark.parametrize("args,n_tokens", [(TINY, 29), (V32, 1037), (V32, 3)])
-def test_kv_compress_cuda(dtype, with_rope, args, n_tokens):
+def test_kv_compress_cuda(kernel, dtype, with_rope, args, n_tokens):
     """Tolerance: float32 sums 512 squares (relative error <= 512 u of the sum, halved by the rsqrt)
     and scales each value with 3 more roundings: 300 u relative covers it. bf16 output: one rounding
-    at 2^-9 relative of |out| (<= 2^-9 max|ref|) on top."""
+    at 2^-9 relative of |out| (<= 2^-9 max|ref|) on top. Both kernels; the vector one has V3.2's dims
+    built in. T = 1037 and 3 leave the last block of 8 warps partly empty."""
+    if kernel == "vector" and args != V32:
+        pytest.skip("the vector kernel is built for d_c = 512, d_R = 64")
     torch.manual_seed(8)
     kv = (torch.randn(n_tokens, args.latent_dim, device="cuda") * 3).to(dtype)
     weight = torch.randn(args.kv_lora_rank, device="cuda") * 0.2 + 1
     positions = torch.randint(0, args.max_seq_len, (n_tokens,), device="cuda") if with_rope else None
+    if with_rope:
+        positions[0] = args.max_seq_len - 1  # the last row of the table
     out = compare.poisoned(kv.shape, dtype, "cuda")
-    got = mla.kv_compress_cuda(kv, weight, args, positions=positions, out=out)
+    got = mla.kv_compress_cuda(kv, weight, args, positions=positions, out=out, kernel=kernel)
+    assert got.data_ptr() == out.data_ptr()
     kv64 = kv.double()
     c_kv = rms_norm(kv64[:, : args.kv_lora_rank], weight.double(), args.norm_eps)
     k_rope = kv64[:, args.kv_lora_rank:]
@@ -307,26 +323,48 @@ def _scores_reference(q_abs, q_rope, latent, args):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["naive", "tiled", "mma"])
+@pytest.mark.parametrize("kernel", ["naive", "tiled", "mma", "pipelined"])
 @pytest.mark.parametrize("args,batch,n_q,n_keys", [
     (TINY, 3, 1, 77), (TINY, 2, 5, 130), (MMA_ARGS, 3, 1, 77), (MMA_ARGS, 2, 7, 65),
-    (V32, 2, 1, 200), (V32, 3, 2, 63),
-], ids=["tiny-decode", "tiny-T5", "mma-dims", "mma-dims-T7", "v32-decode", "v32-T2"])
+    (MMA_ARGS, 45, 1, 700), (MMA_ARGS, 2, 33, 131),
+    (V32, 2, 1, 200), (V32, 3, 2, 63), (V32, 3, 1, 1000),
+], ids=["tiny-decode", "tiny-T5", "mma-dims", "mma-dims-T7", "mma-dims-many-tiles", "mma-dims-2-row-blocks",
+        "v32-decode", "v32-T2", "v32-8-key-tiles"])
 def test_decode_scores_cuda(kernel, args, batch, n_q, n_keys):
     """Tolerance: |error| <= gamma_n sum_d |q_d latent_d| * scale with n = d_c + d_R + 1 (Higham), for
     float32 accumulation of exact products: bf16 products are exact in float32, so the same bound
-    holds for the mma kernel (doubled there: the tensor-core adder may truncate instead of round)."""
-    if kernel == "mma" and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
-        pytest.skip("the mma kernel needs d_c and d_R multiples of 16")
-    dtype = torch.bfloat16 if kernel == "mma" else torch.float32
+    holds for the tensor-core kernels (doubled there: the tensor-core adder may truncate instead of round).
+    "many-tiles": 45 x 6 = 270 tiles of 128 keys over at most 132 persistent blocks, so block ranges
+    hold several tiles and cross batch entries (the query tile is reloaded); "2-row-blocks": 132 rows,
+    a second, almost empty row block; odd S: the scalar store path of the last key."""
+    tensor_cores = kernel in ("mma", "pipelined")
+    if tensor_cores and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
+        pytest.skip("the tensor-core kernels need d_c and d_R multiples of 16")
+    if not tensor_cores and n_keys * batch > 5000:
+        pytest.skip("the CUDA-core kernels have no persistent schedule to exercise")
+    dtype = torch.bfloat16 if tensor_cores else torch.float32
     q_abs, q_rope, latent = _scores_inputs(args, batch, n_q, n_keys, dtype)
     out = compare.poisoned((batch, n_q, args.n_heads, n_keys), torch.float32, "cuda")
     got = mla.decode_scores_cuda(q_abs, q_rope, latent, args, kernel=kernel, out=out)
     assert got.data_ptr() == out.data_ptr()
     want, dot_bound = _scores_reference(q_abs, q_rope, latent, args)
     n = args.latent_dim + 1
-    gamma = n * U32 / (1 - n * U32) * (2 if kernel == "mma" else 1)
+    gamma = n * U32 / (1 - n * U32) * (2 if tensor_cores else 1)
     compare.assert_close(got, want, atol=gamma * dot_bound, name=f"decode_scores_cuda {kernel}")
+
+
+@pytest.mark.gpu
+def test_decode_scores_cuda_default_kernels():
+    """kernel=None: "tiled" for float32 and "pipelined" for bf16, bit for bit; the two tensor-core
+    kernels differ only in the order of their float32 additions."""
+    for dtype, default in ((torch.float32, "tiled"), (torch.bfloat16, "pipelined")):
+        inputs = _scores_inputs(V32, 2, 1, 300, dtype, seed=10)
+        got = mla.decode_scores_cuda(*inputs, V32)
+        assert torch.equal(got, mla.decode_scores_cuda(*inputs, V32, kernel=default))
+    mma = mla.decode_scores_cuda(*inputs, V32, kernel="mma")
+    _, dot_bound = _scores_reference(*inputs, V32)
+    n = V32.latent_dim + 1
+    compare.assert_close(got, mma, atol=4 * n * U32 / (1 - n * U32) * dot_bound, name="pipelined vs mma")
 
 
 @pytest.mark.gpu
@@ -355,6 +393,13 @@ def test_kv_compress_cuda_positions_outside_the_table_give_nan():
     assert not out[:, :16].isnan().any() and not out[[0, 2, 4]].isnan().any()
     with pytest.raises(ValueError, match="positions must be >= 0, got -1"):
         mla.kv_compress_cuda(kv, torch.ones(16, device="cuda"), TINY, positions=positions)
+    # the vector kernel's guard (V3.2 dims)
+    kv = torch.randn(5, V32.latent_dim, device="cuda")
+    positions = torch.tensor([3, V32.max_seq_len, 7, -1, 0], device="cuda")
+    out = mla.kv_compress_cuda(kv, torch.ones(512, device="cuda"), V32, positions=positions, check_positions=False,
+                               kernel="vector")
+    assert out[[1, 3], 512:].isnan().all()
+    assert not out[:, :512].isnan().any() and not out[[0, 2, 4]].isnan().any()
 
 
 @pytest.mark.gpu
@@ -370,5 +415,27 @@ def test_decode_scores_cuda_bad_inputs():
         mla.decode_scores_cuda(q_abs, q_rope, latent.transpose(1, 2).contiguous().transpose(1, 2), TINY)
     bf = [t.bfloat16() for t in _scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32)]
     shifted = torch.empty(bf[2].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view_as(bf[2])
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        mla.decode_scores_cuda(bf[0], bf[1], shifted, MMA_ARGS, kernel="mma")
+    for kernel in ("mma", "pipelined"):
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            mla.decode_scores_cuda(bf[0], bf[1], shifted, MMA_ARGS, kernel=kernel)
+    # an output that is 4- but not 8-byte aligned: the pipelined kernel's scalar store path
+    q_abs, q_rope, latent = _scores_inputs(MMA_ARGS, 2, 1, 130, torch.bfloat16)
+    out = torch.full((2 * 4 * 130 + 1,), float("nan"), device="cuda")[1:].view(2, 1, 4, 130)
+    got = mla.decode_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, kernel="pipelined", out=out)
+    want, dot_bound = _scores_reference(q_abs, q_rope, latent, MMA_ARGS)
+    n = MMA_ARGS.latent_dim + 1
+    compare.assert_close(got, want, atol=2 * n * U32 / (1 - n * U32) * dot_bound, name="pipelined, odd output")
+
+
+@pytest.mark.gpu
+def test_kv_compress_cuda_kernel_choice():
+    """The vector kernel needs V3.2's dims and 16-byte alignment; the default falls back to the scalar one."""
+    kv = torch.randn(2 * V32.latent_dim + 2, device="cuda")[2:].view(2, V32.latent_dim)  # 8-byte aligned only
+    weight = torch.ones(V32.kv_lora_rank, device="cuda")
+    with pytest.raises(ValueError, match="the vector kernel needs"):
+        mla.kv_compress_cuda(kv, weight, V32, kernel="vector")
+    with pytest.raises(ValueError, match="the vector kernel needs"):
+        mla.kv_compress_cuda(torch.randn(3, TINY.latent_dim, device="cuda"), torch.ones(16, device="cuda"), TINY,
+                             kernel="vector")
+    got = mla.kv_compress_cuda(kv, weight, V32)  # falls back to kernel 1
+    assert torch.equal(got, mla.kv_compress_cuda(kv, weight, V32, kernel="scalar"))

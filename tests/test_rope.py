@@ -176,11 +176,21 @@ def test_bad_inputs():
 # relatively) and y_a = x_a cos - x_b sin adds three more roundings, so |y - y_ref| <= 5 u (|x_a| + |x_b|)
 # <= 10 u max|x|. bf16 output adds one rounding of |y| <= sqrt(2) max|x| at 2^-9: 2^-8 max|x| covers both.
 
+def _vector_applies(layout, dtype, d_rope):
+    """Kernel 2 of cuda/rope.cu tiles d_R (interleaved) or d_R/2 (half) with 16-byte chunks."""
+    chunk = 4 if dtype == torch.float32 else 8
+    return (d_rope if layout == "interleaved" else d_rope // 2) % chunk == 0
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pairs", "vector"])
 @pytest.mark.parametrize("layout", rope.LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("args,n_tokens,n_heads", [(TINY, 37, 3), (V32, 301, 128), (V32, 5, 1)])
-def test_rope_cuda(layout, dtype, args, n_tokens, n_heads):
+@pytest.mark.parametrize("args,n_tokens,n_heads", [(TINY, 37, 3), (V32, 301, 128), (V32, 5, 1), (V32, 1031, 7)])
+def test_rope_cuda(kernel, layout, dtype, args, n_tokens, n_heads):
+    """Both kernels, ragged sizes: T H d_R / chunk is not a multiple of the 512 chunks of a block."""
+    if kernel == "vector" and not _vector_applies(layout, dtype, args.qk_rope_head_dim):
+        pytest.skip("d_R (or d_R/2) is not a multiple of the 16-byte chunk")
     torch.manual_seed(7)
     x = torch.randn(n_tokens, n_heads, args.qk_rope_head_dim, device="cuda").to(dtype)
     if n_heads == 1:
@@ -188,7 +198,7 @@ def test_rope_cuda(layout, dtype, args, n_tokens, n_heads):
     positions = torch.randint(0, args.max_seq_len, (n_tokens,), device="cuda")
     positions[0] = args.max_seq_len - 1  # the last row of the table
     out = compare.poisoned(x.shape, dtype, "cuda")
-    got = rope.rope_cuda(x, positions, layout, args, out=out)
+    got = rope.rope_cuda(x, positions, layout, args, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr()
     want = rope.apply_rope(x.double(), positions, layout, args)
     amax = x.double().abs().max().item()
@@ -207,15 +217,28 @@ def test_rope_cuda_bad_inputs():
         rope.rope_cuda(torch.randn(8, 4, device="cuda").t(), torch.arange(4, device="cuda"), "half", TINY)
     with pytest.raises(ValueError, match="CUDA device"):
         rope.rope_cuda(x.cpu(), torch.arange(4), "half", TINY)
+    with pytest.raises(ValueError, match="kernel must be"):
+        rope.rope_cuda(x, torch.arange(4, device="cuda"), "half", TINY, kernel="fast")
+    bf16 = x.bfloat16()  # d_R/2 = 4: not a multiple of 8 bf16
+    with pytest.raises(ValueError, match="the vector kernel needs"):
+        rope.rope_cuda(bf16, torch.arange(4, device="cuda"), "half", TINY, kernel="vector")
+    # not 16-byte aligned: the default falls back to kernel 1, an explicit "vector" refuses
+    shifted = torch.randn(4 * 8 + 1, device="cuda")[1:].view(4, 8)
+    positions = torch.arange(4, device="cuda")
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        rope.rope_cuda(shifted, positions, "interleaved", TINY, kernel="vector")
+    assert torch.equal(rope.rope_cuda(shifted, positions, "interleaved", TINY),
+                       rope.rope_cuda(shifted, positions, "interleaved", TINY, kernel="pairs"))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pairs", "vector"])
 @pytest.mark.parametrize("layout", rope.LAYOUTS)
-def test_rope_cuda_positions_outside_the_table_give_nan(layout):
+def test_rope_cuda_positions_outside_the_table_give_nan(layout, kernel):
     """With the range check off, the kernel's own guard: NaN for that token, no read outside the table."""
     x = torch.randn(6, 2, 8, device="cuda")
     positions = torch.tensor([0, 256, 5, -3, 255, 1000], device="cuda")
-    out = rope.rope_cuda(x, positions, layout, TINY, check_positions=False)
+    out = rope.rope_cuda(x, positions, layout, TINY, check_positions=False, kernel=kernel)
     assert out[[1, 3, 5]].isnan().all() and not out[[0, 2, 4]].isnan().any()
     ok = torch.tensor([0, 2, 4], device="cuda")
     compare.assert_close(out[ok], rope.apply_rope(x[ok].double(), positions[ok], layout, TINY),
