@@ -6,8 +6,9 @@ sizes and check the results: the target for compute-sanitizer.
 
 Sizes are ragged on purpose: T, S and n_h are not multiples of any tile, the causal case has fully
 masked tiles (skipped) and partly masked ones, top-k rows are shorter than k, hold NaN, ties and
--inf, and the sparse decode has unused (-1) slots, an index outside the cache with the range check
-off (the kernel must ignore it, not read it) and a sequence with nothing selected.
+-inf, and the sparse decode (both kernels) has k not a multiple of any tile, unused (-1) slots, a
+sequence whose first 64 slots are unused, indices outside the cache with the range check off (the
+kernel must ignore them, not read them) and a sequence with nothing selected.
 Prints one line per kernel and "all DSA kernels OK" at the end; exits non-zero on a mismatch.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsa_tutorial import compare  # noqa: E402
 from dsa_tutorial.indexer import INDEXER_KERNELS, causal_index_mask, index_scores, index_scores_cuda  # noqa: E402
-from dsa_tutorial.sparse_attention import sparse_mla_attention, sparse_mla_decode_cuda  # noqa: E402
+from dsa_tutorial.sparse_attention import SPARSE_KERNELS, sparse_mla_attention, sparse_mla_decode_cuda  # noqa: E402
 from dsa_tutorial.topk import TOPK_KERNELS, select_topk, select_topk_cuda  # noqa: E402
 
 
@@ -66,23 +67,32 @@ def check_topk() -> None:
 
 
 def check_sparse_mla() -> None:
-    B, S, n_h, k = 3, 200, 40, 45
-    q_abs = torch.randn(B, n_h, 512, device="cuda").to(torch.bfloat16)
-    q_rope = torch.randn(B, n_h, 64, device="cuda").to(torch.bfloat16)
-    kv = torch.randn(B, S, 576, device="cuda").to(torch.bfloat16)
-    indices = torch.stack([torch.randperm(S, device="cuda")[:k] for _ in range(B)]).int()
-    indices[0, -5:] = -1
-    indices[2] = -1
-    ref = sparse_mla_attention(q_abs.float()[:, None], q_rope.float()[:, None], kv.float()[..., :512],
-                               kv.float()[..., 512:], indices[:, None], 0.1)[:, 0]
-    out = sparse_mla_decode_cuda(q_abs, q_rope, kv, indices, 0.1)
-    compare.assert_close(out, ref, atol=1e-4, rtol=1e-4, name="sparse_mla_decode")
-    # an index past the cache with the check off: ignored like -1, never read
-    bad = indices.clone()
-    bad[0, -1] = S + 1000
-    out = sparse_mla_decode_cuda(q_abs, q_rope, kv, bad, 0.1, check_indices=False)
-    compare.assert_close(out, ref, atol=1e-4, rtol=1e-4, name="sparse_mla_decode, index out of range")
-    print(f"sparse_mla_decode B={B} S={S} n_h={n_h} k={k}: OK")
+    # k not a multiple of kernel 2's 64-latent tile, n_h not a multiple of 64 (or of 32), -1 padding,
+    # a sequence whose first tile is all -1, a sequence with nothing selected
+    for B, S, n_h, k in [(3, 200, 40, 45), (4, 300, 128, 130), (2, 90, 16, 70)]:
+        q_abs = torch.randn(B, n_h, 512, device="cuda").to(torch.bfloat16)
+        q_rope = torch.randn(B, n_h, 64, device="cuda").to(torch.bfloat16)
+        kv = torch.randn(B, S, 576, device="cuda").to(torch.bfloat16)
+        indices = torch.stack([torch.randperm(S, device="cuda")[:k] for _ in range(B)]).int()
+        indices[0, -5:] = -1
+        indices[1, :min(64, k - 2)] = -1
+        indices[B - 1] = -1
+        ref = sparse_mla_attention(q_abs.float()[:, None], q_rope.float()[:, None], kv.float()[..., :512],
+                                   kv.float()[..., 512:], indices[:, None], 0.1)[:, 0]
+        # an index past the cache and one below -1 with the check off: ignored like -1, never read
+        bad = indices.clone()
+        bad[0, -1] = S + 1000
+        bad[0, -2] = -1000
+        for kernel in SPARSE_KERNELS:
+            # kernel 2 rounds p to bf16 before P V (see tests/test_sparse_attention.py for the tolerance)
+            tol = dict(atol=1e-4, rtol=1e-4) if kernel == "simt" else dict(atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+            out = compare.poisoned((B, n_h, 512), torch.float32)
+            out.copy_(sparse_mla_decode_cuda(q_abs, q_rope, kv, indices, 0.1, kernel=kernel))
+            compare.assert_close(out, ref, **tol, name=f"sparse_mla_decode {kernel}")
+            assert bool((out[B - 1] == 0).all()), f"sparse_mla_decode {kernel}: an empty selection must give 0"
+            out = sparse_mla_decode_cuda(q_abs, q_rope, kv, bad, 0.1, check_indices=False, kernel=kernel)
+            compare.assert_close(out, ref, **tol, name=f"sparse_mla_decode {kernel}, index out of range")
+            print(f"sparse_mla_decode {kernel} B={B} S={S} n_h={n_h} k={k}: OK")
 
 
 def main() -> None:

@@ -19,6 +19,29 @@
 //             sum and 512-value output with the online softmax, and writes o / sum at the end.
 //             What it leaves on the table (the book says so): float32 CUDA-core math where FlashMLA
 //             uses tensor cores, and n_h / 32 blocks per sequence that each gather the same latents.
+//
+//   kernel 2  sparse_mla_decode_mma  tensor cores (mma.sync m16n8k16 bf16, float32 accumulation).
+//             A block serves 64 heads of one sequence (2 blocks per sequence at n_h = 128) with 8
+//             warps. It walks the K selected positions in tiles of 64, gathering the next tile's 64
+//             latents (1152 bytes each, 16-byte cp.async, zeros for unused slots) while it computes
+//             on the current one (two shared-memory stages). Warp w owns head tile mt = w % 4 (16 heads)
+//             and half = w / 4, which picks both its 32 of the tile's 64 keys for the scores and its 256
+//             of the 512 output values: per tile it
+//               1. computes S = Q K^T for its 16 heads x 32 keys (36 k-steps of 16 over the 576 dims;
+//                  Q and K fragments by ldmatrix from XOR-swizzled shared memory),
+//               2. swaps row maxima with its partner warp (same heads, other 32 keys) through shared
+//                  memory, so both apply the same running max m to the online softmax,
+//               3. writes P = exp(S - m) in bf16 to shared memory (its 16 x 32 half of the 16 x 64 P),
+//               4. reads the whole 16 x 64 P back as A fragments and adds P V into its 16 x 256 float32
+//                  output (V = the first 512 values of the same latents, ldmatrix.trans).
+//             The two partial row sums (one per key half, same max) are added at the end.
+//             Shared memory: Q 72 KiB + 2 stages x 72 KiB + P 8 KiB + 1 KiB = 225 KiB (one block per SM).
+//             P is rounded to bf16 before P V (and the row sums add the same rounded values), so it
+//             matches the float32 reference to ~1e-3 of max|o|, not 1e-5 (the tests say why 1e-2).
+//             What it leaves on the table: wgmma (sm_90's warpgroup MMA, which FlashMLA uses), the FP8
+//             cache of SPEC section 7, and the 2 blocks of one sequence each gathering the same latents
+//             (the second read mostly hits L2). Its limit is shared-memory bandwidth: ~176 ldmatrix.x4
+//             per warp per tile against 272 mma.
 #include <cuda_bf16.h>
 
 #define D_C 512                // kv_lora_rank: the latent c_kv
@@ -139,6 +162,235 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
         for (int i = 0; i < PAIRS; ++i) {
             out_row[2 * part + 16 * i] = o[i][0] * inv_sum;
             out_row[2 * part + 16 * i + 1] = o[i][1] * inv_sum;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------ kernel 2
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16), lane = 4 g + t:
+//   A (16 x 16, row-major)  a0: (row g,     k 2t, 2t+1)  a1: (row g + 8, k 2t, 2t+1)
+//                           a2: (row g,     k 2t+8, +9)  a3: (row g + 8, k 2t+8, +9)
+//   B (16 x 8, "col")       b0: (k 2t, 2t+1, col g)      b1: (k 2t+8, 2t+9, col g)
+//   C (16 x 8, float32)     c0, c1: (row g, col 2t, 2t+1)  c2, c3: (row g + 8, col 2t, 2t+1)
+// (each 32-bit register holds two bf16, the lower k or column in the low half).
+// ldmatrix.x4 hands register i the 8x8 matrix whose 8 row addresses lanes 8i .. 8i+7 give; without
+// .trans lane 4g + t gets (row g, columns 2t, 2t+1) of it, with .trans (rows 2t, 2t+1, column g).
+//
+// Shared rows are 16-byte chunks; chunk c of row r sits at position c ^ (r % 8) (an XOR swizzle), so
+// the 8 rows one ldmatrix phase reads at the same logical chunk fall in 8 different bank groups.
+
+#define MMA_HEADS 64              // heads per block: 4 head tiles of 16
+#define MMA_TILE 64               // selected latents per shared-memory stage
+#define MMA_THREADS 256           // 8 warps: 4 head tiles x 2 halves
+#define L_CHUNKS (D_L / 8)        // 72 chunks of 16 bytes in a 576-value latent row
+#define P_CHUNKS (MMA_TILE / 8)   // 8 chunks in a 64-value row of P
+
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+
+// C[16 x 8] += A[16 x 16] B[16 x 8], bf16 inputs, float32 accumulation.
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row
+__device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {
+    return (row * chunks + (chunk ^ (row & 7))) * 8;
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                      const int* __restrict__ indices, float* __restrict__ out,
+                      int B, int S, int n_h, int K, float softmax_scale) {
+    extern __shared__ __align__(16) unsigned char sparse_smem[];
+    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(sparse_smem);  // [MMA_HEADS][576], swizzled
+    __nv_bfloat16* kv_s = q_s + MMA_HEADS * D_L;                          // [2][MMA_TILE][576], swizzled
+    __nv_bfloat16* p_s = kv_s + 2 * MMA_TILE * D_L;                       // [MMA_HEADS][MMA_TILE], swizzled
+    float* row_s = reinterpret_cast<float*>(p_s + MMA_HEADS * MMA_TILE);   // [2 halves][MMA_HEADS]
+    int* valid_s = reinterpret_cast<int*>(row_s + 2 * MMA_HEADS);         // [2 stages][MMA_TILE]
+
+    const int b = blockIdx.y, h0 = blockIdx.x * MMA_HEADS;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int mt = warp % 4, half = warp / 4;  // head tile (heads h0 + 16 mt ..) and key / output half
+    const int g = lane / 4, t = lane % 4;      // the fragment coordinates of this lane
+    const int* index_row = indices + (size_t)b * K;
+    const __nv_bfloat16* kv_b = kv + (size_t)b * S * D_L;
+
+    // the block's 64 queries [q_abs | q_rope], zeros for heads past n_h
+    for (int i = tid; i < MMA_HEADS * L_CHUNKS; i += MMA_THREADS) {
+        const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+        const bool inside = h0 + r < n_h;
+        const __nv_bfloat16* src = q + ((size_t)b * n_h + (inside ? h0 + r : 0)) * D_L + c * 8;
+        cp_async_16(q_s + swizzled(r, c, L_CHUNKS), src, inside ? 16 : 0);
+    }
+    // gather tile `tile` of the selection into stage `stage`: c_s = [c_kv[s] | k_rope[s]], zeros when unused
+    auto load_tile = [&](int tile, int stage) {
+        const int j0 = tile * MMA_TILE;
+        __nv_bfloat16* dst = kv_s + stage * MMA_TILE * D_L;
+        for (int i = tid; i < MMA_TILE * L_CHUNKS; i += MMA_THREADS) {
+            const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+            const int s = j0 + r < K ? __ldg(index_row + j0 + r) : -1;
+            const bool used = s >= 0 && s < S;  // out-of-range entries count as unused, never read
+            cp_async_16(dst + swizzled(r, c, L_CHUNKS), kv_b + (size_t)(used ? s : 0) * D_L + c * 8, used ? 16 : 0);
+        }
+        if (tid < MMA_TILE) {
+            const int s = j0 + tid < K ? __ldg(index_row + j0 + tid) : -1;
+            valid_s[stage * MMA_TILE + tid] = s >= 0 && s < S;
+        }
+    };
+
+    // this warp's output: heads 16 mt + g (c0, c1) and + 8 (c2, c3), values 256 half + 8 n + 2t, +1
+    float o[32][4];
+#pragma unroll
+    for (int n = 0; n < 32; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    // running max and (this warp's partial) sum of rows g and g + 8, in the base-2 domain
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+    const float scale_log2 = softmax_scale * 1.4426950408889634f;  // exp(x) = 2^(x log2 e)
+
+    const int n_tiles = (K + MMA_TILE - 1) / MMA_TILE;
+    load_tile(0, 0);
+    cp_async_commit();  // the queries and tile 0
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int stage = tile % 2;
+        cp_async_wait_all();
+        __syncthreads();  // (A) tile `tile` is in shared memory; every warp is done with tile - 1
+        if (tile + 1 < n_tiles) load_tile(tile + 1, stage ^ 1);  // overlaps with the math below
+        cp_async_commit();
+        const __nv_bfloat16* k_tile = kv_s + stage * MMA_TILE * D_L;
+
+        // 1. score = Q K^T for heads 16 mt .. +16, keys 32 half .. +32 of the tile: [16, 32]
+        float acc[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < D_L / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, q_s + swizzled(16 * mt + lane % 16, 2 * kk + lane / 16, L_CHUNKS));
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {  // two n-tiles of 8 keys per ldmatrix
+                unsigned kb[4];
+                ldmatrix_x4(kb, k_tile + swizzled(32 * half + 16 * np + lane % 8 + 8 * (lane / 16),
+                                                  2 * kk + (lane / 8) % 2, L_CHUNKS));
+                mma_bf16_16816(acc[2 * np], a, kb[0], kb[1]);
+                mma_bf16_16816(acc[2 * np + 1], a, kb[2], kb[3]);
+            }
+        }
+        // score_s,i = softmax_scale (q_i . c_s) (times log2 e), -inf for unused slots; row maxima
+        const int* valid = valid_s + stage * MMA_TILE + 32 * half;
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[n][e] = valid[8 * n + 2 * t + e % 2] ? acc[n][e] * scale_log2 : NEG_INF;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], acc[n][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        }
+        if (t == 0) {
+            row_s[half * MMA_HEADS + 16 * mt + g] = tile_max[0];
+            row_s[half * MMA_HEADS + 16 * mt + g + 8] = tile_max[1];
+        }
+        __syncthreads();  // (B) both halves' maxima are in row_s
+
+        // 2. m_new = max(m_old, max over all 64 keys); the partner warp computes the same value
+        float m_use[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float other = row_s[(half ^ 1) * MMA_HEADS + 16 * mt + g + 8 * r];
+            const float new_max = fmaxf(row_max[r], fmaxf(tile_max[r], other));
+            m_use[r] = new_max == NEG_INF ? 0.f : new_max;  // nothing valid yet: p = 0, not NaN
+            alpha[r] = exp2f(row_max[r] - m_use[r]);      // exp(m_old - m_new): 0 the first time
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+        // 3. p_s,i = exp(score - m_new), rounded to bf16 (the A operand of P V); the sums add the same values
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+            const __nv_bfloat162 top = __floats2bfloat162_rn(exp2f(acc[n][0] - m_use[0]), exp2f(acc[n][1] - m_use[0]));
+            const __nv_bfloat162 bottom = __floats2bfloat162_rn(exp2f(acc[n][2] - m_use[1]), exp2f(acc[n][3] - m_use[1]));
+            const float2 top_f = __bfloat1622float2(top), bottom_f = __bfloat1622float2(bottom);
+            row_sum[0] += top_f.x + top_f.y;
+            row_sum[1] += bottom_f.x + bottom_f.y;
+            const int row = 16 * mt + g, chunk = 4 * half + n;  // keys 32 half + 8 n + 2t, +1
+            *reinterpret_cast<__nv_bfloat162*>(p_s + swizzled(row, chunk, P_CHUNKS) + 2 * t) = top;
+            *reinterpret_cast<__nv_bfloat162*>(p_s + swizzled(row + 8, chunk, P_CHUNKS) + 2 * t) = bottom;
+        }
+#pragma unroll
+        for (int n = 0; n < 32; ++n) {  // rescale what was accumulated under the old max
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        __syncthreads();  // (C) the whole 64 x 64 P is in p_s
+
+        // 4. o += P V: [16, 64] x [64, 256], V = c_kv of the tile's latents, values 256 half ..
+#pragma unroll
+        for (int kk = 0; kk < MMA_TILE / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, p_s + swizzled(16 * mt + lane % 16, 2 * kk + lane / 16, P_CHUNKS));
+#pragma unroll
+            for (int np = 0; np < 16; ++np) {  // two n-tiles of 8 output values per ldmatrix
+                unsigned vb[4];
+                ldmatrix_x4_trans(vb, k_tile + swizzled(16 * kk + lane % 8 + 8 * ((lane / 8) % 2),
+                                                        32 * half + 2 * np + lane / 16, L_CHUNKS));
+                mma_bf16_16816(o[2 * np], a, vb[0], vb[1]);
+                mma_bf16_16816(o[2 * np + 1], a, vb[2], vb[3]);
+            }
+        }
+    }
+    cp_async_wait_all();  // only empty groups can be left, but leave nothing in flight
+
+    // sum_s p_s over all 64 keys of every tile: this lane's columns, its quad's, then the partner warp's
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    }
+    __syncthreads();  // every warp has read the last tile's maxima from row_s
+    if (t == 0) {
+        row_s[half * MMA_HEADS + 16 * mt + g] = row_sum[0];
+        row_s[half * MMA_HEADS + 16 * mt + g + 8] = row_sum[1];
+    }
+    __syncthreads();
+    // o_latent = o / sum_s p_s (0 when nothing was selected)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int head = h0 + 16 * mt + g + 8 * r;
+        const float total = row_sum[r] + row_s[(half ^ 1) * MMA_HEADS + 16 * mt + g + 8 * r];
+        const float inv_sum = total > 0.f ? 1.f / total : 0.f;
+        if (head < n_h) {
+            float* out_row = out + ((size_t)b * n_h + head) * D_C + 256 * half + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 32; ++n)
+                *reinterpret_cast<float2*>(out_row + 8 * n) = make_float2(o[n][2 * r] * inv_sum, o[n][2 * r + 1] * inv_sum);
         }
     }
 }

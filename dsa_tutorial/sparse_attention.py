@@ -20,7 +20,8 @@ Interface (used by chapters 6, 8 and 9):
       .forward(h, positions=None, cache=None, topk=None, return_aux=False, detach_indexer_input=False)
     DSACache(args, batch_size)    .latent (mla.LatentCache) and .index (indexer.IndexerCache)
 
-CUDA: `sparse_mla_decode_cuda` runs cuda/sparse_mla.cu (one query token per sequence, bf16 cache).
+CUDA: `sparse_mla_decode_cuda` runs cuda/sparse_mla.cu (one query token per sequence, bf16 cache):
+kernel="mma" (tensor cores, the default) or "simt" (the first, float32 CUDA-core kernel).
 """
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ from .mla import MLA, LatentCache, causal_mask
 from .topk import select_topk
 
 __all__ = ["gather_latents", "sparse_mla_attention", "DSACache", "DSAttention", "sparse_mla_decode_cuda",
-           "SPARSE_HEADS", "SPARSE_CHUNK"]
+           "SPARSE_HEADS", "SPARSE_CHUNK", "SPARSE_KERNELS"]
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
-SPARSE_HEADS, SPARSE_CHUNK, SPARSE_THREADS = 32, 32, 256  # as #defined in cuda/sparse_mla.cu
+SPARSE_HEADS, SPARSE_CHUNK, SPARSE_THREADS = 32, 32, 256  # kernel 1, as #defined in cuda/sparse_mla.cu
+MMA_HEADS, MMA_TILE, MMA_THREADS = 64, 64, 256  # kernel 2, as #defined in cuda/sparse_mla.cu
+SPARSE_KERNELS = ("mma", "simt")  # kernel 2 (the default), kernel 1
 
 
 def gather_latents(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -165,14 +168,18 @@ class DSAttention(nn.Module):
 # ----------------------------------------------------------------------------- CUDA
 
 def sparse_mla_decode_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
-                           softmax_scale: float, check_indices: bool = True) -> torch.Tensor:
+                           softmax_scale: float, check_indices: bool = True, kernel: str = "mma") -> torch.Tensor:
     """`cuda/sparse_mla.cu`: one query token per sequence over a bf16 latent cache.
 
     q_abs [B, n_h, 512] and q_rope [B, n_h, 64] bfloat16; kv [B, S, 576] bfloat16 (LatentCache.kv:
     [c_kv | k_rope]); indices int32 [B, k], distinct, in [-1, S). All contiguous on one GPU.
     Returns o_latent float32 [B, n_h, 512]. `check_indices=False` skips the range check (a device
-    sync), as the benchmark does; the kernel itself ignores any index outside [0, S).
+    sync), as the benchmark does; the kernels themselves ignore any index outside [0, S).
+    `kernel`: "mma" (kernel 2, tensor cores: bf16 probabilities in P V, float32 accumulation; kv
+    must start on a 16-byte boundary) or "simt" (kernel 1, float32 CUDA-core math throughout).
     """
+    if kernel not in SPARSE_KERNELS:
+        raise ValueError(f"kernel must be one of {SPARSE_KERNELS}, got {kernel!r}")
     dims = {"d_c": 512, "d_R": 64, "L": 576}
     check_tensor(q_abs, "q_abs", shape=("B", "n_h", "d_c"), dims=dims, dtype=torch.bfloat16, cuda=True)
     check_tensor(q_rope, "q_rope", shape=("B", "n_h", "d_R"), dims=dims, dtype=torch.bfloat16, cuda=True)
@@ -183,8 +190,9 @@ def sparse_mla_decode_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, kv: torch.
         raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
     batch, n_heads, _ = q_abs.shape
     n_keys, k = kv.shape[1], indices.shape[1]
-    if kv.data_ptr() % 4:
-        raise ValueError("kv must start on a 4-byte boundary (the kernel reads bf16 pairs); pass .clone()")
+    alignment = 16 if kernel == "mma" else 4  # 16-byte cp.async rows / bf16 pairs
+    if kv.data_ptr() % alignment:
+        raise ValueError(f"kv must start on a {alignment}-byte boundary for kernel {kernel!r}; pass .clone()")
     if batch > 65535:
         raise ValueError(f"batch must be at most 65535 (one grid row per sequence), got {batch}")
     if check_indices:
@@ -194,9 +202,19 @@ def sparse_mla_decode_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, kv: torch.
         return out
     if k == 0 or n_keys == 0:
         return out.zero_()
-    q = torch.cat([q_abs, q_rope], dim=-1).contiguous()  # [B, n_h, 576]
+    q = torch.cat([q_abs, q_rope], dim=-1).contiguous()  # [B, n_h, 576], a fresh (256-byte aligned) tensor
+    args = (q, kv, indices, out, batch, n_keys, n_heads, k, float(softmax_scale))
+    if kernel == "mma":
+        # Q [64, 576] + 2 stages x [64, 576] bf16 + P [64, 64] bf16 + row exchange [2, 64] f32 + valid [2, 64] i32
+        smem = (MMA_HEADS + 2 * MMA_TILE) * 576 * 2 + MMA_HEADS * MMA_TILE * 2 + 2 * MMA_HEADS * 4 + 2 * MMA_TILE * 4
+        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", smem)
+        if limit < smem:  # 225 KiB: Hopper (H100/H200) has 227 KiB a block, smaller GPUs less
+            raise ValueError(f"kernel 'mma' needs {smem} bytes of shared memory a block, this GPU allows {limit}; "
+                             "use kernel='simt'")
+        launch("sparse_mla", "sparse_mla_decode_mma", grid=(math.ceil(n_heads / MMA_HEADS), batch),
+               block=MMA_THREADS, args=args, shared_mem=smem)
+        return out
     smem = (SPARSE_HEADS + SPARSE_CHUNK) * (576 + 2) * 2 + SPARSE_HEADS * SPARSE_CHUNK * 4 + SPARSE_CHUNK * 4
     launch("sparse_mla", "sparse_mla_decode", grid=(math.ceil(n_heads / SPARSE_HEADS), batch),
-           block=SPARSE_THREADS, args=(q, kv, indices, out, batch, n_keys, n_heads, k, float(softmax_scale)),
-           shared_mem=smem)
+           block=SPARSE_THREADS, args=args, shared_mem=smem)
     return out

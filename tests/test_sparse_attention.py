@@ -1,4 +1,5 @@
 """Sparse MLA attention and the DSA layer: equal to masked dense MLA, causal, cached, the kernel."""
+import numpy as np
 import pytest
 import torch
 
@@ -156,25 +157,62 @@ def _decode_case(B, S, n_h, k, seed):
     indices[:, -3:] = -1
     if B > 1:
         indices[1] = -1  # one sequence with nothing selected
+    if B > 2:
+        indices[2, :min(k - 4, 70)] = -1  # unused slots first: the first tile of kernel 2 is all -1
     return q_abs, q_rope, kv, indices
+
+
+def _decode_reference(q_abs, q_rope, kv, indices, scale):
+    """sparse_mla_attention in float32 on the same bf16 values: [B, n_h, 512]."""
+    c_kv, k_rope = kv.float()[..., :512], kv.float()[..., 512:]
+    return sparse_mla_attention(q_abs.float()[:, None], q_rope.float()[:, None], c_kv, k_rope, indices[:, None],
+                                scale)[:, 0]
+
+
+# Tolerances, against the float32 reference on the same bf16 inputs:
+# * "simt" (kernel 1) is float32 throughout, in another order (576-term dots, then exp): score errors
+#   ~1e-5 absolute move each p by ~1e-5 relative; outputs are O(1) averages of O(1) latents: 1e-4.
+# * "mma" (kernel 2) computes the scores with float32 accumulation of exact bf16 products (as good as
+#   kernel 1), but rounds p = exp(score - max) to bf16 (8 significant bits, relative error <= 2^-9)
+#   before P V, and divides by the sum of the same rounded p. The output stays a convex combination
+#   of the latents whose weights are each off by <= ~2^-8 relative: the error is at most ~2^-8 x the
+#   spread of the latents, and far less on average (the rounding errors have random signs). So 1e-2
+#   relative to max|ref| (about 2.5 x 2^-8), plus calc_diff <= 1e-5 (the typical error, relative
+#   ~1e-3, gives calc_diff ~1e-6) to catch a systematic error hiding under the elementwise bound.
+def _decode_tolerance(kernel, ref):
+    if kernel == "simt":
+        return dict(atol=1e-4, rtol=1e-4)
+    return dict(atol=1e-2 * ref.abs().max().item(), rtol=1e-2, max_calc_diff=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("B, S, n_h, k", [(3, 300, 40, 77), (2, 2500, 128, 2048), (1, 40, 16, 33), (4, 1000, 32, 32)])
-def test_sparse_mla_decode_cuda(B, S, n_h, k):
+@pytest.mark.parametrize("kernel", ["mma", "simt"])
+@pytest.mark.parametrize("B, S, n_h, k", [(3, 300, 40, 77), (2, 2500, 128, 2048), (1, 40, 16, 33), (4, 1000, 32, 32),
+                                          (5, 3000, 64, 1000), (3, 700, 128, 130), (7, 200, 64, 5)])
+def test_sparse_mla_decode_cuda(B, S, n_h, k, kernel):
     q_abs, q_rope, kv, indices = _decode_case(B, S, n_h, k, seed=S + k)
     scale = ModelArgs().softmax_scale
     out = compare.poisoned((B, n_h, 512), torch.float32)
-    out.copy_(sparse_mla_decode_cuda(q_abs, q_rope, kv, indices, scale))
-    c_kv, k_rope = kv.float()[..., :512], kv.float()[..., 512:]
-    ref = sparse_mla_attention(q_abs.float()[:, None], q_rope.float()[:, None], c_kv, k_rope, indices[:, None],
-                               scale)[:, 0]
-    # same bf16 values, float32 arithmetic in another order (576-term dots, then exp): score errors
-    # ~1e-5 absolute move each p by ~1e-5 relative; outputs are O(1) averages of O(1) latents
-    compare.assert_close(out, ref, atol=1e-4, rtol=1e-4, name="sparse_mla_decode")
+    out.copy_(sparse_mla_decode_cuda(q_abs, q_rope, kv, indices, scale, kernel=kernel))
+    ref = _decode_reference(q_abs, q_rope, kv, indices, scale)
+    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"sparse_mla_decode {kernel}")
     if B > 1:
         assert bool((out[1] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["mma", "simt"])
+def test_sparse_mla_decode_cuda_ignores_indices_outside_the_cache(kernel):
+    q_abs, q_rope, kv, indices = _decode_case(3, 500, 64, 100, seed=5)
+    scale = ModelArgs().softmax_scale
+    ref = _decode_reference(q_abs, q_rope, kv, indices, scale)
+    bad = indices.clone()
+    bad[0, -1] = 500 + 10**6  # with the check off, an index past the cache counts as unused (-1)
+    bad[2, -2] = -7
+    out = sparse_mla_decode_cuda(q_abs, q_rope, kv, bad, scale, check_indices=False, kernel=kernel)
+    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"sparse_mla_decode {kernel}")
 
 
 @pytest.mark.gpu
@@ -191,9 +229,188 @@ def test_sparse_mla_decode_cuda_bad_input():
         sparse_mla_decode_cuda(q_abs, q_rope, kv, indices.cpu(), 0.1)
     with pytest.raises(ValueError, match="n_h = 16"):
         sparse_mla_decode_cuda(q_abs, q_rope[:, :8], kv, indices, 0.1)
+    unaligned = torch.empty(2 * 100 * 576 + 2, dtype=torch.bfloat16, device="cuda")[2:].view(2, 100, 576)
+    unaligned.copy_(kv)  # starts 4 bytes past an aligned address: fine for kernel 1, not for kernel 2
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        sparse_mla_decode_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel="mma")
+    ref = _decode_reference(q_abs, q_rope, kv, indices, 0.1)
+    out = sparse_mla_decode_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel="simt")
+    compare.assert_close(out, ref, **_decode_tolerance("simt", ref))
 
 
 def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
     with pytest.raises(ValueError, match="must be on a CUDA device"):
         sparse_mla_decode_cuda(torch.randn(1, 16, 512).to(torch.bfloat16), torch.randn(1, 16, 64).to(torch.bfloat16),
                                torch.randn(1, 10, 576).to(torch.bfloat16), torch.zeros(1, 4, dtype=torch.int32), 0.1)
+
+
+def test_cuda_wrapper_rejects_an_unknown_kernel():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sparse_mla_decode_cuda(torch.randn(1, 16, 512).to(torch.bfloat16), torch.randn(1, 16, 64).to(torch.bfloat16),
+                               torch.randn(1, 10, 576).to(torch.bfloat16), torch.zeros(1, 4, dtype=torch.int32), 0.1,
+                               kernel="wgmma")
+
+
+# ----------------------------------------------------------------------------- kernel 2 on the CPU
+# A numpy emulation of sparse_mla_decode_mma's index arithmetic (cuda/sparse_mla.cu, kernel 2): the
+# XOR-swizzled shared arrays, the lane -> row addresses given to ldmatrix, the PTX fragment layouts
+# of mma.m16n8k16 and ldmatrix (.trans), the key/output halves of the 8 warps and the row-max swap.
+# It mirrors the kernel's expressions one for one; reading unwritten shared memory would give NaN.
+
+_LANE = np.arange(32)
+_G, _T = _LANE // 4, _LANE % 4
+
+
+def _swizzled(row, chunk, chunks):
+    """bf16 offset of 16-byte chunk `chunk` of row `row`: chunk c of row r sits at c ^ (r % 8)."""
+    return (row * chunks + (chunk ^ (row & 7))) * 8
+
+
+def _ldmatrix_x4(mem, addresses, trans=False):
+    """regs [4, 32 lanes, 2]: lanes 8i .. 8i+7 give matrix i's row addresses; lane 4g+t gets (row g,
+    columns 2t, 2t+1), or with .trans (rows 2t, 2t+1, column g). Checks the 8 rows of a phase hit 8
+    different 16-byte bank groups (no conflict)."""
+    for i in range(4):
+        assert len(set((addresses[8 * i:8 * i + 8] // 8) % 8)) == 8, "ldmatrix bank conflict"
+    rows = mem[addresses[:, None] + np.arange(8)].reshape(4, 8, 8)  # [matrix, row, column]
+    if trans:
+        return np.stack([rows[:, 2 * _T, _G], rows[:, 2 * _T + 1, _G]], -1)
+    return np.stack([rows[:, _G, 2 * _T], rows[:, _G, 2 * _T + 1]], -1)
+
+
+def _mma(c, a, b0, b1):
+    """c [32, 4] += A [16, 16] B [16, 8] with the m16n8k16 fragment layouts (PTX ISA)."""
+    A, Bm, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+    for j in range(2):
+        A[_G, 2 * _T + j], A[_G + 8, 2 * _T + j] = a[0, :, j], a[1, :, j]
+        A[_G, 2 * _T + 8 + j], A[_G + 8, 2 * _T + 8 + j] = a[2, :, j], a[3, :, j]
+        Bm[2 * _T + j, _G], Bm[2 * _T + 8 + j, _G] = b0[:, j], b1[:, j]
+        C[_G, 2 * _T + j], C[_G + 8, 2 * _T + j] = c[:, j], c[:, 2 + j]
+    C += A @ Bm
+    for j in range(2):
+        c[:, j], c[:, 2 + j] = C[_G, 2 * _T + j], C[_G + 8, 2 * _T + j]
+
+
+def _bf16(x):
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy().astype(np.float64)
+
+
+def _emulate_mma_block(q, kv, index_row, h0, n_h, S, scale):
+    """One block of kernel 2 (64 heads from h0, one sequence): returns out [n_h, 512] (NaN where unwritten)."""
+    L, HEADS, TILE, LC, PC = 576, 64, 64, 72, 8
+    K = len(index_row)
+    q_s = np.full(HEADS * L, np.nan)
+    kv_s = np.full(2 * TILE * L, np.nan)
+    p_s = np.full(HEADS * TILE, np.nan)
+    row_s = np.full(2 * HEADS, np.nan)
+    valid_s = np.zeros(2 * TILE, dtype=bool)
+    for r in range(HEADS):
+        for c in range(LC):
+            q_s[_swizzled(r, c, LC):][:8] = q[h0 + r, 8 * c:8 * c + 8] if h0 + r < n_h else 0.0
+
+    def load_tile(tile, stage):
+        for r in range(TILE):
+            s = index_row[tile * TILE + r] if tile * TILE + r < K else -1
+            used = 0 <= s < S
+            for c in range(LC):
+                kv_s[stage * TILE * L + _swizzled(r, c, LC):][:8] = kv[s, 8 * c:8 * c + 8] if used else 0.0
+            valid_s[stage * TILE + r] = used
+
+    o = np.zeros((8, 32, 32, 4))
+    row_max, row_sum = np.full((8, 32, 2), -np.inf), np.zeros((8, 32, 2))
+    scale_log2 = scale * 1.4426950408889634
+    n_tiles = (K + TILE - 1) // TILE
+    load_tile(0, 0)
+    for tile in range(n_tiles):
+        stage = tile % 2
+        if tile + 1 < n_tiles:
+            load_tile(tile + 1, stage ^ 1)
+        k_tile = stage * TILE * L
+        scores, tile_max = np.zeros((8, 4, 32, 4)), np.full((8, 32, 2), -np.inf)
+        for warp in range(8):  # 1. scores, up to barrier (B)
+            mt, half = warp % 4, warp // 4
+            for kk in range(L // 16):
+                a = _ldmatrix_x4(q_s, _swizzled(16 * mt + _LANE % 16, 2 * kk + _LANE // 16, LC))
+                for n_pair in range(2):
+                    kb = _ldmatrix_x4(kv_s, k_tile + _swizzled(32 * half + 16 * n_pair + _LANE % 8 + 8 * (_LANE // 16),
+                                                               2 * kk + (_LANE // 8) % 2, LC))
+                    _mma(scores[warp, 2 * n_pair], a, kb[0], kb[1])
+                    _mma(scores[warp, 2 * n_pair + 1], a, kb[2], kb[3])
+            for n in range(4):
+                for e in range(4):
+                    valid = valid_s[stage * TILE + 32 * half + 8 * n + 2 * _T + e % 2]
+                    scores[warp, n, :, e] = np.where(valid, scores[warp, n, :, e] * scale_log2, -np.inf)
+                    tile_max[warp, :, e // 2] = np.maximum(tile_max[warp, :, e // 2], scores[warp, n, :, e])
+            tile_max[warp] = tile_max[warp].reshape(8, 4, 2).max(1).repeat(4, 0)  # the quad's shuffles
+            for r in range(2):
+                row_s[half * HEADS + 16 * mt + _G + 8 * r] = tile_max[warp, :, r]
+        for warp in range(8):  # 2, 3. the shared max, P in bf16, up to barrier (C)
+            mt, half = warp % 4, warp // 4
+            m_use = np.zeros((32, 2))
+            for r in range(2):
+                other = row_s[(half ^ 1) * HEADS + 16 * mt + _G + 8 * r]
+                new_max = np.maximum(row_max[warp, :, r], np.maximum(tile_max[warp, :, r], other))
+                m_use[:, r] = np.where(new_max == -np.inf, 0.0, new_max)
+                alpha = np.exp2(row_max[warp, :, r] - m_use[:, r])
+                row_max[warp, :, r] = new_max
+                row_sum[warp, :, r] *= alpha
+                o[warp, :, :, 2 * r:2 * r + 2] *= alpha[None, :, None]
+            for n in range(4):
+                p = _bf16(np.exp2(scores[warp, n] - m_use[:, [0, 0, 1, 1]]))  # [32, 4]
+                row_sum[warp] += p.reshape(32, 2, 2).sum(-1)
+                for r in range(2):
+                    for j in range(2):
+                        p_s[_swizzled(16 * mt + _G + 8 * r, 4 * half + n, PC) + 2 * _T + j] = p[:, 2 * r + j]
+        assert not np.isnan(p_s).any()
+        for warp in range(8):  # 4. o += P V
+            mt, half = warp % 4, warp // 4
+            for kk in range(TILE // 16):
+                a = _ldmatrix_x4(p_s, _swizzled(16 * mt + _LANE % 16, 2 * kk + _LANE // 16, PC))
+                for n_pair in range(16):
+                    vb = _ldmatrix_x4(kv_s, k_tile + _swizzled(16 * kk + _LANE % 8 + 8 * ((_LANE // 8) % 2),
+                                                               32 * half + 2 * n_pair + _LANE // 16, LC), trans=True)
+                    _mma(o[warp, 2 * n_pair], a, vb[0], vb[1])
+                    _mma(o[warp, 2 * n_pair + 1], a, vb[2], vb[3])
+        p_s[:] = np.nan
+    out = np.full((n_h, 512), np.nan)
+    quad_sum = row_sum.reshape(8, 8, 4, 2).sum(2).repeat(4, 1)  # [warp, lane, 2]
+    for warp in range(8):
+        mt, half = warp % 4, warp // 4
+        for r in range(2):
+            row_s[half * HEADS + 16 * mt + _G + 8 * r] = quad_sum[warp, :, r]
+    for warp in range(8):
+        mt, half = warp % 4, warp // 4
+        for r in range(2):
+            total = quad_sum[warp, :, r] + row_s[(half ^ 1) * HEADS + 16 * mt + _G + 8 * r]
+            inv_sum = np.where(total > 0, 1 / np.where(total > 0, total, 1), 0.0)
+            for lane in range(32):
+                head = h0 + 16 * mt + _G[lane] + 8 * r
+                if head < n_h:
+                    for n in range(32):
+                        column = 256 * half + 8 * n + 2 * _T[lane]
+                        assert np.isnan(out[head, column:column + 2]).all(), "written twice"
+                        out[head, column:column + 2] = o[warp, n, lane, 2 * r:2 * r + 2] * inv_sum[lane]
+    return out
+
+
+def test_mma_kernel_index_arithmetic_emulated_on_the_cpu():
+    """Kernel 2's fragments, swizzles and warp split, emulated: equals the reference to bf16-P accuracy."""
+    gen = torch.Generator().manual_seed(7)
+    S, n_h, k, scale = 150, 20, 70, ModelArgs().softmax_scale  # 2 tiles, the second ragged; 44 padded heads
+    q = _bf16(torch.randn(n_h, 576, generator=gen))
+    kv = _bf16(torch.randn(S, 576, generator=gen))
+    indices = torch.randperm(S, generator=gen)[:k].int()
+    indices[:30] = -1  # unused slots, the first tile's maxima come from its second half only
+    indices[-2] = -1
+    out = _emulate_mma_block(q, kv, indices.tolist(), 0, n_h, S, scale)
+    bad = indices.clone()
+    bad[-2], bad[0] = S + 5, -9  # unused slots written as indices outside [0, S): ignored like -1
+    out_bad = _emulate_mma_block(q, kv, bad.tolist(), 0, n_h, S, scale)
+    t = torch.from_numpy
+    ref = sparse_mla_attention(t(q)[None, None, :, :512], t(q)[None, None, :, 512:], t(kv)[None, :, :512],
+                               t(kv)[None, :, 512:], indices[None, None], scale)[0, 0]
+    tolerance = _decode_tolerance("mma", ref)
+    compare.assert_close(t(out), ref, **tolerance, name="emulated kernel 2")
+    compare.assert_close(t(out_bad), ref, **tolerance, name="emulated kernel 2, indices outside the cache")
+    empty = _emulate_mma_block(q, kv, [-1] * 5, 0, n_h, S, scale)
+    assert (empty == 0).all()
