@@ -43,11 +43,12 @@ from torch import nn
 
 from .checks import check_range, check_tensor
 from .config import ModelArgs
+from .topk import select_topk
 
 __all__ = [
     "attention_target", "selected_attention", "indexer_kl_loss", "topk_recall", "KeyValueRetrieval", "TinyLM",
     "lm_loss", "answer_accuracy", "indexer_parameters", "main_parameters", "freeze_all_but_indexer",
-    "pretrain_dense", "dense_warmup", "sparse_training", "evaluate", "progress_bar",
+    "pretrain_dense", "dense_warmup", "sparse_training", "evaluate", "progress_bar", "future_influence",
 ]
 
 FLOATS = (torch.float32, torch.float64)
@@ -164,9 +165,9 @@ class KeyValueRetrieval:
         for name in ("n_keys", "n_values", "n_fillers", "n_records", "n_queries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"KeyValueRetrieval.{name} must be positive, got {getattr(self, name)}")
-        if self.n_records > self.n_keys or self.n_queries > self.n_records:
-            raise ValueError(f"need n_queries <= n_records <= n_keys, got {self.n_queries}, {self.n_records}, "
-                             f"{self.n_keys}")
+        if not self.n_queries <= self.n_records <= self.n_keys:
+            raise ValueError(f"need n_queries <= n_records <= n_keys (distinct keys, distinct queries), got "
+                             f"{self.n_queries}, {self.n_records}, {self.n_keys}")
 
     @property
     def first_record(self) -> int:
@@ -184,22 +185,25 @@ class KeyValueRetrieval:
     def vocab_size(self) -> int:
         return self.first_value + self.n_values
 
-    def min_length(self) -> int:
-        return self.n_records + 2 * self.n_queries
 
-    def sample(self, batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def sample(self, batch: int, length: int, generator: torch.Generator,
+               n_records: int | None = None) -> tuple[torch.Tensor, ...]:
         """tokens int64 [B, T], targets int64 [B, T] (the next token) and answer_mask bool [B, T]
-        (True at the query positions, where the target is the value to retrieve)."""
-        if batch <= 0 or length < self.min_length():
-            raise ValueError(f"need batch > 0 and length >= {self.min_length()}, got {batch}, {length}")
+        (True at the query positions, where the target is the value to retrieve). `n_records`
+        (default self.n_records) records are stored; the queries name distinct ones (an earlier
+        answer never gives a later one away)."""
+        n_records = self.n_records if n_records is None else n_records
+        if batch <= 0 or not self.n_queries <= n_records <= self.n_records or length < n_records + 2 * self.n_queries:
+            raise ValueError(f"need batch > 0, {self.n_queries} <= n_records <= {self.n_records} and length >= "
+                             f"n_records + 2 n_queries, got {batch}, {n_records}, {length}")
         context = length - 2 * self.n_queries
         rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
         tokens = torch.randint(self.n_fillers, (batch, length), generator=generator)
-        keys = rand(batch, self.n_keys).argsort(-1)[:, : self.n_records]  # distinct keys [B, R]
-        values = torch.randint(self.n_values, (batch, self.n_records), generator=generator)  # [B, R]
-        slots = rand(batch, context).argsort(-1)[:, : self.n_records]  # record positions [B, R]
+        keys = rand(batch, self.n_keys).argsort(-1)[:, :n_records]  # distinct keys [B, R]
+        values = torch.randint(self.n_values, (batch, n_records), generator=generator)  # [B, R]
+        slots = rand(batch, context).argsort(-1)[:, :n_records]  # record positions [B, R]
         tokens.scatter_(1, slots, self.first_record + keys * self.n_values + values)
-        asked = rand(batch, self.n_records).argsort(-1)[:, : self.n_queries]  # which records [B, Q]
+        asked = rand(batch, n_records).argsort(-1)[:, : self.n_queries]  # distinct records asked [B, Q]
         query_pos = context + 2 * torch.arange(self.n_queries)  # [Q]
         tokens[:, query_pos] = self.first_query + keys.gather(1, asked)
         tokens[:, query_pos + 1] = self.first_value + values.gather(1, asked)
@@ -207,6 +211,25 @@ class KeyValueRetrieval:
         answer_mask = torch.zeros(batch, length, dtype=torch.bool)
         answer_mask[:, query_pos] = True
         return tokens, targets, answer_mask
+
+    def token_features(self) -> torch.Tensor:
+        """float [vocab, n_features], 0/1: which features each token has, for `TinyLM`'s factored
+        embedding. Features: kind (filler, record, query, value), key id, value id, filler id. A
+        record (key, value) shares its key feature with the query for that key and its value
+        feature with the answer token: the model need not learn, from scarce examples, that 64
+        record tokens name 8 keys, and pre-training stays short. The selection problem is unchanged."""
+        kinds, keys, values = 4, self.n_keys, self.n_values
+        features = torch.zeros(self.vocab_size, kinds + keys + values + self.n_fillers)
+        key_col, value_col, filler_col = kinds, kinds + keys, kinds + keys + values
+        for f in range(self.n_fillers):
+            features[f, [0, filler_col + f]] = 1
+        for key in range(keys):
+            for value in range(values):
+                features[self.first_record + key * values + value, [1, key_col + key, value_col + value]] = 1
+            features[self.first_query + key, [2, key_col + key]] = 1
+        for value in range(values):
+            features[self.first_value + value, [3, value_col + value]] = 1
+        return features
 
     def batches(self, batch: int, length: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """An endless, seeded stream of `sample` batches."""
@@ -251,16 +274,22 @@ class TinyLM(nn.Module):
     """A decoder language model around any DSA-style attention (see the module docstring).
 
     `make_attention(args)` builds one layer's attention; `topk=None` in `forward` means dense
-    attention (the indexer still scores, for the warm-up loss).
+    attention, passed to the layer as k = T (every visible token selected; the indexer still
+    scores, for the warm-up loss).
     """
 
     def __init__(self, args: ModelArgs, vocab_size: int, n_layers: int,
-                 make_attention: Callable[[ModelArgs], nn.Module]):
+                 make_attention: Callable[[ModelArgs], nn.Module], token_features: torch.Tensor | None = None):
         super().__init__()
         if vocab_size <= 0 or n_layers <= 0:
             raise ValueError(f"need vocab_size > 0 and n_layers > 0, got {vocab_size}, {n_layers}")
         self.args = args
-        self.embed = nn.Embedding(vocab_size, args.dim)
+        # token_features [vocab, n_features]: embedding(x) = sum of the learned vectors of x's features
+        if token_features is None:
+            token_features = torch.eye(vocab_size)
+        check_tensor(token_features, "token_features", shape=(vocab_size, None), dtype=torch.float32)
+        self.register_buffer("token_features", token_features, persistent=False)
+        self.embed = nn.Embedding(token_features.shape[1], args.dim)
         self.layers = nn.ModuleList(Block(args, make_attention(args)) for _ in range(n_layers))
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.head = nn.Linear(args.dim, vocab_size, bias=False)
@@ -268,36 +297,54 @@ class TinyLM(nn.Module):
             self.embed.weight.normal_(0.0, 1.0)
             self.head.weight.normal_(0.0, args.dim ** -0.5)
 
-    def forward(self, tokens: torch.Tensor, topk: int | None = None, detach_indexer_input: bool = False
-                ) -> tuple[torch.Tensor, list[dict]]:
-        """tokens int64 [B, T] -> logits [B, T, vocab], and each layer's aux dict."""
+    def forward(self, tokens: torch.Tensor, topk: int | None = None, detach_indexer_input: bool = False,
+                score_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """tokens int64 [B, T] -> logits [B, T, vocab] (or [N, vocab] at the N positions where
+        score_mask [B, T] is True: the output head is the costliest matmul), and each layer's aux dict."""
         check_tensor(tokens, "tokens", shape=("B", "T"), dtype=torch.int64)
-        check_range(tokens, "tokens", 0, self.embed.num_embeddings - 1)
+        check_range(tokens, "tokens", 0, self.token_features.shape[0] - 1)
         if topk is not None:
             check_range(topk, "topk", 1)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.embed(tokens)  # [B, T, dim]
+        topk = tokens.shape[1] if topk is None else topk  # k >= S: every visible token, dense
+        # sum of the token's feature embeddings: [B, T, dim]
+        h = F.embedding(tokens, self.token_features) @ self.embed.weight
         auxes = []
         for layer in self.layers:
             h, aux = layer(h, positions, topk, detach_indexer_input)
             auxes.append(aux)
+        if score_mask is not None:
+            check_tensor(score_mask, "score_mask", shape=tuple(tokens.shape), dtype=torch.bool)
+            h = h[score_mask]  # [N, dim]
         return self.head(self.norm(h)), auxes
 
 
 # ----------------------------------------------------------------------------- losses and parameter groups
 
+def _scored(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor):
+    """The logits [N, V] and targets [N] at the masked positions (logits given for all [B, T, V] or for those N)."""
+    check_tensor(targets, "targets", shape=("B", "T"), dtype=torch.int64)
+    check_tensor(loss_mask, "loss_mask", shape=tuple(targets.shape), dtype=torch.bool)
+    check_tensor(logits, "logits", dtype=FLOATS)
+    if logits.dim() == 3:
+        check_tensor(logits, "logits", shape=tuple(targets.shape) + (None,))
+        logits = logits[loss_mask]
+    check_tensor(logits, "logits", shape=(int(loss_mask.sum()), None))
+    return logits, targets[loss_mask]
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the next token, averaged over the positions where loss_mask is True."""
-    dims: dict[str, int] = {}
-    check_tensor(logits, "logits", shape=("B", "T", "V"), dims=dims, dtype=FLOATS)
-    check_tensor(targets, "targets", shape=("B", "T"), dims=dims, dtype=torch.int64)
-    check_tensor(loss_mask, "loss_mask", shape=("B", "T"), dims=dims, dtype=torch.bool)
-    return F.cross_entropy(logits[loss_mask], targets[loss_mask])
+    """Cross-entropy of the next token, averaged over the positions where loss_mask [B, T] is True.
+
+    logits [B, T, V], or [N, V] already restricted to those N positions; targets int64 [B, T]."""
+    logits, targets = _scored(logits, targets, loss_mask)
+    return F.cross_entropy(logits, targets)
 
 
 def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of masked positions whose argmax is the target."""
-    return (logits[loss_mask].argmax(-1) == targets[loss_mask]).double().mean()
+    """Fraction of the masked positions whose argmax is the target (logits as for `lm_loss`)."""
+    logits, targets = _scored(logits, targets, loss_mask)
+    return (logits.argmax(-1) == targets).double().mean()
 
 
 def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -327,17 +374,18 @@ def _summed_kl(auxes: list[dict], sparse: bool) -> torch.Tensor:
 
 def _dense_indices(index_scores: torch.Tensor, k: int) -> torch.Tensor:
     """What the indexer would select at budget k, for recall: top-k of the causal scores, -1 where invisible."""
-    from .topk import select_topk
-
-    return select_topk(index_scores.detach(), k)
+    return select_topk(index_scores.detach().float(), min(k, index_scores.shape[-1]))
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr (off in notebooks and tests, whose stored outputs must not change)."""
+    """A tqdm bar on stderr (off in notebooks and tests, whose stored outputs must not change;
+    absent when tqdm is not installed)."""
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0)
 
 
@@ -375,7 +423,7 @@ def pretrain_dense(model: TinyLM, task: KeyValueRetrieval, *, steps: int, length
     model.train()
     for step in progress_bar(range(1, steps + 1), steps, "dense pre-training", progress):
         tokens, targets, mask = next(data)
-        logits, _ = model(tokens)
+        logits, _ = model(tokens, score_mask=mask)
         loss = lm_loss(logits, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -408,7 +456,7 @@ def dense_warmup(model: TinyLM, task: KeyValueRetrieval, *, steps: int, length: 
     start = time.perf_counter()
     for step in progress_bar(range(1, steps + 1), steps, "dense warm-up", progress):
         tokens, targets, mask = next(data)
-        _, auxes = model(tokens)
+        _, auxes = model(tokens, score_mask=mask)
         loss = _summed_kl(auxes, sparse=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -443,7 +491,7 @@ def sparse_training(model: TinyLM, task: KeyValueRetrieval, *, steps: int, lengt
     model.train()
     for step in progress_bar(range(1, steps + 1), steps, f"sparse training (k={topk})", progress):
         tokens, targets, mask = next(data)
-        logits, auxes = model(tokens, topk=topk, detach_indexer_input=True)
+        logits, auxes = model(tokens, topk=topk, detach_indexer_input=True, score_mask=mask)
         language = lm_loss(logits, targets, mask)
         kl = _summed_kl(auxes, sparse=True)
         optimizer.zero_grad(set_to_none=True)
@@ -459,22 +507,38 @@ def sparse_training(model: TinyLM, task: KeyValueRetrieval, *, steps: int, lengt
 
 @torch.no_grad()
 def evaluate(model: TinyLM, task: KeyValueRetrieval, *, length: int, topks: tuple[int | None, ...] = (None,),
-             batch: int = 16, n_batches: int = 4, seed: int = 12345) -> dict:
-    """Answer accuracy (and, for each sparse k, the attention mass the top-k set recalls at the
-    answer positions, averaged over layers) on fresh seeded batches; k = None is dense attention."""
+             batch: int = 16, n_batches: int = 1, seed: int = 12345) -> dict:
+    """Answer accuracy for each budget k (None = dense) on fresh seeded batches, and the attention
+    mass the selected set S_t recalls at the answer positions (`topk_recall` of the layer's own
+    dense probabilities, averaged over layers; 1 for dense). -> {k or "dense": {accuracy, recall_answer}}"""
     model.eval()
-    data = task.batches(batch, length, seed)
     results = {("dense" if k is None else k): dict(accuracy=0.0, recall_answer=0.0) for k in topks}
+    data = task.batches(batch, length, seed)
     for _ in range(n_batches):
         tokens, targets, mask = next(data)
-        _, dense_aux = model(tokens)
         for k in topks:
-            logits, _ = model(tokens, topk=k)
+            logits, auxes = model(tokens, topk=k, score_mask=mask)
+            recall = sum(topk_recall(a["attn_probs"], a["indices"], mask) for a in auxes) / len(auxes)
             entry = results["dense" if k is None else k]
             entry["accuracy"] += answer_accuracy(logits, targets, mask).item() / n_batches
-            if k is not None:
-                recall = sum(topk_recall(a["attn_probs"], _dense_indices(a["index_scores"], k), mask)
-                             for a in dense_aux) / len(dense_aux)
-                entry["recall_answer"] += recall.item() / n_batches
+            entry["recall_answer"] += recall.item() / n_batches
     model.train()
     return results
+
+
+# ----------------------------------------------------------------------------- the causality guard
+
+@torch.no_grad()
+def future_influence(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cut: int,
+                     x_future: torch.Tensor) -> float:
+    """max |forward(x)[:, :cut] - forward(x')[:, :cut]| with x' = x up to `cut` and x_future after.
+
+    Causality means the outputs before `cut` cannot depend on inputs from `cut` on: the result
+    must be 0 (up to rounding). x [B, T, ...] (tokens or hidden states); x_future like x[:, cut:].
+    """
+    check_tensor(x, "x")
+    if not 0 < cut < x.shape[1]:
+        raise ValueError(f"cut must be inside the sequence (0 < cut < {x.shape[1]}), got {cut}")
+    check_tensor(x_future, "x_future", shape=(x.shape[0], x.shape[1] - cut) + tuple(x.shape[2:]), dtype=x.dtype)
+    changed = torch.cat([x[:, :cut], x_future], dim=1)
+    return (forward(x)[:, :cut] - forward(changed)[:, :cut]).abs().max().item()

@@ -1,1 +1,72 @@
-"""Experiments of chapters 8-9: `python -m dsa_tutorial.experiments NAME`."""
+"""Experiments of chapters 8-9: `python -m dsa_tutorial.experiments NAME`.
+
+Each answers one question with one command and writes book/data/NAME.json (results per seed,
+mean and standard deviation over seeds 0, 1, 2 (mha_vs_mla: 0-3, see there), the configuration,
+versions and wall time):
+
+    warmup       (a) the dense warm-up: KL and recalled attention mass against steps; then the sparse stage
+    weights      (b) research question 1: learned w^I against uniform weights
+    mha_vs_mla   (c) research question 2: DSA on classic multi-head attention against MLA
+    topk_length  (d) research question 3: budget k against sequence length (accuracy and recall)
+    cost         (e) research question 4: indexer FLOPs and CPU time against length
+    indexer_size (f) research question 5: indexer heads H_I and head dim d_I
+    leak         the causal leak of top-k without re-masking, and what it does to the metric
+
+`python -m dsa_tutorial.experiments all` runs them in this order (about 10-15 minutes on two
+shared CPU cores; trained models are cached, see `common`). `--smoke` runs the same code at a size
+of seconds and writes nothing unless `--out` is given. Importing this package computes nothing.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+__all__ = ["EXPERIMENTS", "DEFAULT_SEEDS", "run"]
+
+# name -> (function name in runs, the question it answers)
+EXPERIMENTS = {
+    "warmup": ("warmup", "Does the dense warm-up teach the indexer the main attention? KL and the attention mass "
+                         "its top-k set recalls against steps, then the sparse stage."),
+    "weights": ("weights", "Research question 1: is the per-head weight w^I needed? Learned against uniform."),
+    "mha_vs_mla": ("mha_vs_mla", "Research question 2: does DSA work on classic MHA, not only MLA?"),
+    "topk_length": ("topk_length", "Research question 3: which k for which sequence length?"),
+    "cost": ("indexer_cost", "Research question 4: how does the indexer's cost scale with length?"),
+    "indexer_size": ("indexer_size", "Research question 5: how do the indexer's heads and head dim change its "
+                                     "accuracy and cost?"),
+    "leak": ("leak", "What does top-k without re-applying the causal mask do to the metric?"),
+}
+
+
+# seeds per experiment (default 0, 1, 2); mha_vs_mla adds seed 3 because it leaves out seeds whose dense
+# model did not solve the task (see runs.mha_vs_mla)
+DEFAULT_SEEDS = {"mha_vs_mla": (0, 1, 2, 3)}
+
+
+def run(name: str, *, smoke: bool = False, out_dir: Path | str | None = "default", seeds=None,
+        progress: bool = True, use_cache: bool = True) -> dict:
+    """Run one experiment; return its JSON payload and write it to out_dir/NAME.json
+    (default book/data for full runs, nothing for smoke runs; None writes nothing)."""
+    import torch
+
+    from . import runs
+    from .common import CONFIG, DATA_DIR, SEEDS, SMOKE, save_result
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    config = SMOKE if smoke else CONFIG
+    if out_dir == "default":
+        out_dir = None if smoke else DATA_DIR
+    seeds = tuple(DEFAULT_SEEDS.get(name, SEEDS) if seeds is None else seeds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["threads"])
+    try:
+        function, question = EXPERIMENTS[name]
+        started = time.perf_counter()
+        kwargs = {}
+        if smoke and name == "leak":
+            kwargs["sizes"] = dict(length=32, topk=16, steps=30, batch=8)
+        results = getattr(runs, function)(config, seeds, progress=progress, use_cache=use_cache and not smoke,
+                                          **kwargs)
+        return save_result(name, question, dict(config, smoke=smoke), seeds, results, started, out_dir)
+    finally:
+        torch.set_num_threads(threads)

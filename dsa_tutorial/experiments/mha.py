@@ -14,8 +14,8 @@ so rows with fewer than k visible tokens attend to future ones.
 
 The interface is that of `sparse_attention.DSAttention`:
 ``forward(h, positions=None, cache=None, topk=None, return_aux=False, detach_indexer_input=False)``,
-topk None = dense attention; aux = index_scores [B, T, S], indices [B, T, k] (or None when
-dense), attn_probs [B, T, n_h, S] (the dense causal per-head probabilities).
+k = min(topk or args.index_topk, S), so k >= S is dense attention; aux = index_scores [B, T, S],
+indices [B, T, k], attn_probs [B, T, n_h, S] (the dense causal per-head probabilities).
 """
 from __future__ import annotations
 
@@ -106,18 +106,19 @@ class MHADSAttention(nn.Module):
         # q_t,i . k_s,i * softmax_scale: [B, n_h, T, S]
         scores = torch.einsum("bthd,bshd->bhts", q, k) * args.softmax_scale
         dense_probs = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [B, n_h, T, S]
-        indices = None
-        if topk is None:
-            probs = dense_probs
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        k_sel = min(topk or args.index_topk, n_keys)
+        if self.causal_after_topk:
+            # S_t = Top-k(I_t,:) among s <= t: [B, T, k], -1 where fewer than k are visible
+            indices = select_topk(index_scores.detach(), k_sel)
+            allowed = selection_mask(indices, n_keys) & causal  # and the causal mask again, as the official code
         else:
-            k_sel = min(topk, n_keys)
-            if self.causal_after_topk:
-                indices = select_topk(index_scores.detach(), k_sel)  # [B, T, k], -1 where invisible
-                allowed = selection_mask(indices, n_keys) & causal  # re-applied, as the official code does
-            else:
-                indices = topk_without_causal_mask(index_scores.detach(), k_sel)  # future positions included
-                allowed = selection_mask(indices, n_keys)  # THE LEAK: no causal mask after selection
-            probs = F.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+            # torch.topk keeps masked (future) positions when fewer than k are visible: [B, T, k]
+            indices = topk_without_causal_mask(index_scores.detach(), k_sel)
+            allowed = selection_mask(indices, n_keys)  # THE LEAK: no causal mask after selection
+        # softmax over the selected positions only: [B, n_h, T, S]
+        probs = F.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
         # o_t,i = sum_s P_t,i,s v_s,i, then W^O: [B, T, dim]
         out = self.wo(torch.einsum("bhts,bshv->bthv", probs, v).flatten(2))
         if not return_aux:

@@ -1,0 +1,37 @@
+"""python -m dsa_tutorial.experiments NAME [NAME ...] | all | list   (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import EXPERIMENTS, run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsa_tutorial.experiments", description=__doc__)
+    parser.add_argument("names", nargs="+", help=f"experiments to run: {', '.join(EXPERIMENTS)}, all, or list")
+    parser.add_argument("--smoke", action="store_true", help="the same code at a size of seconds; writes nothing "
+                                                             "unless --out is given")
+    parser.add_argument("--out", default="default", help="directory of the JSON results (default book/data)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    parser.add_argument("--no-cache", action="store_true", help="retrain every model instead of loading it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.names == ["list"]:
+        for name, (_, question) in EXPERIMENTS.items():
+            print(f"{name:13s} {question}")
+        return 0
+    names = list(EXPERIMENTS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    for name in names:
+        payload = run(name, smoke=args.smoke, out_dir=args.out, seeds=args.seeds, progress=not args.no_progress,
+                      use_cache=not args.no_cache)
+        where = "not written" if payload.get("_path") is None and args.smoke and args.out == "default" else "written"
+        print(f"{name}: {payload['seconds']} s ({where})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

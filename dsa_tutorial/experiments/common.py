@@ -1,0 +1,192 @@
+"""What every experiment shares: the configuration, the seeded models (cached), the result files.
+
+One configuration (`CONFIG`) serves all experiments, so their numbers can be compared:
+
+* the model: `TinyLM`, one DSA layer on `ModelArgs.tiny` dimensions (d = 64, 4 heads, latent
+  d_c = 16, indexer H_I = 4 heads of d_I = 16), RoPE tables up to 1024 positions without YaRN;
+* the task: `KeyValueRetrieval`, 8 records with 16 possible keys and 8 values, 4 queries at the end;
+* dense pre-training: 300 steps of 16 sequences of 64 tokens (the stand-in for the report's dense
+  checkpoint), then the dense warm-up of the indexer: 200 steps of 16 x 64 tokens, lr 1e-3 as in
+  the report, everything else frozen.
+
+Trained models are cached (``$DSA_TUTORIAL_CACHE``, default ``~/.cache/dsa_tutorial``) so that
+experiments sharing a model train it once; training is seeded and single-threaded, hence
+deterministic, and a cached model is bit for bit the one the experiment would train. Results go to
+``book/data/NAME.json`` with the seeds, the configuration, the versions and the wall time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelArgs
+from ..sparse_attention import DSAttention
+from ..train import KeyValueRetrieval, TinyLM, dense_warmup, pretrain_dense
+from .mha import MHADSAttention
+
+__all__ = ["CONFIG", "SEEDS", "SMOKE", "DATA_DIR", "UniformWeights", "make_model", "base_model", "warmed_model",
+           "mean_std", "save_result", "environment", "Settings"]
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "book" / "data"
+SEEDS = (0, 1, 2)
+ATTENTION = {"mla": DSAttention, "mha": MHADSAttention}
+
+
+class Settings(dict):
+    """A plain dict of the run's sizes with attribute access (stored as is in the JSON)."""
+
+    __getattr__ = dict.__getitem__
+
+
+CONFIG = Settings(
+    args=dict(asdict(ModelArgs.tiny(max_seq_len=1024, original_seq_len=1024, index_topk=8))),
+    task=dict(n_keys=16, n_values=8, n_fillers=16, n_records=8, n_queries=4),
+    n_layers=1,
+    pretrain=dict(steps=300, length=64, batch=16, lr=1e-2),
+    warmup=dict(steps=200, length=64, batch=16, lr=1e-3),
+    eval=dict(tokens=4096, batches=1, seed=12345),
+    threads=1,
+)
+# the same code at smoke size: seconds, for the tests and the chapters (never written to book/data)
+SMOKE = Settings({**CONFIG, "pretrain": dict(steps=40, length=32, batch=8, lr=1e-2),
+                  "warmup": dict(steps=10, length=32, batch=8, lr=1e-3),
+                  "eval": dict(tokens=256, batches=1, seed=12345),
+                  "args": dict(CONFIG["args"], max_seq_len=256, original_seq_len=256)})
+
+
+def model_args(config: dict, **overrides) -> ModelArgs:
+    return replace(ModelArgs(**config["args"]), **overrides)
+
+
+def task_of(config: dict) -> KeyValueRetrieval:
+    return KeyValueRetrieval(**config["task"])
+
+
+class UniformWeights(nn.Module):
+    """Stands in for the indexer's weights_proj: the same weight for every head and token.
+
+    The indexer then computes w^I_t,j = H_I^-0.5 d_I^-0.5 for all t, j: a plain average of the
+    heads' ReLU(q . k) (research question 1, "is w^I needed?")."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.new_ones(*h.shape[:-1], self.n_heads)
+
+
+def make_model(kind: str, config: dict, seed: int, weights: str = "learned", **index_overrides) -> TinyLM:
+    """A freshly initialised TinyLM (seeded): `kind` "mla" (the book's DSAttention) or "mha"."""
+    if kind not in ATTENTION:
+        raise ValueError(f"kind must be one of {sorted(ATTENTION)}, got {kind!r}")
+    if weights not in ("learned", "uniform"):
+        raise ValueError(f"weights must be 'learned' or 'uniform', got {weights!r}")
+    torch.manual_seed(seed)
+    args, task = model_args(config, **index_overrides), task_of(config)
+    model = TinyLM(args, task.vocab_size, config["n_layers"], ATTENTION[kind], task.token_features())
+    if weights == "uniform":
+        for layer in model.layers:
+            layer.attn.indexer.weights_proj = UniformWeights(args.index_n_heads)
+    return model
+
+
+def _cache_path(tag: str, payload: dict) -> Path:
+    root = Path(os.environ.get("DSA_TUTORIAL_CACHE", Path.home() / ".cache" / "dsa_tutorial"))
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{tag}-{digest}.pt"
+
+
+def _cached(tag: str, payload: dict, build, use_cache: bool):
+    """(model, history) from the cache, or built by `build()` and cached."""
+    path = _cache_path(tag, payload)
+    if use_cache and path.exists():
+        model, saved = build(train=False)
+        stored = torch.load(path, weights_only=False)
+        model.load_state_dict(stored["state"])
+        return model, stored["history"]
+    model, history = build(train=True)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "history": history}, path)
+    return model, history
+
+
+def base_model(kind: str, config: dict, seed: int, use_cache: bool = True, progress: bool = True):
+    """Stage 0: the dense model, pre-trained on the task (its indexer untouched). -> (model, history)"""
+    payload = dict(stage="pretrain", kind=kind, seed=seed, torch=torch.__version__,
+                   **{key: config[key] for key in ("args", "task", "n_layers", "pretrain", "threads")})
+
+    def build(train: bool):
+        model = make_model(kind, config, seed)
+        if not train:
+            return model, None
+        history = pretrain_dense(model, task_of(config), seed=seed, progress=progress, **config["pretrain"])
+        return model, history.as_dict()
+
+    return _cached(f"pretrain-{kind}-seed{seed}", payload, build, use_cache)
+
+
+def warmed_model(kind: str, config: dict, seed: int, weights: str = "learned", use_cache: bool = True,
+                 progress: bool = True, **index_overrides):
+    """Stage 1: the base model with a fresh indexer (of the given size and weights), dense warm-up.
+    -> (model, base history, warm-up history)"""
+    base, base_history = base_model(kind, config, seed, use_cache, progress)
+    payload = dict(stage="warmup", kind=kind, seed=seed, weights=weights, index=index_overrides,
+                   torch=torch.__version__,
+                   **{key: config[key] for key in ("args", "task", "n_layers", "pretrain", "warmup", "threads")})
+
+    def build(train: bool):
+        model = make_model(kind, config, 1000 + seed, weights, **index_overrides)
+        main = {name: p for name, p in base.state_dict().items() if ".indexer." not in name}
+        missing, unexpected = model.load_state_dict(main, strict=False)
+        assert not unexpected and all(".indexer." in name for name in missing), (missing, unexpected)
+        if not train:
+            return model, None
+        history = dense_warmup(model, task_of(config), seed=100 + seed, progress=progress, **config["warmup"])
+        return model, history.as_dict()
+
+    model, history = _cached(f"warmup-{kind}-{weights}-seed{seed}", payload, build, use_cache)
+    return model, base_history, history
+
+
+def eval_batch(config: dict, length: int) -> dict:
+    """Evaluation sizes at one length: a fixed token budget, so long sequences get fewer of them."""
+    batch = max(2, config["eval"]["tokens"] // length)
+    return dict(length=length, batch=batch, n_batches=config["eval"]["batches"], seed=config["eval"]["seed"])
+
+
+def mean_std(values) -> dict:
+    """Mean and sample standard deviation (0 for a single value) of a list of numbers."""
+    values = [float(v) for v in values]
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                n=len(values), values=values)
+
+
+def environment() -> dict:
+    return dict(python=sys.version.split()[0], torch=torch.__version__, platform=platform.platform(),
+                processor=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count())
+
+
+def save_result(name: str, question: str, config: dict, seeds, results: dict, started: float,
+                out_dir: Path | None) -> dict:
+    """The JSON of one experiment (returned; also written to out_dir/NAME.json unless out_dir is None)."""
+    payload = dict(experiment=name, question=question, command=f"python -m dsa_tutorial.experiments {name}",
+                   seeds=list(seeds), config=config, environment=environment(),
+                   seconds=round(time.perf_counter() - started, 1), results=results)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return payload
