@@ -142,9 +142,7 @@ def main() -> None:
                              ("book", cmd_book, "build the rendered book")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--system", action="store_true", help="use this interpreter; install nothing")
-        if name != "book":
-            p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, takes_pytest_args=name != "book")
     p = sub.add_parser("refresh", help="re-execute chapters in place")
     p.add_argument("notebooks", nargs="*", help="default: every book/*.ipynb")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
@@ -152,7 +150,10 @@ def main() -> None:
     p = sub.add_parser("compile-check", help="compile every cuda/*.cu with NVRTC, no GPU needed")
     p.add_argument("--arch", default="sm_90")
     p.set_defaults(func=cmd_compile_check)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if extra and not getattr(args, "takes_pytest_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.pytest_args = extra  # `test` and `gpu` pass anything else on to pytest, e.g. -k indexer -x
     args.func(args)
 
 
