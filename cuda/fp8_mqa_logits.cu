@@ -58,6 +58,9 @@
 // -inf when clean_logits, and left untouched otherwise.
 #include <cuda_fp8.h>
 
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_*, e4m3x4_to_f16x4,
+                       // ld_shared_f2, fill_neg_inf
+
 #define HEAD_DIM 128             // D
 #define QUERIES_PER_CTA 12       // one query per warp
 #define THREADS (32 * QUERIES_PER_CTA)
@@ -67,7 +70,6 @@
 // q[i] alone takes H * D / 32 = 64 registers a lane; the kernel needs ~136 in all (it spills at
 // 128), so a block of 12 warps (12 * 32 * 136 <= 65536 registers) fills an SM.
 #define MAX_REGISTERS 136
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 // ------------------------------------------------------------------------------------ kernel 1
 
@@ -99,57 +101,18 @@ fp8_mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* _
 
 // ------------------------------------------------------------------------------------ kernel 2
 
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
-}
+// 4 bytes global -> shared, asynchronously (.ca, cached in L1 too: .cg takes 16-byte copies only);
+// src_bytes = 0 writes zeros and reads nothing.
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Four 8x8 b16 matrices (= 8 rows x 16 bytes of e4m3 each) from shared memory: the A fragment.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(smem_address(row_address)));
-}
-
-// C[16 x 8] += A[16 x 32] * B[32 x 8], e4m3 inputs, float32 accumulation.
-__device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// A float2 from shared memory, re-read at every use (volatile): without it the compiler hoists
-// the loop-invariant head weights into 2H/8 more registers and the q fragments spill.
-__device__ __forceinline__ float2 ld_shared_f2(const float2* p) {
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_address(p)));
-    return v;
-}
+// ldmatrix_x4 (cuda/common.cuh) reads four 8x8 b16 matrices = 8 rows x 16 bytes of e4m3 each: the
+// A fragment of mma_e4m3_16832 (also there). ld_shared_f2 re-reads the head weights at every use.
 
 // Byte offset of chunk `chunk` (16 bytes) of key row `row` in a swizzled tile.
 __device__ __forceinline__ int swizzled(int row, int chunk) {
     return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16);
-}
-
-// Write -inf to row[begin, end), 16 bytes at a time where the address allows.
-__device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int lane) {
-    int head_end = begin;
-    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
-    for (int j = begin + lane; j < head_end; j += 32) row[j] = NEG_INF;
-    const int n_vec = (end - head_end) / 4;
-    float4* vec = reinterpret_cast<float4*>(row + head_end);
-    for (int v = lane; v < n_vec; v += 32) vec[v] = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-    for (int j = head_end + 4 * n_vec + lane; j < end; j += 32) row[j] = NEG_INF;
 }
 
 // Start loading key tile `tile` (keys kv_begin + 64 * tile + r) into pipeline stage `stage`.
@@ -315,24 +278,13 @@ fp8_mqa_logits_h32(const unsigned char* q, const unsigned char* k, const float* 
 // per warp and shared by 4 head tiles. Every e4m3 value is exactly an f16 value, so the products
 // are the same; accumulation stays float32.
 
-// Four e4m3 bytes (one 32-bit register, little end first) -> two f16x2 registers: lo gets bytes
-// 0, 1 and hi bytes 2, 3 (each f16x2 keeps the lower address in its lower half).
-__device__ __forceinline__ void e4m3x4_to_f16x4(unsigned x, unsigned& lo, unsigned& hi) {
-    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
-        : "=r"(lo), "=r"(hi) : "r"(x));
-}
-
+// The helpers, in cuda/common.cuh: e4m3x4_to_f16x4 turns four e4m3 bytes (one 32-bit register, little
+// end first) into two f16x2 registers, lo = bytes 0, 1 and hi = bytes 2, 3; mma_f16_16816 is
 // C[16 x 8] += A[16 x 16] * B[16 x 8], f16 inputs, float32 accumulation. Fragments (PTX ISA,
 // mma.m16n8k16 .f16), lane = 4 g + t:
 //   A a0: row g, k 2t, 2t+1   a1: row g+8, k 2t, 2t+1   a2: row g, k 2t+8, 2t+9   a3: row g+8, k 2t+8, 2t+9
 //   B b0: col g, k 2t, 2t+1   b1: col g, k 2t+8, 2t+9
 //   C as for m16n8k32 above.
-__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Which k is which: a dot product does not care in what order its D terms are summed, as long as
 // A and B agree. In each 16-wide slice s of D, lane t takes the 4 bytes d = 16 s + 4t .. 4t+3 (what

@@ -44,6 +44,9 @@
 // stored (mma rows are independent, so a NaN there stays in its row).
 #include <cuda_fp8.h>
 
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_*, e4m3x4_to_f16x4,
+                       // ld_shared_f2, fill_neg_inf
+
 #define HEAD_DIM 128
 #define BLOCK_KV 64                                // tokens per physical block
 #define SPLIT_KV 256                               // tokens per schedule segment
@@ -55,48 +58,15 @@
 #define VALUE_BYTES (BLOCK_KV * HEAD_DIM)          // 8192: the scales start here
 #define CHUNKS_PER_ROW (HEAD_DIM / 16)
 #define MAX_REGISTERS 160                          // 64 for q[b, j]; 3 x 128 x 160 <= 65536: 3 blocks an SM
-#define NEG_INF (-__int_as_float(0x7f800000))
 
-__device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
+// 16 bytes global -> shared, asynchronously, always all 16 read (no src-size operand): the whole block
+// is inside the cache. (cuda/common.cuh has the form with src-size, which zero-fills.)
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&a)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(smem_address(row_address)));
-}
-
-// C[16 x 8] += A[16 x 32] * B[32 x 8], e4m3 inputs, float32 accumulation (layouts: fp8_mqa_logits.cu).
-__device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float2 ld_shared_f2(const float2* p) {
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_address(p)));
-    return v;
 }
 
 // Byte offset of 16-byte chunk `chunk` of token row `row` in a stage (XOR swizzle, as in fp8_mqa_logits.cu).
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16); }
-
-__device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int lane) {
-    int head_end = begin;
-    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
-    for (int p = begin + lane; p < head_end; p += 32) row[p] = NEG_INF;
-    const int n_vec = (end - head_end) / 4;
-    float4* vec = reinterpret_cast<float4*>(row + head_end);
-    for (int v = lane; v < n_vec; v += 32) vec[v] = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-    for (int p = head_end + 4 * n_vec + lane; p < end; p += 32) row[p] = NEG_INF;
-}
 
 // Where the walk is: batch b, logical block n of that batch. Every thread walks identically.
 struct Cursor {
@@ -273,18 +243,8 @@ fp8_paged_mqa_logits_h32(const unsigned char* q, const unsigned char* kv_cache, 
 
 // The conversion that sm_90 would otherwise redo inside every emulated e4m3 mma (see kernel 3 of
 // cuda/fp8_mqa_logits.cu): q once, to f16 B fragments in registers; each key fragment once per
-// warp, shared by the warp's 4 head tiles. Helpers and the k-order rule are those of that file.
-__device__ __forceinline__ void e4m3x4_to_f16x4(unsigned x, unsigned& lo, unsigned& hi) {
-    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
-        : "=r"(lo), "=r"(hi) : "r"(x));
-}
-
-__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// warp, shared by the warp's 4 head tiles. The k-order rule is that of that file; the helpers
+// (e4m3x4_to_f16x4, mma_f16_16816) are in cuda/common.cuh.
 
 #define K2_HEADS_PER_WARP 32
 #define K2_MAX_THREADS 512  // 4 m-tiles x next_n x H / 32 warps: at most 4 x 2 x 2 = 16

@@ -30,7 +30,7 @@
 //             kernel 3. D = 128 only (the loader checks): the key fragments are 128 registers.
 #include <cuda_bf16.h>
 
-#define NEG_INF (-__int_as_float(0x7f800000))
+#include "common.cuh"  // NEG_INF, load_pair, cp_async_*, mma_bf16_16816 (and _free), ldmatrix_x4
 
 // ---------------------------------------------------------------------------------------------
 // kernel 1: one thread per logit
@@ -127,31 +127,11 @@ indexer_logits_tiled(const __nv_bfloat16* __restrict__ q, const float* __restric
 #define MMA_PAD 8  // bf16 of padding per shared row: rows start 16 bytes apart modulo 128 bytes,
                    // so the 8 rows a fragment load touches fall in 8 different groups of banks
 
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-    // copy 16 bytes global -> shared without passing through registers; src-size 0 writes zeros
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// D[16 x 8] += A[16 x 16] B[16 x 8], bf16 inputs, float32 accumulators. Fragments (PTX ISA,
-// mma.m16n8k16 for .bf16), with g = lane / 4 and c = lane % 4:
+// mma_bf16_16816 (cuda/common.cuh): D[16 x 8] += A[16 x 16] B[16 x 8], bf16 inputs, float32
+// accumulators. Fragments (PTX ISA, mma.m16n8k16 for .bf16), with g = lane / 4 and c = lane % 4:
 //   a[0] = A[g][2c, 2c+1]     a[1] = A[g+8][2c, 2c+1]   a[2] = A[g][2c+8, 2c+9]   a[3] = A[g+8][2c+8, 2c+9]
 //   b[0] = B[2c, 2c+1][g]     b[1] = B[2c+8, 2c+9][g]
 //   acc[0], acc[1] = D[g][2c, 2c+1]                    acc[2], acc[3] = D[g+8][2c, 2c+1]
-__device__ __forceinline__ void mma_bf16_16816(float* acc, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned load_pair(const __nv_bfloat16* p) {  // two adjacent bf16 as one register
-    return *reinterpret_cast<const unsigned*>(p);
-}
 
 // Stage `rows` rows of D bf16 (global rows `row_stride` elements apart) into shared rows of D + MMA_PAD;
 // rows at or past `valid_rows` are filled with zeros (cp.async with src-size 0 reads nothing).
@@ -162,7 +142,7 @@ __device__ __forceinline__ void stage_rows(__nv_bfloat16* dst, const __nv_bfloat
         const int r = i / chunks_per_row, c = i % chunks_per_row;
         const bool valid = r < valid_rows;
         const __nv_bfloat16* from = src + (valid ? (size_t)r * row_stride + c * 8 : 0);
-        cp_async_16(dst + r * (D + MMA_PAD) + c * 8, from, valid);
+        cp_async_16(dst + r * (D + MMA_PAD) + c * 8, from, valid ? 16 : 0);
     }
 }
 
@@ -309,22 +289,9 @@ indexer_logits_mma_wide(const __nv_bfloat16* __restrict__ q, const float* __rest
 #define KEYS_STAGE_H 8                       // heads per cp.async stage
 #define KEYS_ROW (KEYS_D + MMA_PAD)          // bf16 per shared row (272 bytes: ldmatrix rows in distinct banks)
 
-// The same mma as mma_bf16_16816, but not volatile: the compiler may interleave it with the loads.
-__device__ __forceinline__ void mma_bf16_16816_free(float* acc, const unsigned* a, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8 x 8 bf16 matrices from shared memory; lanes 8j .. 8j + 7 give the row addresses of matrix j,
-// and register j of lane l receives row l / 4, columns 2 (l % 4), 2 (l % 4) + 1 of matrix j.
-__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const __nv_bfloat16* row_address) {
-    const unsigned address = (unsigned)__cvta_generic_to_shared(row_address);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
+// Here the mma is mma_bf16_16816_free (cuda/common.cuh): the same mma, not volatile, so the compiler
+// may interleave it with the loads. ldmatrix_x4 (also there): lanes 8j .. 8j + 7 give the row
+// addresses of matrix j, and register j of lane l receives row l / 4, columns 2 (l % 4), 2 (l % 4) + 1.
 
 // Stage the queries t0 .. t0 + 15 of heads h0 .. h0 + KEYS_STAGE_H - 1 into buffer[hh][t - t0][:].
 // Rows with t >= T or h >= H are zeros (cp.async with src-size 0 reads nothing).
@@ -336,7 +303,7 @@ __device__ __forceinline__ void stage_query_heads(__nv_bfloat16* buffer, const _
         const int cc = i % chunks, hh = (i / chunks) % KEYS_STAGE_H, r = i / (chunks * KEYS_STAGE_H);
         const bool valid = t0 + r < T && h0 + hh < H;
         const __nv_bfloat16* from = q + (valid ? ((size_t)(t0 + r) * H + h0 + hh) * KEYS_D + cc * 8 : 0);
-        cp_async_16(buffer + (hh * KEYS_PASS_T + r) * KEYS_ROW + cc * 8, from, valid);
+        cp_async_16(buffer + (hh * KEYS_PASS_T + r) * KEYS_ROW + cc * 8, from, valid ? 16 : 0);
     }
 }
 

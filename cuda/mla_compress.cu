@@ -32,14 +32,9 @@
 // 16-byte aligned, kernel 1 otherwise).
 #include <cuda_bf16.h>
 
-#define COMPRESS_WARPS 8
+#include "common.cuh"  // to_float, from_float, unpack16, pack16, load_floats
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+#define COMPRESS_WARPS 8
 
 __device__ __forceinline__ float warp_sum(float value) {
     for (int offset = 16; offset > 0; offset >>= 1)
@@ -112,42 +107,7 @@ COMPRESS_KERNELS(bf16, __nv_bfloat16)
 // ------------------------------------------------------------------------------------ kernel 2
 #define COMPRESS_D_C 512  // V3.2's kv_lora_rank
 #define COMPRESS_D_R 64   // V3.2's qk_rope_head_dim
-
-// 16 bytes <-> 4 float32 or 8 bf16 values as floats, with explicit bit operations (so that the
-// compiler keeps one 16-byte load or store). bf16 -> float32 is exact: the 16 bits shifted up; the
-// low address (the low half of a 32-bit word) holds the first value.
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[4]) {
-    v[0] = __uint_as_float(raw.x), v[1] = __uint_as_float(raw.y), v[2] = __uint_as_float(raw.z), v[3] = __uint_as_float(raw.w);
-}
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[8]) {
-    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-}
-__device__ __forceinline__ uint4 pack16(const float (&v)[4]) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-}
-__device__ __forceinline__ uint4 pack16(const float (&v)[8]) {  // round to nearest even, as __float2bfloat16
-    unsigned w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-        w[j] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j])) |
-               ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j + 1])) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-// n consecutive floats, 16-byte aligned for n >= 4, 8-byte for n = 2
-template <int N> __device__ __forceinline__ void load_floats(const float* p, float (&v)[N]) {
-    if constexpr (N == 2) {
-        const float2 t = *reinterpret_cast<const float2*>(p);
-        v[0] = t.x, v[1] = t.y;
-    } else {
-#pragma unroll
-        for (int j = 0; j < N; j += 4) {
-            const float4 t = *reinterpret_cast<const float4*>(p + j);
-            v[j] = t.x, v[j + 1] = t.y, v[j + 2] = t.z, v[j + 3] = t.w;
-        }
-    }
-}
+// (16-byte chunks <-> floats: unpack16 / pack16, and load_floats, in cuda/common.cuh)
 
 template <typename T, bool ROPE>
 __device__ void compress_row_vec(const T* __restrict__ kv, const float* __restrict__ kv_norm_weight,

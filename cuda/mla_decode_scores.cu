@@ -33,6 +33,8 @@
 // Checked against dsa_tutorial.mla.latent_scores.
 #include <cuda_bf16.h>
 
+#include "common.cuh"  // load_pair, mma_bf16_16816, smem_address, cp_async_*, ldmatrix_x4
+
 #define TILE 64       // query rows and cached keys per block (kernels 2, 3)
 #define BK 32         // latent dims staged in shared memory per step
 #define THREADS 256
@@ -115,16 +117,6 @@ decode_scores_tiled_f32(const float* q_abs, const float* q_rope, const float* la
 #define MMA_ROWS 128
 #define PAD 8  // bf16 of padding per staged row: a 40-element (20-word) stride, conflict-free fragment loads
 
-__device__ __forceinline__ unsigned load_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // 8 bf16 (16 bytes) of query row r (of this block's batch entry), dims d .. d+7; zeros past the ends.
 // d_c % 8 == 0, so the 8 dims lie all in q_abs or all in q_rope.
 __device__ __forceinline__ uint4 query_chunk(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, long long row,
@@ -177,7 +169,7 @@ decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, 
                 const int key = warp_key + 8 * n + g;
                 const unsigned bfrag[2] = {load_pair(&kv_tile[key][k + 2 * c]), load_pair(&kv_tile[key][k + 2 * c + 8])};
                 // acc += q[16 rows, 16 dims] . latent[8 keys, 16 dims]^T
-                for (int m = 0; m < 2; ++m) mma_bf16_16816(acc[m][n], a[m], bfrag);
+                for (int m = 0; m < 2; ++m) mma_bf16_16816(acc[m][n], a[m], bfrag[0], bfrag[1]);
             }
         }
         __syncthreads();  // the tiles are overwritten by the next step
@@ -226,21 +218,6 @@ decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, 
 #define PIPE_KEYS 128    // keys per tile
 #define PIPE_DIMS 64     // dims per pipeline stage (one 128-byte row per key)
 #define PIPE_STAGES 5
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes 16 zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
 
 // byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `row_bytes`-byte rows
 __device__ __forceinline__ int swizzled(int row, int chunk, int row_bytes) {
@@ -341,7 +318,7 @@ decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_
                 for (int n = 0; n < 4; ++n) {
                     const unsigned bn[2] = {bfrag[n / 2][2 * (n % 2)], bfrag[n / 2][2 * (n % 2) + 1]};
                     // acc += q[16 rows, 16 dims] . latent[8 keys, 16 dims]^T
-                    mma_bf16_16816(acc[m][n], a[m], bn);
+                    mma_bf16_16816(acc[m][n], a[m], bn[0], bn[1]);
                 }
         }
         if (chunk == n_chunks - 1) {  // the tile's 576 dims are summed: write 128 x 128 scores, reset

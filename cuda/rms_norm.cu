@@ -13,6 +13,8 @@
 //   so x is read from memory exactly once and every access is a full 16-byte transaction.
 #include <cuda_bf16.h>
 
+#include "common.cuh"  // to_float, from_float
+
 #define RMS_THREADS 256
 
 __device__ __forceinline__ float block_sum(float value) {
@@ -26,13 +28,6 @@ __device__ __forceinline__ float block_sum(float value) {
     for (int w = 0; w < RMS_THREADS / 32; ++w) total += warp_sums[w];
     return total;
 }
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename T>
 __device__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y,

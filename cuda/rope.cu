@@ -29,14 +29,9 @@
 // Memory-bound: each pair reads 2 values, 2 table entries (cached: H heads share them) and writes 2.
 #include <cuda_bf16.h>
 
-#define ROPE_UNROLL 2  // kernel 2: 16-byte chunks per thread, all loaded before the first is rotated
+#include "common.cuh"  // to_float, from_float, unpack16, pack16, load_floats
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+#define ROPE_UNROLL 2  // kernel 2: 16-byte chunks per thread, all loaded before the first is rotated
 
 // INTERLEAVED = true: pair i is (2i, 2i+1); false: (i, i + d_R/2).
 template <typename T, bool INTERLEAVED>
@@ -82,30 +77,8 @@ ROPE_KERNEL(rope_interleaved_bf16, __nv_bfloat16, true)
 ROPE_KERNEL(rope_half_bf16, __nv_bfloat16, false)
 
 // ------------------------------------------------------------------------------------ kernel 2
-// 16 bytes <-> 4 float32 or 8 bf16 values as floats, with explicit bit operations (so that the
-// compiler keeps one 16-byte load or store). bf16 -> float32 is exact: the 16 bits shifted up; the
-// low address (the low half of a 32-bit word) holds the first value.
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[4]) {
-    v[0] = __uint_as_float(raw.x), v[1] = __uint_as_float(raw.y), v[2] = __uint_as_float(raw.z), v[3] = __uint_as_float(raw.w);
-}
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[8]) {
-    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[2 * j] = __uint_as_float(w[j] << 16), v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-}
-__device__ __forceinline__ uint4 pack16(const float (&v)[4]) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-}
-__device__ __forceinline__ uint4 pack16(const float (&v)[8]) {  // round to nearest even, as __float2bfloat16
-    unsigned w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-        w[j] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j])) |
-               ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * j + 1])) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // 16 bytes of T (x, y are 16-byte aligned: checked by the loader), kept raw until the arithmetic
+// (unpack16 / pack16, in cuda/common.cuh, turn them into floats and back)
 template <typename T> struct Chunk {
     static constexpr int N = 16 / sizeof(T);  // values per chunk: 4 float32, 8 bfloat16
     uint4 raw;
@@ -114,20 +87,6 @@ template <typename T> struct Chunk {
     __device__ __forceinline__ void unpack(float (&v)[N]) const { unpack16(raw, v); }
     __device__ __forceinline__ void pack(const float (&v)[N]) { raw = pack16(v); }
 };
-
-// N consecutive table entries, N = 2 (p 8-byte aligned), 4 or 8 (p 16-byte aligned)
-template <int N> __device__ __forceinline__ void load_table(const float* p, float (&v)[N]) {
-    if constexpr (N == 2) {
-        const float2 t = *reinterpret_cast<const float2*>(p);
-        v[0] = t.x, v[1] = t.y;
-    } else {
-#pragma unroll
-        for (int j = 0; j < N; j += 4) {
-            const float4 t = *reinterpret_cast<const float4*>(p + j);
-            v[j] = t.x, v[j + 1] = t.y, v[j + 2] = t.z, v[j + 3] = t.w;
-        }
-    }
-}
 
 // Chunk `idx` of the [T * H rows][chunks_per_row] grid:
 //   interleaved: values c N .. c N + N-1 of the row = pairs i0 .. i0 + N/2 - 1, i0 = c N / 2
@@ -159,8 +118,8 @@ __device__ void rope_chunks(const T* __restrict__ x, const long long* __restrict
         const long long m = positions[t];
         inside[u] = m >= 0 && m < max_seq_len;  // never read outside the table
         if (inside[u]) {
-            load_table<PAIRS>(cos_table + m * n_half + c * PAIRS, cos_mi[u]);  // cos(m theta_i), i = i0 ..
-            load_table<PAIRS>(sin_table + m * n_half + c * PAIRS, sin_mi[u]);
+            load_floats<PAIRS>(cos_table + m * n_half + c * PAIRS, cos_mi[u]);  // cos(m theta_i), i = i0 ..
+            load_floats<PAIRS>(sin_table + m * n_half + c * PAIRS, sin_mi[u]);
         } else {
 #pragma unroll
             for (int p = 0; p < PAIRS; ++p) cos_mi[u][p] = sin_mi[u][p] = 0.f;  // unused: the output is NaN

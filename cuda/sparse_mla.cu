@@ -44,6 +44,8 @@
 //             per warp per tile against 272 mma.
 #include <cuda_bf16.h>
 
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_bf16_16816_free
+
 #define D_C 512                // kv_lora_rank: the latent c_kv
 #define D_R 64                 // qk_rope_head_dim: the shared rotary key k_rope
 #define D_L (D_C + D_R)        // 576 values per cached token
@@ -54,8 +56,6 @@
 #define THREADS 256
 #define PARTS (THREADS / HEADS)     // 8 threads share one head's 512 output values
 #define PAIRS (D_C / (2 * PARTS))   // 32 pairs of output values per thread
-
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float2 load_bf16x2(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
@@ -186,34 +186,11 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
 #define L_CHUNKS (D_L / 8)        // 72 chunks of 16 bytes in a 576-value latent row
 #define P_CHUNKS (MMA_TILE / 8)   // 8 chunks in a 64-value row of P
 
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(row_address)));
-}
+// ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed.
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_address(row_address)));
-}
-
-// C[16 x 8] += A[16 x 16] B[16 x 8], bf16 inputs, float32 accumulation.
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row
@@ -275,7 +252,7 @@ sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* 
     cp_async_commit();  // the queries and tile 0
     for (int tile = 0; tile < n_tiles; ++tile) {
         const int stage = tile % 2;
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // (A) tile `tile` is in shared memory; every warp is done with tile - 1
         if (tile + 1 < n_tiles) load_tile(tile + 1, stage ^ 1);  // overlaps with the math below
         cp_async_commit();
@@ -294,8 +271,8 @@ sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* 
                 unsigned kb[4];
                 ldmatrix_x4(kb, k_tile + swizzled(32 * half + 16 * np + lane % 8 + 8 * (lane / 16),
                                                   2 * kk + (lane / 8) % 2, L_CHUNKS));
-                mma_bf16_16816(acc[2 * np], a, kb[0], kb[1]);
-                mma_bf16_16816(acc[2 * np + 1], a, kb[2], kb[3]);
+                mma_bf16_16816_free(acc[2 * np], a, kb[0], kb[1]);
+                mma_bf16_16816_free(acc[2 * np + 1], a, kb[2], kb[3]);
             }
         }
         // score_s,i = softmax_scale (q_i . c_s) (times log2 e), -inf for unused slots; row maxima
@@ -361,12 +338,12 @@ sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* 
                 unsigned vb[4];
                 ldmatrix_x4_trans(vb, k_tile + swizzled(16 * kk + lane % 8 + 8 * ((lane / 8) % 2),
                                                         32 * half + 2 * np + lane / 16, L_CHUNKS));
-                mma_bf16_16816(o[2 * np], a, vb[0], vb[1]);
-                mma_bf16_16816(o[2 * np + 1], a, vb[2], vb[3]);
+                mma_bf16_16816_free(o[2 * np], a, vb[0], vb[1]);
+                mma_bf16_16816_free(o[2 * np + 1], a, vb[2], vb[3]);
             }
         }
     }
-    cp_async_wait_all();  // only empty groups can be left, but leave nothing in flight
+    cp_async_wait<0>();  // only empty groups can be left, but leave nothing in flight
 
     // sum_s p_s over all 64 keys of every tile: this lane's columns, its quad's, then the partner warp's
 #pragma unroll
