@@ -10,7 +10,6 @@ from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.hadamard import hadamard_matrix
 from dsa_tutorial.indexer import (INDEXER_KERNELS, IndexerCache, Indexer, causal_index_mask, index_scores,
                                   index_scores_cuda, index_weights)
-from dsa_tutorial.kernels import gpu_available
 from dsa_tutorial.mla import MLA
 from dsa_tutorial.rope import inv_freq
 
@@ -203,7 +202,6 @@ def _gpu_inputs(T, S, H, D, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", INDEXER_KERNELS)
 @pytest.mark.parametrize("T, S, H, D, causal", [
     (77, 200, 5, 48, False), (77, 200, 5, 48, True), (130, 300, 8, 128, True), (1, 129, 3, 16, False),
@@ -230,7 +228,6 @@ def test_index_scores_cuda(kernel, T, S, H, D, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 def test_index_scores_cuda_default_is_kernel_4_at_d_128():
     q, w, k = _gpu_inputs(70, 300, 6, 128, seed=3)
     assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel="mma_keys"))
@@ -239,7 +236,6 @@ def test_index_scores_cuda_default_is_kernel_4_at_d_128():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 def test_index_scores_cuda_bad_input():
     q, w, k = _gpu_inputs(8, 16, 2, 32, seed=0)
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -5,7 +5,6 @@ import torch
 
 from dsa_tutorial import compare
 from dsa_tutorial.config import ModelArgs
-from dsa_tutorial.kernels import gpu_available
 from dsa_tutorial.sparse_attention import DSACache, DSAttention, sparse_mla_attention, sparse_mla_decode_cuda
 from dsa_tutorial.topk import select_topk
 
@@ -186,7 +185,6 @@ def _decode_tolerance(kernel, ref):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", ["mma", "simt"])
 @pytest.mark.parametrize("B, S, n_h, k", [(3, 300, 40, 77), (2, 2500, 128, 2048), (1, 40, 16, 33), (4, 1000, 32, 32),
                                           (5, 3000, 64, 1000), (3, 700, 128, 130), (7, 200, 64, 5)])
@@ -202,7 +200,6 @@ def test_sparse_mla_decode_cuda(B, S, n_h, k, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", ["mma", "simt"])
 def test_sparse_mla_decode_cuda_ignores_indices_outside_the_cache(kernel):
     q_abs, q_rope, kv, indices = _decode_case(3, 500, 64, 100, seed=5)
@@ -216,7 +213,6 @@ def test_sparse_mla_decode_cuda_ignores_indices_outside_the_cache(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 def test_sparse_mla_decode_cuda_bad_input():
     q_abs, q_rope, kv, indices = _decode_case(2, 100, 16, 8, seed=0)
     with pytest.raises(ValueError, match="<= 99"):

@@ -5,7 +5,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsa_tutorial import compare
-from dsa_tutorial.kernels import gpu_available
 from dsa_tutorial.topk import TOPK_KERNELS, order_key, select_topk, select_topk_cuda, topk_without_causal_mask
 
 NAN, INF = float("nan"), float("inf")
@@ -157,7 +156,6 @@ def _gpu_case(shape, seed, ties=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
 @pytest.mark.parametrize("shape, k, ties, causal", [
     ((7, 5000), 100, False, False), ((7, 5000), 100, True, False), ((3, 131072), 2048, False, False),
@@ -177,7 +175,6 @@ def test_select_topk_cuda_is_the_reference_exactly(kernel, shape, k, ties, causa
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
 def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
     scores = _gpu_case((6, 3000), seed=9)
@@ -189,7 +186,6 @@ def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
 def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
     gen = torch.Generator(device="cuda").manual_seed(11)
@@ -211,7 +207,6 @@ def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")
 def test_select_topk_cuda_bad_input():
     scores = torch.randn(4, 3000, device="cuda")
     with pytest.raises(ValueError, match="at most k = 2048"):
