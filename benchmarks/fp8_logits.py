@@ -119,7 +119,8 @@ def bench_paged(ceilings, next_n, B=128, context=32768, H=64, D=128):
                                make, warmup=1, reps=3)
     name = f"paged_mqa_logits B={B} context={context} next_n={next_n}"
     print(bench.report(f"{name}, torch bf16", baseline, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-    labels = {"tensor_core": "cuda mma.sync e4m3 (kernel 1)", "tensor_core_f16": "cuda e4m3->f16 mma.sync (kernel 2)"}
+    labels = {"tensor_core": "cuda mma.sync e4m3 (kernel 1)", "tensor_core_f16": "cuda e4m3->f16 mma.sync (kernel 2)",
+              "tensor_core_f16_v3": "cuda e4m3->f16, warp pipelines (kernel 3)"}
     for variant in paged.PAGED_KERNELS:
         kernel = bench.benchmark(
             lambda q, c, w, cl, bt, m, out, v=variant: paged._launch_paged(q, c, w, cl, bt, m, context, True, out, v),

@@ -5,8 +5,8 @@
 
 Kernels: act_quant_f32 / _bf16 / _b128_f32 / _b128_bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive /
 _h64 / _h32 / _f16_h64 / _f16_h32 (cuda/fp8_mqa_logits.cu), fp8_paged_mqa_logits_h64 / _h32 /
-_f16_h64 / _f16_h32 (cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at every block size
-(next_n 1 and 2, H 64 and 32).
+_f16_h64 / _f16_h32 / _v3_h{64,32}_n{1,2} (cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at
+every block size (next_n 1 and 2, H 64 and 32).
 Sizes are not multiples of any tile; outputs are poisoned first; clean_logits both ways.
 """
 import sys
@@ -54,7 +54,8 @@ def check_mqa_logits() -> None:
 def check_paged() -> None:
     cases = [("tensor_core", 64, 1, 3), ("tensor_core", 64, 2, 5), ("tensor_core", 32, 2, 1),
              ("tensor_core_f16", 64, 1, 3), ("tensor_core_f16", 64, 2, 5), ("tensor_core_f16", 32, 1, 2),
-             ("tensor_core_f16", 32, 2, 1)]
+             ("tensor_core_f16", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 3), ("tensor_core_f16_v3", 64, 2, 5),
+             ("tensor_core_f16_v3", 32, 1, 2), ("tensor_core_f16_v3", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 1)]
     for kernel, H, next_n, num_sms in cases:
         batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H)
         q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")

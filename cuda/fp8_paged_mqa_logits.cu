@@ -37,6 +37,13 @@
 //   (its head sum) per key to shared memory; after the barrier of the next step, thread
 //   (j, slot) adds the halves and stores logits[b next_n + j, 64 n + slot] (coalesced). Same stages,
 //   stores and -inf fill as kernel 1.
+// Kernel 3 (fp8_paged_mqa_logits_v3_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2): kernel 2 without its
+//   per-step barriers and repeated conversions. 6 warps a block, two blocks an SM; each warp runs its
+//   own cp.async pipeline over 32-key units (half a physical block: 4096 value bytes + 128 scale
+//   bytes, 3 stages) of the block's segments, converts its 32 keys to f16 once and multiplies them by
+//   all H heads and next_n draft positions, whose q is kept in shared memory as f16 mma fragments
+//   (rewritten, between two barriers, when the walk enters a new batch). Lane (g, t) stores key 8t + g
+//   of the unit: 32 consecutive floats a warp and draft position. Same -inf fill. (See its section.)
 //
 // Bounds: a block id is read from block_table only for logical blocks below ceil(context_len / 64)
 // (checked in Python: within the row, and each id in [0, num_blocks)); the tokens of a last,
@@ -425,3 +432,243 @@ fp8_paged_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* kv_cac
     fp8_paged_mqa_logits_f16<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n,
                                  max_blocks, max_context_len, clean_logits);
 }
+
+// ------------------------------------------------------------------------------------ kernel 3
+
+// What holds kernel 2 back (reasoned from the code; H200, B = 128, context 32768, next_n = 1, 378 us):
+// every block of the grid does 248 steps of 64 tokens, 1.5 us (about 3000 cycles) each, and every
+// step ends in a block-wide barrier. Between two barriers a warp does only 32 mma (one 16-key m-tile
+// x 32 heads: 4 chains of 8 dependent mma, about 300 cycles of latency), its epilogue, and (warps 0
+// and 1) the previous step's stores, while the tensor cores of the SM idle in every barrier, block-
+// table / context_lens load and epilogue of both resident blocks. Memory is not the limit: 4 blocks
+// (34 KB) a block of the grid stay in flight, 68 KB an SM, more than the ~40 KB that 4.27 TB/s
+// needs. Each key is also converted e4m3 -> f16 by every warp that reads it (2 at next_n = 1, 4 at
+// next_n = 2): one cvt per mma. At next_n = 2 (16 warps, 1 block an SM) nothing overlaps the barriers.
+// Kernel 3 (fp8_paged_mqa_logits_v3_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2: H and next_n compiled in):
+// * no barrier in the main loop: each of the 6 warps owns a private cp.async ring (K3_STAGES units
+//   of 32 keys = 4224 bytes: 4096 value bytes, swizzled, then the 32 scales; 2 units in flight) and
+//   walks its own units (unit u = warp + 6 i of the run), so warps drift and hide each other's
+//   latencies; two blocks an SM (<= 170 registers: 12 warps, 24 units = 101 KB in flight);
+// * a warp converts its 32 keys once (2 m-tiles, A as f16 in 64 registers) and multiplies them by
+//   every head and draft position: q[b] sits in shared memory as f16 B fragments in lane order (one
+//   conflict-free 16-byte ld.shared per lane gives 2 k-steps of one n-tile, used by both m-tiles), so
+//   each key byte is converted exactly once: 0.5 cvt per mma at next_n = 1, 0.25 at next_n = 2;
+// * per warp and unit: 128 x next_n mma between two __syncwarp, 4 accumulator chains in flight;
+// * the head sum stays in registers (ReLU, times w from shared memory), the 4 lanes of a key row
+//   meet in 3 shuffles (a transposing reduction), and lane (g, t) stores key 8t + g: a warp writes
+//   32 consecutive floats (one 128-byte line) per draft position;
+// * block ids: lane k fetches the id of the warp's unit i0 + k once per 32 units (a shuffle then).
+// Block-wide barriers remain only where the walk enters a new batch (q and w of that batch are
+// rewritten); the first 2 units of the new run are already in flight by then.
+// Same k-order rule as kernel 2 (bytes 16c + 4t .. + 3 of a key: k-step c, pairs lo / hi).
+
+#define K3_WARPS 6
+#define K3_THREADS (32 * K3_WARPS)
+#define K3_UNIT_KEYS 32                                   // keys a warp computes at once: 2 m-tiles
+#define K3_UNIT_VALUES (K3_UNIT_KEYS * HEAD_DIM)          // 4096
+#define K3_UNIT_BYTES (K3_UNIT_KEYS * (HEAD_DIM + 4))     // 4224: values, then the 32 scales
+#define K3_STAGES 3                                       // units of a warp in shared memory at once
+#define K3_NT_UNROLL 2                                    // n-tiles unrolled (more: spills at 170 registers)
+#define K3_IDS 32                                         // block ids a warp fetches at once (one a lane)
+
+// 16 / 8 bytes from shared memory. .volatile: re-read at every unit, never hoisted out of the unit loop
+// (ptxas would keep q fragments and head weights in registers across units, and spill).
+__device__ __forceinline__ uint4 ld_shared_u4(unsigned address) {
+    uint4 v;
+    asm volatile("ld.volatile.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+    return v;
+}
+__device__ __forceinline__ float2 ld_shared_f2_at(unsigned address) {
+    float2 v;
+    asm volatile("ld.volatile.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(address));
+    return v;
+}
+
+// Copy unit `half` (keys 32 half .. 32 half + 31) of the physical block at `block` into the stage at
+// shared address `stage`: values swizzled (row = key), then the unit's 32 scales. The whole warp
+// issues it. Lane l copies chunk l + 32 i = row l / 8 + 4 i, column l % 8, so its destination is
+// stage + 512 i + one of two lane offsets (row % 8 = l / 8 + 4 (i % 2)): `dst_even`, `dst_even ^ 64`.
+__device__ __forceinline__ void k3_load_unit(unsigned stage, const unsigned char* block, int half, int lane) {
+    const unsigned char* values = block + half * K3_UNIT_VALUES + lane * 16;
+    const unsigned dst_even = (lane / 8) * HEAD_DIM + (((lane % 8) ^ (lane / 8)) * 16);
+    #pragma unroll
+    for (int i = 0; i < K3_UNIT_VALUES / 16 / 32; ++i)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                     ::"r"(stage + 512 * i + (i % 2 ? dst_even ^ 64 : dst_even)), "l"(values + 512 * i));
+    if (lane < K3_UNIT_KEYS * 4 / 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                     ::"r"(stage + K3_UNIT_VALUES + lane * 16), "l"(block + VALUE_BYTES + half * 128 + lane * 16));
+}
+
+// ldmatrix_x4 of common.cuh, from a 32-bit shared address.
+__device__ __forceinline__ void ldmatrix_x4_at(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+
+// Entry k of this block's schedule rows: (batch, segment) of its start (k = 0, 1) and end (k = 2, 3).
+__device__ __forceinline__ int k3_schedule(const int* schedule, int k) {
+    int v;
+    asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(schedule + 2 * blockIdx.x + k));
+    return v;
+}
+
+// Dynamic shared memory: q fragments [NEXT_N][H / 8][4][32] uint4, w [NEXT_N][H] float, then the
+// stages of the K3_WARPS warps (K3_STAGES x 4224 bytes each). paged.py computes the same size.
+template <int H, int NEXT_N>
+__device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                        const float* __restrict__ w, const int* __restrict__ context_lens,
+                                        const int* __restrict__ block_table, const int* __restrict__ schedule,
+                                        float* __restrict__ logits, int B, int max_blocks, int max_context_len,
+                                        int clean_logits) {
+    constexpr int NT = H / 8;                         // n-tiles of 8 heads
+    constexpr int Q_FRAGS = NEXT_N * NT * 4 * 32;     // uint4 entries
+    extern __shared__ __align__(128) unsigned char k3_smem[];
+    uint4* q_frags = reinterpret_cast<uint4*>(k3_smem);
+    float* w_s = reinterpret_cast<float*>(k3_smem + Q_FRAGS * 16);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const unsigned stages = smem_address(k3_smem + Q_FRAGS * 16 + NEXT_N * H * 4 + warp * (K3_STAGES * K3_UNIT_BYTES));
+    const unsigned q_lane = smem_address(q_frags + lane);  // + ((j NT + nt) 4 + p) 512: entry (j, nt, p) of this lane
+    const unsigned w_lane = smem_address(w_s + 2 * t);     // + (j H + 8 nt) 4: w[row j, 8 nt + 2t], and + 1
+
+    // runs: the blocks of one batch inside this schedule row. The row's bounds are re-read at each run
+    // (k3_schedule: L1 hits), not kept in registers through the unit loop.
+    for (int b = k3_schedule(schedule, 0); ; ++b) {
+        const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
+        const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
+        if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) break;
+        const int context_len = context_lens[b];
+        const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
+        const int n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
+        const int n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+        if (n_begin >= n_end) continue;  // an empty context (block-uniform)
+        const int first = n_begin * BLOCK_KV;  // position of the run's first key
+        const int n_units = (min(context_len, n_end * BLOCK_KV) - first + K3_UNIT_KEYS - 1) / K3_UNIT_KEYS;
+        const int my_units = warp < n_units ? (n_units - warp + K3_WARPS - 1) / K3_WARPS : 0;
+
+        // unit i of this warp is run unit u = warp + K3_WARPS i: logical block n_begin + u / 2, half u % 2.
+        // Lane k holds the physical block of unit i0 + k (i0 a multiple of K3_IDS).
+        int ids = 0;
+        auto issue = [&](int i) {
+            if (i % K3_IDS == 0) {
+                const int u = warp + K3_WARPS * (i + lane);
+                ids = u < n_units ? block_table[(size_t)b * max_blocks + first / BLOCK_KV + u / 2] : 0;
+            }
+            const int physical = __shfl_sync(0xffffffffu, ids, i % K3_IDS);
+            k3_load_unit(stages + (i % K3_STAGES) * K3_UNIT_BYTES, kv_cache + (size_t)physical * BLOCK_BYTES,
+                         (warp + K3_WARPS * i) % 2, lane);
+        };
+
+        __syncthreads();  // every warp is done with the previous run (its q, w and stages)
+        #pragma unroll
+        for (int s = 0; s < K3_STAGES - 1; ++s) {  // prologue: in flight while q is converted
+            if (s < my_units) issue(s);
+            cp_async_commit();
+        }
+        // q[b, j] -> f16 B fragments: entry (j, nt, p, lane) = head 8 nt + g, bytes 32p + 4t .. + 3 (k-step
+        // 2p: b0, b1) and 32p + 16 + 4t .. + 3 (k-step 2p + 1)
+        for (int e = threadIdx.x; e < Q_FRAGS; e += K3_THREADS) {
+            const int l = e % 32, p = (e / 32) % 4, nt = (e / 128) % NT, j = e / (128 * NT);
+            const unsigned char* src =
+                q + ((size_t)(b * NEXT_N + j) * H + nt * 8 + l / 4) * HEAD_DIM + 32 * p + 4 * (l % 4);
+            uint4 f;
+            e4m3x4_to_f16x4(*reinterpret_cast<const unsigned*>(src), f.x, f.y);
+            e4m3x4_to_f16x4(*reinterpret_cast<const unsigned*>(src + 16), f.z, f.w);
+            q_frags[e] = f;
+        }
+        for (int e = threadIdx.x; e < NEXT_N * H; e += K3_THREADS) w_s[e] = w[(size_t)b * NEXT_N * H + e];
+        __syncthreads();
+
+        #pragma unroll 1
+        for (int i = 0; i < my_units; ++i) {
+            cp_async_wait<K3_STAGES - 2>();
+            __syncwarp();  // unit i has landed for every lane; every lane is done with unit i - 1
+            if (i + K3_STAGES - 1 < my_units) issue(i + K3_STAGES - 1);
+            cp_async_commit();
+
+            const unsigned stage = stages + (i % K3_STAGES) * K3_UNIT_BYTES;
+
+            // A fragments of the 32 keys, f16: a[m][c] = m-tile m (keys 16m ..), k-step c (bytes 16c ..)
+            unsigned a[2][8][4];
+            #pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                #pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    unsigned k_bytes[4];
+                    ldmatrix_x4_at(k_bytes, stage + swizzled(16 * m + lane % 16, 2 * kk + lane / 16));
+                    #pragma unroll
+                    for (int s = 0; s < 2; ++s) {
+                        e4m3x4_to_f16x4(k_bytes[2 * s], a[m][2 * kk + s][0], a[m][2 * kk + s][2]);      // key g
+                        e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[m][2 * kk + s][1], a[m][2 * kk + s][3]);  // key g + 8
+                    }
+                }
+            }
+
+            #pragma unroll
+            for (int j = 0; j < NEXT_N; ++j) {
+                float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [m-tile][key g, g + 8]: sum_h w ReLU(score)
+                #pragma unroll K3_NT_UNROLL
+                for (int nt = 0; nt < NT; ++nt) {
+                    float acc[2][4];  // [m-tile]: 2 chains of 8 mma; unrolled, consecutive n-tiles overlap
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+                    #pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        const uint4 bq = ld_shared_u4(q_lane + ((j * NT + nt) * 4 + p) * 512);
+                        #pragma unroll
+                        for (int m = 0; m < 2; ++m) {
+                            mma_f16_16816(acc[m], a[m][2 * p], bq.x, bq.y);
+                            mma_f16_16816(acc[m], a[m][2 * p + 1], bq.z, bq.w);
+                        }
+                    }
+                    const float2 w_h = ld_shared_f2_at(w_lane + (j * H + 8 * nt) * 4);
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        sum[m][0] += w_h.x * fmaxf(acc[m][0], 0.f) + w_h.y * fmaxf(acc[m][1], 0.f);
+                        sum[m][1] += w_h.x * fmaxf(acc[m][2], 0.f) + w_h.y * fmaxf(acc[m][3], 0.f);
+                    }
+                }
+                // over the 4 lanes of a key row, transposed: lane t ends with the total of key 8t + g,
+                // i.e. value k = t of (sum[0][0], sum[0][1], sum[1][0], sum[1][1]) (key 16m + 8r + g)
+                const bool hi2 = t & 2, hi1 = t & 1;
+                float keep0 = hi2 ? sum[1][0] : sum[0][0], keep1 = hi2 ? sum[1][1] : sum[0][1];
+                const float give0 = hi2 ? sum[0][0] : sum[1][0], give1 = hi2 ? sum[0][1] : sum[1][1];
+                keep0 += __shfl_xor_sync(0xffffffffu, give0, 2);
+                keep1 += __shfl_xor_sync(0xffffffffu, give1, 2);
+                float total = hi1 ? keep1 : keep0;
+                total += __shfl_xor_sync(0xffffffffu, hi1 ? keep0 : keep1, 1);
+                float scale;  // k_scale of key 8t + g
+                asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(scale) : "r"(stage + K3_UNIT_VALUES + 4 * (8 * t + g)));
+                const int pos = first + K3_UNIT_KEYS * (warp + K3_WARPS * i) + 8 * t + g;
+                if (pos < context_len)
+                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
+                        pos <= context_len - NEXT_N + j ? total * scale : NEG_INF;
+            }
+        }
+        cp_async_wait<0>();
+    }
+
+    if (clean_logits) {  // -inf past each context, rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
+        for (int r = warp; ; r += K3_WARPS) {
+            const int b = blockIdx.x + (r / NEXT_N) * gridDim.x;
+            if (b >= B) break;
+            fill_neg_inf(logits + (size_t)(b * NEXT_N + r % NEXT_N) * max_context_len, context_lens[b],
+                         max_context_len, lane);
+        }
+    }
+}
+
+#define K3_KERNEL(H, NEXT_N)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(K3_THREADS, 2) fp8_paged_mqa_logits_v3_h##H##_n##NEXT_N(          \
+        const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,               \
+        const int* block_table, const int* schedule, float* logits, int B, int next_n, int max_blocks,               \
+        int max_context_len, int clean_logits) {                                                                     \
+        fp8_paged_mqa_logits_v3<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B,            \
+                                           max_blocks, max_context_len, clean_logits);                                \
+    }
+K3_KERNEL(64, 1)
+K3_KERNEL(64, 2)
+K3_KERNEL(32, 1)
+K3_KERNEL(32, 2)

@@ -21,10 +21,13 @@ Which function runs where:
 * `paged_mqa_logits` dispatches: `paged_mqa_logits_cuda` (cuda/fp8_paged_mqa_logits.cu) for CUDA
   inputs, `paged_mqa_logits_reference` (float64, any device) otherwise.
 * `paged_mqa_logits_metadata` is plain torch and runs where context_lens is.
-* `paged_mqa_logits_cuda` runs one of two kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
+* `paged_mqa_logits_cuda` runs one of three kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
   "tensor_core" (kernel 1: 4 warps a block, mma.sync e4m3, which sm_90 emulates with f16 mma and
-  per-call conversions) or "tensor_core_f16" (kernel 2, the default: 4 x next_n x H / 32 warps a
-  block, e4m3 converted to f16 once, f16 mma.sync). Either launches one block per schedule row;
+  per-call conversions), "tensor_core_f16" (kernel 2, the default: 4 x next_n x H / 32 warps a
+  block, e4m3 converted to f16 once, f16 mma.sync) or "tensor_core_f16_v3" (kernel 3: 6 warps a
+  block, each with its own cp.async pipeline of 32-key units and no block-wide barrier between
+  them; q of all heads and draft positions as f16 fragments in shared memory, so every key is
+  converted once). Each launches one block per schedule row;
   ask the schedule for `schedule_size(device)` = CTAS_PER_SM x the SM count (any size is correct).
 
 clean_logits=False: the kernel still writes every position p < context_lens[b] (a value or -inf
@@ -61,8 +64,10 @@ SPLIT_KV = 4 * BLOCK_KV  # tokens per schedule segment (DeepGEMM: block_kv x 4 m
 # SM: 2 rows an SM make one full wave; at next_n = 2 (16 warps, 1 block an SM) two full waves.
 CTAS_PER_SM = 2
 PAGED_THREADS = 128  # kernel 1, as #defined in cuda/fp8_paged_mqa_logits.cu
-PAGED_KERNELS = ("tensor_core", "tensor_core_f16")
-PAGED_DEFAULT_KERNEL = "tensor_core_f16"  # the fastest on the H200
+PAGED_KERNELS = ("tensor_core", "tensor_core_f16", "tensor_core_f16_v3")
+# kernel 3, as #defined in cuda/fp8_paged_mqa_logits.cu: warps a block, cp.async stages a warp, bytes a stage
+PAGED_V3_WARPS, PAGED_V3_STAGES, PAGED_V3_UNIT_BYTES = 6, 3, 32 * (128 + 4)
+PAGED_DEFAULT_KERNEL = "tensor_core_f16_v3"  # the fastest on the H200 (204 us vs 381 us for kernel 2, B=128, ctx 32768)
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -228,7 +233,7 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
                           clean_logits: bool = True, *, out: torch.Tensor | None = None,
                           kernel: str = PAGED_DEFAULT_KERNEL) -> torch.Tensor:
     """`cuda/fp8_paged_mqa_logits.cu`: one block per schedule row; kernel "tensor_core_f16" (kernel 2,
-    the default) or "tensor_core" (kernel 1).
+    the default), "tensor_core" (kernel 1) or "tensor_core_f16_v3" (kernel 3).
 
     `out` (optional, [B * next_n, max_context_len] float32) receives the logits; a test passes a
     poisoned buffer to see that every position that must be written is."""
@@ -256,6 +261,14 @@ def _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta
         name, threads = f"fp8_paged_mqa_logits_h{H}", PAGED_THREADS
     elif kernel == "tensor_core_f16":  # one warp per (16-key m-tile, draft position, 32-head half)
         name, threads = f"fp8_paged_mqa_logits_f16_h{H}", 4 * 32 * next_n * (H // 32)
+    elif kernel == "tensor_core_f16_v3":  # warp-private pipelines of 32-key units; q as f16 fragments in smem
+        # dynamic shared memory: q fragments (next_n H D f16), w (next_n H float32), the warps' stages
+        smem = next_n * H * 128 * 2 + next_n * H * 4 + PAGED_V3_WARPS * PAGED_V3_STAGES * PAGED_V3_UNIT_BYTES
+        launch("fp8_paged_mqa_logits", f"fp8_paged_mqa_logits_v3_h{H}_n{next_n}", grid=schedule_meta.shape[0] - 1,
+               block=32 * PAGED_V3_WARPS, shared_mem=smem,
+               args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n,
+                     block_table.shape[1], max_context_len, bool(clean_logits)))
+        return
     else:
         raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
     launch("fp8_paged_mqa_logits", name, grid=schedule_meta.shape[0] - 1, block=threads,

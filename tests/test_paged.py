@@ -267,3 +267,190 @@ def test_paged_dispatch_and_errors_on_gpu():
     with pytest.raises(ValueError, match="schedule_meta does not match"):
         paged.paged_mqa_logits(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
             torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
+
+
+# ---------------------------------------------------------------------------------- kernel 3 on the CPU
+
+
+def _cu_defines():
+    import re
+    from dsa_tutorial import kernels
+    text = kernels.source_path("fp8_paged_mqa_logits").read_text()
+    return {k: v for k, v in re.findall(r"^#define (K3_\w+) (\d+)\b", text, re.M)}
+
+
+def test_v3_launch_constants_match_the_source():
+    d = _cu_defines()
+    assert int(d["K3_WARPS"]) == paged.PAGED_V3_WARPS and int(d["K3_STAGES"]) == paged.PAGED_V3_STAGES
+    assert int(d["K3_UNIT_KEYS"]) * (128 + 4) == paged.PAGED_V3_UNIT_BYTES
+    for H in (32, 64):
+        for next_n in (1, 2):  # two blocks an SM must fit the H200's 227 KiB (1 KiB reserved a block)
+            smem = next_n * H * 128 * 2 + next_n * H * 4 + paged.PAGED_V3_WARPS * paged.PAGED_V3_STAGES * 4224
+            assert 2 * (smem + 1024) <= 227 * 1024
+
+
+def _e4m3(byte_array):
+    """uint8 array -> float64 values of e4m3fn."""
+    return torch.from_numpy(byte_array.copy()).view(torch.float8_e4m3fn).double().numpy()
+
+
+def _emulate_v3_unit(stage_values, q_bytes, w, scales):
+    """One warp's unit of kernel 3 with its exact lane mappings: stage_values uint8 [32, 128] (key rows,
+    unswizzled), q_bytes uint8 [next_n, H, 128], w [next_n, H], scales [32] -> logits [next_n, 32] as
+    stored by lane (g, t) at key 8t + g."""
+    import numpy as np
+    next_n, H = q_bytes.shape[:2]
+    NT = H // 8
+    # the stage, swizzled as k3_load_unit writes it: lane l, copy i -> chunk l + 32 i
+    flat = np.zeros(4096, np.uint8)
+    for lane in range(32):
+        dst_even = (lane // 8) * 128 + (((lane % 8) ^ (lane // 8)) * 16)
+        for i in range(8):
+            chunk = lane + 32 * i
+            dst = 512 * i + (dst_even ^ 64 if i % 2 else dst_even)
+            row, col = chunk // 8, chunk % 8
+            assert dst == row * 128 + ((col ^ (row % 8)) * 16)  # == swizzled(row, col)
+            flat[dst:dst + 16] = stage_values[row, col * 16:(col + 1) * 16]
+    # q fragments: entry (j, nt, p, lane) = head 8nt + g, bytes 32p + 4t .. +3 and 32p + 16 + 4t .. +3
+    qf = np.zeros((next_n, NT, 4, 32, 8))
+    for j in range(next_n):
+        for nt in range(NT):
+            for p in range(4):
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    src = q_bytes[j, nt * 8 + g]
+                    qf[j, nt, p, lane, :4] = _e4m3(src[32 * p + 4 * t: 32 * p + 4 * t + 4])
+                    qf[j, nt, p, lane, 4:] = _e4m3(src[32 * p + 16 + 4 * t: 32 * p + 16 + 4 * t + 4])
+    # ldmatrix x4: lane L gives row address of matrix L / 8; register r of lane l = matrix r, row l / 4,
+    # bytes 4 (l % 4) .. + 3
+    def ldmatrix(m, kk):
+        rows = []
+        for L in range(32):
+            row, chunk = 16 * m + L % 16, 2 * kk + L // 16
+            off = row * 128 + ((chunk ^ (row % 8)) * 16)
+            rows.append(flat[off:off + 16])
+        return [[rows[8 * r + l // 4][4 * (l % 4): 4 * (l % 4) + 4] for r in range(4)] for l in range(32)]
+    # A fragments per lane: a[m][c] = 4 registers x 2 f16 (lo = bytes 0, 1; hi = bytes 2, 3)
+    A = np.zeros((32, 2, 8, 4, 2))
+    for m in range(2):
+        for kk in range(4):
+            regs = ldmatrix(m, kk)
+            for lane in range(32):
+                for s in range(2):
+                    kg, kg8 = _e4m3(regs[lane][2 * s]), _e4m3(regs[lane][2 * s + 1])
+                    A[lane, m, 2 * kk + s, 0], A[lane, m, 2 * kk + s, 2] = kg[:2], kg[2:]
+                    A[lane, m, 2 * kk + s, 1], A[lane, m, 2 * kk + s, 3] = kg8[:2], kg8[2:]
+    # mma m16n8k16 on fragments: C[row, col] = sum_k A[row, k] B[k, col]
+    def mma(acc, a_frag, b0, b1):  # a_frag [lane][4][2], b0/b1 [lane][2]; acc [lane][4]
+        Am = np.zeros((16, 16))
+        Bm = np.zeros((16, 8))
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            Am[g, 2 * t:2 * t + 2] = a_frag[lane][0]
+            Am[g + 8, 2 * t:2 * t + 2] = a_frag[lane][1]
+            Am[g, 2 * t + 8:2 * t + 10] = a_frag[lane][2]
+            Am[g + 8, 2 * t + 8:2 * t + 10] = a_frag[lane][3]
+            Bm[2 * t:2 * t + 2, g] = b0[lane]
+            Bm[2 * t + 8:2 * t + 10, g] = b1[lane]
+        C = Am @ Bm
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            acc[lane] += [C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]]
+    out = np.zeros((next_n, 32))
+    for j in range(next_n):
+        sums = np.zeros((32, 2, 2))
+        for nt in range(NT):
+            acc = np.zeros((2, 32, 4))
+            for p in range(4):
+                bq = qf[j, nt, p]  # [lane][8]: b0 = 0:2, b1 = 2:4 (k-step 2p), 4:6, 6:8 (k-step 2p + 1)
+                for m in range(2):
+                    mma(acc[m], A[:, m, 2 * p], bq[:, 0:2], bq[:, 2:4])
+                    mma(acc[m], A[:, m, 2 * p + 1], bq[:, 4:6], bq[:, 6:8])
+            for lane in range(32):
+                t = lane % 4
+                wx, wy = w[j, 8 * nt + 2 * t], w[j, 8 * nt + 2 * t + 1]
+                for m in range(2):
+                    sums[lane, m, 0] += wx * max(acc[m, lane, 0], 0) + wy * max(acc[m, lane, 1], 0)
+                    sums[lane, m, 1] += wx * max(acc[m, lane, 2], 0) + wy * max(acc[m, lane, 3], 0)
+        # the transposing reduction over the 4 lanes of a key row
+        keep0, keep1, give0, give1 = (np.zeros(32) for _ in range(4))
+        for lane in range(32):
+            t = lane % 4
+            hi2 = bool(t & 2)
+            keep0[lane] = sums[lane, 1, 0] if hi2 else sums[lane, 0, 0]
+            keep1[lane] = sums[lane, 1, 1] if hi2 else sums[lane, 0, 1]
+            give0[lane] = sums[lane, 0, 0] if hi2 else sums[lane, 1, 0]
+            give1[lane] = sums[lane, 0, 1] if hi2 else sums[lane, 1, 1]
+        k0 = keep0 + give0[np.arange(32) ^ 2]
+        k1 = keep1 + give1[np.arange(32) ^ 2]
+        hi1 = (np.arange(32) % 4) & 1
+        total = np.where(hi1, k1, k0)
+        give = np.where(hi1, k0, k1)
+        total = total + give[np.arange(32) ^ 1]
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            out[j, 8 * t + g] = total[lane] * scales[8 * t + g]
+    return out
+
+
+@pytest.mark.parametrize("next_n, H", [(1, 64), (2, 32)])
+def test_v3_fragment_mappings_emulated(next_n, H):
+    """Kernel 3's swizzle, ldmatrix, q fragment layout, mma fragments, head sum and the transposing
+    3-shuffle reduction, emulated lane by lane, give the formula."""
+    import numpy as np
+    rng = np.random.default_rng(next_n + H)
+    keys = torch.from_numpy(rng.standard_normal((32, 128)).astype(np.float32)).to(torch.float8_e4m3fn)
+    q = torch.from_numpy(rng.standard_normal((next_n, H, 128)).astype(np.float32)).to(torch.float8_e4m3fn)
+    w = rng.standard_normal((next_n, H))
+    scales = 2.0 ** rng.integers(-6, 2, 32)
+    got = _emulate_v3_unit(keys.view(torch.uint8).numpy(), q.view(torch.uint8).numpy(), w, scales)
+    scores = np.einsum("jhd,kd->jhk", q.double().numpy(), keys.double().numpy())
+    expected = (np.maximum(scores, 0) * w[:, :, None]).sum(1) * scales[None, :]
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def _v3_walk(context_lens, meta, next_n, warps):
+    """Kernel 3's walk over the schedule, as the CUDA code does it: per block of the grid its runs
+    (one batch each), the run's 32-key units, unit u = warp + warps i of warp `warp`. Returns every
+    (row, position) stored and every block-table index read."""
+    B = len(context_lens)
+    stored, table_reads = [], []
+    for bid in range(len(meta) - 1):
+        start_b, start_seg = meta[bid]
+        end_b, end_seg = meta[bid + 1]
+        b = start_b
+        while b < B and (b < end_b or (b == end_b and end_seg > 0)):
+            ctx = context_lens[b]
+            n_blocks = (ctx + 63) // 64
+            n_begin = start_seg * 4 if b == start_b else 0
+            n_end = min(end_seg * 4, n_blocks) if b == end_b else n_blocks
+            if n_begin < n_end:
+                first = n_begin * 64
+                n_units = (min(ctx, n_end * 64) - first + 31) // 32
+                for warp in range(warps):
+                    my_units = (n_units - warp + warps - 1) // warps if warp < n_units else 0
+                    for i0 in range(0, my_units, 32):  # the id fetch: lane k, unit i0 + k
+                        for lane in range(32):
+                            u = warp + warps * (i0 + lane)
+                            if u < n_units:
+                                table_reads.append((b, first // 64 + u // 2))
+                    for i in range(my_units):
+                        u = warp + warps * i
+                        for lane in range(32):
+                            pos = first + 32 * u + 8 * (lane % 4) + lane // 4
+                            if pos < ctx:
+                                for j in range(next_n):
+                                    stored.append((b * next_n + j, pos))
+            b += 1
+    return stored, table_reads
+
+
+@pytest.mark.parametrize("num_sms", [1, 2, 7, 264])
+def test_v3_walk_writes_every_context_position_once(num_sms):
+    context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513, 32, 33]
+    meta = paged.paged_mqa_logits_metadata(torch.tensor(context_lens, dtype=torch.int32), 64, num_sms).tolist()
+    for next_n in (1, 2):
+        stored, reads = _v3_walk(context_lens, meta, next_n, paged.PAGED_V3_WARPS)
+        expected = [(b * next_n + j, p) for b, c in enumerate(context_lens) for j in range(next_n) for p in range(c)]
+        assert sorted(stored) == sorted(expected)  # each once, nothing past a context
+        assert all(n < (context_lens[b] + 63) // 64 for b, n in reads)  # only blocks of the context
