@@ -449,3 +449,153 @@ fp8_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* k, const flo
                        const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
     fp8_mqa_logits_f16<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
 }
+
+// ------------------------------------------------------------------------------------ kernel 4
+
+// What holds kernel 3 back: mma.sync, even in f16, peaks near 360 TFLOP/s on the H200; Hopper's full
+// tensor-core rate (about 4x that for FP8) is reached only through wgmma, the warpgroup-wide
+// asynchronous mma that reads both operands from shared memory (cuda/wgmma.cuh). Kernel 4
+// (fp8_mqa_logits_wgmma_h64 / _h32, sm_90a only) is kernel 2's data flow on wgmma, with the roles of
+// DeepGEMM's sm90 fp8_mqa_logits:
+// * a block is one warpgroup (128 threads) and owns QUERIES = 128 / H consecutive queries (2 for
+//   H = 64), whose q rows (query, head) form the B tile: N = 128 rows of 128 bytes, copied once;
+// * A is a tile of 64 keys, streamed through a K4_STAGES-deep cp.async ring in the same swizzled
+//   layout as kernel 2 (which is exactly wgmma's 128-byte swizzle);
+// * per key tile: 4 wgmma m64n128k32 (the 4 slices of D) give scores[64 keys][QUERIES x H] in 64
+//   registers a thread (no conversion: the tensor cores take e4m3 directly), then the epilogue of
+//   kernel 2 on them: ReLU, times w (shared memory), a sum over the thread's heads and over the 4
+//   lanes of a row, times k_scale; lane t stores value t (+ 4) of its (query, row) pairs;
+// * 4 blocks an SM (<= 128 registers, 51 KB of shared memory each): while one block runs its
+//   epilogue, the others' wgmma keep the tensor cores busy.
+// Bounds as in kernel 2: q rows past S_q are zero-filled and never stored; keys past kv_end are
+// zero-filled and never stored; -inf outside [kv_begin, kv_end) when clean_logits.
+#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, weighted_relu_head_sums
+
+#define K4_N 128                                   // B rows: 128 / H queries x H heads
+#define K4_THREADS 128                             // one warpgroup
+#define K4_STAGES 4
+#define K4_BLOCKS_PER_SM 4
+// dynamic shared memory, 1024-byte aligned inside: q tile, K4_STAGES key tiles, their scales, w.
+// dsa_tutorial.fp8 passes 1024 (alignment slack) + this many bytes.
+#define K4_SMEM_BYTES (K4_N * HEAD_DIM + K4_STAGES * BLOCK_KV * HEAD_DIM + K4_STAGES * BLOCK_KV * 4 + K4_N * 4)
+
+template <int H>
+__device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                     const float* __restrict__ k_scale, const float* __restrict__ w,
+                                     const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                     int S_q, int S_k, int clean_logits) {
+#if WGMMA_AVAILABLE
+    constexpr int QUERIES = K4_N / H;  // 2 for H = 64, 4 for H = 32
+    extern __shared__ unsigned char k4_smem_raw[];
+    // 1024-byte aligned: q tile [K4_N][128], key tiles [K4_STAGES][64][128], scales [K4_STAGES][64], w [K4_N]
+    unsigned char* q_tile = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(k4_smem_raw) + 1023) & ~size_t(1023));
+    unsigned char* k_tiles = q_tile + K4_N * HEAD_DIM;
+    float* scale_tiles = reinterpret_cast<float*>(k_tiles + K4_STAGES * BLOCK_KV * HEAD_DIM);
+    float* w_s = scale_tiles + K4_STAGES * BLOCK_KV;
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * QUERIES;  // heaviest (latest) query blocks first
+
+    int kv_begin = S_k, kv_end = 0;  // the union of the block's key ranges, as in kernel 2
+    for (int r = i0; r < min(i0 + QUERIES, S_q); ++r)
+        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
+    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
+
+    // the B tile: row n = (query i0 + n / H, head n % H) = q row i0 H + n (zeros past S_q), swizzled;
+    // these copies join the first cp.async group, with key tile 0
+    for (int c = threadIdx.x; c < K4_N * CHUNKS_PER_ROW; c += K4_THREADS) {
+        const int row = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
+        const bool inside = i0 + row / H < S_q;
+        cp_async_16(q_tile + swizzled(row, chunk), q + ((size_t)(inside ? i0 * H + row : 0)) * HEAD_DIM + chunk * 16,
+                    inside ? 16 : 0);
+    }
+    for (int n = threadIdx.x; n < K4_N; n += K4_THREADS) w_s[n] = i0 + n / H < S_q ? w[(size_t)i0 * H + n] : 0.f;
+    for (int s = 0; s < K4_STAGES - 1; ++s) {
+        if (s < n_tiles)
+            load_key_tile<K4_THREADS>(k_tiles + s * BLOCK_KV * HEAD_DIM, scale_tiles + s * BLOCK_KV, k, k_scale,
+                                      kv_begin, kv_end, s);
+        cp_async_commit();
+    }
+    if (clean_logits && warp < QUERIES && i0 + warp < S_q) {  // outside the block's key range: -inf now
+        float* row = logits + (size_t)(i0 + warp) * S_k;
+        fill_neg_inf(row, 0, kv_begin, lane);
+        fill_neg_inf(row, kv_end, S_k, lane);
+    }
+
+    // what this lane stores: value v = t + 4 m (m < QUERIES / 2) of its (query, row) pairs, v = 2 q + r
+    constexpr int STORES = QUERIES / 2;
+    int store_ks[STORES], store_ke[STORES];
+    #pragma unroll
+    for (int m = 0; m < STORES; ++m) {
+        const int i = i0 + (t + 4 * m) / 2;
+        store_ks[m] = i < S_q ? ks[i] : 0;
+        store_ke[m] = i < S_q ? ke[i] : 0;  // an empty range past S_q: nothing visible, nothing stored
+    }
+    const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));
+    const unsigned w_lane = smem_address(w_s + 2 * t);
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        cp_async_wait<K4_STAGES - 2>();
+        fence_proxy_async();  // this thread's copies of tile `tile` (and of q) -> visible to the tensor cores
+        __syncthreads();      // ... everybody's; and everybody is done with tile - 1
+        if (tile + K4_STAGES - 1 < n_tiles) {
+            const int s = (tile + K4_STAGES - 1) % K4_STAGES;
+            load_key_tile<K4_THREADS>(k_tiles + s * BLOCK_KV * HEAD_DIM, scale_tiles + s * BLOCK_KV, k, k_scale,
+                                      kv_begin, kv_end, tile + K4_STAGES - 1);
+        }
+        cp_async_commit();
+
+        // scores[key][(query, head)] = k[key] . q[query, head] for the 64 keys of the tile, 4 k-steps of 32
+        const int stage = tile % K4_STAGES;
+        const unsigned long long a_desc = wgmma_desc(smem_address(k_tiles + stage * BLOCK_KV * HEAD_DIM));
+        float acc[K4_N / 2];
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 32; ++kk) wgmma_m64n128k32_e4m3(acc, a_desc + 2 * kk, b_desc + 2 * kk, kk);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(acc);
+
+        // sum_h w[i, h] ReLU(scores[key, (i, h)]) for this thread's rows 16 warp + g (+ 8), every query
+        float sums[QUERIES][2];
+        weighted_relu_head_sums<K4_N, H>(acc, w_lane, sums);
+
+        const int tile_first = kv_begin + tile * BLOCK_KV;
+        #pragma unroll
+        for (int m = 0; m < STORES; ++m) {
+            const int v = t + 4 * m, r = v % 2;
+            float sum = 0.f;
+            #pragma unroll
+            for (int qq = 0; qq < QUERIES; ++qq)
+                #pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+                    if (2 * qq + rr == v) sum = sums[qq][rr];
+            const int i = i0 + v / 2;
+            const int slot = 16 * warp + g + 8 * r, key = tile_first + slot;
+            if (i < S_q && key < kv_end) {
+                if (key >= store_ks[m] && key < store_ke[m])
+                    logits[(size_t)i * S_k + key] = sum * scale_tiles[stage * BLOCK_KV + slot];
+                else if (clean_logits)
+                    logits[(size_t)i * S_k + key] = NEG_INF;
+            }
+        }
+    }
+    cp_async_wait<0>();
+#else
+    __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM)
+fp8_mqa_logits_wgmma_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                         const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_wgmma<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}
+
+extern "C" __global__ void __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM)
+fp8_mqa_logits_wgmma_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
+                         const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
+    fp8_mqa_logits_wgmma<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
+}

@@ -92,6 +92,19 @@ __device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_segme
     return c.b < B && (c.b < end_b || (c.b == end_b && c.n < end_segment * BLOCKS_PER_SEGMENT));
 }
 
+// clean_logits: -inf past each context, [context_lens[b], max_context_len) of rows b next_n + j, for the
+// batches b = blockIdx.x, blockIdx.x + gridDim.x, ... (so every position is written exactly once);
+// warp r % n_warps of the block takes row r.
+__device__ __forceinline__ void fill_past_contexts(float* logits, const int* context_lens, int B, int next_n,
+                                                   int max_context_len, int n_warps) {
+    for (int r = threadIdx.x / 32; ; r += n_warps) {
+        const int b = blockIdx.x + (r / next_n) * gridDim.x;
+        if (b >= B) break;
+        fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b], max_context_len,
+                     threadIdx.x % 32);
+    }
+}
+
 // ------------------------------------------------------------------------------------ kernel 1
 
 // Copy physical block block_table[b, n] (8448 bytes) into a stage: values swizzled, scales as they are.
@@ -219,15 +232,7 @@ __device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const 
     }
     cp_async_wait<0>();
 
-    // -inf past each context: rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
-    if (clean_logits) {
-        for (int r = warp; ; r += WARPS) {
-            const int b = blockIdx.x + (r / next_n) * gridDim.x;
-            if (b >= B) break;
-            fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b],
-                         max_context_len, lane);
-        }
-    }
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, WARPS);
 }
 
 extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
@@ -406,15 +411,7 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
     if (step > 0) store_block(done, step - 1);
     cp_async_wait<0>();
 
-    if (clean_logits) {  // -inf past each context, rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
-        const int n_warps = n_threads / 32;
-        for (int r = warp; ; r += n_warps) {
-            const int b = blockIdx.x + (r / next_n) * gridDim.x;
-            if (b >= B) break;
-            fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b],
-                         max_context_len, lane);
-        }
-    }
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, n_threads / 32);
 }
 
 extern "C" __global__ void __launch_bounds__(K2_MAX_THREADS)
@@ -650,14 +647,7 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
         cp_async_wait<0>();
     }
 
-    if (clean_logits) {  // -inf past each context, rows of batches blockIdx.x, blockIdx.x + gridDim.x, ...
-        for (int r = warp; ; r += K3_WARPS) {
-            const int b = blockIdx.x + (r / NEXT_N) * gridDim.x;
-            if (b >= B) break;
-            fill_neg_inf(logits + (size_t)(b * NEXT_N + r % NEXT_N) * max_context_len, context_lens[b],
-                         max_context_len, lane);
-        }
-    }
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, K3_WARPS);
 }
 
 #define K3_KERNEL(H, NEXT_N)                                                                                          \
@@ -672,3 +662,164 @@ K3_KERNEL(64, 1)
 K3_KERNEL(64, 2)
 K3_KERNEL(32, 1)
 K3_KERNEL(32, 2)
+
+// ------------------------------------------------------------------------------------ kernel 4
+//
+// At next_n = 2 kernel 3 needs about 600 TFLOP/s of tensor-core math to read the cache at 60% of
+// copy bandwidth, more than mma.sync gives on the H200 (about 360). Kernel 4
+// (fp8_paged_mqa_logits_wgmma_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2, sm_90a only) moves the product to
+// wgmma (cuda/wgmma.cuh), which takes e4m3 straight from shared memory at Hopper's full FP8 rate:
+// * 2 warpgroups a block, two blocks an SM; each warpgroup owns a cp.async ring of K4_STAGES whole
+//   physical blocks (64 tokens: 8192 value bytes, swizzled = wgmma's 128-byte swizzle, and 256 scale
+//   bytes) and walks the run's blocks u = wg, wg + 2, ... with a barrier of its own 128 threads only
+//   (bar.sync 1 + wg), so the two warpgroups drift like kernel 3's warps;
+// * B is q[b] for all next_n draft positions and H heads: N = next_n H rows of 128 bytes (the rows
+//   (j, h) of q[b] are contiguous), written to shared memory once per run, between two block barriers;
+// * per physical block: 4 wgmma m64nNk32 (the 4 slices of D) give scores[64 tokens][(j, h)] in N / 2
+//   registers a thread, then the epilogue of cuda/wgmma.cuh (ReLU, times w, head sums over the
+//   thread's columns and the 4 lanes of a row) and lane t < 2 next_n stores (draft j = t / 2, row
+//   16 warp + g + 8 (t % 2)) times k_scale: 16 consecutive floats a warp and draft position;
+// * block ids: lane k of each warp fetches the id of the warpgroup's unit i0 + k once per K4_IDS units.
+// Same bounds, stores and -inf fill as kernel 1.
+#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, named_barrier_sync, weighted_relu_head_sums
+
+#define K4_WARPGROUPS 2
+#define K4_THREADS (128 * K4_WARPGROUPS)
+#define K4_STAGES 5                                // physical blocks in a warpgroup's ring
+#define K4_IDS 32                                  // block ids a warp fetches at once (one a lane)
+
+// Copy the physical block at `block` into a warpgroup's stage (wtid = 0 .. 127): values swizzled
+// (row = token), then its 64 scales as they are.
+__device__ __forceinline__ void k4_load_block(unsigned char* values, float* scales, const unsigned char* block, int wtid) {
+    #pragma unroll
+    for (int i = 0; i < VALUE_BYTES / 16 / 128; ++i) {
+        const int c = wtid + 128 * i;
+        cp_async_16(values + swizzled(c / CHUNKS_PER_ROW, c % CHUNKS_PER_ROW), block + c * 16);
+    }
+    if (wtid < BLOCK_KV * 4 / 16) cp_async_16(reinterpret_cast<unsigned char*>(scales) + wtid * 16, block + VALUE_BYTES + wtid * 16);
+}
+
+// Dynamic shared memory, 1024-byte aligned inside: the q tile [N][128], the rings' values
+// [K4_WARPGROUPS][K4_STAGES][8192] and scales [K4_WARPGROUPS][K4_STAGES][64], w [N]. paged.py passes
+// 1024 (alignment slack) + the same size.
+template <int H, int NEXT_N>
+__device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                           const float* __restrict__ w, const int* __restrict__ context_lens,
+                                           const int* __restrict__ block_table, const int* __restrict__ schedule,
+                                           float* __restrict__ logits, int B, int max_blocks, int max_context_len,
+                                           int clean_logits) {
+#if WGMMA_AVAILABLE
+    constexpr int N = NEXT_N * H;  // B rows: (draft position j, head h)
+    extern __shared__ unsigned char k4_smem_raw[];
+    unsigned char* q_tile = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(k4_smem_raw) + 1023) & ~size_t(1023));
+    unsigned char* values_all = q_tile + N * HEAD_DIM;
+    float* scales_all = reinterpret_cast<float*>(values_all + K4_WARPGROUPS * K4_STAGES * VALUE_BYTES);
+    float* w_s = scales_all + K4_WARPGROUPS * K4_STAGES * BLOCK_KV;
+
+    const int wg = threadIdx.x / 128, wtid = threadIdx.x % 128;
+    const int lane = threadIdx.x % 32, warp = wtid / 32;  // warp: within the warpgroup
+    const int g = lane / 4, t = lane % 4;
+    unsigned char* values = values_all + wg * K4_STAGES * VALUE_BYTES;
+    float* scales = scales_all + wg * K4_STAGES * BLOCK_KV;
+    const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));
+    const unsigned w_lane = smem_address(w_s + 2 * t);
+
+    for (int b = k3_schedule(schedule, 0); ; ++b) {  // runs: the blocks of one batch, as in kernel 3
+        const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
+        const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
+        if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) break;
+        const int context_len = context_lens[b];
+        const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
+        const int n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
+        const int n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+        if (n_begin >= n_end) continue;  // an empty context (block-uniform)
+        const int n_units = n_end - n_begin;  // physical blocks of the run
+        const int my_units = wg < n_units ? (n_units - wg + K4_WARPGROUPS - 1) / K4_WARPGROUPS : 0;
+        const int* ids_row = block_table + (size_t)b * max_blocks + n_begin;
+
+        // unit i of this warpgroup is the run's block u = wg + K4_WARPGROUPS i; lane k of every warp
+        // holds the physical id of unit i0 + k (i0 a multiple of K4_IDS)
+        int ids = 0;
+        auto issue = [&](int i) {
+            if (i % K4_IDS == 0) {
+                const int u = wg + K4_WARPGROUPS * (i + lane);
+                ids = u < n_units ? ids_row[u] : 0;
+            }
+            const int physical = __shfl_sync(0xffffffffu, ids, i % K4_IDS);
+            k4_load_block(values + (i % K4_STAGES) * VALUE_BYTES, scales + (i % K4_STAGES) * BLOCK_KV,
+                          kv_cache + (size_t)physical * BLOCK_BYTES, wtid);
+        };
+
+        __syncthreads();  // both warpgroups are done with the previous run (its q tile and w)
+        #pragma unroll
+        for (int s = 0; s < K4_STAGES - 1; ++s) {  // prologue: in flight while q is copied
+            if (s < my_units) issue(s);
+            cp_async_commit();
+        }
+        // q[b] -> the B tile (row n = j H + h of q[b], swizzled), w[b next_n + j, h] -> w_s[n]
+        for (int c = threadIdx.x; c < N * CHUNKS_PER_ROW; c += K4_THREADS) {
+            const int row = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
+            *reinterpret_cast<uint4*>(q_tile + swizzled(row, chunk)) =
+                *reinterpret_cast<const uint4*>(q + ((size_t)b * N + row) * HEAD_DIM + chunk * 16);
+        }
+        for (int n = threadIdx.x; n < N; n += K4_THREADS) w_s[n] = w[(size_t)b * N + n];
+        fence_proxy_async();  // the q tile, written by ordinary stores, is read by the tensor cores
+        __syncthreads();
+
+        #pragma unroll 1
+        for (int i = 0; i < my_units; ++i) {
+            cp_async_wait<K4_STAGES - 2>();
+            fence_proxy_async();
+            named_barrier_sync(1 + wg, 128);  // unit i has landed for the warpgroup; unit i - 1 is done
+            if (i + K4_STAGES - 1 < my_units) issue(i + K4_STAGES - 1);
+            cp_async_commit();
+
+            // scores[token][(j, h)] = k[token] . q[b, j, h] for the block's 64 tokens, 4 k-steps of 32
+            const int stage = i % K4_STAGES;
+            const unsigned long long a_desc = wgmma_desc(smem_address(values + stage * VALUE_BYTES));
+            float acc[N / 2];
+            wgmma_fence();
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) wgmma_m64k32_e4m3<N>(acc, a_desc + 2 * kk, b_desc + 2 * kk, kk);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(acc);
+
+            float sums[NEXT_N][2];  // [j][row 16 warp + g, + 8]: sum_h w ReLU(score), over all 4 lanes
+            weighted_relu_head_sums<N, H>(acc, w_lane, sums);
+            if (t < 2 * NEXT_N) {  // lane t stores draft position j = t / 2, row 16 warp + g + 8 (t % 2)
+                const int j = t / 2, r = t % 2;
+                float total = 0.f;
+                #pragma unroll
+                for (int jj = 0; jj < NEXT_N; ++jj)
+                    #pragma unroll
+                    for (int rr = 0; rr < 2; ++rr)
+                        if (2 * jj + rr == t) total = sums[jj][rr];
+                const int slot = 16 * warp + g + 8 * r;
+                const int pos = (n_begin + wg + K4_WARPGROUPS * i) * BLOCK_KV + slot;
+                if (pos < context_len)
+                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
+                        pos <= context_len - NEXT_N + j ? total * scales[stage * BLOCK_KV + slot] : NEG_INF;
+            }
+        }
+        cp_async_wait<0>();
+    }
+
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, K4_THREADS / 32);
+#else
+    __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
+}
+
+#define K4_KERNEL(H, NEXT_N)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(K4_THREADS, 2) fp8_paged_mqa_logits_wgmma_h##H##_n##NEXT_N(       \
+        const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,               \
+        const int* block_table, const int* schedule, float* logits, int B, int next_n, int max_blocks,               \
+        int max_context_len, int clean_logits) {                                                                     \
+        fp8_paged_mqa_logits_wgmma<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B,         \
+                                              max_blocks, max_context_len, clean_logits);                             \
+    }
+K4_KERNEL(64, 1)
+K4_KERNEL(64, 2)
+K4_KERNEL(32, 1)
+K4_KERNEL(32, 2)

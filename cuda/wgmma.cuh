@@ -1,0 +1,184 @@
+// Hopper warpgroup matrix multiply (wgmma), FP8 e4m3 operands from shared memory: the pieces that
+// kernel 4 of cuda/fp8_mqa_logits.cu and of cuda/fp8_paged_mqa_logits.cu share.
+//
+// wgmma exists only on the arch-specific target sm_90a (H100 / H200, compute capability 9.0
+// exactly); dsa_tutorial.kernels compiles for sm_90a on such a GPU. Everything below is defined
+// only when WGMMA_AVAILABLE is 1, and the kernels that use it compile to a trap elsewhere (Python
+// never launches them there: kernels.wgmma_available).
+//
+// One wgmma.mma_async.m64nNk32 is issued by a warpgroup (4 consecutive warps, 128 threads, the first
+// warp index a multiple of 4) and computes D[64 x N] (+)= A[64 x 32] B[32 x N] with float32
+// accumulators spread over the 128 threads' registers. Both operands are read by the tensor cores
+// straight from shared memory ("asynchronous proxy"); for 8-bit inputs both must be K-major: row m
+// of A and column n of B each store their 32 k-values contiguously. Here a row is a key (A) or a
+// (query, head) pair (B) and k runs along D, so the 128-byte rows of q and of the key cache are
+// already K-major: a tile is simply rows of 128 bytes.
+//
+//   wgmma_desc(address)      the 64-bit shared-memory matrix descriptor of such a tile
+//   wgmma_fence / _commit / _wait<N>, fence_operand     ordering around the asynchronous mma
+//   fence_proxy_async        generic-proxy writes to shared memory (cp.async, st.shared) become
+//                            visible to the tensor cores' reads
+//   named_barrier_sync       a barrier for a subset of the block's warps (one warpgroup)
+//   wgmma_m64n{32,64,128}k32_e4m3     the instruction, N = 32, 64, 128 (wgmma_m64k32_e4m3<N>: either)
+//   weighted_relu_head_sums  the indexer epilogue sum_h w[h] ReLU(D[row, (q, h)]) on the accumulators
+#pragma once
+
+#include "common.cuh"  // smem_address
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // compiling for sm_90a
+#define WGMMA_AVAILABLE 1
+#else
+#define WGMMA_AVAILABLE 0
+#endif
+
+#if WGMMA_AVAILABLE
+
+// --------------------------------------------------------------------------- tile layout
+
+// A tile is R rows of 128 bytes (R a multiple of 8) starting at a 1024-byte aligned shared address,
+// in the "128-byte swizzle" layout the descriptor below announces: the 16-byte chunk c of row r is
+// stored at chunk position c ^ (r % 8) of its row (the XOR swizzle the mma.sync kernels already use
+// against bank conflicts; hardware applies the same XOR when it reads). 8 rows = 1024 bytes form one
+// swizzle atom; atoms follow each other every 1024 bytes.
+//
+// Descriptor bits (PTX ISA, "Matrix Descriptor Format" of wgmma):
+//   [0, 14)   start address >> 4
+//   [16, 30)  leading-dimension byte offset >> 4: unused by swizzled K-major tiles (1 by convention)
+//   [32, 46)  stride-dimension byte offset >> 4: from one 8-row atom to the next, 1024 bytes
+//   [49, 52)  base offset: 0, because tiles start 1024-byte aligned
+//   [62, 64)  swizzle mode: 1 = 128-byte swizzle
+// k-step kk (bytes 32 kk .. 32 kk + 31 of every row) is the same descriptor with the start address
+// advanced by 32 kk bytes, i.e. desc + 2 kk: the hardware swizzles the address it computes, so
+// advancing inside the 128-byte row lands on the right (swizzled) chunks.
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned address) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+// --------------------------------------------------------------------------- ordering
+
+// Before the first wgmma of a group: orders this warp's earlier register accesses (the accumulators)
+// before the asynchronous mma that reads and writes them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// Closes the group: every wgmma issued since the previous commit.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N committed groups are in flight; only then may the accumulators be read.
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins a register at this point of the program: the compiler may not move uses of the accumulator
+// across it (after wgmma_wait, before the epilogue reads them).
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+template <int R> __device__ __forceinline__ void fence_operands(float (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) fence_operand(d[i]);
+}
+
+// Shared memory written through the generic proxy (cp.async, ordinary stores) is read by wgmma
+// through the async proxy: each writing thread fences after its writes have landed, then a barrier
+// joins the warpgroup (or block) before the wgmma is issued.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// bar.sync with barrier id (1 .. 15; 0 is __syncthreads) for n_threads threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(int id, int n_threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n_threads) : "memory");
+}
+
+// --------------------------------------------------------------------------- the instruction
+
+// D[64 x N] = A B (accumulate = 0) or D + A B (accumulate != 0); A [64 x 32] and B [N x 32] (K-major)
+// e4m3 from the descriptors, D float32. Thread (warp w of the warpgroup, lane 4 g + t) holds, for
+// each 8-column chunk c = 0 .. N/8 - 1:
+//   d[4c + 0], d[4c + 1]: row 16 w + g,     columns 8c + 2t, 8c + 2t + 1
+//   d[4c + 2], d[4c + 3]: row 16 w + g + 8, columns 8c + 2t, 8c + 2t + 1
+// (the mma.sync C-fragment layout, repeated over the N/8 chunks and the 4 warps' 16-row slices).
+// Generated text: one "+f" operand per accumulator register.
+__device__ __forceinline__ void wgmma_m64n32k32_e4m3(float (&d)[16], unsigned long long desc_a, unsigned long long desc_b,
+                                                     int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b,
+                                                     int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long desc_a, unsigned long long desc_b,
+                                                     int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// The same for N chosen at compile time (32, 64 or 128).
+template <int N>
+__device__ __forceinline__ void wgmma_m64k32_e4m3(float (&d)[N / 2], unsigned long long desc_a, unsigned long long desc_b,
+                                                  int accumulate) {
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma_m64k32_e4m3: N must be 32, 64 or 128");
+    if constexpr (N == 32) wgmma_m64n32k32_e4m3(d, desc_a, desc_b, accumulate);
+    else if constexpr (N == 64) wgmma_m64n64k32_e4m3(d, desc_a, desc_b, accumulate);
+    else wgmma_m64n128k32_e4m3(d, desc_a, desc_b, accumulate);
+}
+
+// --------------------------------------------------------------------------- the indexer epilogue
+
+// After one m64nNk32 product whose N columns are NQ = N / H (query or draft position q, head h)
+// groups, column = q H + h: sums[q][r] = sum over h of w[q H + h] * ReLU(D[row_r, q H + h]) for this
+// thread's rows row_0 = 16 w + g and row_1 = row_0 + 8, summed over the 4 lanes of a row (t = 0..3)
+// so that every lane ends with the full sums. w_lane: the shared address of w_s[2t], where w_s
+// holds the N weights in column order (w_s[8c + 2t] and w_s[8c + 2t + 1] are read for chunk c).
+template <int N, int H>
+__device__ __forceinline__ void weighted_relu_head_sums(const float (&d)[N / 2], unsigned w_lane,
+                                                        float (&sums)[N / H][2]) {
+    static_assert(N % H == 0 && H % 8 == 0, "a chunk of 8 columns must belong to one query");
+#pragma unroll
+    for (int q = 0; q < N / H; ++q) sums[q][0] = sums[q][1] = 0.f;
+#pragma unroll
+    for (int c = 0; c < N / 8; ++c) {
+        const int q = 8 * c / H;
+        float2 w;  // w_s[8c + 2t], w_s[8c + 2t + 1]; re-read every tile (volatile) rather than held in registers
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(w.x), "=f"(w.y) : "r"(w_lane + 32 * c));
+        sums[q][0] += w.x * fmaxf(d[4 * c + 0], 0.f) + w.y * fmaxf(d[4 * c + 1], 0.f);
+        sums[q][1] += w.x * fmaxf(d[4 * c + 2], 0.f) + w.y * fmaxf(d[4 * c + 3], 0.f);
+    }
+#pragma unroll
+    for (int q = 0; q < N / H; ++q)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 1);
+            sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 2);
+        }
+}
+
+#endif  // WGMMA_AVAILABLE
