@@ -40,6 +40,12 @@
 //                             barrier that starts the next key tile, the warps of a query add their
 //                             halves and store 32 consecutive keys each (coalesced). Same pipeline,
 //                             swizzle and bounds as kernel 2.
+//   fp8_mqa_logits_wgmma_h64/_h32  kernel 4 (sm_90a only): Hopper's warpgroup mma (wgmma, see
+//                             cuda/wgmma.cuh), which reads e4m3 straight from shared memory at the
+//                             full FP8 rate. A block is one warpgroup owning 128 / H queries; per tile
+//                             of 64 keys, 4 wgmma m64n128k32 give scores[64 keys][(query, head)],
+//                             then kernel 2's epilogue. Its tensor cores accumulate FP8 products with
+//                             fewer bits than float32 (about 1e-4 of the summed magnitudes here).
 //
 // Fragment layouts (PTX ISA, mma.m16n8k32 with 8-bit types), lane = 4 * g + t:
 //   A (16 x 32, row-major) a0: row g, cols 4t..4t+3    a1: row g+8, cols 4t..4t+3

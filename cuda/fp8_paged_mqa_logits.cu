@@ -44,6 +44,10 @@
 //   all H heads and next_n draft positions, whose q is kept in shared memory as f16 mma fragments
 //   (rewritten, between two barriers, when the walk enters a new batch). Lane (g, t) stores key 8t + g
 //   of the unit: 32 consecutive floats a warp and draft position. Same -inf fill. (See its section.)
+// Kernel 4 (fp8_paged_mqa_logits_wgmma_h64_n1 / ... , sm_90a only): wgmma (cuda/wgmma.cuh) on whole
+//   physical blocks: 2 warpgroups a block, each with its own cp.async ring of 64-token blocks; per
+//   block 4 wgmma m64nNk32 with N = next_n H (B = q[b], all draft positions and heads, in shared
+//   memory). (See its section.)
 //
 // Bounds: a block id is read from block_table only for logical blocks below ceil(context_len / 64)
 // (checked in Python: within the row, and each id in [0, num_blocks)); the tokens of a last,

@@ -23,10 +23,14 @@ Which function runs where:
   the logits reference computes in float64 and also accepts unquantised float inputs).
 * `act_quant_cuda`, `mqa_logits_cuda` always run `cuda/act_quant.cu` / `cuda/fp8_mqa_logits.cu`.
 
-`mqa_logits_cuda` runs one of three kernels of `cuda/fp8_mqa_logits.cu` (`kernel=`): "naive"
+`mqa_logits_cuda` runs one of four kernels of `cuda/fp8_mqa_logits.cu` (`kernel=`): "naive"
 (kernel 1, scalar), "tensor_core" (kernel 2, mma.sync e4m3, which sm_90 emulates with f16 mma and
-per-call conversions) and "tensor_core_f16" (kernel 3, the default: e4m3 converted to f16 once,
-f16 mma.sync, float32 accumulation; the same products).
+per-call conversions), "tensor_core_f16" (kernel 3: e4m3 converted to f16 once, f16 mma.sync,
+float32 accumulation; the same products) and "wgmma" (kernel 4: Hopper's warpgroup MMA on the e4m3
+values in shared memory, one warpgroup a block whose 128 rows are 128 / H queries x H heads;
+compiled for sm_90a, so it runs on compute capability 9.0 only, and is refused elsewhere).
+kernel=None, the default, takes `default_mqa_kernel(device)`: "wgmma" where it runs, else
+"tensor_core_f16".
 
 `mqa_logits` with clean_logits=False: the CUDA kernels write every position of the key range that
 their block of queries computes (-inf where the row's own mask says so) and leave the columns
@@ -37,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_range, check_same_device, check_tensor
-from .kernels import launch
+from .kernels import launch, require_wgmma, wgmma_available
 
 __all__ = [
     "FP8_E4M3_MAX",
@@ -56,6 +60,7 @@ __all__ = [
     "MQA_SUPPORTED_HEADS",
     "MQA_SUPPORTED_HEAD_DIM",
     "MQA_KERNELS",
+    "default_mqa_kernel",
 ]
 
 FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value: 1.75 * 2^8
@@ -68,8 +73,16 @@ MQA_SUPPORTED_HEAD_DIM = 128  # D: one 128-value block scale per key, four k32 s
 MQA_QUERIES_PER_CTA = 12  # kernel 2, as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
 MQA_THREADS = 32 * MQA_QUERIES_PER_CTA
 MQA_F16_WARPS = 8  # kernel 3 (K3_WARPS): 32 heads a warp, so H / 32 warps a query
-MQA_KERNELS = ("naive", "tensor_core", "tensor_core_f16")
-MQA_DEFAULT_KERNEL = "tensor_core_f16"  # the fastest on the H200
+# kernel 4, mirroring the #defines of cuda/fp8_mqa_logits.cu (K4_*): one warpgroup a block, whose 128 rows
+# of q (the wgmma N) are 128 / H queries x H heads; K4_STAGES key tiles of 64 keys x 128 e4m3 bytes
+MQA_WGMMA_THREADS = 128
+MQA_WGMMA_ROWS = 128
+MQA_WGMMA_STAGES = 4
+# dynamic shared memory: 1024 bytes of alignment slack, then K4_SMEM_BYTES: the q tile (128 rows x 128
+# bytes), the key tiles and their scales (64 float32 a tile), the weights (128 float32): 51712 bytes
+MQA_WGMMA_SMEM = 1024 + MQA_WGMMA_ROWS * 128 + MQA_WGMMA_STAGES * 64 * (128 + 4) + MQA_WGMMA_ROWS * 4
+MQA_KERNELS = ("naive", "tensor_core", "tensor_core_f16", "wgmma")
+MQA_FALLBACK_KERNEL = "tensor_core_f16"  # the fastest kernel where there is no wgmma
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -265,15 +278,22 @@ def mqa_logits_reference(q, kv, weights, ks, ke, clean_logits: bool = True, quer
     return logits
 
 
-def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str = MQA_DEFAULT_KERNEL,
+def default_mqa_kernel(device=None) -> str:
+    """The fastest kernel of `cuda/fp8_mqa_logits.cu` that runs on `device` (default: the current
+    GPU): "wgmma" (kernel 4) on compute capability 9.0, else "tensor_core_f16" (kernel 3)."""
+    return "wgmma" if wgmma_available(device) else MQA_FALLBACK_KERNEL
+
+
+def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str | None = None,
                     out: torch.Tensor | None = None):
-    """`cuda/fp8_mqa_logits.cu`: kernel "tensor_core_f16" (kernel 3, f16 mma.sync on the converted
-    e4m3 values, the default), "tensor_core" (kernel 2, mma.sync e4m3) or "naive" (kernel 1, scalar).
+    """`cuda/fp8_mqa_logits.cu`: kernel "wgmma" (kernel 4, warpgroup MMA on e4m3, compute capability
+    9.0 only), "tensor_core_f16" (kernel 3, f16 mma.sync on the converted e4m3 values), "tensor_core"
+    (kernel 2, mma.sync e4m3), "naive" (kernel 1, scalar) or None (the fastest here: default_mqa_kernel).
 
     Returns logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits, else unspecified.
     `out` (optional, [S_q, S_k] float32 contiguous) receives them: tests pass a poisoned buffer."""
-    if kernel not in MQA_KERNELS:
-        raise ValueError(f"kernel must be one of {MQA_KERNELS}, got {kernel!r}")
+    if kernel is not None and kernel not in MQA_KERNELS:
+        raise ValueError(f"kernel must be one of {MQA_KERNELS} or None, got {kernel!r}")
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
     shape = (dims["S_q"], dims["S_k"])
     if out is None:
@@ -284,8 +304,12 @@ def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel
     return logits
 
 
-def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str = MQA_DEFAULT_KERNEL) -> None:
+def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str | None = None) -> None:
     """The launch alone, on inputs already checked (the benchmark times this)."""
+    if kernel is None:
+        kernel = default_mqa_kernel(q.device)
+    elif kernel == "wgmma":
+        require_wgmma(q.device, instead=MQA_FALLBACK_KERNEL)
     k, k_scale = _split_kv(kv)
     S_q, H, _ = q.shape
     S_k = k.shape[0]
@@ -306,12 +330,18 @@ def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kerne
         grid = (S_q + queries_per_cta - 1) // queries_per_cta
         launch("fp8_mqa_logits", f"fp8_mqa_logits_f16_h{H}", grid=grid, block=32 * MQA_F16_WARPS,
                args=(*args, bool(clean_logits)))
+    elif kernel == "wgmma":
+        queries_per_cta = MQA_WGMMA_ROWS // H  # 2 for H = 64, 4 for H = 32
+        grid = (S_q + queries_per_cta - 1) // queries_per_cta
+        launch("fp8_mqa_logits", f"fp8_mqa_logits_wgmma_h{H}", grid=grid, block=MQA_WGMMA_THREADS,
+               shared_mem=MQA_WGMMA_SMEM, args=(*args, bool(clean_logits)))
     else:
         raise ValueError(f"kernel must be one of {MQA_KERNELS}, got {kernel!r}")
 
 
 def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True):
-    """fp8_mqa_logits (SPEC section 6): the fastest CUDA kernel for CUDA inputs, else the reference.
+    """fp8_mqa_logits (SPEC section 6): the fastest CUDA kernel that runs on the inputs' GPU
+    (default_mqa_kernel) for CUDA inputs, else the reference.
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
     ks, ke [S_q] int32 -> logits [S_q, S_k] float32."""

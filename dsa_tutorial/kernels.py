@@ -9,7 +9,12 @@
 * launches kernels on torch CUDA tensors without copying them, on torch's current stream
   (:func:`launch`);
 * and compiles every source on a machine without a GPU (:func:`compile_source` with
-  ``arch="sm_90"``), which is how CI checks the CUDA sources it cannot run.
+  ``arch=DEFAULT_ARCH``, "sm_90a"), which is how CI checks the CUDA sources it cannot run.
+
+The architecture is the device's own, "sm_XY" for compute capability X.Y, except on 9.0 (H100,
+H200): there it is "sm_90a", sm_90 plus the Hopper-only instructions (`wgmma`), whose cubins run on
+capability 9.0 and nothing else. Every kernel of the project compiles for it; the `wgmma` kernels
+(:func:`wgmma_available`) compile to a `__trap()` for every other target.
 
 Nothing here runs at import time: CuPy is imported on first use.
 """
@@ -39,13 +44,18 @@ __all__ = [
     "compile_source",
     "gpu_available",
     "require_gpu",
+    "DEFAULT_ARCH",
+    "arch_for_capability",
+    "wgmma_available",
+    "require_wgmma",
     "load",
     "launch",
     "as_cupy",
 ]
 
-#: The architecture CI compiles for when there is no GPU to ask (the H200 of the book's runs).
-DEFAULT_ARCH = "sm_90"
+#: The architecture CI compiles for when there is no GPU to ask: the H200 of the book's runs, as
+#: :func:`arch_for_capability` targets it ("sm_90a", so the `wgmma` kernels are compiled too).
+DEFAULT_ARCH = "sm_90a"
 
 _INSTALL_HINT = (
     "This needs an NVIDIA GPU, its driver and CuPy: `pip install -e '.[gpu]'` installs "
@@ -241,9 +251,43 @@ def require_gpu() -> None:
         raise GPUUnavailableError(_INSTALL_HINT)
 
 
+def arch_for_capability(major: int, minor: int) -> str:
+    """The NVRTC target for a GPU of compute capability major.minor: "sm_90a" for 9.0, else "sm_XY".
+
+    sm_90a is sm_90 plus the instructions only Hopper has (`wgmma`); its cubins run on capability
+    9.0 exactly, which is why it is chosen there and nowhere else."""
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
 def _device_arch(device: int) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    return arch_for_capability(*torch.cuda.get_device_capability(device))
+
+
+def _names_a_gpu(device) -> bool:
+    """`device` (None: the current one, an index, "cuda:1", a torch.device) is a CUDA GPU we can use."""
+    if device is not None and not isinstance(device, int) and torch.device(device).type != "cuda":
+        return False
+    return gpu_available()
+
+
+def wgmma_available(device=None) -> bool:
+    """True when `device` (default: the current CUDA device) is a usable GPU of compute capability
+    9.0 (H100, H200): the only one that runs the `wgmma` kernels, compiled for sm_90a."""
+    return _names_a_gpu(device) and tuple(torch.cuda.get_device_capability(device)) == (9, 0)
+
+
+def require_wgmma(device, instead: str) -> None:
+    """Raise ValueError, before any launch, unless `device` runs the `wgmma` kernels; the message
+    names the device's compute capability and the kernel `instead` to ask for."""
+    if wgmma_available(device):
+        return
+    if _names_a_gpu(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        have = f"{device} has compute capability {major}.{minor}"
+    else:
+        have = f"{device} is not a usable CUDA GPU"
+    raise ValueError(f"kernel 'wgmma' (Hopper's warpgroup MMA, compiled for sm_90a) needs a GPU of compute "
+                     f"capability 9.0 (H100, H200), but {have}: use kernel={instead!r}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,13 +21,17 @@ Which function runs where:
 * `paged_mqa_logits` dispatches: `paged_mqa_logits_cuda` (cuda/fp8_paged_mqa_logits.cu) for CUDA
   inputs, `paged_mqa_logits_reference` (float64, any device) otherwise.
 * `paged_mqa_logits_metadata` is plain torch and runs where context_lens is.
-* `paged_mqa_logits_cuda` runs one of three kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
+* `paged_mqa_logits_cuda` runs one of four kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
   "tensor_core" (kernel 1: 4 warps a block, mma.sync e4m3, which sm_90 emulates with f16 mma and
-  per-call conversions), "tensor_core_f16" (kernel 2, the default: 4 x next_n x H / 32 warps a
-  block, e4m3 converted to f16 once, f16 mma.sync) or "tensor_core_f16_v3" (kernel 3: 6 warps a
-  block, each with its own cp.async pipeline of 32-key units and no block-wide barrier between
-  them; q of all heads and draft positions as f16 fragments in shared memory, so every key is
-  converted once). Each launches one block per schedule row;
+  per-call conversions), "tensor_core_f16" (kernel 2: 4 x next_n x H / 32 warps a block, e4m3
+  converted to f16 once, f16 mma.sync), "tensor_core_f16_v3" (kernel 3: 6 warps a block, each with
+  its own cp.async pipeline of 32-key units and no block-wide barrier between them; q of all heads
+  and draft positions as f16 fragments in shared memory, so every key is converted once) or "wgmma"
+  (kernel 4: 2 warpgroups a block, each with its own pipeline of 64-token physical blocks, Hopper's
+  warpgroup MMA on the e4m3 keys and the next_n x H rows of q in shared memory; compiled for sm_90a,
+  so it runs on compute capability 9.0 only, and is refused elsewhere). kernel=None, the default,
+  takes `default_paged_kernel(device)`: "wgmma" where it runs, else "tensor_core_f16_v3".
+  Each launches one block per schedule row;
   ask the schedule for `schedule_size(device)` = CTAS_PER_SM x the SM count (any size is correct).
 
 clean_logits=False: the kernel still writes every position p < context_lens[b] (a value or -inf
@@ -39,7 +43,7 @@ import torch
 
 from .checks import check_range, check_same_device, check_tensor
 from .fp8 import MQA_SUPPORTED_HEAD_DIM, MQA_SUPPORTED_HEADS, mqa_logits_reference
-from .kernels import launch
+from .kernels import launch, require_wgmma, wgmma_available
 
 __all__ = [
     "BLOCK_KV",
@@ -56,6 +60,7 @@ __all__ = [
     "paged_mqa_logits_reference",
     "paged_mqa_logits_cuda",
     "PAGED_KERNELS",
+    "default_paged_kernel",
 ]
 
 BLOCK_KV = 64  # tokens per physical block
@@ -64,10 +69,22 @@ SPLIT_KV = 4 * BLOCK_KV  # tokens per schedule segment (DeepGEMM: block_kv x 4 m
 # SM: 2 rows an SM make one full wave; at next_n = 2 (16 warps, 1 block an SM) two full waves.
 CTAS_PER_SM = 2
 PAGED_THREADS = 128  # kernel 1, as #defined in cuda/fp8_paged_mqa_logits.cu
-PAGED_KERNELS = ("tensor_core", "tensor_core_f16", "tensor_core_f16_v3")
+PAGED_KERNELS = ("tensor_core", "tensor_core_f16", "tensor_core_f16_v3", "wgmma")
 # kernel 3, as #defined in cuda/fp8_paged_mqa_logits.cu: warps a block, cp.async stages a warp, bytes a stage
 PAGED_V3_WARPS, PAGED_V3_STAGES, PAGED_V3_UNIT_BYTES = 6, 3, 32 * (128 + 4)
-PAGED_DEFAULT_KERNEL = "tensor_core_f16_v3"  # the fastest on the H200 (204 us vs 381 us for kernel 2, B=128, ctx 32768)
+# kernel 4, mirroring the #defines of cuda/fp8_paged_mqa_logits.cu: warpgroups a block, stages a warpgroup
+# (one 64-token physical block each: 64 x 128 e4m3 bytes, then 64 float32 scales)
+PAGED_WGMMA_WARPGROUPS, PAGED_WGMMA_STAGES = 2, 5
+PAGED_WGMMA_STAGE_BYTES = BLOCK_KV * 128 + BLOCK_KV * 4
+# the fastest kernel where there is no wgmma (204 us vs 381 us for kernel 2 on the H200, B=128, ctx 32768)
+PAGED_FALLBACK_KERNEL = "tensor_core_f16_v3"
+
+
+def _wgmma_smem(next_n: int, H: int) -> int:
+    """Dynamic shared memory of kernel 4: 1024 alignment slack, the N = next_n H rows of q (128 e4m3
+    bytes each) and their weights (float32), and every warpgroup's stages (102400 bytes for N = 128)."""
+    N = next_n * H
+    return 1024 + N * 128 + N * 4 + PAGED_WGMMA_WARPGROUPS * PAGED_WGMMA_STAGES * PAGED_WGMMA_STAGE_BYTES
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -229,16 +246,23 @@ def paged_mqa_logits_reference(q, kv_cache, weights, context_lens, block_table, 
     return logits
 
 
+def default_paged_kernel(device=None) -> str:
+    """The fastest kernel of `cuda/fp8_paged_mqa_logits.cu` that runs on `device` (default: the
+    current GPU): "wgmma" (kernel 4) on compute capability 9.0, else "tensor_core_f16_v3" (kernel 3)."""
+    return "wgmma" if wgmma_available(device) else PAGED_FALLBACK_KERNEL
+
+
 def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
                           clean_logits: bool = True, *, out: torch.Tensor | None = None,
-                          kernel: str = PAGED_DEFAULT_KERNEL) -> torch.Tensor:
-    """`cuda/fp8_paged_mqa_logits.cu`: one block per schedule row; kernel "tensor_core_f16" (kernel 2,
-    the default), "tensor_core" (kernel 1) or "tensor_core_f16_v3" (kernel 3).
+                          kernel: str | None = None) -> torch.Tensor:
+    """`cuda/fp8_paged_mqa_logits.cu`: one block per schedule row; kernel "tensor_core" (kernel 1),
+    "tensor_core_f16" (kernel 2), "tensor_core_f16_v3" (kernel 3), "wgmma" (kernel 4, compute
+    capability 9.0 only) or None (the fastest here: default_paged_kernel).
 
     `out` (optional, [B * next_n, max_context_len] float32) receives the logits; a test passes a
     poisoned buffer to see that every position that must be written is."""
-    if kernel not in PAGED_KERNELS:
-        raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
+    if kernel is not None and kernel not in PAGED_KERNELS:
+        raise ValueError(f"kernel must be one of {PAGED_KERNELS} or None, got {kernel!r}")
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
     shape = (dims["B"] * dims["next_n"], max_context_len)
@@ -252,33 +276,38 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
 
 
 def _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits,
-                  out, kernel: str = PAGED_DEFAULT_KERNEL) -> None:
+                  out, kernel: str | None = None) -> None:
     """The launch alone, on inputs already checked (the benchmark times this)."""
+    if kernel is None:
+        kernel = default_paged_kernel(q.device)
+    elif kernel == "wgmma":
+        require_wgmma(q.device, instead=PAGED_FALLBACK_KERNEL)
     B, next_n, H, _ = q.shape
     if B == 0 or max_context_len == 0:
         return
+    smem = 0
     if kernel == "tensor_core":
         name, threads = f"fp8_paged_mqa_logits_h{H}", PAGED_THREADS
     elif kernel == "tensor_core_f16":  # one warp per (16-key m-tile, draft position, 32-head half)
         name, threads = f"fp8_paged_mqa_logits_f16_h{H}", 4 * 32 * next_n * (H // 32)
     elif kernel == "tensor_core_f16_v3":  # warp-private pipelines of 32-key units; q as f16 fragments in smem
+        name, threads = f"fp8_paged_mqa_logits_v3_h{H}_n{next_n}", 32 * PAGED_V3_WARPS
         # dynamic shared memory: q fragments (next_n H D f16), w (next_n H float32), the warps' stages
         smem = next_n * H * 128 * 2 + next_n * H * 4 + PAGED_V3_WARPS * PAGED_V3_STAGES * PAGED_V3_UNIT_BYTES
-        launch("fp8_paged_mqa_logits", f"fp8_paged_mqa_logits_v3_h{H}_n{next_n}", grid=schedule_meta.shape[0] - 1,
-               block=32 * PAGED_V3_WARPS, shared_mem=smem,
-               args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n,
-                     block_table.shape[1], max_context_len, bool(clean_logits)))
-        return
+    elif kernel == "wgmma":  # warpgroup-private pipelines of physical blocks; q (next_n H rows) as e4m3 in smem
+        name, threads = f"fp8_paged_mqa_logits_wgmma_h{H}_n{next_n}", 128 * PAGED_WGMMA_WARPGROUPS
+        smem = _wgmma_smem(next_n, H)
     else:
         raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
-    launch("fp8_paged_mqa_logits", name, grid=schedule_meta.shape[0] - 1, block=threads,
+    launch("fp8_paged_mqa_logits", name, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem,
            args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n,
                  block_table.shape[1], max_context_len, bool(clean_logits)))
 
 
 def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
                      clean_logits: bool = True) -> torch.Tensor:
-    """fp8_paged_mqa_logits (SPEC section 6): the CUDA kernel for CUDA inputs, else the reference.
+    """fp8_paged_mqa_logits (SPEC section 6): the fastest CUDA kernel that runs on the inputs' GPU
+    (default_paged_kernel) for CUDA inputs, else the reference.
 
     q [B, next_n, H, D] e4m3 (next_n in {1, 2}), kv_cache uint8 [num_blocks, 64, 1, D + 4],
     weights [B * next_n, H] float32, context_lens [B] int32, block_table [B, max_blocks] int32,
