@@ -5,7 +5,7 @@
     python3 dev.py test            run every test: pytest over tests/ and strict nbval over book/
     python3 dev.py gpu             the GPU suite: the same, with GPU tests and GPU cells required
     python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
-    python3 dev.py compile-check   compile every cuda/*.cu for sm_90 with NVRTC; registers, spills
+    python3 dev.py compile-check   compile every cuda/*.cu for sm_90a with NVRTC; registers, spills
 
 `book` and `test` create `.venv/` and install what they need there, unless they already run
 inside a virtual environment or `--system` is given (use it where nothing can be installed, e.g.
@@ -91,11 +91,13 @@ def cmd_compile_check(args) -> None:
     sys.path.insert(0, str(ROOT))
     from dsa_tutorial import kernels
 
+    arch = args.arch or kernels.DEFAULT_ARCH
     failed = []
+    print(f"compiling for {arch}")
     print(f"{'kernel':<40} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6} {'smem':>6}")
     for name in kernels.kernel_names():
         try:
-            compiled = kernels.compile_source(name, args.arch)
+            compiled = kernels.compile_source(name, arch)
         except kernels.KernelCompileError as exc:
             failed.append(name)
             print(exc)
@@ -148,7 +150,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("compile-check", help="compile every cuda/*.cu with NVRTC, no GPU needed")
-    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--arch", default=None, help="default: dsa_tutorial.kernels.DEFAULT_ARCH (sm_90a, the H200)")
     p.set_defaults(func=cmd_compile_check)
     args, extra = parser.parse_known_args()
     if extra and not getattr(args, "takes_pytest_args", False):

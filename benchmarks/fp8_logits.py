@@ -5,7 +5,8 @@
 Ceilings are measured first, in the same process; every kernel is quoted against them and against
 a plain torch baseline. The launch alone is timed (inputs are checked once, outside the timed
 region, as a serving loop would). Every kernel of each .cu file is timed, in the order of its
-progression (the naive mqa kernel at fewer repetitions: it takes tens of milliseconds). Targets of
+progression (the naive mqa kernel at fewer repetitions: it takes tens of milliseconds; the wgmma
+kernels, kernel 4 of each file, only where they run: compute capability 9.0). Targets of
 issue 5: mqa_logits >= 40% of the FP8 GEMM ceiling, paged >= 60% of copy bandwidth (DeepGEMM: about
 67% and 90%, SPEC section 9).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_tutorial import bench, fp8, paged
+from dsa_tutorial import bench, fp8, kernels, paged
 
 
 def torch_mqa_logits_bf16(q, k, w, ks, ke, chunk=1024):
@@ -64,8 +65,11 @@ def bench_mqa_logits(ceilings, S=8192, H=64, D=128):
     name = f"mqa_logits S_q=S_k={S} H={H} D={D} causal"
     print(bench.report(f"{name}, torch bf16", baseline, flops=flops, ceiling_tflops=ceilings.fp8_tflops))
     labels = {"naive": "cuda naive (kernel 1)", "tensor_core": "cuda mma.sync e4m3 (kernel 2)",
-              "tensor_core_f16": "cuda e4m3->f16 mma.sync (kernel 3)"}
+              "tensor_core_f16": "cuda e4m3->f16 mma.sync (kernel 3)", "wgmma": "cuda wgmma e4m3 (kernel 4)"}
     for variant in fp8.MQA_KERNELS:
+        if variant == "wgmma" and not kernels.wgmma_available():
+            print(f"{name}, {labels[variant]}: skipped, needs compute capability 9.0 (sm_90a)")
+            continue
         slow = variant == "naive"
         kernel = bench.benchmark(
             lambda q, k, s, w, ks_, ke_, out, v=variant: fp8._launch_mqa_logits(q, (k, s), w, ks_, ke_, out, True, v),
@@ -120,8 +124,12 @@ def bench_paged(ceilings, next_n, B=128, context=32768, H=64, D=128):
     name = f"paged_mqa_logits B={B} context={context} next_n={next_n}"
     print(bench.report(f"{name}, torch bf16", baseline, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
     labels = {"tensor_core": "cuda mma.sync e4m3 (kernel 1)", "tensor_core_f16": "cuda e4m3->f16 mma.sync (kernel 2)",
-              "tensor_core_f16_v3": "cuda e4m3->f16, warp pipelines (kernel 3)"}
+              "tensor_core_f16_v3": "cuda e4m3->f16, warp pipelines (kernel 3)",
+              "wgmma": "cuda wgmma e4m3, warpgroup pipelines (kernel 4)"}
     for variant in paged.PAGED_KERNELS:
+        if variant == "wgmma" and not kernels.wgmma_available():
+            print(f"{name}, {labels[variant]}: skipped, needs compute capability 9.0 (sm_90a)")
+            continue
         kernel = bench.benchmark(
             lambda q, c, w, cl, bt, m, out, v=variant: paged._launch_paged(q, c, w, cl, bt, m, context, True, out, v),
             make, warmup=3, reps=20)

@@ -4,9 +4,10 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py
 
 Kernels: act_quant_f32 / _bf16 / _b128_f32 / _b128_bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive /
-_h64 / _h32 / _f16_h64 / _f16_h32 (cuda/fp8_mqa_logits.cu), fp8_paged_mqa_logits_h64 / _h32 /
-_f16_h64 / _f16_h32 / _v3_h{64,32}_n{1,2} (cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at
-every block size (next_n 1 and 2, H 64 and 32).
+_h64 / _h32 / _f16_h64 / _f16_h32 / _wgmma_h64 / _wgmma_h32 (cuda/fp8_mqa_logits.cu),
+fp8_paged_mqa_logits_h64 / _h32 / _f16_h64 / _f16_h32 / _v3_h{64,32}_n{1,2} / _wgmma_h{64,32}_n{1,2}
+(cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at every block size (next_n 1 and 2, H 64 and 32).
+The wgmma kernels (sm_90a) run only on compute capability 9.0; elsewhere they are skipped, with a note.
 Sizes are not multiples of any tile; outputs are poisoned first; clean_logits both ways.
 """
 import sys
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from dsa_tutorial import compare, fp8, paged  # noqa: E402
+from dsa_tutorial import compare, fp8, kernels, paged  # noqa: E402
 from test_paged import call_args, make_batch  # noqa: E402
 
 
@@ -30,9 +31,19 @@ def check_act_quant() -> None:
         assert torch.equal(x_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
 
 
+def runs_here(kernel: str) -> bool:
+    """False, with a note, for the wgmma kernels on a GPU that is not compute capability 9.0."""
+    if kernel == "wgmma" and not kernels.wgmma_available():
+        print(f"sanitize_fp8: {kernel} skipped, it needs compute capability 9.0 (sm_90a)")
+        return False
+    return True
+
+
 def check_mqa_logits() -> None:
     for H, kernel in ((64, "tensor_core"), (32, "tensor_core"), (64, "naive"), (64, "tensor_core_f16"),
-                      (32, "tensor_core_f16")):
+                      (32, "tensor_core_f16"), (64, "wgmma"), (32, "wgmma")):
+        if not runs_here(kernel):
+            continue
         seq_lens = [5, 70, 1, 27]  # S = 103
         S = sum(seq_lens)
         q, q_s = fp8.act_quant(torch.randn(S, H, 128, device="cuda"))
@@ -55,8 +66,11 @@ def check_paged() -> None:
     cases = [("tensor_core", 64, 1, 3), ("tensor_core", 64, 2, 5), ("tensor_core", 32, 2, 1),
              ("tensor_core_f16", 64, 1, 3), ("tensor_core_f16", 64, 2, 5), ("tensor_core_f16", 32, 1, 2),
              ("tensor_core_f16", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 3), ("tensor_core_f16_v3", 64, 2, 5),
-             ("tensor_core_f16_v3", 32, 1, 2), ("tensor_core_f16_v3", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 1)]
+             ("tensor_core_f16_v3", 32, 1, 2), ("tensor_core_f16_v3", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 1),
+             ("wgmma", 64, 1, 3), ("wgmma", 64, 2, 5), ("wgmma", 32, 1, 2), ("wgmma", 32, 2, 1), ("wgmma", 64, 1, 1)]
     for kernel, H, next_n, num_sms in cases:
+        if not runs_here(kernel):
+            continue
         batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H)
         q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
         ref = paged.paged_mqa_logits_reference(q, kv_cache, w, ctx, bt, meta, 307)

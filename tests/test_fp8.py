@@ -1,11 +1,12 @@
 """fp8: block quantisation (reference and cuda/act_quant.cu) and the FP8 MQA logits
 (reference and cuda/fp8_mqa_logits.cu)."""
 import math
+import re
 
 import pytest
 import torch
 
-from dsa_tutorial import compare, fp8
+from dsa_tutorial import compare, fp8, kernels, paged
 from dsa_tutorial.hadamard import rotate_activation
 
 
@@ -17,6 +18,32 @@ def with_outliers(shape, seed=0, scale=1.0):
     idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=g)
     flat[idx] *= 50
     return x
+
+
+def skip_unless_available(kernel: str) -> None:
+    """Skip, saying why, when `kernel` cannot run on this GPU: "wgmma" (kernel 4) needs capability 9.0."""
+    if kernel == "wgmma" and not kernels.wgmma_available():
+        major, minor = torch.cuda.get_device_capability()
+        pytest.skip(f"kernel 4 (wgmma, sm_90a) needs a GPU of compute capability 9.0 (H100, H200); "
+                    f"this one is {major}.{minor}")
+
+
+def pretend_no_wgmma(monkeypatch) -> None:
+    """Pretend the GPU has no wgmma (as an A100 or a B200): every module's wgmma_available says False."""
+    for module in (kernels, fp8, paged):
+        monkeypatch.setattr(module, "wgmma_available", lambda device=None: False)
+
+
+def cu_defines(name: str) -> dict[str, int]:
+    """The object-like #defines of cuda/<name>.cu (the last one of each name), evaluated in Python."""
+    text = kernels.source_path(name).read_text()
+    defines: dict[str, int] = {}
+    for key, expression in re.findall(r"^#define (\w+) ([^\n]*?)\s*(?://.*)?$", text, re.M):
+        try:
+            defines[key] = int(eval(expression.replace("/", "//"), {"__builtins__": {}}, dict(defines)))
+        except Exception:  # noqa: BLE001 - not arithmetic on earlier defines (a string, a macro body)
+            pass
+    return defines
 
 
 # ---------------------------------------------------------------------------------- act_quant
@@ -220,11 +247,50 @@ def test_mqa_logits_rejects_bad_input(change, match):
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
-    (dict(kernel="wgmma"), "kernel must be one of"),
+    (dict(kernel="wmma"), "kernel must be one of"),
 ])
 def test_mqa_logits_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fp8.mqa_logits_cuda(**_bad_mqa(**change))
+
+
+def test_default_mqa_kernel_is_wgmma_where_it_runs(monkeypatch):
+    assert fp8.default_mqa_kernel("cpu") == "tensor_core_f16" and "wgmma" in fp8.MQA_KERNELS
+    monkeypatch.setattr(fp8, "wgmma_available", lambda device=None: True)
+    assert fp8.default_mqa_kernel() == "wgmma"
+
+
+def test_wgmma_launch_constants_match_the_source():
+    d = cu_defines("fp8_mqa_logits")
+    assert d["K4_THREADS"] == fp8.MQA_WGMMA_THREADS == 128 and d["K4_N"] == fp8.MQA_WGMMA_ROWS
+    assert d["K4_STAGES"] == fp8.MQA_WGMMA_STAGES
+    assert fp8.MQA_WGMMA_SMEM == 1024 + d["K4_SMEM_BYTES"]  # alignment slack + what the kernel carves
+    # K4_BLOCKS_PER_SM blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
+    assert d["K4_BLOCKS_PER_SM"] * (fp8.MQA_WGMMA_SMEM + 1024) <= 227 * 1024
+
+
+@pytest.mark.parametrize("H, S_q, grid", [(64, 1, 1), (64, 37, 19), (32, 37, 10), (32, 3, 1)])
+def test_wgmma_launch_geometry(monkeypatch, H, S_q, grid):
+    # what _launch_mqa_logits asks of kernel 4, recorded instead of launched: 128 / H queries a block
+    launches = []
+    monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
+    monkeypatch.setattr(fp8, "launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    q, k, k_scale, w = fp8_inputs(S_q, 65, H)
+    ks, ke = _ragged_ranges(S_q, 65, seed=0)
+    logits = torch.empty(S_q, 65)
+    fp8._launch_mqa_logits(q, (k, k_scale), w, ks, ke, logits, False, "wgmma")
+    (args, kwargs), = launches
+    assert args == ("fp8_mqa_logits", f"fp8_mqa_logits_wgmma_h{H}")
+    assert kwargs["grid"] == grid and kwargs["block"] == 128 and kwargs["shared_mem"] == 51712
+    assert kwargs["args"][:7] == (q, k, k_scale, w, ks, ke, logits) and kwargs["args"][7:] == (S_q, 65, False)
+
+
+def test_wgmma_refusal_names_the_capability(monkeypatch):
+    monkeypatch.setattr(kernels, "_names_a_gpu", lambda device=None: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    refusal = r"capability 9\.0 .*has compute capability 8\.0: use kernel='tensor_core_f16'"
+    with pytest.raises(ValueError, match=refusal):
+        kernels.require_wgmma("cuda:0", instead="tensor_core_f16")
 
 
 def test_mqa_logits_cuda_rejects_unsupported_heads_and_head_dim():
@@ -284,6 +350,16 @@ def test_act_quant_cuda_b128_tails_and_alignment():
         fp8.act_quant_cuda(x, kernel="b128")
 
 
+def fp8_inputs(S_q, S_k, H=64, seed=0):
+    """Quantised rotated q [S_q, H, 128], k [S_k, 128], k_scale [S_k] and w [S_q, H] (q scale folded
+    in), on the CPU, for any S_q and S_k."""
+    g = torch.Generator().manual_seed(seed)
+    q, q_s = fp8.act_quant(rotate_activation(torch.randn(S_q, H, 128, generator=g)))
+    k, k_s = fp8.act_quant(rotate_activation(torch.randn(S_k, 128, generator=g)))
+    w = torch.randn(S_q, H, generator=g) * q_s.squeeze(-1)
+    return q, k, k_s.squeeze(-1), w
+
+
 def _ragged_ranges(S_q, S_k, seed):
     g = torch.Generator().manual_seed(seed)
     ks = torch.randint(0, S_k, (S_q,), generator=g)
@@ -297,7 +373,8 @@ def _ragged_ranges(S_q, S_k, seed):
 @pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
 @pytest.mark.parametrize("ranges", ["causal", "ragged"])
 def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
-    seq_lens = [1, 37, 130, 66, 7]  # S = 241: not a multiple of 8, 12 or 16 queries, nor of 64 keys
+    skip_unless_available(kernel)
+    seq_lens = [1, 37, 130, 66, 7]  # S = 241: not a multiple of 2, 4, 8, 12 or 16 queries, nor of 64 keys
     data = mqa_inputs(seq_lens, H=H, seed=6)
     q, k, k_scale, w = data["fp8"]
     ks, ke = (data["ks"], data["ke"]) if ranges == "causal" else _ragged_ranges(241, 241, 7)
@@ -321,6 +398,7 @@ def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
 @pytest.mark.parametrize("H", [64, 32])
 @pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
 def test_mqa_logits_cuda_unclean_defines_the_visible_part(kernel, H):
+    skip_unless_available(kernel)
     data = mqa_inputs([100, 29], H=H, seed=8)
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
@@ -333,14 +411,62 @@ def test_mqa_logits_cuda_unclean_defines_the_visible_part(kernel, H):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("S_k", [1, 63, 65, 200])
+@pytest.mark.parametrize("S_q", [1, 3, 37])
+def test_mqa_logits_cuda_small_ragged_sizes(S_q, S_k, H, kernel):
+    # S_q smaller than, and not a multiple of, any kernel's queries a block (2 or 4 for wgmma); S_k
+    # within, just past and well past one 64-key tile. Causal ranges ending at key S_k (with S_q > S_k
+    # the first queries see nothing) and arbitrary ones with empty rows; clean_logits both ways.
+    skip_unless_available(kernel)
+    q, k, k_scale, w = fp8_inputs(S_q, S_k, H, seed=1000 * S_q + S_k)
+    causal = (torch.zeros(S_q, dtype=torch.int32), torch.clamp(torch.arange(S_q) + S_k - S_q + 1, min=0).int())
+    cuda = [t.cuda() for t in (q, k, k_scale, w)]
+    for ks, ke in (causal, _ragged_ranges(S_q, S_k, seed=S_k)):
+        ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+        visible = torch.isfinite(ref)
+        scale = ref[visible].abs().max().item() if visible.any() else 1.0
+        for clean in (True, False):
+            out = compare.poisoned((S_q, S_k), torch.float32, "cuda")
+            fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks.cuda(), ke.cuda(), clean, kernel=kernel,
+                                out=out)
+            name = f"{kernel} S_q={S_q} S_k={S_k} H={H} clean={clean}"
+            if clean:
+                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+            else:  # only [ks_i, ke_i) is defined
+                compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, max_calc_diff=1e-6,
+                                     name=name)
+
+
+@pytest.mark.gpu
 def test_mqa_logits_dispatches_to_the_fastest_kernel():
-    assert fp8.MQA_DEFAULT_KERNEL == "tensor_core_f16"
+    fastest = fp8.default_mqa_kernel(torch.device("cuda"))
+    assert fastest == ("wgmma" if kernels.wgmma_available() else "tensor_core_f16")
     data = mqa_inputs([70, 33], H=64, seed=11)
     cuda = [t.cuda() for t in data["fp8"]]
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
     a = fp8.mqa_logits(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke)
-    b = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke, kernel="tensor_core_f16")
+    b = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke, kernel=fastest)
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_mqa_logits_cuda_refuses_wgmma_where_it_does_not_run(monkeypatch):
+    pretend_no_wgmma(monkeypatch)
+    data = mqa_inputs([70, 33], H=64, seed=11)
+    q, k, k_scale, w = (t.cuda() for t in data["fp8"])
+    ks, ke = data["ks"].cuda(), data["ke"].cuda()
+    out = compare.poisoned((103, 103), torch.float32, "cuda")
+    refusal = r"capability 9\.0 .*has compute capability \d+\.\d+: use kernel='tensor_core_f16'"
+    with pytest.raises(ValueError, match=refusal):
+        fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel="wgmma", out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()  # refused before any launch
+    assert fp8.default_mqa_kernel(q.device) == "tensor_core_f16"
+    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(fp8.mqa_logits(q, (k, k_scale), w, ks, ke), ref, atol=1e-3 * scale, max_calc_diff=1e-6)
 
 
 @pytest.mark.gpu
@@ -348,19 +474,17 @@ def test_mqa_logits_dispatches_to_the_fastest_kernel():
 def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
     # ranges that start and end anywhere, some much wider than a 64-key tile and some empty, so a
     # block's union of ranges has tiles where only some of its queries see anything
+    skip_unless_available(kernel)
     g = torch.Generator().manual_seed(12)
     S_q, S_k = 157, 1000
-    q, q_s = fp8.act_quant(rotate_activation(torch.randn(S_q, 64, 128, generator=g)))
-    k, k_s = fp8.act_quant(rotate_activation(torch.randn(S_k, 128, generator=g)))
-    w = torch.randn(S_q, 64, generator=g) * q_s.squeeze(-1)
+    q, k, k_scale, w = fp8_inputs(S_q, S_k, seed=12)
     ks = torch.randint(0, S_k, (S_q,), generator=g)
     ke = torch.minimum(ks + torch.randint(0, 700, (S_q,), generator=g), torch.tensor(S_k))
     ks[::13] = ke[::13]
     ks, ke = ks.int(), ke.int()
-    ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
+    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
     out = compare.poisoned((S_q, S_k), torch.float32, "cuda")
-    fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_s.squeeze(-1).cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel,
-                        out=out)
+    fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel, out=out)
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} logits")
 
@@ -368,14 +492,11 @@ def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
 @pytest.mark.gpu
 def test_mqa_logits_cuda_longer_key_side():
     # S_k > S_q: queries are the last 150 positions of a 700-key context (offset causal ranges)
-    g = torch.Generator().manual_seed(9)
-    q, q_s = fp8.act_quant(rotate_activation(torch.randn(150, 64, 128, generator=g)))
-    k, k_s = fp8.act_quant(rotate_activation(torch.randn(700, 128, generator=g)))
-    w = torch.randn(150, 64, generator=g) * q_s.squeeze(-1)
+    q, k, k_scale, w = fp8_inputs(150, 700, seed=9)
     ks = torch.zeros(150, dtype=torch.int32)
     ke = torch.arange(551, 701, dtype=torch.int32)
-    ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
-    out = fp8.mqa_logits(q.cuda(), (k.cuda(), k_s.squeeze(-1).cuda()), w.cuda(), ks.cuda(), ke.cuda())
+    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+    out = fp8.mqa_logits(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda())
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6)
 
@@ -392,4 +513,4 @@ def test_mqa_logits_cuda_rejects_bad_input_before_launch():
     with pytest.raises(ValueError, match="contiguous"):
         fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()})
     with pytest.raises(ValueError, match="kernel must be one of"):
-        fp8.mqa_logits_cuda(**cuda, kernel="wgmma")
+        fp8.mqa_logits_cuda(**cuda, kernel="wmma")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dsa_tutorial import compare, fp8, paged
+from dsa_tutorial import compare, fp8, kernels, paged
 from dsa_tutorial.hadamard import rotate_activation
+from test_fp8 import cu_defines, pretend_no_wgmma, skip_unless_available
 
 
 def make_batch(context_lens, next_n=1, H=64, D=128, extra_blocks=3, max_blocks=None, seed=0):
@@ -200,11 +201,35 @@ def test_paged_rejects_bad_input(change, match):
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
-    (dict(kernel="wgmma"), "kernel must be one of"),
+    (dict(kernel="wmma"), "kernel must be one of"),
 ])
 def test_paged_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         paged.paged_mqa_logits_cuda(**_bad_paged(**change))
+
+
+def test_default_paged_kernel_is_wgmma_where_it_runs(monkeypatch):
+    assert paged.default_paged_kernel("cpu") == "tensor_core_f16_v3" and "wgmma" in paged.PAGED_KERNELS
+    monkeypatch.setattr(paged, "wgmma_available", lambda device=None: True)
+    assert paged.default_paged_kernel() == "wgmma"
+
+
+@pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
+def test_wgmma_launch_geometry(monkeypatch, next_n, H):
+    # what _launch_paged asks of kernel 4, recorded instead of launched: one block per schedule row
+    launches = []
+    monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
+    monkeypatch.setattr(paged, "launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    batch = make_batch([65, 0, 3], next_n=next_n, H=H, seed=6)
+    q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=7)
+    out = torch.empty(3 * next_n, max_len)
+    paged._launch_paged(q, kv_cache, w, ctx, bt, meta, max_len, True, out, "wgmma")
+    (args, kwargs), = launches
+    assert args == ("fp8_paged_mqa_logits", f"fp8_paged_mqa_logits_wgmma_h{H}_n{next_n}")
+    assert kwargs["grid"] == 7 and kwargs["block"] == 256
+    N = next_n * H  # the contract: 1024 + N 128 + N 4 + 2 warpgroups x 5 stages x (64 x 128 + 64 x 4)
+    assert kwargs["shared_mem"] == 1024 + N * 128 + N * 4 + 2 * 5 * (64 * 128 + 64 * 4)
+    assert kwargs["args"] == (q, kv_cache, w, ctx, bt, meta, out, 3, next_n, bt.shape[1], max_len, True)
 
 
 def test_paged_cuda_rejects_unsupported_heads():
@@ -223,11 +248,13 @@ def test_paged_cuda_rejects_unsupported_heads():
 @pytest.mark.parametrize("H", [64, 32])
 @pytest.mark.parametrize("num_sms", [1, 7, "device"])
 def test_paged_cuda_matches_reference(next_n, H, num_sms, kernel):
-    context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513]  # partial blocks, an empty context, 256-token edges
+    skip_unless_available(kernel)
+    # partial blocks, an empty context, 256-token edges, a few thousand tokens
+    context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513, 3001]
     batch = make_batch(context_lens, next_n=next_n, H=H, seed=10 + next_n)
     num_sms = paged.schedule_size() if num_sms == "device" else num_sms
     q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
-    max_len = 1029  # wider than any context: the clean fill must reach the end of every row
+    max_len = 3029  # wider than any context: the clean fill must reach the end of every row
     ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
     out = compare.poisoned((len(context_lens) * next_n, max_len), torch.float32, "cuda")
     paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out, kernel=kernel)
@@ -235,14 +262,15 @@ def test_paged_cuda_matches_reference(next_n, H, num_sms, kernel):
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name="paged logits")
     raw = torch.full_like(ref, float("-inf"), dtype=torch.float64)
-    raw[:, :1000] = dense_logits(batch, next_n, raw=True)
+    raw[:, :3001] = dense_logits(batch, next_n, raw=True)
     compare.assert_close(out, raw, atol=float("inf"), max_calc_diff=1e-3, name="paged logits vs unquantised")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", paged.PAGED_KERNELS)
-@pytest.mark.parametrize("next_n, H", [(2, 64), (1, 64), (2, 32)])
+@pytest.mark.parametrize("next_n, H", [(2, 64), (1, 64), (2, 32), (1, 32)])
 def test_paged_cuda_unclean_defines_context_positions(kernel, next_n, H):
+    skip_unless_available(kernel)
     batch = make_batch([129, 7, 256], next_n=next_n, H=H, seed=20)
     q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=4, device="cuda")
     ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), 300)
@@ -260,33 +288,59 @@ def test_paged_dispatch_and_errors_on_gpu():
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_paged().items()}
     out = paged.paged_mqa_logits(*args.values())
     assert out.is_cuda and out.shape == (2, 70)
+    fastest = paged.default_paged_kernel(torch.device("cuda"))
+    assert fastest == ("wgmma" if kernels.wgmma_available() else "tensor_core_f16_v3")
+    assert torch.equal(out, paged.paged_mqa_logits_cuda(**args, kernel=fastest))
     with pytest.raises(ValueError, match="block id"):
         paged.paged_mqa_logits(**{**args, "block_table": _table([0, 1, -1], [-5, -1, -1]).cuda()})
     with pytest.raises(ValueError, match="kernel must be one of"):
-        paged.paged_mqa_logits_cuda(**args, kernel="wgmma")
+        paged.paged_mqa_logits_cuda(**args, kernel="wmma")
     with pytest.raises(ValueError, match="schedule_meta does not match"):
         paged.paged_mqa_logits(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
             torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
 
 
-# ---------------------------------------------------------------------------------- kernel 3 on the CPU
+@pytest.mark.gpu
+def test_paged_cuda_refuses_wgmma_where_it_does_not_run(monkeypatch):
+    pretend_no_wgmma(monkeypatch)
+    batch = make_batch([129, 0, 70], next_n=2, H=64, seed=21)
+    q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=3, device="cuda")
+    out = compare.poisoned((6, max_len), torch.float32, "cuda")
+    refusal = r"capability 9\.0 .*has compute capability \d+\.\d+: use kernel='tensor_core_f16_v3'"
+    with pytest.raises(ValueError, match=refusal):
+        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, out=out, kernel="wgmma")
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()  # refused before any launch
+    assert paged.default_paged_kernel(q.device) == "tensor_core_f16_v3"
+    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    compare.assert_close(paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, max_len), ref, atol=1e-3 * scale,
+                         max_calc_diff=1e-6)
 
 
-def _cu_defines():
-    import re
-    from dsa_tutorial import kernels
-    text = kernels.source_path("fp8_paged_mqa_logits").read_text()
-    return {k: v for k, v in re.findall(r"^#define (K3_\w+) (\d+)\b", text, re.M)}
+# ---------------------------------------------------------------------------------- kernels 3 and 4 on the CPU
 
 
 def test_v3_launch_constants_match_the_source():
-    d = _cu_defines()
-    assert int(d["K3_WARPS"]) == paged.PAGED_V3_WARPS and int(d["K3_STAGES"]) == paged.PAGED_V3_STAGES
-    assert int(d["K3_UNIT_KEYS"]) * (128 + 4) == paged.PAGED_V3_UNIT_BYTES
+    d = cu_defines("fp8_paged_mqa_logits")
+    assert d["K3_WARPS"] == paged.PAGED_V3_WARPS and d["K3_STAGES"] == paged.PAGED_V3_STAGES
+    assert d["K3_UNIT_KEYS"] * (128 + 4) == paged.PAGED_V3_UNIT_BYTES
     for H in (32, 64):
         for next_n in (1, 2):  # two blocks an SM must fit the H200's 227 KiB (1 KiB reserved a block)
             smem = next_n * H * 128 * 2 + next_n * H * 4 + paged.PAGED_V3_WARPS * paged.PAGED_V3_STAGES * 4224
             assert 2 * (smem + 1024) <= 227 * 1024
+
+
+def test_wgmma_launch_constants_match_the_source():
+    d = cu_defines("fp8_paged_mqa_logits")
+    assert d["K4_WARPGROUPS"] == paged.PAGED_WGMMA_WARPGROUPS and d["K4_THREADS"] == 128 * d["K4_WARPGROUPS"]
+    assert d["K4_STAGES"] == paged.PAGED_WGMMA_STAGES
+    assert paged.PAGED_WGMMA_STAGE_BYTES == d["BLOCK_BYTES"]  # a stage is one physical block: values, scales
+    # 1024 alignment slack, q (N = next_n H rows of 128 bytes), w (N float32), the warpgroups' stages
+    assert paged._wgmma_smem(2, 64) == 102400 and paged._wgmma_smem(1, 64) == paged._wgmma_smem(2, 32) == 93952
+    for H in (32, 64):
+        for next_n in (1, 2):  # two blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
+            assert 2 * (paged._wgmma_smem(next_n, H) + 1024) <= 227 * 1024
 
 
 def _e4m3(byte_array):
