@@ -77,6 +77,15 @@
 // 128), so a block of 12 warps (12 * 32 * 136 <= 65536 registers) fills an SM.
 #define MAX_REGISTERS 136
 
+// The entry points of kernels 2 to 4: one per head count H, calling the kernel's template with the
+// launch bounds (or register cap) it was tuned with.
+#define MQA_ENTRY(NAME, KERNEL, H, BOUNDS)                                                                       \
+    extern "C" __global__ void BOUNDS NAME(const unsigned char* q, const unsigned char* k, const float* k_scale,  \
+                                           const float* w, const int* ks, const int* ke, float* logits, int S_q,  \
+                                           int S_k, int clean_logits) {                                          \
+        KERNEL<H>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);                                     \
+    }
+
 // ------------------------------------------------------------------------------------ kernel 1
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -264,17 +273,8 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
     cp_async_wait<0>();  // leave no copy in flight into a shared memory that is about to go away
 }
 
-extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
-fp8_mqa_logits_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                   const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_tc<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
-
-extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
-fp8_mqa_logits_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                   const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_tc<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
+MQA_ENTRY(fp8_mqa_logits_h64, fp8_mqa_logits_tc, 64, __maxnreg__(MAX_REGISTERS))
+MQA_ENTRY(fp8_mqa_logits_h32, fp8_mqa_logits_tc, 32, __maxnreg__(MAX_REGISTERS))
 
 // ------------------------------------------------------------------------------------ kernel 3
 
@@ -444,17 +444,9 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
     cp_async_wait<0>();
 }
 
-extern "C" __global__ void __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM)
-fp8_mqa_logits_f16_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                       const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_f16<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
+MQA_ENTRY(fp8_mqa_logits_f16_h64, fp8_mqa_logits_f16, 64, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
 
-extern "C" __global__ void __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM)
-fp8_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                       const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_f16<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
+MQA_ENTRY(fp8_mqa_logits_f16_h32, fp8_mqa_logits_f16, 32, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
 
 // ------------------------------------------------------------------------------------ kernel 4
 
@@ -475,7 +467,7 @@ fp8_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* k, const flo
 //   epilogue, the others' wgmma keep the tensor cores busy.
 // Bounds as in kernel 2: q rows past S_q are zero-filled and never stored; keys past kv_end are
 // zero-filled and never stored; -inf outside [kv_begin, kv_end) when clean_logits.
-#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, weighted_relu_head_sums
+#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, weighted_relu_head_sums, sum_for_lane
 
 #define K4_N 128                                   // B rows: 128 / H queries x H heads
 #define K4_THREADS 128                             // one warpgroup
@@ -572,12 +564,7 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
         #pragma unroll
         for (int m = 0; m < STORES; ++m) {
             const int v = t + 4 * m, r = v % 2;
-            float sum = 0.f;
-            #pragma unroll
-            for (int qq = 0; qq < QUERIES; ++qq)
-                #pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-                    if (2 * qq + rr == v) sum = sums[qq][rr];
+            const float sum = sum_for_lane(sums, v);
             const int i = i0 + v / 2;
             const int slot = 16 * warp + g + 8 * r, key = tile_first + slot;
             if (i < S_q && key < kv_end) {
@@ -594,14 +581,6 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM)
-fp8_mqa_logits_wgmma_h64(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                         const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_wgmma<64>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
+MQA_ENTRY(fp8_mqa_logits_wgmma_h64, fp8_mqa_logits_wgmma, 64, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
 
-extern "C" __global__ void __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM)
-fp8_mqa_logits_wgmma_h32(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* w,
-                         const int* ks, const int* ke, float* logits, int S_q, int S_k, int clean_logits) {
-    fp8_mqa_logits_wgmma<32>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);
-}
+MQA_ENTRY(fp8_mqa_logits_wgmma_h32, fp8_mqa_logits_wgmma, 32, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))

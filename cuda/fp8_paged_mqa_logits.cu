@@ -515,6 +515,22 @@ __device__ __forceinline__ int k3_schedule(const int* schedule, int k) {
     return v;
 }
 
+// Run b of this block's schedule rows (kernels 3 and 4): false once b is past the block's share;
+// else the context length of batch b and the logical blocks [n_begin, n_end) of it that this block
+// computes (empty for an empty context). The row's bounds are re-read at each run (k3_schedule: L1
+// hits), not kept in registers through the unit loop.
+__device__ __forceinline__ bool schedule_run(const int* schedule, const int* context_lens, int B, int b,
+                                             int& context_len, int& n_begin, int& n_end) {
+    const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
+    const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
+    if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) return false;
+    context_len = context_lens[b];
+    const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
+    n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
+    n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+    return true;
+}
+
 // Dynamic shared memory: q fragments [NEXT_N][H / 8][4][32] uint4, w [NEXT_N][H] float, then the
 // stages of the K3_WARPS warps (K3_STAGES x 4224 bytes each). paged.py computes the same size.
 template <int H, int NEXT_N>
@@ -534,16 +550,10 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
     const unsigned q_lane = smem_address(q_frags + lane);  // + ((j NT + nt) 4 + p) 512: entry (j, nt, p) of this lane
     const unsigned w_lane = smem_address(w_s + 2 * t);     // + (j H + 8 nt) 4: w[row j, 8 nt + 2t], and + 1
 
-    // runs: the blocks of one batch inside this schedule row. The row's bounds are re-read at each run
-    // (k3_schedule: L1 hits), not kept in registers through the unit loop.
+    // runs: the blocks of one batch inside this schedule row (schedule_run)
     for (int b = k3_schedule(schedule, 0); ; ++b) {
-        const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
-        const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
-        if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) break;
-        const int context_len = context_lens[b];
-        const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
-        const int n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
-        const int n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+        int context_len, n_begin, n_end;
+        if (!schedule_run(schedule, context_lens, B, b, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int first = n_begin * BLOCK_KV;  // position of the run's first key
         const int n_units = (min(context_len, n_end * BLOCK_KV) - first + K3_UNIT_KEYS - 1) / K3_UNIT_KEYS;
@@ -654,18 +664,19 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
     if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, K3_WARPS);
 }
 
-#define K3_KERNEL(H, NEXT_N)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(K3_THREADS, 2) fp8_paged_mqa_logits_v3_h##H##_n##NEXT_N(          \
+// The entry points of kernels 3 and 4: fp8_paged_mqa_logits_<VARIANT>_h<H>_n<NEXT_N>, two blocks an SM.
+#define PAGED_ENTRY(VARIANT, KERNEL, THREADS, H, NEXT_N)                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) fp8_paged_mqa_logits_##VARIANT##_h##H##_n##NEXT_N(     \
         const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,               \
         const int* block_table, const int* schedule, float* logits, int B, int next_n, int max_blocks,               \
         int max_context_len, int clean_logits) {                                                                     \
-        fp8_paged_mqa_logits_v3<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B,            \
-                                           max_blocks, max_context_len, clean_logits);                                \
+        KERNEL<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, max_blocks,                 \
+                          max_context_len, clean_logits);                                                            \
     }
-K3_KERNEL(64, 1)
-K3_KERNEL(64, 2)
-K3_KERNEL(32, 1)
-K3_KERNEL(32, 2)
+PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 64, 1)
+PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 64, 2)
+PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 32, 1)
+PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 32, 2)
 
 // ------------------------------------------------------------------------------------ kernel 4
 //
@@ -685,7 +696,8 @@ K3_KERNEL(32, 2)
 //   16 warp + g + 8 (t % 2)) times k_scale: 16 consecutive floats a warp and draft position;
 // * block ids: lane k of each warp fetches the id of the warpgroup's unit i0 + k once per K4_IDS units.
 // Same bounds, stores and -inf fill as kernel 1.
-#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, named_barrier_sync, weighted_relu_head_sums
+#include "wgmma.cuh"  // WGMMA_AVAILABLE, wgmma_*, fence_*, named_barrier_sync, weighted_relu_head_sums,
+                      // sum_for_lane
 
 #define K4_WARPGROUPS 2
 #define K4_THREADS (128 * K4_WARPGROUPS)
@@ -729,13 +741,8 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
     const unsigned w_lane = smem_address(w_s + 2 * t);
 
     for (int b = k3_schedule(schedule, 0); ; ++b) {  // runs: the blocks of one batch, as in kernel 3
-        const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
-        const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
-        if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) break;
-        const int context_len = context_lens[b];
-        const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
-        const int n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
-        const int n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+        int context_len, n_begin, n_end;
+        if (!schedule_run(schedule, context_lens, B, b, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int n_units = n_end - n_begin;  // physical blocks of the run
         const int my_units = wg < n_units ? (n_units - wg + K4_WARPGROUPS - 1) / K4_WARPGROUPS : 0;
@@ -793,12 +800,7 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
             weighted_relu_head_sums<N, H>(acc, w_lane, sums);
             if (t < 2 * NEXT_N) {  // lane t stores draft position j = t / 2, row 16 warp + g + 8 (t % 2)
                 const int j = t / 2, r = t % 2;
-                float total = 0.f;
-                #pragma unroll
-                for (int jj = 0; jj < NEXT_N; ++jj)
-                    #pragma unroll
-                    for (int rr = 0; rr < 2; ++rr)
-                        if (2 * jj + rr == t) total = sums[jj][rr];
+                const float total = sum_for_lane(sums, t);
                 const int slot = 16 * warp + g + 8 * r;
                 const int pos = (n_begin + wg + K4_WARPGROUPS * i) * BLOCK_KV + slot;
                 if (pos < context_len)
@@ -815,15 +817,7 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
 #endif
 }
 
-#define K4_KERNEL(H, NEXT_N)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(K4_THREADS, 2) fp8_paged_mqa_logits_wgmma_h##H##_n##NEXT_N(       \
-        const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,               \
-        const int* block_table, const int* schedule, float* logits, int B, int next_n, int max_blocks,               \
-        int max_context_len, int clean_logits) {                                                                     \
-        fp8_paged_mqa_logits_wgmma<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B,         \
-                                              max_blocks, max_context_len, clean_logits);                             \
-    }
-K4_KERNEL(64, 1)
-K4_KERNEL(64, 2)
-K4_KERNEL(32, 1)
-K4_KERNEL(32, 2)
+PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 64, 1)
+PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 64, 2)
+PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 32, 1)
+PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 32, 2)

@@ -21,6 +21,7 @@
 //   named_barrier_sync       a barrier for a subset of the block's warps (one warpgroup)
 //   wgmma_m64n{32,64,128}k32_e4m3     the instruction, N = 32, 64, 128 (wgmma_m64k32_e4m3<N>: either)
 //   weighted_relu_head_sums  the indexer epilogue sum_h w[h] ReLU(D[row, (q, h)]) on the accumulators
+//   sum_for_lane             which of those sums a lane stores
 #pragma once
 
 #include "common.cuh"  // smem_address
@@ -179,6 +180,20 @@ __device__ __forceinline__ void weighted_relu_head_sums(const float (&d)[N / 2],
             sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 1);
             sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 2);
         }
+}
+
+// The sums are the same in the 4 lanes of a row; lane t stores value v = t (+ 4, ...) of them, in the
+// order v = 2 q + r (query q, row r): sums[v / 2][v % 2], picked with compile-time indices (a run-time
+// index into a register array would move it to local memory).
+template <int NQ>
+__device__ __forceinline__ float sum_for_lane(const float (&sums)[NQ][2], int v) {
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < NQ; ++q)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (2 * q + r == v) sum = sums[q][r];
+    return sum;
 }
 
 #endif  // WGMMA_AVAILABLE
