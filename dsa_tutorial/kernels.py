@@ -153,8 +153,15 @@ class CompiledSource:
     cubin: bytes
     log: str
 
+    def entry_points(self) -> list[str]:
+        """The kernels the cubin defines, read from its ELF section names (each kernel's code is
+        section `.text.<name>`): reliable where the NVRTC log is not (see resource_usage)."""
+        return sorted({m.decode() for m in re.findall(rb"\.text\.([A-Za-z_]\w*)\x00", self.cubin)})
+
     def resource_usage(self) -> dict[str, dict[str, int]]:
-        """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory."""
+        """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory,
+        as ptxas reports them in the NVRTC log. On the H200 machines the log sometimes comes back
+        empty (seen in fresh processes too, not only once a CUDA context exists), and then this is {}."""
         usage: dict[str, dict[str, int]] = {}
         current = None
         for line in self.log.splitlines():

@@ -4,7 +4,10 @@ registers and spills per kernel. The FP8 logits files also compile for other tar
 sm_90a-only `wgmma` kernels are guarded down to a trap.
 
 The sources are compiled in a fresh process: on a machine with a GPU, NVRTC stops reporting
-ptxas's resource usage once the test process has created a CUDA context (seen on the H200)."""
+ptxas's resource usage once the test process has created a CUDA context (seen on the H200). Even in
+a fresh process the H200 machines sometimes return an empty log, so which kernels a source defines
+is read from the cubin itself (CompiledSource.entry_points); registers and spills are checked
+wherever ptxas reports them, and must be reported where there is no GPU (CI)."""
 from __future__ import annotations
 
 import json
@@ -34,9 +37,10 @@ result = {}
 for name in names:
     try:
         compiled = kernels.compile_source(name, arch, use_cache=False)
-        result[name] = {"usage": compiled.resource_usage(), "log": compiled.log, "error": None}
+        result[name] = {"usage": compiled.resource_usage(), "entries": compiled.entry_points(),
+                        "log": compiled.log, "error": None}
     except kernels.KernelCompileError as exc:
-        result[name] = {"usage": {}, "log": "", "error": str(exc)}
+        result[name] = {"usage": {}, "entries": [], "log": "", "error": str(exc)}
 json.dump(result, sys.stdout)
 """
 
@@ -62,17 +66,21 @@ def compiled_elsewhere():
 def test_compiles_for_the_default_arch(compiled, name):
     result = compiled[name]
     assert result["error"] is None, result["error"]
-    usage = result["usage"]
-    assert usage, f"cuda/{name}.cu defines no kernel (is it extern \"C\" __global__?); NVRTC log:\n{result['log']}"
+    entries, usage = set(result["entries"]), result["usage"]
+    assert entries, f"cuda/{name}.cu defines no kernel (is it extern \"C\" __global__?)"
     assert "warning" not in result["log"].lower(), f"cuda/{name}.cu compiles with warnings:\n{result['log']}"
+    if usage or not torch.cuda.is_available():  # ptxas's report: always without a GPU, not always on the H200
+        assert set(usage) == entries, f"ptxas reported {sorted(usage)}, the cubin defines {sorted(entries)}"
     heavy = {k: u for k, u in usage.items() if u["spill_stores"] > 256 or u["stack"] > 4096}
     assert not heavy, f"cuda/{name}.cu spills heavily: {heavy}"
-    missing = WGMMA_KERNELS.get(name, set()) - set(usage)
+    missing = WGMMA_KERNELS.get(name, set()) - entries
     assert not missing, f"cuda/{name}.cu lacks the wgmma kernels the package launches: {sorted(missing)}"
 
 
 def test_compile_reports_registers_per_kernel(compiled):
     usage = compiled["rms_norm"]["usage"]
+    if not usage and torch.cuda.is_available():
+        pytest.skip("NVRTC returned no ptxas report on this GPU machine (module docstring); CI checks it")
     assert set(usage) == {"rms_norm_f32", "rms_norm_bf16", "rms_norm_bf16_vec"}
     assert all(u["registers"] > 0 and u["spill_stores"] == 0 for u in usage.values())
 
@@ -85,7 +93,7 @@ def test_wgmma_sources_compile_for_other_archs(compiled_elsewhere, name, arch):
     result = compiled_elsewhere[arch][name]
     assert result["error"] is None, f"cuda/{name}.cu does not compile for {arch}:\n{result['error']}"
     assert "warning" not in result["log"].lower(), f"cuda/{name}.cu compiles with warnings for {arch}:\n{result['log']}"
-    missing = WGMMA_KERNELS[name] - set(result["usage"])
+    missing = WGMMA_KERNELS[name] - set(result["entries"])
     assert not missing, f"cuda/{name}.cu for {arch} lacks the entry points {sorted(missing)}"
 
 
