@@ -160,8 +160,10 @@ class CompiledSource:
 
     def resource_usage(self) -> dict[str, dict[str, int]]:
         """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory,
-        as ptxas reports them in the NVRTC log. On the H200 machines the log sometimes comes back
-        empty (seen in fresh processes too, not only once a CUDA context exists), and then this is {}."""
+        as ptxas reports them in the NVRTC log. On the H200 machines NVRTC caches what it compiled,
+        across processes too, and a repeat compile of the same program returns the cubin with an
+        empty log (seen 2026-11-28: first compile 1250 characters of log, the next ones 0): then this
+        is {}. entry_points() reads the cubin instead."""
         usage: dict[str, dict[str, int]] = {}
         current = None
         for line in self.log.splitlines():
