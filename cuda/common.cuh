@@ -16,6 +16,9 @@
 //   mma_bf16_16816 (and _free),     one warp-wide tensor-core product: bf16, f16 or e4m3 inputs,
 //   mma_f16_16816, mma_e4m3_16832   float32 accumulators
 //   e4m3x4_to_f16x4                 four FP8 e4m3 values -> four f16 values (exact)
+//   swizzled                        where a 16-byte chunk of a 128-byte key row sits in a tile
+//   e4m3_key_scores, f16_key_scores one warp's 16 keys x 32 heads of indexer scores (mma.sync)
+//   add_weighted_relu, quad_sum     the indexer's head sum on mma accumulators, and over a row's lanes
 //   ld_shared_f2                    a float2 from shared memory, re-read at every use
 //   fill_neg_inf                    a warp writes -inf to a range of a float row
 #pragma once
@@ -166,6 +169,68 @@ __device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], const unsigned (&a
 __device__ __forceinline__ void e4m3x4_to_f16x4(unsigned x, unsigned& lo, unsigned& hi) {
     asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
         : "=r"(lo), "=r"(hi) : "r"(x));
+}
+
+// ------------------------------------------------------------------------ indexer score tiles
+// The FP8 logits kernels keep key tiles in shared memory as rows of 128 bytes (one key, D = 128
+// e4m3 values) with an XOR swizzle: the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the
+// 8 rows one ldmatrix phase reads fall in 8 different bank groups (and it is wgmma's "128-byte
+// swizzle", cuda/wgmma.cuh). Byte offset of chunk `chunk` of row `row`:
+__device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row % 8)) * 16); }
+
+// scores of keys 16 mt .. 16 mt + 15 of `tile` (rows of a swizzled tile) times the 4 head n-tiles
+// 4 hg .. 4 hg + 3 of q, e4m3 mma.sync m16n8k32 over the four 32-wide slices of D: acc[n] is the
+// C fragment of n-tile 4 hg + n. q_frag[nt][kk] = the (b0, b1) B fragment of n-tile nt, slice kk.
+// ldmatrix_x4: lanes 0-15 address rows mt * 16 + lane of chunk 2 kk, lanes 16-31 of chunk 2 kk + 1.
+template <int N_TILES>
+__device__ __forceinline__ void e4m3_key_scores(float (&acc)[4][4], const unsigned char* tile, int mt,
+                                                const unsigned (&q_frag)[N_TILES][4][2], int hg, int lane) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned a[4];
+        ldmatrix_x4(a, tile + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
+#pragma unroll
+        for (int n = 0; n < 4; ++n) mma_e4m3_16832(acc[n], a, q_frag[4 * hg + n][kk][0], q_frag[4 * hg + n][kk][1]);
+    }
+}
+
+// The same 16 keys x 4 n-tiles on the f16 path (sm_90 has no FP8 mma.sync): each key fragment is
+// converted to f16 once and used by the 4 n-tiles; q_frag[n][s] = the f16 (b0, b1) fragment of n-tile n,
+// 16-wide slice s of D. Lane t takes bytes 16 s + 4t .. + 3 of a key as "k = 2t, 2t+1" (first f16
+// pair) and "k = 2t+8, 2t+9" (second); q's fragments follow the same rule, so each q[d] meets k[d].
+__device__ __forceinline__ void f16_key_scores(float (&acc)[4][4], const unsigned char* tile, int mt,
+                                               const unsigned (&q_frag)[4][8][2], int lane) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        // bytes of keys g, g+8 in the 16-byte chunks 2kk and 2kk+1 (slices s = 2kk, 2kk+1 of D)
+        unsigned k_bytes[4], a[4];
+        ldmatrix_x4(k_bytes, tile + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            e4m3x4_to_f16x4(k_bytes[2 * s], a[0], a[2]);      // key g
+            e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[1], a[3]);  // key g + 8
+#pragma unroll
+            for (int n = 0; n < 4; ++n) mma_f16_16816(acc[n], a, q_frag[n][2 * kk + s][0], q_frag[n][2 * kk + s][1]);
+        }
+    }
+}
+
+// One 8-head n-tile of sum_h w_h ReLU(score) from a C fragment (c0, c1: row g, heads 2t, 2t+1;
+// c2, c3: row g + 8), with w = (w of head 2t, w of head 2t + 1): into lo (row g) and hi (row g + 8).
+__device__ __forceinline__ void add_weighted_relu(float c0, float c1, float c2, float c3, float2 w, float& lo,
+                                                  float& hi) {
+    lo += w.x * fmaxf(c0, 0.f) + w.y * fmaxf(c1, 0.f);
+    hi += w.x * fmaxf(c2, 0.f) + w.y * fmaxf(c3, 0.f);
+}
+
+// x summed over the 4 lanes of an mma row (lanes 4g .. 4g + 3), in each of them.
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // ------------------------------------------------------------------------------------ misc

@@ -125,11 +125,6 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_b
 // ldmatrix_x4 (cuda/common.cuh) reads four 8x8 b16 matrices = 8 rows x 16 bytes of e4m3 each: the
 // A fragment of mma_e4m3_16832 (also there). ld_shared_f2 re-reads the head weights at every use.
 
-// Byte offset of chunk `chunk` (16 bytes) of key row `row` in a swizzled tile.
-__device__ __forceinline__ int swizzled(int row, int chunk) {
-    return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16);
-}
-
 // Start loading key tile `tile` (keys kv_begin + 64 * tile + r) into pipeline stage `stage`.
 template <int N_THREADS = THREADS>
 __device__ __forceinline__ void load_key_tile(unsigned char* k_tile, float* scale_tile, const unsigned char* k,
@@ -233,30 +228,16 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
             for (int hg = 0; hg < N_TILES / 4; ++hg) {
                 // scores[key, h] = k[key] . q[i, h] for 16 keys x 32 heads, float32 accumulators
                 float acc[4][4];
-                #pragma unroll
-                for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-                #pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    unsigned a[4];
-                    const int row = mt * 16 + (lane % 16);  // lanes 0-15: chunk 2kk, lanes 16-31: chunk 2kk+1
-                    ldmatrix_x4(a, k_tile + swizzled(row, 2 * kk + lane / 16));
-                    #pragma unroll
-                    for (int n = 0; n < 4; ++n)
-                        mma_e4m3_16832(acc[n], a, q_frag[4 * hg + n][kk][0], q_frag[4 * hg + n][kk][1]);
-                }
+                e4m3_key_scores(acc, k_tile, mt, q_frag, hg, lane);
                 // sum_h w[i, h] * ReLU(scores[key, h]) over this lane's 2 heads of each n-tile
                 #pragma unroll
-                for (int n = 0; n < 4; ++n) {
-                    const float2 w_h = ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t);  // w[i, 8nt+2t], w[i, 8nt+2t+1]
-                    sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
-                    sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
-                }
+                for (int n = 0; n < 4; ++n)  // w[i, 8nt+2t], w[i, 8nt+2t+1]
+                    add_weighted_relu(acc[n][0], acc[n][1], acc[n][2], acc[n][3],
+                                      ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t), sum_lo, sum_hi);
             }
             // ... and over the 4 lanes (t = 0..3) that share a row
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            sum_lo = quad_sum(sum_lo);
+            sum_hi = quad_sum(sum_hi);
             // logits[i, key] = k_scale[key] * sum, or -inf outside [ks_i, ke_i); lane t = 0 stores
             // key g, lane t = 1 key g + 8
             if (t < 2) {
@@ -403,35 +384,16 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
             if (key0 + 16 <= row_ks || key0 >= row_ke) continue;  // no visible key: store_tile writes -inf
             // scores[key, h] = k[key] . q[i, h] for 16 keys x 32 heads, float32 accumulators
             float acc[N_TILES][4];
-            #pragma unroll
-            for (int n = 0; n < N_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-            #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
-                // bytes of keys g, g+8 in the 16-byte chunks 2kk and 2kk+1 (slices s = 2kk, 2kk+1 of D)
-                unsigned k_bytes[4], a[4];
-                ldmatrix_x4(k_bytes, k_tile + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
-                #pragma unroll
-                for (int s = 0; s < 2; ++s) {
-                    e4m3x4_to_f16x4(k_bytes[2 * s], a[0], a[2]);      // key g
-                    e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[1], a[3]);  // key g + 8
-                    #pragma unroll
-                    for (int n = 0; n < N_TILES; ++n)
-                        mma_f16_16816(acc[n], a, q_frag[n][2 * kk + s][0], q_frag[n][2 * kk + s][1]);
-                }
-            }
+            f16_key_scores(acc, k_tile, mt, q_frag, lane);
             // sum_h w[i, h] * ReLU(scores[key, h]) over this lane's 2 heads of each n-tile ...
             float sum_lo = 0.f, sum_hi = 0.f;  // keys g and g + 8
             #pragma unroll
-            for (int n = 0; n < N_TILES; ++n) {
-                const float2 w_h = ld_shared_f2(w_pairs + n * 4 + t);  // w[i, 8n+2t], w[i, 8n+2t+1] of this half
-                sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
-                sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
-            }
+            for (int n = 0; n < N_TILES; ++n)  // w[i, 8n+2t], w[i, 8n+2t+1] of this half
+                add_weighted_relu(acc[n][0], acc[n][1], acc[n][2], acc[n][3], ld_shared_f2(w_pairs + n * 4 + t),
+                                  sum_lo, sum_hi);
             // ... over the 4 lanes of a key row ...
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            sum_lo = quad_sum(sum_lo);
+            sum_hi = quad_sum(sum_hi);
             // ... times k_scale[key]; lane t = 0 keeps key g, lane t = 1 key g + 8
             if (t < 2) {
                 const int slot = mt * 16 + g + 8 * t;

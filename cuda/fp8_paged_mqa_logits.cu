@@ -76,9 +76,6 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src));
 }
 
-// Byte offset of 16-byte chunk `chunk` of token row `row` in a stage (XOR swizzle, as in fp8_mqa_logits.cu).
-__device__ __forceinline__ int swizzled(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row % 8)) * 16); }
-
 // Where the walk is: batch b, logical block n of that batch. Every thread walks identically.
 struct Cursor {
     int b, n;
@@ -200,29 +197,16 @@ __device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const 
                 for (int hg = 0; hg < N_TILES / 4; ++hg) {
                     // scores[p, h] = k[p] . q[b, j, h] for 16 keys x 32 heads
                     float acc[4][4];
-                    #pragma unroll
-                    for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-                    #pragma unroll
-                    for (int kk = 0; kk < 4; ++kk) {
-                        unsigned a[4];
-                        ldmatrix_x4(a, stage + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
-                        #pragma unroll
-                        for (int n = 0; n < 4; ++n)
-                            mma_e4m3_16832(acc[n], a, q_frag[4 * hg + n][kk][0], q_frag[4 * hg + n][kk][1]);
-                    }
+                    e4m3_key_scores(acc, stage, mt, q_frag, hg, lane);
                     // sum_h w[row, h] * ReLU(scores[p, h]) over this lane's 2 heads of each n-tile
                     #pragma unroll
-                    for (int n = 0; n < 4; ++n) {
-                        const float2 w_h = ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t);
-                        sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
-                        sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
-                    }
+                    for (int n = 0; n < 4; ++n)
+                        add_weighted_relu(acc[n][0], acc[n][1], acc[n][2], acc[n][3],
+                                          ld_shared_f2(w_pairs + (4 * hg + n) * 4 + t), sum_lo, sum_hi);
                 }
                 // ... and over the 4 lanes of a key row
-                sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
-                sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
-                sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
-                sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+                sum_lo = quad_sum(sum_lo);
+                sum_hi = quad_sum(sum_hi);
             }
             // logits[row, p] = k_scale[p] * sum for visible p, -inf for context positions j cannot see
             if (t < 2) {
@@ -372,35 +356,16 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
         if (p0 <= context_len - next_n + j) {
             // scores[p, h] = k[p] . q[b, j, h] for 16 keys x this warp's 32 heads, float32 accumulators
             float acc[N_TILES][4];
-            #pragma unroll
-            for (int n = 0; n < N_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-            #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
-                // bytes of keys g, g+8 in the 16-byte chunks 2kk and 2kk+1 (slices s = 2kk, 2kk+1 of D)
-                unsigned k_bytes[4], a[4];
-                ldmatrix_x4(k_bytes, stage + swizzled(mt * 16 + lane % 16, 2 * kk + lane / 16));
-                #pragma unroll
-                for (int s = 0; s < 2; ++s) {
-                    e4m3x4_to_f16x4(k_bytes[2 * s], a[0], a[2]);      // key g
-                    e4m3x4_to_f16x4(k_bytes[2 * s + 1], a[1], a[3]);  // key g + 8
-                    #pragma unroll
-                    for (int n = 0; n < N_TILES; ++n)
-                        mma_f16_16816(acc[n], a, q_frag[n][2 * kk + s][0], q_frag[n][2 * kk + s][1]);
-                }
-            }
+            f16_key_scores(acc, stage, mt, q_frag, lane);
             // sum_h w[row, h] * ReLU(scores[p, h]) over this lane's 2 heads of each n-tile ...
             float sum_lo = 0.f, sum_hi = 0.f;  // keys g and g + 8
             #pragma unroll
-            for (int n = 0; n < N_TILES; ++n) {
-                const float2 w_h = ld_shared_f2(w_pairs + n * 4 + t);  // w[row, 32 half + 8n + 2t], and + 1
-                sum_lo += w_h.x * fmaxf(acc[n][0], 0.f) + w_h.y * fmaxf(acc[n][1], 0.f);
-                sum_hi += w_h.x * fmaxf(acc[n][2], 0.f) + w_h.y * fmaxf(acc[n][3], 0.f);
-            }
+            for (int n = 0; n < N_TILES; ++n)  // w[row, 32 half + 8n + 2t], and + 1
+                add_weighted_relu(acc[n][0], acc[n][1], acc[n][2], acc[n][3], ld_shared_f2(w_pairs + n * 4 + t),
+                                  sum_lo, sum_hi);
             // ... over the 4 lanes of a key row ...
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
+            sum_lo = quad_sum(sum_lo);
+            sum_hi = quad_sum(sum_hi);
             // ... times k_scale[p]; lane t = 0 keeps key g, lane t = 1 key g + 8
             if (t < 2) {
                 const int slot = mt * 16 + g + 8 * t;
@@ -636,10 +601,8 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
                     }
                     const float2 w_h = ld_shared_f2_at(w_lane + (j * H + 8 * nt) * 4);
                     #pragma unroll
-                    for (int m = 0; m < 2; ++m) {
-                        sum[m][0] += w_h.x * fmaxf(acc[m][0], 0.f) + w_h.y * fmaxf(acc[m][1], 0.f);
-                        sum[m][1] += w_h.x * fmaxf(acc[m][2], 0.f) + w_h.y * fmaxf(acc[m][3], 0.f);
-                    }
+                    for (int m = 0; m < 2; ++m)
+                        add_weighted_relu(acc[m][0], acc[m][1], acc[m][2], acc[m][3], w_h, sum[m][0], sum[m][1]);
                 }
                 // over the 4 lanes of a key row, transposed: lane t ends with the total of key 8t + g,
                 // i.e. value k = t of (sum[0][0], sum[0][1], sum[1][0], sum[1][1]) (key 16m + 8r + g)

@@ -24,7 +24,7 @@
 //   sum_for_lane             which of those sums a lane stores
 #pragma once
 
-#include "common.cuh"  // smem_address
+#include "common.cuh"  // smem_address, add_weighted_relu, quad_sum
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // compiling for sm_90a
 #define WGMMA_AVAILABLE 1
@@ -170,16 +170,12 @@ __device__ __forceinline__ void weighted_relu_head_sums(const float (&d)[N / 2],
         const int q = 8 * c / H;
         float2 w;  // w_s[8c + 2t], w_s[8c + 2t + 1]; re-read every tile (volatile) rather than held in registers
         asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(w.x), "=f"(w.y) : "r"(w_lane + 32 * c));
-        sums[q][0] += w.x * fmaxf(d[4 * c + 0], 0.f) + w.y * fmaxf(d[4 * c + 1], 0.f);
-        sums[q][1] += w.x * fmaxf(d[4 * c + 2], 0.f) + w.y * fmaxf(d[4 * c + 3], 0.f);
+        add_weighted_relu(d[4 * c + 0], d[4 * c + 1], d[4 * c + 2], d[4 * c + 3], w, sums[q][0], sums[q][1]);
     }
 #pragma unroll
     for (int q = 0; q < N / H; ++q)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 1);
-            sums[q][r] += __shfl_xor_sync(0xffffffffu, sums[q][r], 2);
-        }
+        for (int r = 0; r < 2; ++r) sums[q][r] = quad_sum(sums[q][r]);
 }
 
 // The sums are the same in the 4 lanes of a row; lane t stores value v = t (+ 4, ...) of them, in the
