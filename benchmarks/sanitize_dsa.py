@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsa_tutorial import compare  # noqa: E402
-from dsa_tutorial.indexer import INDEXER_KERNELS, causal_index_mask, index_scores, index_scores_cuda  # noqa: E402
+from dsa_tutorial import causal
+from dsa_tutorial.indexer import INDEXER_KERNELS, index_scores, index_scores_cuda  # noqa: E402
 from dsa_tutorial.sparse_attention import SPARSE_KERNELS, sparse_mla_attention, sparse_mla_decode_cuda  # noqa: E402
 from dsa_tutorial.topk import TOPK_KERNELS, select_topk, select_topk_cuda  # noqa: E402
 
@@ -34,7 +35,7 @@ def check_indexer() -> None:
         w = torch.randn(T, H, device="cuda")
         ref = index_scores(q.float(), w, k.float())
         if causal:
-            ref = ref.masked_fill(~causal_index_mask(T, S, ref.device), float("-inf"))
+            ref = ref.masked_fill(~causal.visible(T, S, ref.device), float("-inf"))
         scale = ref[torch.isfinite(ref)].abs().max().item()
         for kernel in INDEXER_KERNELS:
             if kernel == "mma_keys" and D != 128:  # kernel 4 is compiled for D = 128 only

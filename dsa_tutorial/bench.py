@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .kernels import require_gpu
+from .kernels import recording_launches, require_gpu
 
-__all__ = ["Timing", "benchmark", "Ceilings", "measure_ceilings", "report"]
+__all__ = ["Timing", "benchmark", "CallTiming", "time_call", "Ceilings", "measure_ceilings", "report"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,15 @@ def _nbytes(args: Sequence[Any]) -> int:
     return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
 
+def _input_sets(make_inputs: Callable[[], Sequence[Any]], reps: int, max_input_bytes: int) -> list[tuple]:
+    """Enough fresh input sets to hold more than 2x the L2 cache (at most max_input_bytes, at most reps)."""
+    first = tuple(make_inputs())
+    per_set = max(_nbytes(first), 1)
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    n_sets = max(1, min(math.ceil(2 * l2 / per_set), max(1, max_input_bytes // per_set), reps))
+    return [first] + [tuple(make_inputs()) for _ in range(n_sets - 1)]
+
+
 def benchmark(
     fn: Callable[..., Any],
     make_inputs: Callable[[], Sequence[Any]],
@@ -53,21 +62,20 @@ def benchmark(
     warmup: int = 5,
     reps: int = 50,
     max_input_bytes: int = 8 << 30,
+    input_sets: Sequence[tuple] | None = None,
 ) -> Timing:
     """Time ``fn(*inputs)`` on the current CUDA stream.
 
     `make_inputs()` returns one fresh tuple of arguments (random data, never zeros); it is
     called as often as needed to hold more than 2x the L2 cache (at most `max_input_bytes`),
-    and the calls cycle through those copies.
+    and the calls cycle through those copies (or through `input_sets`, when given).
     """
     require_gpu()
     if warmup < 0 or reps < 1:
         raise ValueError(f"warmup must be >= 0 and reps >= 1, got {warmup}, {reps}")
-    first = tuple(make_inputs())
-    per_set = max(_nbytes(first), 1)
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    n_sets = max(1, min(math.ceil(2 * l2 / per_set), max(1, max_input_bytes // per_set), reps))
-    input_sets = [first] + [tuple(make_inputs()) for _ in range(n_sets - 1)]
+    if input_sets is None:
+        input_sets = _input_sets(make_inputs, reps, max_input_bytes)
+    n_sets = len(input_sets)
     for i in range(warmup):
         fn(*input_sets[i % n_sets])
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -82,6 +90,55 @@ def benchmark(
     times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
     quantiles = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
     return Timing(statistics.median(times), quantiles[0], quantiles[-1], reps, n_sets)
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """A public call timed as a user makes it, and the kernel launches it made, timed alone."""
+
+    call: Timing  # the public function, default arguments, checks and all
+    launch: Timing  # the same launches replayed through kernels.launch, nothing else
+    launches: int  # kernel launches per call
+
+    @property
+    def overhead_us(self) -> float:
+        return self.call.median_us - self.launch.median_us
+
+    def __str__(self) -> str:
+        return (f"public call {self.call.median_us:.1f} us, launch alone {self.launch.median_us:.1f} us "
+                f"({self.launches} launch{'es' if self.launches != 1 else ''}), "
+                f"overhead {self.overhead_us:+.1f} us ({100 * self.overhead_us / self.launch.median_us:+.1f}%)")
+
+
+def time_call(
+    fn: Callable[..., Any],
+    make_inputs: Callable[[], Sequence[Any]],
+    *,
+    warmup: int = 5,
+    reps: int = 50,
+    max_input_bytes: int = 8 << 30,
+) -> CallTiming:
+    """Time the public call ``fn(*inputs)`` and, on the same input sets, the kernel launches it
+    makes replayed alone (recorded once per input set with kernels.recording_launches): the
+    difference is what the Python around the kernels costs a caller."""
+    require_gpu()
+    input_sets = _input_sets(make_inputs, reps, max_input_bytes)
+    recorded = []
+    for inputs in input_sets:
+        with recording_launches() as launches:
+            fn(*inputs)
+        recorded.append(launches)
+    if not recorded[0]:
+        raise ValueError("the call launched no kernel of the package: nothing to time alone")
+
+    def replay(i):
+        for launch in recorded[i]:
+            launch.again()
+
+    call = benchmark(fn, make_inputs, warmup=warmup, reps=reps, input_sets=input_sets)
+    alone = benchmark(replay, make_inputs, warmup=warmup, reps=reps,
+                      input_sets=[(i,) for i in range(len(input_sets))])
+    return CallTiming(call, alone, len(recorded[0]))
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,84 @@
 """Input checks shared by every public function: one clear message for each way an input is wrong.
 
+    dims = check_shapes("q_idx[T, H, D] w[T, H] k_idx[S, D]", q_idx, w, k_idx, dtype=FLOATS)
+
     dims = {}
     check_tensor(q_idx, "q_idx", shape=("T", "H", "D"), dims=dims, dtype=torch.float32)
     check_tensor(k_idx, "k_idx", shape=("S", "D"), dims=dims)   # D must agree with q_idx
 
 A named dimension binds on first sight and must agree afterwards; an int must match exactly;
-None matches anything.
+None (or "?" in a spec string) matches anything.
+
+Two kinds of checks, two rules:
+
+* **Host metadata** (shape, dtype, device, contiguity, alignment, supported sizes) is known to the
+  host without touching the GPU. It is always checked, by every public function.
+* **Device data** (the values inside index, position and length tensors: ranges, ordering,
+  repeats) can only be checked by reading the tensor back to the host, which waits for the GPU: a
+  device synchronisation, paid per call, that a decode step cannot afford and a CUDA graph cannot
+  capture. These checks run only when :func:`data_checks_wanted` says so: always for CPU tensors
+  (reading them costs nothing), and for GPU tensors only while data checks are switched on, by
+  the environment variable ``DSA_CHECK=1`` or by :func:`set_data_checks` / :func:`data_checks`.
+  They are off by default; the test suite and the chapters switch them on.
+
+With data checks off, an invalid value is still harmless to memory: every kernel clamps or skips
+an out-of-range id, position or length (each tested under compute-sanitizer with wild inputs); its
+result is just not meaningful.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+import os
+import re
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_same_device", "check_range"]
+__all__ = ["FLOATS", "FLOATS_BF16", "check_tensor", "check_shapes", "check_same_device", "check_range",
+           "data_checks_enabled", "set_data_checks", "data_checks", "data_checks_wanted"]
+
+#: The float dtypes the references compute in.
+FLOATS = (torch.float32, torch.float64)
+#: ... and those that also take bfloat16 inputs (upcast to float32 inside).
+FLOATS_BF16 = FLOATS + (torch.bfloat16,)
+
+_ENV = "DSA_CHECK"
+_override: bool | None = None  # set_data_checks / data_checks; None: follow the environment
+
+
+def data_checks_enabled() -> bool:
+    """True when checks of device data are on: set_data_checks(True), or else DSA_CHECK=1 in the environment."""
+    if _override is not None:
+        return _override
+    return os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_data_checks(enabled: bool | None) -> None:
+    """Switch the checks of device data on (True) or off (False) for the whole package; None
+    returns to the environment variable DSA_CHECK."""
+    global _override
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_data_checks takes True, False or None, got {enabled!r}")
+    _override = enabled
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool = True) -> Iterator[None]:
+    """``with data_checks():`` runs a block with the checks of device data on (or off), then restores."""
+    global _override
+    previous = _override
+    set_data_checks(enabled)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def data_checks_wanted(*tensors) -> bool:
+    """Whether to check the values inside `tensors`: always when none is on a GPU (free), else
+    only while data checks are on (reading a GPU tensor synchronises with the device)."""
+    on_gpu = any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors)
+    return not on_gpu or data_checks_enabled()
 
 
 def _fmt(shape: Iterable) -> str:
@@ -64,6 +129,33 @@ def check_tensor(
     return x
 
 
+_SPEC = re.compile(r"\s*(\w+)\s*\[([^\]]*)\]\s*,?")
+
+
+def check_shapes(spec: str, *tensors, dims: dict | None = None, dtype=None, same_dtype: bool = False,
+                 **kwargs) -> dict[str, int]:
+    """Check several tensors against a shape-annotated spec in one line; return the named dims.
+
+    ``check_shapes("q_abs[B, T, n_h, d_c] c_kv[B, S, d_c]", q_abs, c_kv, dims={"d_c": 512}, dtype=FLOATS)``
+    checks each tensor's rank and dims (names bind across tensors and to `dims`; ints must match;
+    "?" matches anything), that all are on one device, `dtype` for each (and with `same_dtype`, the
+    first one's dtype for the rest); `kwargs` go to :func:`check_tensor` (cuda=, contiguous=)."""
+    entries = _SPEC.findall(spec)
+    if "".join(_SPEC.sub("", spec).split()) or len(entries) != len(tensors):
+        raise ValueError(f"check_shapes: spec {spec!r} must name one 'name[dims]' per tensor, got {len(tensors)}")
+    dims = {} if dims is None else dims
+    named = {}
+    for (name, shape), x in zip(entries, tensors):
+        axes = tuple(None if a == "?" else int(a) if a.isdigit() else a
+                     for a in (p.strip() for p in shape.split(",")) if a)
+        want = next(iter(named.values())).dtype if same_dtype and named else dtype
+        check_tensor(x, name, shape=axes, dims=dims, dtype=want, **kwargs)
+        named[name] = x
+    if len(named) > 1:
+        check_same_device(**named)
+    return dims
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors on one device; the error names each tensor and its device."""
     devices = {name: t.device for name, t in tensors.items()}
@@ -74,9 +166,12 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_range(value, name: str, low=None, high=None) -> None:
-    """low <= value <= high (either bound optional), for ints and for a tensor's min and max."""
+    """low <= value <= high (either bound optional), for ints and for a tensor's min and max.
+
+    A tensor's values are device data: checked only when :func:`data_checks_wanted` (always on
+    the CPU; on a GPU only with data checks on, since it reads the tensor back to the host)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() == 0:
+        if value.numel() == 0 or not data_checks_wanted(value):
             return
         lo, hi = value.min().item(), value.max().item()
     else:

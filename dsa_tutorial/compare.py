@@ -6,9 +6,10 @@ Three numbers, computed in float64 over the positions where the reference is fin
 * DeepGEMM's ``calc_diff(x, y) = 1 - 2 sum(x y) / sum(x^2 + y^2)``, which is 0 for equal tensors
   and about ``relative error^2 / 2`` for small noise;
 
-plus two exact checks: the ``-inf`` pattern (every ``-inf`` of the reference is ``-inf`` in the
-output, and nowhere else) and that the output has no NaN (the poison that unwritten elements
-keep, see :func:`poisoned`).
+plus exact checks: the ``-inf`` pattern (every ``-inf`` of the reference is ``-inf`` in the
+output, and nowhere else), that the output has no NaN (the poison that unwritten elements
+keep, see :func:`poisoned`), and that the reference has none either (a NaN reference is a broken
+reference, and nothing can be said to match it).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Comparison:
     max_calc_diff: float | None
     passed: bool
     first_mismatches: tuple[str, ...] = ()
+    ref_nan_count: int = 0
 
     def __str__(self) -> str:
         """The verdict and the tolerance it was held to: the same text on every machine, so a
@@ -54,6 +56,7 @@ class Comparison:
         verdict = "PASS" if self.passed else "FAIL"
         inf = "" if self.inf_pattern_ok else ", -inf pattern WRONG"
         nan = f", {self.nan_count} NaN" if self.nan_count else ""
+        nan += f", {self.ref_nan_count} NaN in the reference" if self.ref_nan_count else ""
         return f"{verdict} ({', '.join(bounds)}{inf}{nan})"
 
     def measured(self) -> str:
@@ -78,6 +81,7 @@ def compare(
     out64 = out.detach().to("cpu", torch.float64)
     ref64 = ref.detach().to("cpu", torch.float64)
     nan_count = int(torch.isnan(out64).sum())
+    ref_nan_count = int(torch.isnan(ref64).sum())
     inf_pattern_ok = bool(torch.equal(torch.isneginf(out64), torch.isneginf(ref64))) and bool(
         torch.equal(torch.isposinf(out64), torch.isposinf(ref64))
     )
@@ -95,6 +99,7 @@ def compare(
         not bool(bad.any())
         and inf_pattern_ok
         and nan_count == 0
+        and ref_nan_count == 0
         and (max_calc_diff is None or diff <= max_calc_diff)
     )
     mismatches = []
@@ -103,8 +108,10 @@ def compare(
     if not inf_pattern_ok:
         wrong = (torch.isinf(out64) != torch.isinf(ref64)).nonzero()[:5].tolist()
         mismatches += [f"-inf pattern differs at {i}" for i in wrong]
+    if ref_nan_count:
+        mismatches += [f"the reference is NaN at {i}" for i in torch.isnan(ref64).nonzero()[:5].tolist()]
     return Comparison(max_abs, max_rel, diff, inf_pattern_ok, nan_count, atol, rtol, max_calc_diff,
-                      passed, tuple(mismatches))
+                      passed, tuple(mismatches), ref_nan_count)
 
 
 def assert_close(
@@ -125,7 +132,8 @@ def assert_close(
         detail = "\n  ".join(result.first_mismatches)
         raise AssertionError(
             f"{name} differs from its reference ({tolerance}): max abs {result.max_abs:.3g}, "
-            f"calc_diff {result.calc_diff:.3g}, {result.nan_count} NaN\n  {detail}"
+            f"calc_diff {result.calc_diff:.3g}, {result.nan_count} NaN, {result.ref_nan_count} NaN in the "
+            f"reference\n  {detail}"
         )
     return result
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-__all__ = ["ModelArgs"]
+__all__ = ["ModelArgs", "check_args"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,10 @@ class ModelArgs:
             mscale = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
             scale *= mscale * mscale
         return scale
+
+
+def check_args(args) -> ModelArgs:
+    """`args` must be a ModelArgs (every module that takes model dimensions checks this one way)."""
+    if not isinstance(args, ModelArgs):
+        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+    return args

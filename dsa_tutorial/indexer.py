@@ -16,7 +16,7 @@ What the official inference code does, step by step (SPEC section 3), and where 
     5. FP8 e4m3, 128-value blocks   (the FP8 path; see `Indexer(fp8=True)`)
     6. w^I = weights_proj(h) H_I^-0.5, times d_I^-0.5 (and the q scale)    index_weights
     7. I_t,s as above                                                      index_scores
-    8. causal mask: -inf where s is after t                                causal_index_mask
+    8. causal mask: -inf where s is after t                                causal.visible
 
 Interface (used by the sparse attention of chapter 6 and the training of chapters 8-9):
 
@@ -37,13 +37,14 @@ import math
 import torch
 from torch import nn
 
+from . import causal
 from .checks import check_same_device, check_tensor
 from .config import ModelArgs
 from .hadamard import rotate_activation
 from .kernels import launch
 from .rope import apply_rope
 
-__all__ = ["index_scores", "index_weights", "indexer_rope", "causal_index_mask", "IndexerCache", "Indexer",
+__all__ = ["index_scores", "index_weights", "indexer_rope", "IndexerCache", "Indexer",
            "index_scores_cuda", "INDEXER_KERNELS"]
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
@@ -112,14 +113,6 @@ def indexer_rope(x: torch.Tensor, positions: torch.Tensor, args: ModelArgs) -> t
     x_pe, x_nope = x.split([d_rope, args.index_head_dim - d_rope], dim=-1)
     # [RoPE_half(x[:d_R]) | x[d_R:]]: [B, T, H, d_I]
     return torch.cat([apply_rope(x_pe, positions, "half", args), x_nope], dim=-1)
-
-
-def causal_index_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
-    """True where query t may see key s: t is cache slot n_keys - n_queries + t and sees s <= that. [T, S]"""
-    if not 0 <= n_queries <= n_keys:
-        raise ValueError(f"need 0 <= n_queries <= n_keys, got {n_queries} queries over {n_keys} keys")
-    slot = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # [T, 1]
-    return torch.arange(n_keys, device=device)[None, :] <= slot  # [T, S]
 
 
 # ----------------------------------------------------------------------------- cache and module
@@ -250,7 +243,7 @@ class Indexer(nn.Module):
             k_idx = k_new
         w = index_weights(self.weights_proj(h), args, q_scale)  # [B, T, H_I]
         scores = index_scores(q_idx, w, k_idx)  # [B, T, S]
-        visible = causal_index_mask(h.shape[1], k_idx.shape[1], h.device)  # [T, S]
+        visible = causal.visible(h.shape[1], k_idx.shape[1], h.device)  # [T, S]
         return scores.masked_fill(~visible, float("-inf"))
 
 
@@ -303,7 +296,7 @@ def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
         return out
     if n_heads == 0:
         return out.zero_() if not causal else out.zero_().masked_fill_(
-            ~causal_index_mask(n_q, n_k, out.device), float("-inf"))
+            ~causal.visible(n_q, n_k, out.device), float("-inf"))
     common = (q_idx, w, k_idx, out, n_q, n_k, n_heads, d_idx, int(causal))
     if kernel == "naive":
         launch("indexer_logits", "indexer_logits_naive", grid=(math.ceil(n_k / 128), n_q), block=128, args=common)

@@ -20,11 +20,11 @@ Nothing here runs at import time: CuPy is imported on first use.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,11 @@ __all__ = [
     "require_wgmma",
     "load",
     "launch",
-    "as_cupy",
+    "Launch",
+    "recording_launches",
+    "defines",
+    "Kernel",
+    "KernelTable",
 ]
 
 #: The architecture CI compiles for when there is no GPU to ask: the H200 of the book's runs, as
@@ -302,35 +306,172 @@ def require_wgmma(device, instead: str) -> None:
 @functools.lru_cache(maxsize=None)
 def _load(name: str, device: int):
     import cupy
+    from cupy.cuda import function
 
     compiled = compile_source(name, _device_arch(device))
-    cubin_dir = Path(tempfile.mkdtemp(prefix="dsa_tutorial_"))
-    cubin_path = cubin_dir / f"{name}.cubin"
-    cubin_path.write_bytes(compiled.cubin)
     with cupy.cuda.Device(device):
-        return cupy.RawModule(path=str(cubin_path))
+        module = function.Module()
+        module.load(compiled.cubin)  # from memory (cuModuleLoadData): no file to write or clean up
+        return module
 
 
 def load(name: str):
-    """The compiled `cuda/<name>.cu` as a `cupy.RawModule`, for the current CUDA device."""
+    """The compiled `cuda/<name>.cu` as a loaded CUDA module (`get_function(kernel)`), for the
+    current CUDA device."""
     require_gpu()
     source_path(name)  # a clear error for a missing file, before any compilation
     return _load(name, torch.cuda.current_device())
 
 
-_VIEW_AS = {
-    torch.bfloat16: torch.int16,
-    torch.float8_e4m3fn: torch.uint8,
-    torch.float8_e5m2: torch.uint8,
-}
+# ----------------------------------------------------------------------------- the .cu's own constants
+
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)([ \t(])(.*?)[ \t]*(?://.*)?$", re.M)
 
 
-def as_cupy(tensor: torch.Tensor):
-    """A CuPy view of a CUDA tensor, no copy; bf16 is seen as int16 and fp8 as uint8 (same bytes)."""
-    import cupy
+def _eval_int(expression: str, known: dict[str, int]) -> int | None:
+    """The value of a C integer constant expression over +, -, *, /, %, <<, >> and parentheses
+    (C's `/` on non-negative ints is Python's `//`), or None when it is not one."""
+    import ast
 
-    view = tensor.view(_VIEW_AS[tensor.dtype]) if tensor.dtype in _VIEW_AS else tensor
-    return cupy.asarray(view)
+    text = re.sub(r"\b(\d+)[uUlL]*\b", r"\1", expression.strip())
+    text = re.sub(r"\b([A-Za-z_]\w*)\b", lambda m: str(known[m[1]]) if m[1] in known else m[0], text)
+    if not text:
+        return None
+    try:
+        tree = ast.parse(text.replace("/", "//"), mode="eval")
+    except SyntaxError:
+        return None
+    allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv,
+               ast.Mod, ast.LShift, ast.RShift, ast.USub, ast.UAdd)
+    if not all(isinstance(node, allowed) for node in ast.walk(tree)):
+        return None
+    if not all(isinstance(n.value, int) for n in ast.walk(tree) if isinstance(n, ast.Constant)):
+        return None
+    return int(eval(compile(tree, "<define>", "eval"), {"__builtins__": {}}))  # noqa: S307 - ints only
+
+
+@functools.lru_cache(maxsize=None)
+def defines(name: str) -> dict[str, int]:
+    """Every integer `#define` of `cuda/<name>.cu` and the `.cuh` headers it includes, by name: the
+    launch geometry and shared-memory sizes the Python side needs, read from the one place they are
+    written (never copied by hand). Function-like macros, non-integer values and names defined
+    twice with different values (in #if branches) are left out. Needs no GPU."""
+    text = source_path(name).read_text()
+    for header in re.findall(r'#include\s+"(\w+\.cuh)"', text):
+        text = (cuda_dir() / header).read_text() + "\n" + text
+    values: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for macro, separator, body in _DEFINE.findall(text):
+        if separator == "(":
+            continue  # a function-like macro
+        value = _eval_int(body, values)
+        if value is None:
+            continue
+        if macro in values and values[macro] != value:
+            ambiguous.add(macro)
+        values[macro] = value
+    return {macro: value for macro, value in values.items() if macro not in ambiguous}
+
+
+# ----------------------------------------------------------------------------- kernel tables
+
+@dataclass(frozen=True)
+class Kernel:
+    """One version of an operation: what the `.cu` header and the chapters call "kernel N".
+
+    `entry` is the entry point's name, with `{field}`s filled from the call's specialisation (for
+    example "act_quant_b128_{dtype}" with dtype "f32" or "bf16"); `summary` says what it does in one
+    line, `needs` what it requires beyond the operation's own rules ("" when nothing)."""
+
+    version: int
+    entry: str
+    summary: str
+    needs: str = ""
+
+
+class KernelTable:
+    """The versions of one operation, all in `cuda/<source>.cu`: the one place a dispatcher, a
+    test, a benchmark or a chapter learns which kernels exist.
+
+    `variants` lists the values each `{field}` of the entry names can take (so a test can check that
+    every entry point exists in the compiled cubin); `best_first` is the order `choose` prefers
+    (default: highest version first)."""
+
+    def __init__(self, source: str, kernels: Sequence[Kernel], *, variants: dict[str, Sequence] | None = None,
+                 best_first: Sequence[int] | None = None):
+        self.source = source
+        self.kernels = {k.version: k for k in kernels}
+        if len(self.kernels) != len(kernels):
+            raise ValueError(f"{source}: kernel versions must be distinct")
+        self.variants = {key: tuple(values) for key, values in (variants or {}).items()}
+        self.best_first = tuple(best_first) if best_first is not None else tuple(sorted(self.kernels, reverse=True))
+        if sorted(self.best_first) != sorted(self.kernels):
+            raise ValueError(f"{source}: best_first must order every version exactly once")
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.kernels))
+
+    def __iter__(self):
+        return iter([self.kernels[v] for v in self.versions])
+
+    def __len__(self) -> int:
+        return len(self.kernels)
+
+    def __getitem__(self, version: int) -> Kernel:
+        if isinstance(version, bool) or not isinstance(version, int) or version not in self.kernels:
+            listed = ", ".join(f"{k.version} ({k.summary})" for k in self)
+            raise ValueError(f"kernel must be None or a version of cuda/{self.source}.cu: {listed}; got {version!r}")
+        return self.kernels[version]
+
+    def defines(self) -> dict[str, int]:
+        """The integer #defines of the table's .cu file (see :func:`defines`)."""
+        return defines(self.source)
+
+    def entry(self, version: int, **fields) -> str:
+        """The entry point of `version` for one specialisation, e.g. entry(2, dtype="bf16")."""
+        kernel = self[version]
+        for key, value in fields.items():
+            if key in self.variants and value not in self.variants[key]:
+                raise ValueError(f"kernel {version} of cuda/{self.source}.cu is built for {key} in "
+                                 f"{self.variants[key]}, got {value!r}")
+        return kernel.entry.format(**fields)
+
+    def entry_points(self) -> list[str]:
+        """Every entry point the table names, over every combination of its variants."""
+        import itertools
+
+        names = []
+        for kernel in self:
+            fields = [f for f in self.variants if "{" + f + "}" in kernel.entry]
+            for combo in itertools.product(*(self.variants[f] for f in fields)):
+                names.append(kernel.entry.format(**dict(zip(fields, combo))))
+        return names
+
+    def choose(self, kernel: int | None, why_not: dict[int, str | None]) -> Kernel:
+        """The version to run. `why_not[v]` is None when version v can run these inputs, else the
+        reason it cannot (a version missing from `why_not` can). kernel=None takes the best that
+        can; a version that cannot is refused with its reason, before any launch."""
+        if kernel is None:
+            for version in self.best_first:
+                if why_not.get(version) is None:
+                    return self.kernels[version]
+            raise ValueError(f"no kernel of cuda/{self.source}.cu runs these inputs: "
+                             + "; ".join(f"kernel {v}: {why_not[v]}" for v in self.best_first))
+        chosen = self[kernel]
+        if why_not.get(chosen.version) is not None:
+            raise ValueError(f"kernel {chosen.version} of cuda/{self.source}.cu ({chosen.summary}) cannot run "
+                             f"these inputs: {why_not[chosen.version]}")
+        return chosen
+
+    def launch(self, version: int, grid, block, args, *, shared_mem: int = 0, **fields) -> None:
+        """Launch kernel `version` (its entry point for `fields`) with :func:`launch`."""
+        launch(self.source, self.entry(version, **fields), grid, block, args, shared_mem=shared_mem)
+
+    def describe(self) -> str:
+        """One line per version: the table as the chapters print it."""
+        return "\n".join(f"kernel {k.version}  {k.entry:<44} {k.summary}" + (f"; needs {k.needs}" if k.needs else "")
+                         for k in self)
 
 
 def _kernel_arg(value: Any, index: int, kernel: str, device: torch.device):
@@ -401,3 +542,36 @@ def launch(
         function.max_dynamic_shared_size_bytes = shared_mem
     with _external_stream(torch.cuda.current_stream().cuda_stream):
         function(grid, block, kernel_args, shared_mem=shared_mem)
+    for record in _recorders:
+        record.append(Launch(name, kernel, grid, block, tuple(args), shared_mem))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as :func:`launch` made it: enough to make it again (:meth:`again`)."""
+
+    source: str
+    kernel: str
+    grid: tuple
+    block: tuple
+    args: tuple
+    shared_mem: int
+
+    def again(self) -> None:
+        launch(self.source, self.kernel, self.grid, self.block, self.args, shared_mem=self.shared_mem)
+
+
+_recorders: list[list[Launch]] = []
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """``with recording_launches() as launches:`` lists every :func:`launch` made inside the block
+    (after it ran). The benchmarks replay them to time the kernels alone, without the public call's
+    Python around them."""
+    launches: list[Launch] = []
+    _recorders.append(launches)
+    try:
+        yield launches
+    finally:
+        _recorders.remove(launches)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import causal
 from .checks import check_range, check_same_device, check_tensor
 from .config import ModelArgs
 from .kernels import launch
@@ -229,14 +230,8 @@ def explicit_scores(q_nope: torch.Tensor, q_rope: torch.Tensor, k: torch.Tensor,
 
 
 def causal_mask(n_queries: int, n_keys: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """0 where query t (the last n_queries of n_keys cached tokens) may see key s, -inf after it.
-
-    Query t sits at cache slot n_keys - n_queries + t and sees slots s <= that. Returns [T, S].
-    """
-    if not 0 <= n_queries <= n_keys:
-        raise ValueError(f"need 0 <= n_queries <= n_keys, got {n_queries} queries over {n_keys} keys")
-    slot = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # [T, 1]
-    visible = torch.arange(n_keys, device=device)[None, :] <= slot  # [T, S]
+    """The additive causal mask [T, S]: 0 where query t may see key s (causal.visible), -inf after it."""
+    visible = causal.visible(n_queries, n_keys, device)  # [T, S]
     return torch.zeros(n_queries, n_keys, device=device, dtype=dtype).masked_fill(~visible, float("-inf"))
 
 

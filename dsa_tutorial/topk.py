@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import causal
 from .checks import check_range, check_tensor
 from .kernels import launch
 
@@ -62,7 +63,7 @@ def visible_positions(n_queries: int, n_keys: int, query_positions: torch.Tensor
     if query_positions is None:
         if n_queries > n_keys:
             raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}): pass query_positions")
-        return torch.arange(n_keys - n_queries, n_keys, device=device)
+        return causal.last_visible(n_queries, n_keys, device)
     check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64))
     if query_positions.device != torch.device(device if device is not None else query_positions.device):
         raise ValueError(f"query_positions must be on {device}, got {query_positions.device}")

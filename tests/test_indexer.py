@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from dsa_tutorial import compare
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.hadamard import hadamard_matrix
-from dsa_tutorial.indexer import (INDEXER_KERNELS, IndexerCache, Indexer, causal_index_mask, index_scores,
+from dsa_tutorial import causal
+from dsa_tutorial.indexer import (INDEXER_KERNELS, IndexerCache, Indexer, index_scores,
                                   index_scores_cuda, index_weights)
 from dsa_tutorial.mla import MLA
 from dsa_tutorial.rope import inv_freq
@@ -163,7 +164,7 @@ def test_causal_mask_and_cache():
     h = torch.randn(2, 10, TINY.dim)
     c_q = mla.query_latent(h)
     full = indexer(h, c_q, torch.arange(10)).detach()
-    assert torch.equal(torch.isneginf(full[0]), ~causal_index_mask(10, 10))
+    assert torch.equal(torch.isneginf(full[0]), ~causal.visible(10, 10))
     assert torch.isfinite(full[:, torch.tril(torch.ones(10, 10, dtype=torch.bool))]).all()
     cache = IndexerCache(TINY, 2)
     first = indexer(h[:, :6], c_q[:, :6], torch.arange(6), cache).detach()
@@ -187,7 +188,7 @@ def test_indexer_bad_input():
     with pytest.raises(TypeError, match="IndexerCache"):
         indexer(h, c_q, torch.arange(4), cache=object())
     with pytest.raises(ValueError, match="n_queries <= n_keys"):
-        causal_index_mask(3, 2)
+        causal.visible(3, 2)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -218,7 +219,7 @@ def test_index_scores_cuda(kernel, T, S, H, D, causal):
         return
     ref = index_scores(q.float(), w, k.float())  # float32 on the same bf16-rounded values
     if causal:
-        ref = ref.masked_fill(~causal_index_mask(T, S, ref.device), float("-inf"))
+        ref = ref.masked_fill(~causal.visible(T, S, ref.device), float("-inf"))
     out = compare.poisoned((T, S), torch.float32)
     out.copy_(index_scores_cuda(q, w, k, kernel=kernel, causal=causal))
     # same inputs, float32 accumulation in another order: errors of a few ulp of the sum of
