@@ -1,10 +1,14 @@
-"""GPU gating for pytest and nbval.
+"""GPU gating and the data-check switch for pytest and nbval.
 
 * Tests marked `gpu` are skipped where no usable GPU is found.
 * Notebook cells tagged `gpu` are skipped by nbval there too (the stored outputs, from a GPU run,
   stay in the book; the cells are just not re-run).
 * `DSA_REQUIRE_GPU=1` (set by `python3 dev.py gpu`) turns those skips into failures: on the GPU
   machine nothing may be skipped silently.
+* The suite runs with the package's checks of device data ON (`DSA_CHECK=1`, see
+  dsa_tutorial.checks; the notebook kernels nbval starts inherit it): every index, position and
+  length a test passes is validated. Tests of the default, unchecked path switch them off
+  themselves (`checks.data_checks(False)`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import os
 
 import pytest
 
-from dsa_tutorial.kernels import gpu_available
+os.environ.setdefault("DSA_CHECK", "1")
+
+from dsa_tutorial.kernels import gpu_available  # noqa: E402
 
 GPU_TAG = "gpu"
 

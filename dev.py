@@ -140,11 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in [("test", cmd_test, "run the whole test suite (CPU)"),
-                             ("gpu", cmd_gpu, "run the whole suite with GPU tests and cells required"),
                              ("book", cmd_book, "build the rendered book")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--system", action="store_true", help="use this interpreter; install nothing")
         p.set_defaults(func=func, takes_pytest_args=name != "book")
+    p = sub.add_parser("gpu", help="run the whole suite with GPU tests and cells required (this interpreter)")
+    p.set_defaults(func=cmd_gpu, takes_pytest_args=True)
     p = sub.add_parser("refresh", help="re-execute chapters in place")
     p.add_argument("notebooks", nargs="*", help="default: every book/*.ipynb")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per cell")

@@ -1,15 +1,19 @@
-"""Benchmark the lightning-indexer logits kernels (cuda/indexer_logits.cu) against torch on an H200.
+"""Benchmark the index-score kernels (cuda/index_scores.cu) against torch on an H200.
 
-    python benchmarks/indexer.py        (from the repository root, on a GPU; under two minutes)
+    python benchmarks/indexer.py        (from the repository root, on a GPU; about two minutes)
 
 Cases (one `bench.report` line each; FLOPs count a multiply-add as two):
+* the public call `index_scores_cuda(q_idx, w, k_idx)` with its default arguments (kernel=None: kernel
+  5 at D = 128) at T = S = 8192, H = 64, D = 128, full and causal, timed as a user calls it, with
+  the same kernel launch replayed alone beside it (bench.time_call: the difference is the Python of
+  the call);
 * torch baseline: bf16 GEMM per 1024-query chunk (q [c H, D] @ k^T), ReLU, times w, sum over heads,
-  full T x S (SPEC section 9 measured 24.1 ms = 46 TFLOP/s for this one).
-* kernel 3 (mma.sync, bf16 in, float32 accumulate) at T = S = 8192, H = 64, D = 128, both tile widths
-  (mma: 64 x 128, mma_wide: 64 x 256), and kernel 4 (mma_keys: the keys in registers, the queries
-  streamed with ldmatrix): full, and causal (masked tiles skipped; FLOPs of the causal pairs only;
-  the baseline is still the full torch computation).
-* kernels 1 and 2 (naive, tiled) at T = S = 2048 (a sixteenth of the work), to show the progression.
+  full T x S (SPEC section 9 measured 24.1 ms = 46 TFLOP/s for this one);
+* every tensor-core version of INDEX_SCORES_KERNELS (kernel=3, 4, 5) at the same size, full and
+  causal (masked tiles skipped; FLOPs of the causal pairs only; the baseline is still the full
+  torch computation);
+* every version (1 to 5) at T = S = 2048 (a sixteenth of the work: kernels 1 and 2 take seconds at
+  8192), to show the progression.
 Every rate is quoted against the bf16 GEMM ceiling measured in the same run (torch.matmul 8192^3).
 """
 from __future__ import annotations
@@ -23,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsa_tutorial import bench  # noqa: E402
 from dsa_tutorial.cost import causal_pairs  # noqa: E402
-from dsa_tutorial.indexer import index_scores_cuda  # noqa: E402
+from dsa_tutorial.indexer import INDEX_SCORES_KERNELS, index_scores_cuda  # noqa: E402
 
 H, D = 64, 128
+TENSOR_CORES = (3, 4, 5)  # the versions timed at T = S = 8192; all of them at 2048
 
 
 def make_inputs(T: int, S: int):
@@ -37,7 +42,7 @@ def make_inputs(T: int, S: int):
     return make
 
 
-def torch_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def torch_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Equation 1 in eager torch, bf16 GEMMs, 1024 queries at a time (a [1024, 64, S] bf16 buffer)."""
     T, S = q.shape[0], k.shape[0]
     out = torch.empty(T, S, dtype=torch.float32, device=q.device)
@@ -52,32 +57,32 @@ def main() -> None:
     torch.manual_seed(0)
     ceilings = bench.measure_ceilings()
     print(ceilings)
+    gemm = dict(ceiling_tflops=ceilings.bf16_tflops)
     T = S = 8192
-    full = 2 * T * S * H * D
-    causal = 2 * causal_pairs(T) * H * D
-    base = bench.benchmark(torch_logits, make_inputs(T, S), warmup=1, reps=5)
-    print(bench.report(f"torch bf16 chunks      T=S={T} full  ", base, flops=full, ceiling_tflops=ceilings.bf16_tflops))
-    labels = {"mma": "kernel 3 mma     ", "mma_wide": "kernel 3 mma_wide", "mma_keys": "kernel 4 mma_keys"}
-    for kernel, label in labels.items():
-        timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel),
-                                 make_inputs(T, S), warmup=3, reps=20)
-        print(bench.report(f"{label}      T=S={T} full  ", timing, flops=full,
-                           ceiling_tflops=ceilings.bf16_tflops, baseline=base))
-    for kernel, label in labels.items():
-        timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel, causal=True),
-                                 make_inputs(T, S), warmup=3, reps=20)
-        print(bench.report(f"{label}      T=S={T} causal", timing, flops=causal,
-                           ceiling_tflops=ceilings.bf16_tflops, baseline=base))
+    full, causal = 2 * T * S * H * D, 2 * causal_pairs(T) * H * D
+    base = bench.benchmark(torch_scores, make_inputs(T, S), warmup=1, reps=5)
+    print(bench.report(f"torch bf16 chunks            T=S={T} full  ", base, flops=full, **gemm))
+    for is_causal, flops in ((False, full), (True, causal)):
+        label = "causal" if is_causal else "full  "
+        timed = bench.time_call(lambda q, w, k, c=is_causal: index_scores_cuda(q, w, k, causal=c), make_inputs(T, S),
+                                warmup=3, reps=20)
+        print(bench.report(f"index_scores_cuda (default)  T=S={T} {label}", timed.call, flops=flops, baseline=base,
+                           **gemm))
+        print(f"    {timed}")
+        for v in TENSOR_CORES:
+            timing = bench.benchmark(lambda q, w, k, v=v, c=is_causal: index_scores_cuda(q, w, k, causal=c, kernel=v),
+                                     make_inputs(T, S), warmup=3, reps=20)
+            print(bench.report(f"kernel {v} {INDEX_SCORES_KERNELS[v].entry:<22}  T=S={T} {label}", timing,
+                               flops=flops, baseline=base, **gemm))
     small = 2048
     small_flops = 2 * small * small * H * D
-    small_base = bench.benchmark(torch_logits, make_inputs(small, small), warmup=1, reps=5)
-    print(bench.report(f"torch bf16 chunks      T=S={small} full  ", small_base, flops=small_flops,
-                       ceiling_tflops=ceilings.bf16_tflops))
-    for number, kernel in enumerate(("naive", "tiled", "mma", "mma_keys"), start=1):
-        timing = bench.benchmark(lambda q, w, k, kernel=kernel: index_scores_cuda(q, w, k, kernel),
+    small_base = bench.benchmark(torch_scores, make_inputs(small, small), warmup=1, reps=5)
+    print(bench.report(f"torch bf16 chunks            T=S={small} full  ", small_base, flops=small_flops, **gemm))
+    for v in INDEX_SCORES_KERNELS.versions:
+        timing = bench.benchmark(lambda q, w, k, v=v: index_scores_cuda(q, w, k, kernel=v),
                                  make_inputs(small, small), warmup=1, reps=5)
-        print(bench.report(f"kernel {number} {kernel:<8}       T=S={small} full  ",
-                           timing, flops=small_flops, ceiling_tflops=ceilings.bf16_tflops, baseline=small_base))
+        print(bench.report(f"kernel {v} {INDEX_SCORES_KERNELS[v].entry:<22}  T=S={small} full  ", timing,
+                           flops=small_flops, baseline=small_base, **gemm))
 
 
 if __name__ == "__main__":

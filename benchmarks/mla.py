@@ -1,20 +1,26 @@
-"""Benchmark the MLA kernels of chapters 1-3 against their torch baselines at V3.2 sizes.
+"""Benchmark the kernels of chapters 0-3 (RMSNorm, MLA compression, RoPE, latent scores) at V3.2 sizes.
 
-    python benchmarks/mla.py            (from the repository root, on a GPU; about a minute)
+    python benchmarks/mla.py            (from the repository root, on a GPU; a few minutes)
 
-Cases (one `bench.report` line each; bytes are what the kernel must move at least):
-* compress: the wkv_a output of T = 131072 tokens [T, 576] -> latent cache entries [T, 576]
+Every line times the PUBLIC call as a user makes it (`bench.time_call`: default arguments, data
+checks off as by default, the Python around the kernel included) and prints the launch alone beside
+it; first with kernel=None (what a caller gets), then every version of the operation's kernel table
+(kernel=v), then the torch baseline. The ceilings (copy bandwidth, bf16 GEMM) are measured in the
+same run. Bytes are what the kernel must move at least.
+
+* rms_norm: 16384 rows of the 7168-wide hidden state, bf16 and float32 (chapter 0). Bytes = read
+  + write of x.
+* kv_compress: the wkv_a output of T = 131072 tokens [T, 576] -> latent cache entries [T, 576]
   (kv_norm on c^KV, k^R copied or rotated; a prefill of 128K tokens, 600 MB moved in float32: large
-  enough to fill the chip). Memory-bound: bytes = read + write of T x 576 values. Kernels 1
-  ("scalar") and 2 ("vector", the default at V3.2's dims).
-* rope: q^R of T = 16384 tokens x 128 heads x 64 dims, both layouts, kernels 1 ("pairs") and 2
-  ("vector", the default). Bytes = read + write.
-* decode scores: B = 64 sequences, S = 8192 cached tokens, n_h = 128 heads, one new token:
+  enough to fill the chip). Memory-bound: bytes = read + write of T x 576 values.
+* apply_rope: q^R of T = 16384 tokens x 128 heads x 64 dims, both layouts. Bytes = read + write.
+* latent_scores: B = 64 sequences, S = 8192 cached tokens, n_h = 128 heads, one new token:
   the cache [B, S, 576] is read once, scores [B, 128, S] float32 written. FLOPs 2 B n_h S 576.
   With 128 heads sharing each cache row this is 2 * 128 * 576 / (576 * 2 + 128 * 4) = 89 FLOP per
   byte in bf16: near the H200's bf16 ridge (~190 FLOP/B at 790 TFLOP/s / 4.2 TB/s), so both ceilings
-  are printed; in float32 on CUDA cores (~60 TFLOP/s) it is compute-bound. Kernels: tiled (float32)
-  against torch's float32 einsums; mma and pipelined (bf16) against one cuBLAS bf16 batched GEMM.
+  are printed; in float32 on CUDA cores (~60 TFLOP/s) it is compute-bound. float32 (kernels 1, 2)
+  against torch's float32 einsums; bf16 (kernels 3, 4) against one cuBLAS bf16 batched GEMM. Kernel
+  1 (naive) also runs at B = 8, beside kernel 2 there: at B = 64 it takes tens of milliseconds.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench, mla, rope  # noqa: E402
+from dsa_tutorial import bench, mla, norm, rope  # noqa: E402
 from dsa_tutorial.config import ModelArgs  # noqa: E402
 
 ARGS = ModelArgs()
@@ -68,16 +74,47 @@ def torch_scores_bf16(q_abs, q_rope, latent):
         q_abs.shape[0], q_abs.shape[1], q_abs.shape[2], -1)
 
 
+def show(tag: str, timing: bench.CallTiming, **rates) -> None:
+    """The public call's line (rates, ceiling, baseline ratio), then the launch alone and the overhead."""
+    print(f"{bench.report(tag, timing.call, **rates)}  | launch alone {timing.launch.median_us:.1f} us, "
+          f"overhead {timing.overhead_us:+.1f} us")
+
+
+def versions(table, tag: str, call, make, skip=(), timer: dict | None = None, **rates) -> None:
+    """kernel=None (the default a caller gets), then every version of `table` but those in `skip`
+    (built for another dtype): the public call and the launch alone."""
+    timer = timer or {}
+    show(f"{tag} default  ", bench.time_call(call, make, **timer), **rates)
+    for version in table.versions:
+        if version not in skip:
+            show(f"{tag} kernel {version}", bench.time_call(lambda *a, v=version: call(*a, kernel=v), make, **timer),
+                 **rates)
+
+
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda"
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    cos_sin = rope.cos_sin_table(ARGS, dev)  # built once, outside the timings
+    copy = dict(ceiling_tbps=ceilings.copy_tbps)
+    rope.cos_sin_table(ARGS, dev)  # built once, outside the timings
     freqs_cis = rope.precompute_freqs_cis(ARGS).to(torch.complex64).to(dev)
-    del cos_sin
 
-    # ---------------------------------------------------------------- compress, T = 131072
+    # ---------------------------------------------------------------- rms_norm, 16384 x 7168
+    rows, width = 16384, ARGS.dim
+    for dtype in (torch.bfloat16, torch.float32):
+        nbytes = 2 * rows * width * torch.finfo(dtype).bits // 8
+
+        def make(dtype=dtype):
+            return (torch.randn(rows, width, device=dev).to(dtype),
+                    (1 + 0.1 * torch.randn(width, device=dev)).to(dtype))
+        base = bench.benchmark(lambda x, g: torch.nn.functional.rms_norm(x, (width,), g, 1e-6), make)
+        tag = f"rms_norm {str(dtype)[6:]:8s} {rows} x {width}"
+        print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
+        versions(norm.RMS_NORM_KERNELS, tag, lambda x, g, **k: norm.rms_norm_cuda(x, g, **k), make,
+                 skip=(2,) if dtype == torch.float32 else (), nbytes=nbytes, baseline=base, **copy)
+
+    # ---------------------------------------------------------------- kv_compress, T = 131072
     n_tokens, width = 131072, ARGS.latent_dim
     weight = torch.rand(ARGS.kv_lora_rank, device=dev) + 0.5
     for dtype in (torch.float32, torch.bfloat16):
@@ -88,15 +125,12 @@ def main() -> None:
                 positions = torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev) if with_rope else None
                 return kv, positions
             base = bench.benchmark(lambda kv, p: torch_compress(kv, weight, p, freqs_cis), make)
-            tag = f"compress{'+rope' if with_rope else ''} {str(dtype)[6:]:8s} T={n_tokens}"
-            print(bench.report(f"{tag} torch       ", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-            for kernel in ("scalar", "vector"):
-                ours = bench.benchmark(lambda kv, p, kernel=kernel: mla.kv_compress_cuda(
-                    kv, weight, ARGS, positions=p, check_positions=False, kernel=kernel), make)
-                print(bench.report(f"{tag} cuda {kernel:6s}", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps,
-                                   baseline=base))
+            tag = f"kv_compress{'+rope' if with_rope else '     '} {str(dtype)[6:]:8s} T={n_tokens}"
+            print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
+            versions(mla.KV_COMPRESS_KERNELS, tag, lambda kv, p, **k: mla.kv_compress_cuda(kv, weight, ARGS, p, **k),
+                     make, nbytes=nbytes, baseline=base, **copy)
 
-    # ---------------------------------------------------------------- rope on q^R, 16384 x 128 x 64
+    # ---------------------------------------------------------------- apply_rope on q^R, 16384 x 128 x 64
     n_tokens, n_heads = 16384, ARGS.n_heads
     for dtype in (torch.float32, torch.bfloat16):
         nbytes = 2 * n_tokens * n_heads * ARGS.qk_rope_head_dim * torch.finfo(dtype).bits // 8
@@ -105,46 +139,35 @@ def main() -> None:
                 return (torch.randn(n_tokens, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
                         torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev))
             base = bench.benchmark(lambda x, p: torch_rope(x, p, freqs_cis, layout == "interleaved"), make)
-            tag = f"rope {layout:11s} {str(dtype)[6:]:8s} T={n_tokens} H={n_heads}"
-            print(bench.report(f"{tag} torch       ", base, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-            for kernel in ("pairs", "vector"):
-                # without the position range check (a device-to-host sync), as a model that knows its positions
-                ours = bench.benchmark(lambda x, p, kernel=kernel: rope.rope_cuda(
-                    x, p, layout, ARGS, check_positions=False, kernel=kernel), make)
-                print(bench.report(f"{tag} cuda {kernel:6s}", ours, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps,
-                                   baseline=base))
+            tag = f"apply_rope {layout:11s} {str(dtype)[6:]:8s} T={n_tokens} H={n_heads}"
+            print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
+            versions(rope.APPLY_ROPE_KERNELS, tag,
+                     lambda x, p, layout=layout, **k: rope.apply_rope_cuda(x, p, layout, ARGS, **k),
+                     make, nbytes=nbytes, baseline=base, **copy)
 
-    # ---------------------------------------------------------------- decode scores, B 64, S 8192, n_h 128
-    batch, n_keys, n_q = 64, 8192, 1
-    flops = 2 * batch * n_q * n_heads * n_keys * width
-    for kernel, dtype in (("tiled", torch.float32), ("mma", torch.bfloat16), ("pipelined", torch.bfloat16)):
-        size = torch.finfo(dtype).bits // 8
-        nbytes = batch * n_keys * width * size + batch * n_q * n_heads * n_keys * 4 + batch * n_q * n_heads * width * size
+    # ---------------------------------------------------------------- latent_scores, B 64, S 8192, n_h 128
+    table, width, n_keys, n_q = mla.LATENT_SCORES_KERNELS, ARGS.latent_dim, 8192, 1
+    for batch in (64, 8):
+        flops = 2 * batch * n_q * n_heads * n_keys * width
+        for dtype in (torch.float32, torch.bfloat16):
+            size = torch.finfo(dtype).bits // 8
+            nbytes = (batch * n_keys * width * size + batch * n_q * n_heads * n_keys * 4
+                      + batch * n_q * n_heads * width * size)
 
-        def make(dtype=dtype):
-            return (torch.randn(batch, n_q, n_heads, ARGS.kv_lora_rank, device=dev).to(dtype),
-                    torch.randn(batch, n_q, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
-                    torch.randn(batch, n_keys, width, device=dev).to(dtype))
-        base_fn = torch_scores if dtype == torch.float32 else torch_scores_bf16
-        base = bench.benchmark(base_fn, make, warmup=3, reps=20)
-        ours = bench.benchmark(lambda q, r, c, kernel=kernel: mla.decode_scores_cuda(q, r, c, ARGS, kernel=kernel),
-                               make, warmup=3, reps=20)
-        ceiling = ceilings.bf16_tflops if dtype == torch.bfloat16 else None
-        tag = f"decode scores {kernel:9s} {str(dtype)[6:]:8s} B={batch} S={n_keys} n_h={n_heads}"
-        print(bench.report(f"{tag} torch", base, flops=flops, nbytes=nbytes, ceiling_tflops=ceiling,
-                           ceiling_tbps=ceilings.copy_tbps))
-        print(bench.report(f"{tag} cuda ", ours, flops=flops, nbytes=nbytes, ceiling_tflops=ceiling,
-                           ceiling_tbps=ceilings.copy_tbps, baseline=base))
-    # the naive kernel, for the progression, at a smaller batch (it is slow)
-    small = 8
-    make_small = lambda: (torch.randn(small, 1, n_heads, ARGS.kv_lora_rank, device=dev),  # noqa: E731
-                          torch.randn(small, 1, n_heads, ARGS.qk_rope_head_dim, device=dev),
-                          torch.randn(small, n_keys, width, device=dev))
-    for kernel in ("naive", "tiled"):
-        t = bench.benchmark(lambda q, r, c, kernel=kernel: mla.decode_scores_cuda(q, r, c, ARGS, kernel=kernel),
-                            make_small, warmup=2, reps=10)
-        print(bench.report(f"decode scores {kernel:9s} float32  B={small} S={n_keys} n_h={n_heads} cuda ", t,
-                           flops=2 * small * n_heads * n_keys * width))
+            def make(dtype=dtype, batch=batch):
+                return (torch.randn(batch, n_q, n_heads, ARGS.kv_lora_rank, device=dev).to(dtype),
+                        torch.randn(batch, n_q, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
+                        torch.randn(batch, n_keys, width, device=dev).to(dtype))
+            baseline = torch_scores if dtype == torch.float32 else torch_scores_bf16
+            base = bench.benchmark(baseline, make, warmup=3, reps=20)
+            rates = dict(flops=flops, nbytes=nbytes, ceiling_tflops=ceilings.bf16_tflops if size == 2 else None, **copy)
+            tag = f"latent_scores {str(dtype)[6:]:8s} B={batch} S={n_keys} n_h={n_heads}"
+            print(bench.report(f"{tag} torch   ", base, **rates))
+            skip = {v for v in table.versions if (dtype == torch.bfloat16) != ("bf16" in table[v].entry)}
+            if batch == 64:
+                skip.add(1)  # the naive kernel runs at B = 8 only
+            versions(table, tag, lambda q, r, c, **k: mla.latent_scores_cuda(q, r, c, ARGS, **k), make, skip=skip,
+                     timer=dict(warmup=3, reps=20), baseline=base, **rates)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Launch every kernel of chapter 7 at small ragged sizes and check each result, for compute-sanitizer:
+"""Launch every kernel of chapter 7 at small ragged sizes, and again with wild inputs, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_fp8.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py
 
-Kernels: act_quant_f32 / _bf16 / _b128_f32 / _b128_bf16 (cuda/act_quant.cu), fp8_mqa_logits_naive /
-_h64 / _h32 / _f16_h64 / _f16_h32 / _wgmma_h64 / _wgmma_h32 (cuda/fp8_mqa_logits.cu),
-fp8_paged_mqa_logits_h64 / _h32 / _f16_h64 / _f16_h32 / _v3_h{64,32}_n{1,2} / _wgmma_h{64,32}_n{1,2}
-(cuda/fp8_paged_mqa_logits.cu), the f16 paged kernels at every block size (next_n 1 and 2, H 64 and 32).
-The wgmma kernels (sm_90a) run only on compute capability 9.0; elsewhere they are skipped, with a note.
-Sizes are not multiples of any tile; outputs are poisoned first; clean_logits both ways.
+Kernels: every version of fp8.ACT_QUANT_KERNELS (cuda/act_quant.cu), fp8.MQA_LOGITS_KERNELS
+(cuda/mqa_logits.cu) and paged.PAGED_MQA_LOGITS_KERNELS (cuda/paged_mqa_logits.cu), for each H (64, 32)
+and next_n (1, 2) they are compiled for. Kernel 4 of the logits files (wgmma, sm_90a) runs only on compute
+capability 9.0; elsewhere it is skipped, with a note. Sizes are not multiples of any tile; outputs are
+poisoned first; clean_logits both ways.
+
+Then, with data checks off (the default of the package), every logits kernel is launched on invalid
+device data: ks/ke negative, past S_k, reversed and at the int32 extremes; context lengths negative,
+past max_context_len and longer than their table row; block ids negative and past the cache; schedules
+that do not match the lengths or hold random int32 values; an empty cache. memcheck must stay clean:
+the kernels clip every such value (see the .cu headers), whatever the result is worth.
 """
 import sys
 from pathlib import Path
@@ -17,73 +22,112 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from dsa_tutorial import compare, fp8, kernels, paged  # noqa: E402
+from dsa_tutorial import checks, compare, fp8, paged  # noqa: E402
 from test_paged import call_args, make_batch  # noqa: E402
+
+MQA = fp8.MQA_LOGITS_KERNELS
+PAGED = paged.PAGED_MQA_LOGITS_KERNELS
 
 
 def check_act_quant() -> None:
-    cases = ((torch.float32, 128, "blockwise"), (torch.bfloat16, 96, "blockwise"), (torch.float32, 128, "b128"),
-             (torch.bfloat16, 128, "b128"))
-    for dtype, block_size, kernel in cases:
-        x = (torch.randn(13, 3 * 384, device="cuda") * 4).to(dtype)  # 1152 = 9 x 128 = 12 x 96; 117 blocks of 128
-        x_q, s = fp8.act_quant_cuda(x, block_size, kernel=kernel)
-        ref_q, ref_s = fp8.act_quant_reference(x.cpu(), block_size)
-        assert torch.equal(x_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
+    for kernel in fp8.ACT_QUANT_KERNELS.versions:
+        for dtype, block_size in ((torch.float32, 128), (torch.bfloat16, 96), (torch.bfloat16, 128)):
+            if kernel == 2 and block_size != 128:
+                continue
+            x = (torch.randn(13, 3 * 384, device="cuda") * 4).to(dtype)  # 1152 = 9 x 128 = 12 x 96; 117 blocks
+            for scale_fmt in ("ue8m0", None):
+                out = (compare.poisoned(x.shape, torch.float8_e4m3fn), compare.poisoned((13, 1152 // block_size),
+                                                                                       torch.float32))
+                x_q, s = fp8.act_quant_cuda(x, block_size, scale_fmt, kernel=kernel, out=out)
+                ref_q, ref_s = fp8.act_quant(x.cpu(), block_size, scale_fmt)
+                assert torch.equal(x_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
 
 
-def runs_here(kernel: str) -> bool:
-    """False, with a note, for the wgmma kernels on a GPU that is not compute capability 9.0."""
-    if kernel == "wgmma" and not kernels.wgmma_available():
-        print(f"sanitize_fp8: {kernel} skipped, it needs compute capability 9.0 (sm_90a)")
-        return False
-    return True
+def runs_here(table, kernel: int) -> bool:
+    """False, with a note, for a kernel that cannot run on this GPU (kernel 4: compute capability 9.0)."""
+    reason = fp8.wgmma_why_not(torch.device("cuda")) if kernel == 4 else None
+    if reason:
+        print(f"sanitize_fp8: kernel {kernel} of cuda/{table.source}.cu skipped, it {reason}")
+    return reason is None
 
 
 def check_mqa_logits() -> None:
-    for H, kernel in ((64, "tensor_core"), (32, "tensor_core"), (64, "naive"), (64, "tensor_core_f16"),
-                      (32, "tensor_core_f16"), (64, "wgmma"), (32, "wgmma")):
-        if not runs_here(kernel):
-            continue
-        seq_lens = [5, 70, 1, 27]  # S = 103
-        S = sum(seq_lens)
-        q, q_s = fp8.act_quant(torch.randn(S, H, 128, device="cuda"))
-        k, k_s = fp8.act_quant(torch.randn(S + 9, 128, device="cuda"))  # 9 keys nobody sees
-        w = torch.randn(S, H, device="cuda") * q_s.squeeze(-1)
-        ks, ke = fp8.causal_ks_ke(seq_lens, device="cuda")
-        ref = fp8.mqa_logits_reference(q, (k, k_s.squeeze(-1)), w, ks, ke)
-        scale = ref[torch.isfinite(ref)].abs().max().item()
-        for clean in (True, False):
-            out = compare.poisoned((S, S + 9), torch.float32, "cuda")
-            fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, clean, kernel=kernel, out=out)
-            if clean:
-                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} H={H}")
-            else:
-                visible = torch.isfinite(ref)
-                compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, name=f"{kernel} H={H} unclean")
+    for kernel in MQA.versions:
+        for H in MQA.variants["H"]:
+            if not runs_here(MQA, kernel):
+                continue
+            seq_lens = [5, 70, 1, 27]  # S = 103
+            S = sum(seq_lens)
+            q, q_s = fp8.act_quant_cuda(torch.randn(S, H, 128, device="cuda"))
+            k, k_s = fp8.act_quant_cuda(torch.randn(S + 9, 128, device="cuda"))  # 9 keys nobody sees
+            w = torch.randn(S, H, device="cuda") * q_s.squeeze(-1)
+            ks, ke = fp8.causal_ks_ke(seq_lens, device="cuda")
+            ref = fp8.mqa_logits(q, (k, k_s.squeeze(-1)), w, ks, ke)
+            scale = ref[torch.isfinite(ref)].abs().max().item()
+            name = f"mqa_logits kernel {kernel} H={H}"
+            for clean in (True, False):
+                out = compare.poisoned((S, S + 9), torch.float32, "cuda")
+                fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, clean, kernel=kernel, out=out)
+                if clean:
+                    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+                else:
+                    visible = torch.isfinite(ref)
+                    compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, name=f"{name} unclean")
+            # wild ranges, data checks off: clipped by the kernels, nothing out of bounds
+            g = torch.Generator().manual_seed(kernel * 100 + H)
+            ks = torch.randint(-3 * S, 3 * S, (S,), generator=g)
+            ke = ks + torch.randint(-2 * S, 2 * S, (S,), generator=g)
+            ks[::7], ke[::7] = -(2 ** 31), 2 ** 31 - 1
+            ks[1::7], ke[1::7] = 2 ** 31 - 1, -(2 ** 31)
+            with checks.data_checks(False):
+                for clean in (True, False):
+                    fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks.int().cuda(), ke.int().cuda(), clean,
+                                        kernel=kernel)
 
 
 def check_paged() -> None:
-    cases = [("tensor_core", 64, 1, 3), ("tensor_core", 64, 2, 5), ("tensor_core", 32, 2, 1),
-             ("tensor_core_f16", 64, 1, 3), ("tensor_core_f16", 64, 2, 5), ("tensor_core_f16", 32, 1, 2),
-             ("tensor_core_f16", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 3), ("tensor_core_f16_v3", 64, 2, 5),
-             ("tensor_core_f16_v3", 32, 1, 2), ("tensor_core_f16_v3", 32, 2, 1), ("tensor_core_f16_v3", 64, 1, 1),
-             ("wgmma", 64, 1, 3), ("wgmma", 64, 2, 5), ("wgmma", 32, 1, 2), ("wgmma", 32, 2, 1), ("wgmma", 64, 1, 1)]
-    for kernel, H, next_n, num_sms in cases:
-        if not runs_here(kernel):
-            continue
-        batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H)
-        q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
-        ref = paged.paged_mqa_logits_reference(q, kv_cache, w, ctx, bt, meta, 307)
-        scale = ref[torch.isfinite(ref)].abs().max().item()
-        name = f"paged {kernel} H={H} next_n={next_n}"
-        for clean in (True, False):
-            out = compare.poisoned((5 * next_n, 307), torch.float32, "cuda")
-            paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out, kernel=kernel)
-            if clean:
-                compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
-            else:
-                inside = torch.arange(307, device="cuda") < ctx.repeat_interleave(next_n).unsqueeze(-1)
-                compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"{name} unclean")
+    for kernel in PAGED.versions:
+        for H in PAGED.variants["H"]:
+            for next_n in PAGED.variants["next_n"]:
+                if not runs_here(PAGED, kernel):
+                    continue
+                for num_sms in (1, 3, 5):
+                    batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H + num_sms)
+                    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
+                    ref = paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, 307)
+                    scale = ref[torch.isfinite(ref)].abs().max().item()
+                    name = f"paged kernel {kernel} H={H} next_n={next_n} num_sms={num_sms}"
+                    for clean in (True, False):
+                        out = compare.poisoned((5 * next_n, 307), torch.float32, "cuda")
+                        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out, kernel=kernel)
+                        if clean:
+                            compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+                        else:
+                            inside = torch.arange(307, device="cuda") < ctx.repeat_interleave(next_n).unsqueeze(-1)
+                            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"{name} unclean")
+                check_paged_wild(kernel, H, next_n)
+
+
+def check_paged_wild(kernel: int, H: int, next_n: int) -> None:
+    """Invalid context lengths, block ids and schedules, data checks off: launches only (memcheck judges)."""
+    batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=kernel)
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=3, device="cuda")
+    num_blocks, max_blocks, max_len = kv_cache.shape[0], bt.shape[1], 307
+    g = torch.Generator().manual_seed(kernel * 10 + next_n)
+    wild_lens = torch.tensor([-7, 2 ** 31 - 1, 100000, -(2 ** 31), 64 * max_blocks + 1], dtype=torch.int32).cuda()
+    wild_table = torch.randint(-(2 ** 31), 2 ** 31 - 1, bt.shape, generator=g, dtype=torch.int64).int().cuda()
+    wild_table[0::2, 0], wild_table[1::2, 0] = -1, num_blocks  # just past either end, in a used block
+    wild_metas = [torch.randint(-(2 ** 31), 2 ** 31 - 1, (4, 2), generator=g, dtype=torch.int64).int().cuda(),
+                  torch.randint(-3, 12, (6, 2), generator=g).int().cuda(),
+                  paged.paged_mqa_logits_metadata(torch.full((5,), 5000, dtype=torch.int32, device="cuda"), 64, 3),
+                  meta]
+    empty_cache = torch.zeros(0, 64, 1, 132, dtype=torch.uint8, device="cuda")
+    with checks.data_checks(False):
+        for lens, table in ((wild_lens, bt), (ctx, wild_table), (wild_lens, wild_table)):
+            for schedule in wild_metas:
+                for clean in (True, False):
+                    paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, table, schedule, max_len, clean, kernel=kernel)
+        paged.paged_mqa_logits_cuda(q, empty_cache, w, wild_lens, wild_table, meta, max_len, kernel=kernel)
 
 
 def main() -> None:

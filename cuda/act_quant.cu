@@ -1,15 +1,15 @@
 // Block quantisation to FP8 e4m3, one scale per block of `block_size` values (SPEC section 3):
 //
 //   amax_b = max(max_{i in b} |x_i|, 1e-4)
-//   s_b    = amax_b / 448                      (ue8m0 = 0: plain scale)
+//   s_b    = amax_b * float32(1 / 448)         (ue8m0 = 0: plain scale, as the official kernel computes it)
 //   s_b    = 2^ceil(log2(amax_b / 448))        (ue8m0 = 1: a power of two)
 //   x_q,i  = e4m3(clamp(x_i / s_b, -448, 448)) (round to nearest even)
 //
-//   act_quant_f32   x float32  [n_blocks * block_size] -> x_q uint8 (e4m3 bytes), s float32 [n_blocks]
+//   act_quant_f32   x float32  [n_blocks * block_size] -> x_fp8 uint8 (e4m3 bytes), scales float32 [n_blocks]
 //   act_quant_bf16  x bfloat16, the same
 //   act_quant_b128_f32 / _bf16   the same for block_size = 128 only (the indexer's), faster
 //
-// Kernels, as a progression:
+// Kernels, as a progression (dsa_tutorial.fp8.ACT_QUANT_KERNELS lists them):
 //   kernel 1 (act_quant_f32 / _bf16): one warp per quantisation block, any block_size that is a
 //     multiple of 32; a block of the grid holds ACT_QUANT_WARPS warps. Each lane strides over its
 //     block (coalesced 128-byte warp loads of 4-byte or 2-byte elements), keeps the largest |x| it
@@ -23,14 +23,23 @@
 //     bound: bytes in flight per SM is what sets the speed). x must be 16-byte aligned (checked in
 //     Python; a fresh or row-sliced tensor is).
 //
-// Bit-exact with dsa_tutorial.fp8.act_quant_reference: the division amax / 448 and x / s are IEEE
-// float32 divisions in both (no fast-math here), ceil(log2(.)) is read off the float's bits, and
-// __nv_cvt_float_to_fp8 with __NV_SATFINITE rounds to nearest even like torch's cast.
+// Bit-exact with dsa_tutorial.fp8.act_quant (the reference): the plain scale is one IEEE float32
+// multiplication by the float32 nearest 1/448 in both (not a division by 448: the two differ in the
+// last bit for about half of all amax), x / s is an IEEE float32 division in both (no fast-math
+// here), ceil(log2(.)) is read off the float's bits, and __nv_cvt_float_to_fp8 with __NV_SATFINITE
+// rounds to nearest even like torch's cast. The ue8m0 scale does not depend on that choice: the
+// product and the quotient differ by at most one ulp, and no float32 amax makes them straddle a
+// power of two (see dsa_tutorial.fp8.block_scales).
+//
+// Memory: every load and store is inside x, x_fp8 and scales for any values (no index comes from
+// the data).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
-#define ACT_QUANT_WARPS 8
+#define ACT_QUANT_WARPS 8                    // warps a block of the grid: one quantisation block each (kernel 1)
+#define ACT_QUANT_THREADS (32 * ACT_QUANT_WARPS)
 #define FP8_E4M3_MAX 448.0f
+#define FP8_E4M3_MAX_INV (1.0f / 448.0f)      // float32(1/448): a constant expression in float, rounded once
 #define AMAX_FLOOR 1e-4f
 
 __device__ __forceinline__ float load_as_float(const float* x, size_t i) { return x[i]; }
@@ -45,7 +54,7 @@ __device__ __forceinline__ float round_scale_to_power_of_two(float s) {
 }
 
 template <typename T>
-__device__ void act_quant_block(const T* __restrict__ x, unsigned char* __restrict__ x_q, float* __restrict__ s,
+__device__ void act_quant_block(const T* __restrict__ x, unsigned char* __restrict__ x_fp8, float* __restrict__ scales,
                                 int n_blocks, int block_size, int ue8m0) {
     const int lane = threadIdx.x % 32;
     const int block = blockIdx.x * ACT_QUANT_WARPS + threadIdx.x / 32;
@@ -57,26 +66,26 @@ __device__ void act_quant_block(const T* __restrict__ x, unsigned char* __restri
     for (int i = lane; i < block_size; i += 32) amax = fmaxf(amax, fabsf(load_as_float(x, base + i)));
     for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
 
-    // s_b = max(amax, 1e-4) / 448, rounded up to a power of two for ue8m0
-    float scale = fmaxf(amax, AMAX_FLOOR) / FP8_E4M3_MAX;
+    // s_b = max(amax, 1e-4) * float32(1/448), rounded up to a power of two for ue8m0
+    float scale = fmaxf(amax, AMAX_FLOOR) * FP8_E4M3_MAX_INV;
     if (ue8m0) scale = round_scale_to_power_of_two(scale);
-    if (lane == 0) s[block] = scale;
+    if (lane == 0) scales[block] = scale;
 
     // x_q = e4m3(clamp(x / s, -448, 448)); SATFINITE would saturate too, the clamp states the rule
     for (int i = lane; i < block_size; i += 32) {
         const float v = fminf(fmaxf(load_as_float(x, base + i) / scale, -FP8_E4M3_MAX), FP8_E4M3_MAX);
-        x_q[base + i] = (unsigned char)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+        x_fp8[base + i] = (unsigned char)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ACT_QUANT_WARPS)
-act_quant_f32(const float* x, unsigned char* x_q, float* s, int n_blocks, int block_size, int ue8m0) {
-    act_quant_block<float>(x, x_q, s, n_blocks, block_size, ue8m0);
+extern "C" __global__ void __launch_bounds__(ACT_QUANT_THREADS)
+act_quant_f32(const float* x, unsigned char* x_fp8, float* scales, int n_blocks, int block_size, int ue8m0) {
+    act_quant_block<float>(x, x_fp8, scales, n_blocks, block_size, ue8m0);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ACT_QUANT_WARPS)
-act_quant_bf16(const __nv_bfloat16* x, unsigned char* x_q, float* s, int n_blocks, int block_size, int ue8m0) {
-    act_quant_block<__nv_bfloat16>(x, x_q, s, n_blocks, block_size, ue8m0);
+extern "C" __global__ void __launch_bounds__(ACT_QUANT_THREADS)
+act_quant_bf16(const __nv_bfloat16* x, unsigned char* x_fp8, float* scales, int n_blocks, int block_size, int ue8m0) {
+    act_quant_block<__nv_bfloat16>(x, x_fp8, scales, n_blocks, block_size, ue8m0);
 }
 
 // ------------------------------------------------------------------------------------ kernel 2
@@ -95,7 +104,7 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* x, size_t i, float (&
 }
 
 template <typename T>
-__device__ void act_quant_block128(const T* __restrict__ x, unsigned char* __restrict__ x_q, float* __restrict__ s,
+__device__ void act_quant_block128(const T* __restrict__ x, unsigned char* __restrict__ x_fp8, float* __restrict__ scales,
                                    int n_blocks, int ue8m0) {
     const int lane = threadIdx.x % 32;
     const int first = (blockIdx.x * ACT_QUANT_WARPS + threadIdx.x / 32) * B128_BLOCKS_PER_WARP;
@@ -112,10 +121,10 @@ __device__ void act_quant_block128(const T* __restrict__ x, unsigned char* __res
         float amax = fmaxf(fmaxf(fabsf(v[b][0]), fabsf(v[b][1])), fmaxf(fabsf(v[b][2]), fabsf(v[b][3])));
         for (int offset = 16; offset > 0; offset >>= 1)
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-        // s_b = max(amax, 1e-4) / 448, rounded up to a power of two for ue8m0
-        float scale = fmaxf(amax, AMAX_FLOOR) / FP8_E4M3_MAX;
+        // s_b = max(amax, 1e-4) * float32(1/448), rounded up to a power of two for ue8m0
+        float scale = fmaxf(amax, AMAX_FLOOR) * FP8_E4M3_MAX_INV;
         if (ue8m0) scale = round_scale_to_power_of_two(scale);
-        if (lane == 0) s[block] = scale;
+        if (lane == 0) scales[block] = scale;
         // x_q = e4m3(clamp(x / s, -448, 448)), 4 bytes packed little end first into one store
         unsigned packed = 0;
         #pragma unroll
@@ -123,16 +132,16 @@ __device__ void act_quant_block128(const T* __restrict__ x, unsigned char* __res
             const float q = fminf(fmaxf(v[b][e] / scale, -FP8_E4M3_MAX), FP8_E4M3_MAX);
             packed |= (unsigned)(unsigned char)__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3) << (8 * e);
         }
-        *reinterpret_cast<unsigned*>(x_q + (size_t)block * 128 + 4 * lane) = packed;
+        *reinterpret_cast<unsigned*>(x_fp8 + (size_t)block * 128 + 4 * lane) = packed;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ACT_QUANT_WARPS)
-act_quant_b128_f32(const float* x, unsigned char* x_q, float* s, int n_blocks, int ue8m0) {
-    act_quant_block128<float>(x, x_q, s, n_blocks, ue8m0);
+extern "C" __global__ void __launch_bounds__(ACT_QUANT_THREADS)
+act_quant_b128_f32(const float* x, unsigned char* x_fp8, float* scales, int n_blocks, int ue8m0) {
+    act_quant_block128<float>(x, x_fp8, scales, n_blocks, ue8m0);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ACT_QUANT_WARPS)
-act_quant_b128_bf16(const __nv_bfloat16* x, unsigned char* x_q, float* s, int n_blocks, int ue8m0) {
-    act_quant_block128<__nv_bfloat16>(x, x_q, s, n_blocks, ue8m0);
+extern "C" __global__ void __launch_bounds__(ACT_QUANT_THREADS)
+act_quant_b128_bf16(const __nv_bfloat16* x, unsigned char* x_fp8, float* scales, int n_blocks, int ue8m0) {
+    act_quant_block128<__nv_bfloat16>(x, x_fp8, scales, n_blocks, ue8m0);
 }

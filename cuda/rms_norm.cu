@@ -2,13 +2,16 @@
 //
 // The first kernel of the book, and the pattern every later file follows: plain CUDA C++,
 // extern "C" kernels (no name mangling, so the loader finds them by name), compiled by
-// dsa_tutorial.kernels with NVRTC and checked against dsa_tutorial.norm.rms_norm.
+// dsa_tutorial.kernels with NVRTC and checked against dsa_tutorial.norm.rms_norm. Loader:
+// dsa_tutorial.norm.rms_norm_cuda, which launches one block of RMS_THREADS threads per row and picks
+// the kernel from its table RMS_NORM_KERNELS (kernel 2 wherever it applies).
 //
 // Kernel 1, rms_norm_f32 / rms_norm_bf16 (x, y [n_rows, dim], arithmetic in float32):
 //   RMS_THREADS threads stride over the row, each keeps a partial sum of squares in a register;
 //   a warp shuffle tree and one shared-memory round combine them; every thread then scales its own
 //   elements. Any dim works. It reads x twice (the second time mostly from L2).
-// Kernel 2, rms_norm_bf16_vec (bf16, dim % 8 == 0, dim <= RMS_THREADS * 8 * RMS_VECS):
+// Kernel 2, rms_norm_bf16_vec (bf16, dim % 8 == 0, dim <= RMS_THREADS * 8 * RMS_VECS, 16-byte aligned
+// x, weight and y):
 //   each thread loads its share of the row once, as 16-byte vectors of 8 bf16 held in registers,
 //   so x is read from memory exactly once and every access is a full 16-byte transaction.
 #include <cuda_bf16.h>

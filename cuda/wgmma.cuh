@@ -1,5 +1,5 @@
 // Hopper warpgroup matrix multiply (wgmma), FP8 e4m3 operands from shared memory: the pieces that
-// kernel 4 of cuda/fp8_mqa_logits.cu and of cuda/fp8_paged_mqa_logits.cu share.
+// kernel 4 of cuda/mqa_logits.cu and of cuda/paged_mqa_logits.cu share.
 //
 // wgmma exists only on the arch-specific target sm_90a (H100 / H200, compute capability 9.0
 // exactly); dsa_tutorial.kernels compiles for sm_90a on such a GPU. Everything below is defined

@@ -3,7 +3,7 @@
 Block quantisation (step 5 of the indexer, one scale per `block_size` values along the last dim):
 
     amax_b = max(max_{i in b} |x_i|, 1e-4)
-    s_b    = amax_b / 448                       (scale_fmt=None)
+    s_b    = amax_b * float32(1 / 448)          (scale_fmt=None: as the official kernel computes it)
     s_b    = 2^ceil(log2(amax_b / 448))         (scale_fmt="ue8m0": a power of two, 8 exponent bits)
     x_q,i  = e4m3(clamp(x_i / s_b, -448, 448))  (round to nearest even; saturate at +-448)
     x_i   ~= x_q,i * s_b                        (act_dequant)
@@ -18,71 +18,80 @@ ks = start_n, ke = start_n + t + 1.
 
 Which function runs where:
 
-* `act_quant`, `mqa_logits` dispatch: the CUDA kernel for CUDA inputs, the reference otherwise.
-* `act_quant_reference`, `mqa_logits_reference` are the specification (pure torch, any device;
-  the logits reference computes in float64 and also accepts unquantised float inputs).
-* `act_quant_cuda`, `mqa_logits_cuda` always run `cuda/act_quant.cu` / `cuda/fp8_mqa_logits.cu`.
+* `act_quant` and `mqa_logits` are the specification: pure torch, any device (the logits reference
+  computes in float64 and also accepts unquantised float inputs).
+* `act_quant_cuda` and `mqa_logits_cuda` run `cuda/act_quant.cu` and `cuda/mqa_logits.cu`; `kernel=`
+  is a version of ACT_QUANT_KERNELS / MQA_LOGITS_KERNELS (what the .cu headers and chapter 7 call
+  "kernel N"), None the best that runs these inputs on this GPU. Kernel 4 of the logits (wgmma) is
+  compiled for sm_90a and runs on compute capability 9.0 only; elsewhere it is refused, and None
+  takes kernel 3.
 
-`mqa_logits_cuda` runs one of four kernels of `cuda/fp8_mqa_logits.cu` (`kernel=`): "naive"
-(kernel 1, scalar), "tensor_core" (kernel 2, mma.sync e4m3, which sm_90 emulates with f16 mma and
-per-call conversions), "tensor_core_f16" (kernel 3: e4m3 converted to f16 once, f16 mma.sync,
-float32 accumulation; the same products) and "wgmma" (kernel 4: Hopper's warpgroup MMA on the e4m3
-values in shared memory, one warpgroup a block whose 128 rows are 128 / H queries x H heads;
-compiled for sm_90a, so it runs on compute capability 9.0 only, and is refused elsewhere).
-kernel=None, the default, takes `default_mqa_kernel(device)`: "wgmma" where it runs, else
-"tensor_core_f16".
+Neither `_cuda` function synchronises with the host: shapes, dtypes, devices and supported sizes are
+checked always; the values of ks and ke only with data checks on (`checks.set_data_checks`, or
+DSA_CHECK=1). With them off, a range outside [0, S_k] or reversed is clipped by the kernels to
+[max(ks, 0), min(ke, S_k)) (empty when reversed): no access leaves the tensors, and the row holds
+the logits of the clipped range.
 
-`mqa_logits` with clean_logits=False: the CUDA kernels write every position of the key range that
+`mqa_logits_cuda` with clean_logits=False: the kernels write every position of the key range that
 their block of queries computes (-inf where the row's own mask says so) and leave the columns
-outside that range as `torch.empty` gave them: unspecified. Only [ks_i, ke_i) is defined.
+outside that range as `out` (or `torch.empty`) had them: unspecified. Only [ks_i, ke_i) is defined.
 """
 from __future__ import annotations
 
 import torch
 
-from .checks import check_range, check_same_device, check_tensor
-from .kernels import launch, require_wgmma, wgmma_available
+from . import kernels
+from .checks import check_range, check_shapes, check_tensor, data_checks_wanted
+from .kernels import Kernel, KernelTable
 
 __all__ = [
     "FP8_E4M3_MAX",
     "AMAX_FLOOR",
+    "ACT_QUANT_KERNELS",
+    "MQA_LOGITS_KERNELS",
     "act_quant",
-    "act_quant_reference",
     "act_quant_cuda",
     "act_dequant",
     "block_scales",
     "round_trip",
-    "mqa_logits",
-    "mqa_logits_reference",
-    "mqa_logits_cuda",
-    "check_mqa_logits_inputs",
     "causal_ks_ke",
-    "MQA_SUPPORTED_HEADS",
-    "MQA_SUPPORTED_HEAD_DIM",
-    "MQA_KERNELS",
-    "default_mqa_kernel",
+    "check_mqa_logits_inputs",
+    "mqa_logits",
+    "mqa_logits_cuda",
+    "wgmma_why_not",
 ]
 
 FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value: 1.75 * 2^8
 AMAX_FLOOR = 1e-4  # an all-zero block still gets a positive scale
 SCALE_FORMATS = ("ue8m0", None)
-ACT_QUANT_WARPS = 8  # warps per block of cuda/act_quant.cu: one quantisation block per warp (kernel 1)
-ACT_QUANT_B128_BLOCKS_PER_WARP = 4  # kernel 2 (block_size 128): 4 consecutive blocks per warp
-MQA_SUPPORTED_HEADS = (32, 64)  # H the CUDA kernel is compiled for (V3.2 uses 64)
-MQA_SUPPORTED_HEAD_DIM = 128  # D: one 128-value block scale per key, four k32 steps
-MQA_QUERIES_PER_CTA = 12  # kernel 2, as #defined in cuda/fp8_mqa_logits.cu (one query per warp)
-MQA_THREADS = 32 * MQA_QUERIES_PER_CTA
-MQA_F16_WARPS = 8  # kernel 3 (K3_WARPS): 32 heads a warp, so H / 32 warps a query
-# kernel 4, mirroring the #defines of cuda/fp8_mqa_logits.cu (K4_*): one warpgroup a block, whose 128 rows
-# of q (the wgmma N) are 128 / H queries x H heads; K4_STAGES key tiles of 64 keys x 128 e4m3 bytes
-MQA_WGMMA_THREADS = 128
-MQA_WGMMA_ROWS = 128
-MQA_WGMMA_STAGES = 4
-# dynamic shared memory: 1024 bytes of alignment slack, then K4_SMEM_BYTES: the q tile (128 rows x 128
-# bytes), the key tiles and their scales (64 float32 a tile), the weights (128 float32): 51712 bytes
-MQA_WGMMA_SMEM = 1024 + MQA_WGMMA_ROWS * 128 + MQA_WGMMA_STAGES * 64 * (128 + 4) + MQA_WGMMA_ROWS * 4
-MQA_KERNELS = ("naive", "tensor_core", "tensor_core_f16", "wgmma")
-MQA_FALLBACK_KERNEL = "tensor_core_f16"  # the fastest kernel where there is no wgmma
+_FLOAT_INPUTS = (torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+ACT_QUANT_KERNELS = KernelTable("act_quant", [
+    Kernel(1, "act_quant_{dtype}", "one warp a quantisation block, any block_size that is a multiple of 32"),
+    Kernel(2, "act_quant_b128_{dtype}", "block_size 128: 4 values a lane kept in registers, 4 blocks a warp in flight",
+           needs="block_size 128 and x 16-byte aligned"),
+], variants={"dtype": ("f32", "bf16")})
+
+MQA_LOGITS_KERNELS = KernelTable("mqa_logits", [
+    Kernel(1, "mqa_logits_naive", "one thread per (query, key), scalar float32: the formula in CUDA",
+           needs="S_q <= 65535 (queries on grid.y)"),
+    Kernel(2, "mqa_logits_e4m3_h{H}", "mma.sync e4m3, one query a warp (sm_90 emulates it with f16 mma)"),
+    Kernel(3, "mqa_logits_f16_h{H}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation"),
+    Kernel(4, "mqa_logits_wgmma_h{H}", "Hopper's warpgroup MMA on the e4m3 values in shared memory",
+           needs="compute capability 9.0 (sm_90a)"),
+], variants={"H": (64, 32)})
+
+
+def wgmma_why_not(device) -> str | None:
+    """None where kernel 4 (wgmma, sm_90a) runs: a GPU of compute capability 9.0. Else the reason,
+    naming the device's capability (what TABLE.choose refuses kernel 4 with)."""
+    if kernels.wgmma_available(device):
+        return None
+    if kernels.gpu_available() and torch.device(device).type == "cuda":
+        have = "{} has compute capability {}.{}".format(device, *torch.cuda.get_device_capability(device))
+    else:
+        have = f"{device} is not a usable CUDA GPU"
+    return f"needs a GPU of compute capability 9.0 (H100, H200: wgmma, compiled for sm_90a), but {have}"
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -102,19 +111,25 @@ def _check_quant_args(x: torch.Tensor, block_size: int, scale_fmt) -> None:
 
 def block_scales(amax: torch.Tensor, scale_fmt="ue8m0") -> torch.Tensor:
     """The scale s of each block from its amax (float32), as the official act_quant computes it."""
-    # s = max(amax, 1e-4) / 448, one IEEE float32 division (448 as a tensor: torch's CUDA path would
-    # multiply by 1/448 for a Python scalar, which can differ in the last bit)
-    s = torch.clamp(amax.float(), min=AMAX_FLOOR) / torch.tensor(FP8_E4M3_MAX, device=amax.device)
+    # s = max(amax, 1e-4) * float32(1/448): one float32 product with the float32 nearest 1/448, as the
+    # official kernel computes it (a division by 448 differs from it in the last bit for about half of
+    # all amax). The 0-dim float32 tensor keeps the constant in float32 on any device.
+    s = torch.clamp(amax.float(), min=AMAX_FLOOR) * torch.tensor(1 / FP8_E4M3_MAX, dtype=torch.float32)
     if scale_fmt is None:
         return s
+    # ue8m0 does not depend on that choice: product and quotient differ by at most one ulp, and they could
+    # only straddle a power of two 2^e for an amax less than 2^-24 (relative) above 448 * 2^e; but the
+    # float32 after 448 * 2^e = 1.75 * 2^(e + 8) is 2^-23 / 1.75 above it.
     # s = 2^ceil(log2 s): s = m 2^e with m in [0.5, 1), so ceil(log2 s) = e, or e - 1 when m = 0.5
     mantissa, exponent = torch.frexp(s)
     exponent = exponent - (mantissa == 0.5).to(exponent.dtype)
     return torch.ldexp(torch.ones_like(s), exponent)
 
 
-def act_quant_reference(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
-    """Reference block quantisation: (x_fp8 e4m3 [..., N], scales float32 [..., N // block_size])."""
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
+    """Block quantisation: (x_fp8 e4m3 [..., N], scales float32 [..., N // block_size]).
+
+    The specification, pure torch on any device; `act_quant_cuda` is bit-identical to it."""
     _check_quant_args(x, block_size, scale_fmt)
     x_blocks = x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))  # [..., n_b, block]
     # amax_b = max_i |x_i| over each block: [..., n_b]
@@ -136,45 +151,50 @@ def act_dequant(x_fp8: torch.Tensor, scales: torch.Tensor, block_size: int = 128
     return (x_fp8.float().unflatten(-1, (-1, block_size)) * scales.unsqueeze(-1)).flatten(-2)
 
 
-def act_quant_cuda(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0", *, kernel: str | None = None):
+def act_quant_cuda(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0", *, kernel: int | None = None,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`cuda/act_quant.cu`: x float32 or bfloat16 on the GPU, contiguous; block_size a multiple of 32.
 
-    kernel: "blockwise" (kernel 1, any block_size), "b128" (kernel 2: block_size 128, x 16-byte
-    aligned) or None (the default: "b128" where it applies, else "blockwise").
-    Bit-identical to act_quant_reference for finite inputs."""
-    if kernel not in (None, "blockwise", "b128"):
-        raise ValueError(f"kernel must be None, 'blockwise' or 'b128', got {kernel!r}")
+    kernel: a version of ACT_QUANT_KERNELS, 1 (any block_size) or 2 (block_size 128, x 16-byte
+    aligned), or None (2 where it applies, else 1). `out` = (x_fp8, scales), preallocated.
+    Bit-identical to act_quant for finite inputs; no host synchronisation."""
+    if kernel is not None:
+        ACT_QUANT_KERNELS[kernel]  # a version of the table, or a clear error naming them
     _check_quant_args(x, block_size, scale_fmt)
     check_tensor(x, "x", dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
     if block_size % 32:
         raise ValueError(f"the CUDA act_quant needs block_size a multiple of 32 (one warp a block), got {block_size}")
-    x_fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty((*x.shape[:-1], x.shape[-1] // block_size), dtype=torch.float32, device=x.device)
+    scales_shape = (*x.shape[:-1], x.shape[-1] // block_size)
+    if out is None:
+        x_fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty(scales_shape, dtype=torch.float32, device=x.device)
+    else:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out must be the pair (x_fp8, scales)")
+        x_fp8, scales = out
+        check_tensor(x_fp8, "out[0] (x_fp8)", shape=tuple(x.shape), dtype=torch.float8_e4m3fn, device=x.device,
+                     contiguous=True)
+        check_tensor(scales, "out[1] (scales)", shape=scales_shape, dtype=torch.float32, device=x.device,
+                     contiguous=True)
+    misaligned = x.data_ptr() % 16
+    chosen = ACT_QUANT_KERNELS.choose(kernel, {
+        2: None if block_size == 128 and not misaligned else
+        f"needs block_size 128 and x 16-byte aligned, got block_size {block_size} and x at {misaligned} bytes past "
+        "a 16-byte boundary"})
     n_blocks = scales.numel()
     if n_blocks == 0:
         return x_fp8, scales
-    fits_b128 = block_size == 128 and x.data_ptr() % 16 == 0  # one 16- or 8-byte load a lane
-    if kernel == "b128" and not fits_b128:
-        raise ValueError("the b128 act_quant kernel needs block_size 128 and a 16-byte aligned x")
+    d = ACT_QUANT_KERNELS.defines()
     dtype = "f32" if x.dtype == torch.float32 else "bf16"
-    if kernel == "b128" or (kernel is None and fits_b128):
-        n_warps = (n_blocks + ACT_QUANT_B128_BLOCKS_PER_WARP - 1) // ACT_QUANT_B128_BLOCKS_PER_WARP
-        launch("act_quant", f"act_quant_b128_{dtype}", grid=(n_warps + ACT_QUANT_WARPS - 1) // ACT_QUANT_WARPS,
-               block=32 * ACT_QUANT_WARPS, args=(x, x_fp8, scales, n_blocks, scale_fmt == "ue8m0"))
-    else:
-        grid = (n_blocks + ACT_QUANT_WARPS - 1) // ACT_QUANT_WARPS
-        launch("act_quant", f"act_quant_{dtype}", grid=grid, block=32 * ACT_QUANT_WARPS,
-               args=(x, x_fp8, scales, n_blocks, block_size, scale_fmt == "ue8m0"))
+    ue8m0 = scale_fmt == "ue8m0"
+    if chosen.version == 2:  # B128_BLOCKS_PER_WARP consecutive blocks a warp
+        n_warps = -(-n_blocks // d["B128_BLOCKS_PER_WARP"])
+        ACT_QUANT_KERNELS.launch(2, grid=-(-n_warps // d["ACT_QUANT_WARPS"]), block=d["ACT_QUANT_THREADS"],
+                                 args=(x, x_fp8, scales, n_blocks, ue8m0), dtype=dtype)
+    else:  # one block a warp
+        ACT_QUANT_KERNELS.launch(1, grid=-(-n_blocks // d["ACT_QUANT_WARPS"]), block=d["ACT_QUANT_THREADS"],
+                                 args=(x, x_fp8, scales, n_blocks, block_size, ue8m0), dtype=dtype)
     return x_fp8, scales
-
-
-def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt="ue8m0"):
-    """Block-quantise x to e4m3: the CUDA kernel for a CUDA tensor (float32/bf16, contiguous),
-    the reference otherwise. Returns (x_fp8 [..., N] float8_e4m3fn, scales [..., N // block_size] float32)."""
-    if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) \
-            and isinstance(block_size, int) and block_size > 0 and block_size % 32 == 0 and x.is_contiguous():
-        return act_quant_cuda(x, block_size, scale_fmt)
-    return act_quant_reference(x, block_size, scale_fmt)
 
 
 def round_trip(x: torch.Tensor, fmt: str = "e4m3", block_size: int = 128) -> torch.Tensor:
@@ -183,7 +203,7 @@ def round_trip(x: torch.Tensor, fmt: str = "e4m3", block_size: int = 128) -> tor
     if fmt == "bf16":
         return x.bfloat16().float()
     if fmt == "e4m3":
-        return act_dequant(*act_quant_reference(x, block_size), block_size)
+        return act_dequant(*act_quant(x, block_size), block_size)
     if fmt == "e5m2":
         x_blocks = x.float().unflatten(-1, (-1, block_size))  # [..., n_b, block]
         # s = 2^ceil(log2(max(amax, 1e-4) / 57344))
@@ -223,38 +243,38 @@ def _split_kv(kv):
 def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
     """Every check of fp8_mqa_logits, before any launch; returns the named dims (S_q, H, D, S_k).
 
-    The reference (cuda=False) also takes unquantised float q and k; the kernel needs e4m3,
-    H in MQA_SUPPORTED_HEADS, D = 128 and contiguous CUDA tensors."""
+    Always (host metadata, free): dtypes, shapes, one device; for the kernels (cuda=True) e4m3 q and
+    k, H in MQA_LOGITS_KERNELS.variants["H"], D = the .cu's HEAD_DIM, contiguous CUDA tensors. The
+    values of ks and ke (0 <= ks <= ke <= S_k) only where checks.data_checks_wanted: always on the
+    CPU, on a GPU with data checks on (reading them waits for the device)."""
     k, k_scale = _split_kv(kv)
-    dims: dict[str, int] = {}
-    fp8 = (torch.float8_e4m3fn,)
-    float_types = fp8 + (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    check_tensor(q, "q", shape=("S_q", "H", "D"), dims=dims, dtype=fp8 if cuda else float_types)
-    check_tensor(k, "k (kv[0])", shape=("S_k", "D"), dims=dims, dtype=fp8 if cuda else float_types)
-    check_tensor(k_scale, "k_scale (kv[1])", shape=("S_k",), dims=dims, dtype=torch.float32)
-    check_tensor(weights, "weights", shape=("S_q", "H"), dims=dims, dtype=torch.float32)
-    check_tensor(ks, "ks", shape=("S_q",), dims=dims, dtype=torch.int32)
-    check_tensor(ke, "ke", shape=("S_q",), dims=dims, dtype=torch.int32)
-    check_same_device(q=q, k=k, k_scale=k_scale, weights=weights, ks=ks, ke=ke)
-    if cuda and dims["H"] not in MQA_SUPPORTED_HEADS:
-        raise ValueError(f"the CUDA fp8_mqa_logits supports H in {MQA_SUPPORTED_HEADS} heads, got H = {dims['H']}")
-    if cuda and dims["D"] != MQA_SUPPORTED_HEAD_DIM:
-        raise ValueError(f"the CUDA fp8_mqa_logits supports head_dim D = {MQA_SUPPORTED_HEAD_DIM}, got D = {dims['D']}")
-    if ks.numel():
+    values = (torch.float8_e4m3fn,) if cuda else _FLOAT_INPUTS  # the reference also takes unquantised floats
+    for name, x, dtype in (("q", q, values), ("k (kv[0])", k, values), ("k_scale (kv[1])", k_scale, torch.float32),
+                           ("weights", weights, torch.float32), ("ks", ks, torch.int32), ("ke", ke, torch.int32)):
+        check_tensor(x, name, dtype=dtype)
+    dims = check_shapes("q[S_q, H, D] k[S_k, D] k_scale[S_k] weights[S_q, H] ks[S_q] ke[S_q]",
+                        q, k, k_scale, weights, ks, ke)
+    if cuda and dims["H"] not in MQA_LOGITS_KERNELS.variants["H"]:
+        raise ValueError(f"the CUDA mqa_logits supports H in {MQA_LOGITS_KERNELS.variants['H']} heads, "
+                         f"got H = {dims['H']}")
+    if cuda and dims["D"] != MQA_LOGITS_KERNELS.defines()["HEAD_DIM"]:
+        raise ValueError(f"the CUDA mqa_logits supports head_dim D = {MQA_LOGITS_KERNELS.defines()['HEAD_DIM']}, "
+                         f"got D = {dims['D']}")
+    if cuda:
+        check_shapes("q[?, ?, ?] k[?, ?] k_scale[?] weights[?, ?] ks[?] ke[?]", q, k, k_scale, weights, ks, ke,
+                     cuda=True, contiguous=True)
+    if ks.numel() and data_checks_wanted(ks, ke):
         check_range(ks, "ks", 0, None)
         check_range(ke, "ke", None, dims["S_k"])
-        if bool((ks > ke).any()):
-            first = int((ks > ke).nonzero()[0, 0])
+        reversed_rows = ks > ke
+        if bool(reversed_rows.any()):
+            first = int(reversed_rows.nonzero()[0, 0])
             raise ValueError(f"ks must be <= ke, got ks[{first}] = {int(ks[first])} > ke[{first}] = {int(ke[first])}")
-    if cuda:
-        for name, x in (("q", q), ("k (kv[0])", k), ("k_scale (kv[1])", k_scale), ("weights", weights),
-                        ("ks", ks), ("ke", ke)):
-            check_tensor(x, name, cuda=True, contiguous=True)
     return dims
 
 
-def mqa_logits_reference(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: int = 256):
-    """Reference FP8 MQA logits in float64: logits [S_q, S_k] float32 with -inf outside [ks_i, ke_i).
+def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: int = 256):
+    """FP8 MQA logits in float64: logits [S_q, S_k] float32 with -inf outside [ks_i, ke_i).
 
     q [S_q, H, D] and k [S_k, D] may be e4m3 (their exact values are used) or unquantised floats
     (with k_scale = 1): that is the higher-precision reference the kernels are judged against.
@@ -278,73 +298,54 @@ def mqa_logits_reference(q, kv, weights, ks, ke, clean_logits: bool = True, quer
     return logits
 
 
-def default_mqa_kernel(device=None) -> str:
-    """The fastest kernel of `cuda/fp8_mqa_logits.cu` that runs on `device` (default: the current
-    GPU): "wgmma" (kernel 4) on compute capability 9.0, else "tensor_core_f16" (kernel 3)."""
-    return "wgmma" if wgmma_available(device) else MQA_FALLBACK_KERNEL
+def _mqa_logits_why_not(device, S_q: int) -> dict:
+    """The versions of MQA_LOGITS_KERNELS that cannot run here, and why (see KernelTable.choose)."""
+    return {1: None if S_q <= 65535 else f"puts the queries on grid.y: at most 65535, got S_q = {S_q}",
+            4: wgmma_why_not(device)}
 
 
-def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: str | None = None,
+def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: int | None = None,
                     out: torch.Tensor | None = None):
-    """`cuda/fp8_mqa_logits.cu`: kernel "wgmma" (kernel 4, warpgroup MMA on e4m3, compute capability
-    9.0 only), "tensor_core_f16" (kernel 3, f16 mma.sync on the converted e4m3 values), "tensor_core"
-    (kernel 2, mma.sync e4m3), "naive" (kernel 1, scalar) or None (the fastest here: default_mqa_kernel).
+    """`cuda/mqa_logits.cu`: kernel = a version of MQA_LOGITS_KERNELS (1 naive, 2 mma.sync e4m3,
+    3 f16 mma.sync, 4 wgmma on compute capability 9.0) or None, the best that runs here (4, else 3).
 
-    Returns logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits, else unspecified.
-    `out` (optional, [S_q, S_k] float32 contiguous) receives them: tests pass a poisoned buffer."""
-    if kernel is not None and kernel not in MQA_KERNELS:
-        raise ValueError(f"kernel must be one of {MQA_KERNELS} or None, got {kernel!r}")
+    q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
+    ks, ke [S_q] int32 -> logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits,
+    else unspecified. `out` (optional, [S_q, S_k] float32 contiguous) receives them.
+
+    No host synchronisation: ks and ke are checked only with data checks on; with them off, an
+    invalid range is clipped to [max(ks, 0), min(ke, S_k)) (empty when reversed), never read or
+    written out of bounds, and its row holds the logits of that clipped range."""
+    if kernel is not None:
+        MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
+    chosen = MQA_LOGITS_KERNELS.choose(kernel, _mqa_logits_why_not(q.device, dims["S_q"]))
     shape = (dims["S_q"], dims["S_k"])
     if out is None:
-        logits = torch.empty(shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(shape, dtype=torch.float32, device=q.device)
     else:
-        logits = check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
-    _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits, kernel)
-    return logits
-
-
-def _launch_mqa_logits(q, kv, weights, ks, ke, logits, clean_logits: bool, kernel: str | None = None) -> None:
-    """The launch alone, on inputs already checked (the benchmark times this)."""
-    if kernel is None:
-        kernel = default_mqa_kernel(q.device)
-    elif kernel == "wgmma":
-        require_wgmma(q.device, instead=MQA_FALLBACK_KERNEL)
+        check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
     k, k_scale = _split_kv(kv)
+    _launch_mqa_logits(chosen.version, q, k, k_scale, weights, ks, ke, out, clean_logits)
+    return out
+
+
+def _launch_mqa_logits(version: int, q, k, k_scale, weights, ks, ke, logits, clean_logits: bool) -> None:
+    """Launch kernel `version` on checked inputs, geometry from the .cu's #defines."""
     S_q, H, _ = q.shape
     S_k = k.shape[0]
     if S_q == 0 or S_k == 0:
         return
+    d = MQA_LOGITS_KERNELS.defines()
     args = (q, k, k_scale, weights, ks, ke, logits, S_q, S_k)
-    if kernel == "naive":
-        if S_q > 65535:
-            raise ValueError(f"the naive kernel puts queries on grid.y (at most 65535), got S_q = {S_q}")
-        launch("fp8_mqa_logits", "fp8_mqa_logits_naive", grid=((S_k + 127) // 128, S_q), block=128,
-               args=(*args, H, bool(clean_logits)))
-    elif kernel == "tensor_core":
-        grid = (S_q + MQA_QUERIES_PER_CTA - 1) // MQA_QUERIES_PER_CTA
-        launch("fp8_mqa_logits", f"fp8_mqa_logits_h{H}", grid=grid, block=MQA_THREADS,
-               args=(*args, bool(clean_logits)))
-    elif kernel == "tensor_core_f16":
-        queries_per_cta = MQA_F16_WARPS // (H // 32)  # 4 for H = 64, 8 for H = 32
-        grid = (S_q + queries_per_cta - 1) // queries_per_cta
-        launch("fp8_mqa_logits", f"fp8_mqa_logits_f16_h{H}", grid=grid, block=32 * MQA_F16_WARPS,
-               args=(*args, bool(clean_logits)))
-    elif kernel == "wgmma":
-        queries_per_cta = MQA_WGMMA_ROWS // H  # 2 for H = 64, 4 for H = 32
-        grid = (S_q + queries_per_cta - 1) // queries_per_cta
-        launch("fp8_mqa_logits", f"fp8_mqa_logits_wgmma_h{H}", grid=grid, block=MQA_WGMMA_THREADS,
-               shared_mem=MQA_WGMMA_SMEM, args=(*args, bool(clean_logits)))
-    else:
-        raise ValueError(f"kernel must be one of {MQA_KERNELS}, got {kernel!r}")
-
-
-def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True):
-    """fp8_mqa_logits (SPEC section 6): the fastest CUDA kernel that runs on the inputs' GPU
-    (default_mqa_kernel) for CUDA inputs, else the reference.
-
-    q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
-    ks, ke [S_q] int32 -> logits [S_q, S_k] float32."""
-    if isinstance(q, torch.Tensor) and q.is_cuda:
-        return mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits)
-    return mqa_logits_reference(q, kv, weights, ks, ke, clean_logits)
+    if version == 1:  # one thread per (query, key): keys on grid.x, queries on grid.y
+        threads = d["NAIVE_THREADS"]
+        MQA_LOGITS_KERNELS.launch(1, grid=(-(-S_k // threads), S_q), block=threads, args=(*args, H, bool(clean_logits)))
+        return
+    queries, threads, smem = {  # queries a block, threads a block, dynamic shared memory
+        2: (d["QUERIES_PER_CTA"], d["THREADS"], 0),
+        3: (d["K3_WARPS"] // (H // d["K3_HEADS_PER_WARP"]), d["K3_THREADS"], 0),
+        4: (d["K4_N"] // H, d["K4_THREADS"], d["K4_DYNAMIC_SMEM"]),
+    }[version]
+    MQA_LOGITS_KERNELS.launch(version, grid=-(-S_q // queries), block=threads, shared_mem=smem,
+                              args=(*args, bool(clean_logits)), H=H)

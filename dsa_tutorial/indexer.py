@@ -27,8 +27,9 @@ Interface (used by the sparse attention of chapter 6 and the training of chapter
           -> index_scores float32 [B, T, S], -inf where the key comes after the query
     IndexerCache(args, batch_size)  the indexer keys k^I of every cached token, [B, S, d_I]
 
-CUDA: `index_scores_cuda` launches one of the kernels of cuda/indexer_logits.cu (naive, tiled in
-shared memory, tensor cores, tensor cores with the keys held in registers) on bfloat16 q^I and k^I.
+CUDA: `index_scores_cuda` launches one of the kernels of cuda/index_scores.cu on bfloat16 q^I and
+k^I; INDEX_SCORES_KERNELS lists them (naive, tiled in shared memory, tensor cores at two tile widths,
+tensor cores with the keys held in registers).
 """
 from __future__ import annotations
 
@@ -37,23 +38,15 @@ import math
 import torch
 from torch import nn
 
-from . import causal
-from .checks import check_same_device, check_tensor
-from .config import ModelArgs
+from .causal import visible
+from .checks import FLOATS_BF16, check_shapes, check_tensor
+from .config import ModelArgs, check_args
 from .hadamard import rotate_activation
-from .kernels import launch
+from .kernels import Kernel, KernelTable
 from .rope import apply_rope
 
 __all__ = ["index_scores", "index_weights", "indexer_rope", "IndexerCache", "Indexer",
-           "index_scores_cuda", "INDEXER_KERNELS"]
-
-FLOATS = (torch.float32, torch.float64, torch.bfloat16)
-INDEXER_KERNELS = ("naive", "tiled", "mma", "mma_wide", "mma_keys")
-
-
-def _check_args(args) -> None:
-    if not isinstance(args, ModelArgs):
-        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+           "index_scores_cuda", "INDEX_SCORES_KERNELS"]
 
 
 # ----------------------------------------------------------------------------- equation 1
@@ -64,13 +57,8 @@ def index_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor) -> t
     q_idx [T, H, D], w [T, H], k_idx [S, D] -> [T, S]; or batched [B, T, H, D], [B, T, H], [B, S, D]
     -> [B, T, S]. No mask: every (t, s) pair is scored. Any float dtype in, float32 out.
     """
-    dims: dict[str, int] = {}
-    batched = isinstance(q_idx, torch.Tensor) and q_idx.dim() == 4
-    lead = ("B",) if batched else ()
-    check_tensor(q_idx, "q_idx", shape=lead + ("T", "H", "D"), dims=dims, dtype=FLOATS)
-    check_tensor(w, "w", shape=lead + ("T", "H"), dims=dims, dtype=FLOATS)
-    check_tensor(k_idx, "k_idx", shape=lead + ("S", "D"), dims=dims, dtype=FLOATS)
-    check_same_device(q_idx=q_idx, w=w, k_idx=k_idx)
+    b = "B, " if isinstance(q_idx, torch.Tensor) and q_idx.dim() == 4 else ""  # the batched form
+    check_shapes(f"q_idx[{b}T, H, D] w[{b}T, H] k_idx[{b}S, D]", q_idx, w, k_idx, dtype=FLOATS_BF16)
     q_idx, w, k_idx = q_idx.float(), w.float(), k_idx.float()
     scores = q_idx.new_zeros(*q_idx.shape[:-3], q_idx.shape[-3], k_idx.shape[-2])  # [(B,) T, S]
     for j in range(q_idx.shape[-2]):
@@ -88,8 +76,8 @@ def index_weights(weights: torch.Tensor, args: ModelArgs, q_scale: torch.Tensor 
     factors (and q_scale) are folded into w because ReLU(c x) = c ReLU(x) for c > 0: scaling w by c
     is scaling q^I by c, for free. Same shape and dtype as `weights`.
     """
-    _check_args(args)
-    check_tensor(weights, "weights", dtype=FLOATS)
+    check_args(args)
+    check_tensor(weights, "weights", dtype=FLOATS_BF16)
     if weights.shape[-1] != args.index_n_heads:
         raise ValueError(f"weights must end with index_n_heads = {args.index_n_heads}, got {list(weights.shape)}")
     # w^I = weights_proj(h) * H_I^-0.5 * d_I^-0.5
@@ -107,8 +95,8 @@ def indexer_rope(x: torch.Tensor, positions: torch.Tensor, args: ModelArgs) -> t
     x [B, T, H, d_I] (queries) or [B, T, 1, d_I] (keys); positions int64 [T]. The indexer's layout is
     [rope | nope], the reverse of MLA's [nope | rope], and its pairs are not interleaved.
     """
-    _check_args(args)
-    check_tensor(x, "x", shape=("B", "T", "H", args.index_head_dim), dtype=FLOATS)
+    check_args(args)
+    check_tensor(x, "x", shape=("B", "T", "H", args.index_head_dim), dtype=FLOATS_BF16)
     d_rope = args.qk_rope_head_dim
     x_pe, x_nope = x.split([d_rope, args.index_head_dim - d_rope], dim=-1)
     # [RoPE_half(x[:d_R]) | x[d_R:]]: [B, T, H, d_I]
@@ -126,7 +114,7 @@ class IndexerCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        _check_args(args)
+        check_args(args)
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.args = args
@@ -164,7 +152,7 @@ class Indexer(nn.Module):
     def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None,
                  fp8: bool = False):
         super().__init__()
-        _check_args(args)
+        check_args(args)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"Indexer parameters must be float32 or float64, got {dtype}")
         if fp8 and _fp8_module() is None:
@@ -243,80 +231,81 @@ class Indexer(nn.Module):
             k_idx = k_new
         w = index_weights(self.weights_proj(h), args, q_scale)  # [B, T, H_I]
         scores = index_scores(q_idx, w, k_idx)  # [B, T, S]
-        visible = causal.visible(h.shape[1], k_idx.shape[1], h.device)  # [T, S]
-        return scores.masked_fill(~visible, float("-inf"))
+        seen = visible(h.shape[1], k_idx.shape[1], h.device)  # [T, S]: s <= slot of t
+        return scores.masked_fill(~seen, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- CUDA
 
-LOGITS_TILE_T = 64  # queries per block of the mma kernels
-LOGITS_TILE_S = {"mma": 128, "mma_wide": 256, "mma_keys": 256}  # keys per block
-TILED_TILE = 32  # queries and keys per block of the tiled kernel
-KEYS_HEAD_DIM = 128  # kernel 4 (mma_keys) holds the keys in registers: compiled for D = 128 only
-KEYS_STAGE_H, KEYS_PASS_T = 8, 16  # kernel 4: heads per cp.async stage, queries per pass
+#: The kernels of cuda/index_scores.cu, "kernel N" as its header and chapter 4 number them.
+INDEX_SCORES_KERNELS = KernelTable("index_scores", [
+    Kernel(1, "index_scores_naive", "one thread per score, everything read from global memory", needs="T <= 65535"),
+    Kernel(2, "index_scores_tiled", "32 x 32 tiles of scores staged in shared memory"),
+    Kernel(3, "index_scores_mma", "tensor cores (mma.sync bf16), 64 x 128 tiles"),
+    Kernel(4, "index_scores_mma_wide", "tensor cores, 64 x 256 tiles: half the L2 reads of queries"),
+    Kernel(5, "index_scores_mma_keys", "tensor cores, the keys held in registers", needs="D = 128"),
+], best_first=(5, 3, 4, 2, 1))
 
 
-def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, kernel: str | None = None,
-                      causal: bool = False) -> torch.Tensor:
-    """`cuda/indexer_logits.cu`: equation 1 on the GPU.
+def _launch_geometry(version: int, n_q: int, n_k: int, d_idx: int) -> tuple[tuple, int, int]:
+    """(grid, threads a block, dynamic shared-memory bytes) of kernel `version`, from the .cu's #defines."""
+    c = INDEX_SCORES_KERNELS.defines()
+    if version == 1:  # a block: NAIVE_THREADS keys of one query
+        return (math.ceil(n_k / c["NAIVE_THREADS"]), n_q), c["NAIVE_THREADS"], 0
+    if version == 2:  # TILED_SMEM_ROWS float32 rows of D + 1 (an odd stride, against bank conflicts)
+        tile = c["TILED_TILE"]
+        return ((math.ceil(n_k / tile), math.ceil(n_q / tile)), c["TILED_THREADS"],
+                c["TILED_SMEM_ROWS"] * (d_idx + 1) * 4)
+    if version == 5:  # compiled for D = KEYS_D: a fixed amount of shared memory
+        return ((math.ceil(n_k / c["KEYS_S"]), math.ceil(n_q / c["KEYS_T"])), c["KEYS_THREADS"],
+                c["KEYS_SMEM_BYTES"])
+    # kernels 3 and 4: SMEM_ROWS bf16 rows of D + MMA_PAD (the key tile and two query tiles)
+    tile_s, threads, rows = ((c["MMA_S"], c["MMA_THREADS"], c["MMA_SMEM_ROWS"]) if version == 3 else
+                             (c["MMA_WIDE_S"], c["MMA_WIDE_THREADS"], c["MMA_WIDE_SMEM_ROWS"]))
+    return (math.ceil(n_k / tile_s), math.ceil(n_q / c["MMA_T"])), threads, rows * (d_idx + c["MMA_PAD"]) * 2
 
-    q_idx [T, H, D] and k_idx [S, D] bfloat16, w [T, H] float32, all contiguous on one GPU, D a
-    multiple of 16 and at most 256. kernel: "naive" (one thread per logit), "tiled" (shared memory),
-    "mma" (tensor cores, mma.sync m16n8k16 bf16 with float32 accumulation, 64 x 128 tiles) or
-    "mma_wide" (the same with 64 x 256 tiles: half the L2 traffic for queries) or "mma_keys" (kernel 4:
-    the keys held in registers for all heads, the queries streamed with ldmatrix; D = 128 only).
-    The default (None) is the fastest that applies: "mma_keys" when D = 128, else "mma".
-    With `causal`, query t (slot S - T + t) gets -inf at keys s > S - T + t, and fully masked tiles
-    are not computed. Returns float32 [T, S].
+
+def _why_not(n_q: int, d_idx: int) -> dict[int, str | None]:
+    """For INDEX_SCORES_KERNELS.choose: the reason each version cannot run these sizes (None: it can)."""
+    d_keys = INDEX_SCORES_KERNELS.defines()["KEYS_D"]
+    return {1: f"one grid row per query needs T <= 65535, got {n_q}" if n_q > 65535 else None,
+            5: f"compiled for D = {d_keys} (the keys live in registers), got D = {d_idx}" if d_idx != d_keys else None}
+
+
+def index_scores_cuda(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, *, causal: bool = False,
+                      kernel: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/index_scores.cu`: equation 1 on the GPU, float32 [T, S].
+
+    q_idx [T, H, D] and k_idx [S, D] bfloat16, w [T, H] float32, all contiguous on one GPU and
+    16-byte aligned, D a multiple of 16 and at most 256. `kernel`: a version of
+    INDEX_SCORES_KERNELS (1 naive, 2 tiled, 3 mma, 4 mma_wide, 5 mma_keys); None takes the best
+    that applies: kernel 5 when D = 128, else kernel 3. With `causal`, query t (slot S - T + t)
+    gets -inf at keys s > S - T + t, and fully masked tiles are not computed. `out`: a
+    preallocated float32 [T, S] to write into. One kernel launch, no host synchronisation.
     """
-    if kernel is None:
-        kernel = "mma_keys" if isinstance(q_idx, torch.Tensor) and q_idx.shape[-1:] == (KEYS_HEAD_DIM,) else "mma"
-    if kernel not in INDEXER_KERNELS:
-        raise ValueError(f"kernel must be one of {INDEXER_KERNELS}, got {kernel!r}")
-    dims: dict[str, int] = {}
-    check_tensor(q_idx, "q_idx", shape=("T", "H", "D"), dims=dims, dtype=torch.bfloat16, cuda=True, contiguous=True)
-    check_tensor(w, "w", shape=("T", "H"), dims=dims, dtype=torch.float32, cuda=True, contiguous=True)
-    check_tensor(k_idx, "k_idx", shape=("S", "D"), dims=dims, dtype=torch.bfloat16, cuda=True, contiguous=True)
-    check_same_device(q_idx=q_idx, w=w, k_idx=k_idx)
-    n_q, n_heads, d_idx = q_idx.shape
-    n_k = k_idx.shape[0]
+    dims = check_shapes("q_idx[T, H, D] w[T, H] k_idx[S, D]", q_idx, w, k_idx, cuda=True, contiguous=True)
+    check_tensor(q_idx, "q_idx", dtype=torch.bfloat16)
+    check_tensor(w, "w", dtype=torch.float32)
+    check_tensor(k_idx, "k_idx", dtype=torch.bfloat16)
+    n_q, n_heads, d_idx, n_k = dims["T"], dims["H"], dims["D"], dims["S"]
     if d_idx % 16 or not 16 <= d_idx <= 256:
         raise ValueError(f"the head dim D must be a multiple of 16 in [16, 256] (k-steps of 16), got {d_idx}")
     if q_idx.data_ptr() % 16 or k_idx.data_ptr() % 16:
-        raise ValueError("q_idx and k_idx must start on a 16-byte boundary (the mma kernel copies 16-byte "
+        raise ValueError("q_idx and k_idx must start on a 16-byte boundary (the mma kernels copy 16-byte "
                          "chunks with cp.async); a sliced view may not: pass .clone()")
-    if kernel == "mma_keys" and d_idx != KEYS_HEAD_DIM:
-        raise ValueError(f"the mma_keys kernel is compiled for D = {KEYS_HEAD_DIM}, got {d_idx}: use kernel='mma'")
-    if kernel == "naive" and n_q > 65535:
-        raise ValueError(f"the naive kernel launches one grid row per query: T <= 65535, got {n_q}")
     if causal and n_q > n_k:
         raise ValueError(f"causal scoring needs T <= S (queries are the last T tokens), got T {n_q}, S {n_k}")
-    out = torch.empty(n_q, n_k, dtype=torch.float32, device=q_idx.device)
+    chosen = INDEX_SCORES_KERNELS.choose(kernel, _why_not(n_q, d_idx))
+    if out is None:
+        out = torch.empty(n_q, n_k, dtype=torch.float32, device=q_idx.device)
+    else:
+        check_tensor(out, "out", shape=(n_q, n_k), dtype=torch.float32, device=q_idx.device, contiguous=True)
     if n_q == 0 or n_k == 0:
         return out
-    if n_heads == 0:
-        return out.zero_() if not causal else out.zero_().masked_fill_(
-            ~causal.visible(n_q, n_k, out.device), float("-inf"))
-    common = (q_idx, w, k_idx, out, n_q, n_k, n_heads, d_idx, int(causal))
-    if kernel == "naive":
-        launch("indexer_logits", "indexer_logits_naive", grid=(math.ceil(n_k / 128), n_q), block=128, args=common)
-    elif kernel == "tiled":
-        smem = 2 * TILED_TILE * (d_idx + 1) * 4
-        launch("indexer_logits", "indexer_logits_tiled",
-               grid=(math.ceil(n_k / TILED_TILE), math.ceil(n_q / TILED_TILE)), block=256, args=common,
-               shared_mem=smem)
-    elif kernel == "mma_keys":
-        # two cp.async stages of KEYS_STAGE_H heads x KEYS_PASS_T queries, rows of D + 8 bf16
-        smem = 2 * KEYS_STAGE_H * KEYS_PASS_T * (d_idx + 8) * 2
-        launch("indexer_logits", "indexer_logits_mma_keys",
-               grid=(math.ceil(n_k / LOGITS_TILE_S[kernel]), math.ceil(n_q / LOGITS_TILE_T)), block=128, args=common,
-               shared_mem=smem)
-    else:
-        tile_s = LOGITS_TILE_S[kernel]
-        row = d_idx + 8  # bf16 per shared-memory row: 16 bytes of padding against bank conflicts
-        smem = (tile_s + 2 * LOGITS_TILE_T) * row * 2  # the key tile and two query tiles
-        warps = 2 * (tile_s // 64)  # 2 along the queries x tile_s / 64 along the keys
-        launch("indexer_logits", f"indexer_logits_{kernel}",
-               grid=(math.ceil(n_k / tile_s), math.ceil(n_q / LOGITS_TILE_T)), block=32 * warps, args=common,
-               shared_mem=smem)
+    if n_heads == 0:  # the empty sum: 0, and -inf after each query when causal
+        out.zero_()
+        return out.masked_fill_(~visible(n_q, n_k, out.device), float("-inf")) if causal else out
+    grid, threads, smem = _launch_geometry(chosen.version, n_q, n_k, d_idx)
+    INDEX_SCORES_KERNELS.launch(chosen.version, grid, threads, (q_idx, w, k_idx, out, n_q, n_k, n_heads, d_idx,
+                                                                int(causal)), shared_mem=smem)
     return out

@@ -47,7 +47,6 @@ __all__ = [
     "DEFAULT_ARCH",
     "arch_for_capability",
     "wgmma_available",
-    "require_wgmma",
     "load",
     "launch",
     "Launch",
@@ -289,20 +288,6 @@ def wgmma_available(device=None) -> bool:
     return _names_a_gpu(device) and tuple(torch.cuda.get_device_capability(device)) == (9, 0)
 
 
-def require_wgmma(device, instead: str) -> None:
-    """Raise ValueError, before any launch, unless `device` runs the `wgmma` kernels; the message
-    names the device's compute capability and the kernel `instead` to ask for."""
-    if wgmma_available(device):
-        return
-    if _names_a_gpu(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        have = f"{device} has compute capability {major}.{minor}"
-    else:
-        have = f"{device} is not a usable CUDA GPU"
-    raise ValueError(f"kernel 'wgmma' (Hopper's warpgroup MMA, compiled for sm_90a) needs a GPU of compute "
-                     f"capability 9.0 (H100, H200), but {have}: use kernel={instead!r}")
-
-
 @functools.lru_cache(maxsize=None)
 def _load(name: str, device: int):
     import cupy
@@ -470,7 +455,8 @@ class KernelTable:
 
     def describe(self) -> str:
         """One line per version: the table as the chapters print it."""
-        return "\n".join(f"kernel {k.version}  {k.entry:<44} {k.summary}" + (f"; needs {k.needs}" if k.needs else "")
+        width = max(len(k.entry) for k in self)
+        return "\n".join(f"kernel {k.version}  {k.entry:<{width}}  {k.summary}" + (f"; needs {k.needs}" if k.needs else "")
                          for k in self)
 
 

@@ -30,12 +30,16 @@ Interface used by the other chapters (the indexer and DSA):
     LatentCache(args, batch_size) holds only kv [B, S, d_c + d_R] = [c^KV | k^R]; .append(c_kv, k_rope),
       len(cache), .c_kv / .k_rope (views), .kv (the contiguous [B, S, 576] tensor the kernels read).
 
-CUDA: `kv_compress_cuda` (cuda/mla_compress.cu: split + RMSNorm, optionally RoPE, of the wkv_a
-output into the latent cache layout) and `decode_scores_cuda` (cuda/mla_decode_scores.cu:
-absorbed scores over the latent cache, kernels naive -> tiled -> mma -> pipelined).
+CUDA (each kernel named after its reference; one kernel table per .cu file):
+
+    kv_compress_cuda     cuda/kv_compress.cu    KV_COMPRESS_KERNELS: split + RMSNorm, optionally RoPE,
+                         of the wkv_a output, written in the latent cache layout
+    latent_scores_cuda   cuda/latent_scores.cu  LATENT_SCORES_KERNELS: the absorbed scores over the
+                         latent cache, kernel 1 naive -> 2 tiled -> 3 mma -> 4 pipelined
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,24 +47,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import causal
-from .checks import check_range, check_same_device, check_tensor
-from .config import ModelArgs
-from .kernels import launch
+from .checks import FLOATS, FLOATS_BF16, check_range, check_shapes, check_tensor
+from .config import ModelArgs, check_args
+from .kernels import Kernel, KernelTable
 from .norm import rms_norm
 from .rope import apply_rope, cos_sin_table
 
 __all__ = [
     "ModelArgs", "kv_compress", "kv_decompress", "rotary_key", "final_key", "query_latent", "queries",
     "absorb_query", "latent_scores", "latent_output", "explicit_scores", "causal_mask", "LatentCache", "RMSNorm",
-    "MLA", "kv_compress_cuda", "decode_scores_cuda", "COMPRESS_WARPS", "SCORES_TILE", "SCORES_MMA_ROWS",
+    "MLA", "kv_compress_cuda", "latent_scores_cuda", "KV_COMPRESS_KERNELS", "LATENT_SCORES_KERNELS",
 ]
 
-FLOATS = (torch.float32, torch.float64)
 
-
-def _check_args(args) -> None:
-    if not isinstance(args, ModelArgs):
-        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+def _dims(args: ModelArgs) -> dict[str, int]:
+    """The model's sizes by the names the shape specs below use: dim (d), d_c, d_cq (d_c'), d_R, d_h,
+    d_v, d_k = d_h + d_R (an explicit key) and L = d_c + d_R (a latent cache row). The number of
+    heads n_h is left free unless a weight fixes it."""
+    a = check_args(args)
+    return {"dim": a.dim, "d_c": a.kv_lora_rank, "d_cq": a.q_lora_rank, "d_R": a.qk_rope_head_dim,
+            "d_h": a.qk_nope_head_dim, "d_v": a.v_head_dim, "d_k": a.qk_head_dim, "L": a.latent_dim}
 
 
 # ----------------------------------------------------------------------------- formulas (1)-(4)
@@ -72,16 +78,13 @@ def kv_compress(h: torch.Tensor, wkv_a: torch.Tensor, kv_norm_weight: torch.Tens
     h [B, T, dim]; wkv_a [d_c + d_R, dim] = [W^DKV; W^KR]; kv_norm_weight [d_c].
     Returns c_kv [B, T, d_c] (normalised) and k_pe [B, T, d_R] (W^KR h_t, before RoPE).
     """
-    _check_args(args)
-    dims = {"dim": args.dim}
-    check_tensor(h, "h", shape=("B", "T", "dim"), dims=dims, dtype=FLOATS)
-    check_tensor(wkv_a, "wkv_a", shape=(args.latent_dim, "dim"), dims=dims, dtype=h.dtype, device=h.device)
-    check_tensor(kv_norm_weight, "kv_norm_weight", shape=(args.kv_lora_rank,), device=h.device)
+    check_shapes("h[B, T, dim] wkv_a[L, dim] kv_norm_weight[d_c]", h, wkv_a, kv_norm_weight, dims=_dims(args),
+                 dtype=FLOATS, same_dtype=True)
     # [W^DKV h_t ; W^KR h_t]: [B, T, d_c + d_R]
     kv = h @ wkv_a.T
     c_kv, k_pe = kv.split([args.kv_lora_rank, args.qk_rope_head_dim], dim=-1)
     # c^KV_t = RMSNorm(W^DKV h_t): [B, T, d_c]
-    c_kv = rms_norm(c_kv, kv_norm_weight.to(h.dtype), args.norm_eps)
+    c_kv = rms_norm(c_kv, kv_norm_weight, args.norm_eps)
     return c_kv, k_pe
 
 
@@ -91,10 +94,9 @@ def kv_decompress(c_kv: torch.Tensor, wkv_b: torch.Tensor, args: ModelArgs) -> t
     c_kv [B, S, d_c]; wkv_b [n_h (d_h + d_v), d_c], per head [W^UK_i; W^UV_i].
     Returns k_nope [B, S, n_h, d_h] and v [B, S, n_h, d_v].
     """
-    _check_args(args)
-    check_tensor(c_kv, "c_kv", shape=("B", "S", args.kv_lora_rank), dtype=FLOATS)
-    n_h, d_h, d_v = args.n_heads, args.qk_nope_head_dim, args.v_head_dim
-    check_tensor(wkv_b, "wkv_b", shape=(n_h * (d_h + d_v), args.kv_lora_rank), dtype=c_kv.dtype, device=c_kv.device)
+    n_h, d_h, d_v = check_args(args).n_heads, args.qk_nope_head_dim, args.v_head_dim
+    check_shapes(f"c_kv[B, S, d_c] wkv_b[{n_h * (d_h + d_v)}, d_c]", c_kv, wkv_b, dims=_dims(args), dtype=FLOATS,
+                 same_dtype=True)
     # [W^UK_i c^KV_t ; W^UV_i c^KV_t] for each head i: [B, S, n_h, d_h + d_v]
     kv = (c_kv @ wkv_b.T).unflatten(-1, (n_h, d_h + d_v))
     k_nope, v = kv.split([d_h, d_v], dim=-1)  # [B, S, n_h, d_h], [B, S, n_h, d_v]
@@ -106,8 +108,7 @@ def rotary_key(k_pe: torch.Tensor, positions: torch.Tensor, args: ModelArgs) -> 
 
     k_pe [B, T, d_R] (W^KR h_t); positions int64 [T]. Returns k_rope [B, T, d_R].
     """
-    _check_args(args)
-    check_tensor(k_pe, "k_pe", shape=("B", "T", args.qk_rope_head_dim), dtype=FLOATS)
+    check_shapes("k_pe[B, T, d_R]", k_pe, dims=_dims(args), dtype=FLOATS)
     # RoPE(k_pe) at each token's position, the same rotation for the whole batch: [B, T, d_R]
     return apply_rope(k_pe.unsqueeze(2), positions, "interleaved", args).squeeze(2)
 
@@ -117,9 +118,7 @@ def final_key(k_nope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
 
     k_nope [B, S, n_h, d_h]; k_rope [B, S, d_R]. Returns k [B, S, n_h, d_h + d_R].
     """
-    dims: dict[str, int] = {}
-    check_tensor(k_nope, "k_nope", shape=("B", "S", "n_h", "d_h"), dims=dims, dtype=FLOATS)
-    check_tensor(k_rope, "k_rope", shape=("B", "S", "d_R"), dims=dims, dtype=k_nope.dtype, device=k_nope.device)
+    check_shapes("k_nope[B, S, n_h, d_h] k_rope[B, S, d_R]", k_nope, k_rope, dtype=FLOATS, same_dtype=True)
     # k^R_t broadcast to every head: [B, S, n_h, d_R]
     k_rope = k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)
     return torch.cat([k_nope, k_rope], dim=-1)  # [B, S, n_h, d_h + d_R]
@@ -129,13 +128,10 @@ def final_key(k_nope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
 
 def query_latent(h: torch.Tensor, wq_a: torch.Tensor, q_norm_weight: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """c^Q_t = RMSNorm(W^DQ h_t). h [B, T, dim]; wq_a [d_c', dim]; q_norm_weight [d_c']. -> c_q [B, T, d_c']."""
-    _check_args(args)
-    dims = {"dim": args.dim}
-    check_tensor(h, "h", shape=("B", "T", "dim"), dims=dims, dtype=FLOATS)
-    check_tensor(wq_a, "wq_a", shape=(args.q_lora_rank, "dim"), dims=dims, dtype=h.dtype, device=h.device)
-    check_tensor(q_norm_weight, "q_norm_weight", shape=(args.q_lora_rank,), device=h.device)
+    check_shapes("h[B, T, dim] wq_a[d_cq, dim] q_norm_weight[d_cq]", h, wq_a, q_norm_weight, dims=_dims(args),
+                 dtype=FLOATS, same_dtype=True)
     # c^Q_t = RMSNorm(W^DQ h_t): [B, T, d_c']
-    return rms_norm(h @ wq_a.T, q_norm_weight.to(h.dtype), args.norm_eps)
+    return rms_norm(h @ wq_a.T, q_norm_weight, args.norm_eps)
 
 
 def queries(c_q: torch.Tensor, wq_b: torch.Tensor, positions: torch.Tensor,
@@ -145,10 +141,9 @@ def queries(c_q: torch.Tensor, wq_b: torch.Tensor, positions: torch.Tensor,
     c_q [B, T, d_c']; wq_b [n_h (d_h + d_R), d_c'], per head [W^UQ_i; W^QR_i]; positions int64 [T].
     Returns q_nope [B, T, n_h, d_h] and q_rope [B, T, n_h, d_R].
     """
-    _check_args(args)
-    check_tensor(c_q, "c_q", shape=("B", "T", args.q_lora_rank), dtype=FLOATS)
-    n_h, d_h, d_r = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim
-    check_tensor(wq_b, "wq_b", shape=(n_h * (d_h + d_r), args.q_lora_rank), dtype=c_q.dtype, device=c_q.device)
+    n_h, d_h, d_r = check_args(args).n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim
+    check_shapes(f"c_q[B, T, d_cq] wq_b[{n_h * (d_h + d_r)}, d_cq]", c_q, wq_b, dims=_dims(args), dtype=FLOATS,
+                 same_dtype=True)
     # [W^UQ_i c^Q_t ; W^QR_i c^Q_t]: [B, T, n_h, d_h + d_R]
     q = (c_q @ wq_b.T).unflatten(-1, (n_h, d_h + d_r))
     q_nope, q_pe = q.split([d_h, d_r], dim=-1)
@@ -164,11 +159,9 @@ def absorb_query(q_nope: torch.Tensor, wkv_b: torch.Tensor, args: ModelArgs) -> 
 
     q_nope [B, T, n_h, d_h]; wkv_b [n_h (d_h + d_v), d_c]. Returns q_abs [B, T, n_h, d_c].
     """
-    _check_args(args)
-    n_h, d_h, d_v = args.n_heads, args.qk_nope_head_dim, args.v_head_dim
-    check_tensor(q_nope, "q_nope", shape=("B", "T", n_h, d_h), dtype=FLOATS)
-    check_tensor(wkv_b, "wkv_b", shape=(n_h * (d_h + d_v), args.kv_lora_rank), dtype=q_nope.dtype,
-                 device=q_nope.device)
+    n_h, d_h, d_v = check_args(args).n_heads, args.qk_nope_head_dim, args.v_head_dim
+    check_shapes(f"q_nope[B, T, {n_h}, d_h] wkv_b[{n_h * (d_h + d_v)}, d_c]", q_nope, wkv_b, dims=_dims(args),
+                 dtype=FLOATS, same_dtype=True)
     w_uk = wkv_b.view(n_h, d_h + d_v, args.kv_lora_rank)[:, :d_h]  # [n_h, d_h, d_c]
     # q^abs_t,i = W^UK_i^T q^C_t,i: [B, T, n_h, d_c]
     return torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
@@ -181,13 +174,8 @@ def latent_scores(q_abs: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
     q_abs [B, T, n_h, d_c]; q_rope [B, T, n_h, d_R]; c_kv [B, S, d_c]; k_rope [B, S, d_R].
     Returns scores [B, T, n_h, S] (no mask).
     """
-    _check_args(args)
-    dims = {"d_c": args.kv_lora_rank, "d_R": args.qk_rope_head_dim}
-    check_tensor(q_abs, "q_abs", shape=("B", "T", "n_h", "d_c"), dims=dims, dtype=FLOATS)
-    check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", "d_R"), dims=dims, dtype=q_abs.dtype)
-    check_tensor(c_kv, "c_kv", shape=("B", "S", "d_c"), dims=dims, dtype=q_abs.dtype)
-    check_tensor(k_rope, "k_rope", shape=("B", "S", "d_R"), dims=dims, dtype=q_abs.dtype)
-    check_same_device(q_abs=q_abs, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
+    check_shapes("q_abs[B, T, n_h, d_c] q_rope[B, T, n_h, d_R] c_kv[B, S, d_c] k_rope[B, S, d_R]",
+                 q_abs, q_rope, c_kv, k_rope, dims=_dims(args), dtype=FLOATS, same_dtype=True)
     # q^abs_t,i . c^KV_s + q^R_t,i . k^R_s: [B, T, n_h, S]
     scores = torch.einsum("bthc,bsc->bths", q_abs, c_kv) + torch.einsum("bthr,bsr->bths", q_rope, k_rope)
     return scores * args.softmax_scale
@@ -198,12 +186,9 @@ def latent_output(o_latent: torch.Tensor, wkv_b: torch.Tensor, wo: torch.Tensor,
 
     o_latent [B, T, n_h, d_c]; wkv_b [n_h (d_h + d_v), d_c]; wo [dim, n_h d_v]. Returns [B, T, dim].
     """
-    _check_args(args)
-    n_h, d_h, d_v = args.n_heads, args.qk_nope_head_dim, args.v_head_dim
-    check_tensor(o_latent, "o_latent", shape=("B", "T", n_h, args.kv_lora_rank), dtype=FLOATS)
-    check_tensor(wkv_b, "wkv_b", shape=(n_h * (d_h + d_v), args.kv_lora_rank), dtype=o_latent.dtype,
-                 device=o_latent.device)
-    check_tensor(wo, "wo", shape=(args.dim, n_h * d_v), dtype=o_latent.dtype, device=o_latent.device)
+    n_h, d_h, d_v = check_args(args).n_heads, args.qk_nope_head_dim, args.v_head_dim
+    check_shapes(f"o_latent[B, T, {n_h}, d_c] wkv_b[{n_h * (d_h + d_v)}, d_c] wo[dim, {n_h * d_v}]", o_latent, wkv_b,
+                 wo, dims=_dims(args), dtype=FLOATS, same_dtype=True)
     w_uv = wkv_b.view(n_h, d_h + d_v, args.kv_lora_rank)[:, d_h:]  # [n_h, d_v, d_c]
     # o_t,i = W^UV_i o^lat_t,i: [B, T, n_h, d_v]
     o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
@@ -218,12 +203,8 @@ def explicit_scores(q_nope: torch.Tensor, q_rope: torch.Tensor, k: torch.Tensor,
 
     q_nope [B, T, n_h, d_h]; q_rope [B, T, n_h, d_R]; k [B, S, n_h, d_h + d_R]. Returns [B, T, n_h, S].
     """
-    _check_args(args)
-    dims: dict[str, int] = {}
-    check_tensor(q_nope, "q_nope", shape=("B", "T", "n_h", args.qk_nope_head_dim), dims=dims, dtype=FLOATS)
-    check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", args.qk_rope_head_dim), dims=dims, dtype=q_nope.dtype)
-    check_tensor(k, "k", shape=("B", "S", "n_h", args.qk_head_dim), dims=dims, dtype=q_nope.dtype)
-    check_same_device(q_nope=q_nope, q_rope=q_rope, k=k)
+    check_shapes("q_nope[B, T, n_h, d_h] q_rope[B, T, n_h, d_R] k[B, S, n_h, d_k]", q_nope, q_rope, k,
+                 dims=_dims(args), dtype=FLOATS, same_dtype=True)
     q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, n_h, d_h + d_R]
     # q_t,i . k_s,i: [B, T, n_h, S]
     return torch.einsum("bthd,bshd->bths", q, k) * args.softmax_scale
@@ -244,10 +225,10 @@ class LatentCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        _check_args(args)
+        check_args(args)
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if dtype not in FLOATS + (torch.bfloat16,):
+        if dtype not in FLOATS_BF16:
             raise TypeError(f"cache dtype must be float32, float64 or bfloat16, got {dtype}")
         self.args = args
         self.kv = torch.empty(batch_size, 0, args.latent_dim, dtype=dtype, device=device)
@@ -265,10 +246,7 @@ class LatentCache:
 
     def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Add T tokens: c_kv [B, T, d_c], k_rope [B, T, d_R], same dtype and device as the cache."""
-        dims = {"B": self.kv.shape[0]}
-        check_tensor(c_kv, "c_kv", shape=("B", "T", self.args.kv_lora_rank), dims=dims, dtype=self.kv.dtype,
-                     device=self.kv.device)
-        check_tensor(k_rope, "k_rope", shape=("B", "T", self.args.qk_rope_head_dim), dims=dims,
+        check_shapes("c_kv[B, T, d_c] k_rope[B, T, d_R]", c_kv, k_rope, dims={**_dims(self.args), "B": len(self.kv)},
                      dtype=self.kv.dtype, device=self.kv.device)
         if len(self) + c_kv.shape[1] > self.args.max_seq_len:
             raise ValueError(f"the cache would hold {len(self) + c_kv.shape[1]} tokens, "
@@ -296,7 +274,7 @@ class MLA(nn.Module):
 
     def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        _check_args(args)
+        check_args(args)
         if dtype not in FLOATS:
             raise TypeError(f"MLA parameters must be float32 or float64, got {dtype}")
         self.args = args
@@ -389,140 +367,163 @@ class MLA(nn.Module):
 
 # ----------------------------------------------------------------------------- CUDA loaders
 
-COMPRESS_WARPS = 8  # token rows per block of cuda/mla_compress.cu (one warp each)
-COMPRESS_VEC_DIMS = (512, 64)  # (d_c, d_R) built into its vector kernel (COMPRESS_D_C, COMPRESS_D_R)
-SCORES_TILE = 64  # rows and keys per block tile of the tiled kernels in cuda/mla_decode_scores.cu
-SCORES_MMA_ROWS = 128  # query rows per block of the tensor-core kernels (all 128 heads of a decode token)
-SCORES_PIPE_KEYS = 128  # keys per tile of decode_scores_pipelined_bf16
-SCORES_PIPE_DIMS = 64  # latent dims per pipeline stage of decode_scores_pipelined_bf16
-SCORES_PIPE_STAGES = 5  # shared-memory buffers of its cache pipeline
+#: The kernels of cuda/kv_compress.cu; kv_compress_cuda(kernel=None) takes the highest that applies.
+#: {rope} is "" (k^R copied) or "_rope" (k^R rotated at the given positions).
+KV_COMPRESS_KERNELS = KernelTable("kv_compress", [
+    Kernel(1, "kv_compress{rope}_{dtype}", "scalar: one warp per token, one value per lane per step; any d_c, d_R"),
+    Kernel(2, "kv_compress{rope}_vec_{dtype}", "vector: the row loaded at once in 16-byte chunks, kept in registers",
+           needs="d_c = COMPRESS_D_C (512) and d_R = COMPRESS_D_R (64), compiled in; 16-byte aligned kv, "
+                 "kv_norm_weight and out"),
+], variants={"rope": ("", "_rope"), "dtype": ("f32", "bf16")})
+
+#: The kernels of cuda/latent_scores.cu; latent_scores_cuda(kernel=None) takes the highest that applies.
+LATENT_SCORES_KERNELS = KernelTable("latent_scores", [
+    Kernel(1, "latent_scores_naive_f32", "naive: one thread per score, the latent row read from global memory",
+           needs="float32"),
+    Kernel(2, "latent_scores_tiled_f32", "tiled: 64 rows x 64 keys a block, 32 dims at a time in shared memory",
+           needs="float32"),
+    Kernel(3, "latent_scores_mma_bf16", "tensor cores (mma.sync m16n8k16): 128 rows x 64 keys a block",
+           needs="bfloat16, d_c and d_R multiples of 16, 16-byte aligned inputs"),
+    Kernel(4, "latent_scores_pipelined_bf16", "mma.sync fed by a cp.async pipeline: query tile kept in shared "
+           "memory, one persistent block per SM", needs="what kernel 3 needs, and room for the query tile and "
+           "PIPE_STAGES cache stages in one block's shared memory"),
+])
 
 
 def kv_compress_cuda(kv: torch.Tensor, kv_norm_weight: torch.Tensor, args: ModelArgs,
                      positions: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                     check_positions: bool = True, kernel: str | None = None) -> torch.Tensor:
-    """`cuda/mla_compress.cu`: the wkv_a output kv [T, d_c + d_R] -> latent [T, d_c + d_R] =
-    [RMSNorm(c^KV) | k^R], k^R rotated (interleaved RoPE) when `positions` int64 [T] is given,
-    copied unrotated otherwise. float32 or bfloat16 (float32 arithmetic), contiguous, on the GPU.
-    Writes into `out` [T, d_c + d_R] when given. `check_positions=False` skips the range check (a
-    device-to-host sync); the kernel then writes NaN for a position outside the table, never reads there.
-    `kernel`: "scalar" (kernel 1, any dims) or "vector" (kernel 2, d_c = 512 and d_R = 64 built in,
-    16-byte loads; needs 16-byte aligned kv, kv_norm_weight and out); None picks "vector" where it applies."""
-    _check_args(args)
-    if kernel not in (None, "scalar", "vector"):
-        raise ValueError(f"kernel must be None, 'scalar' or 'vector', got {kernel!r}")
-    check_tensor(kv, "kv", shape=("T", args.latent_dim), dtype=(torch.float32, torch.bfloat16), cuda=True,
+                     kernel: int | None = None) -> torch.Tensor:
+    """`cuda/kv_compress.cu`: formula (1), and (3) when `positions` are given, fused after the GEMM.
+
+    The reference kv_compress takes h and wkv_a and returns c_kv and k_pe apart; the kernel takes the
+    GEMM's output kv = h wkv_a^T [T, d_c + d_R] and writes the latent cache rows [T, d_c + d_R] =
+    [RMSNorm(c^KV) | k^R] (LatentCache.kv's layout), k^R rotated (interleaved RoPE) at `positions`
+    int64 [T] when given, copied unrotated otherwise. kv float32 or bfloat16 (float32 arithmetic),
+    kv_norm_weight float32 [d_c], contiguous, on the GPU; written into `out` [T, d_c + d_R] when given.
+
+    `kernel`: a version of KV_COMPRESS_KERNELS (1 scalar, 2 vector); None takes the highest that
+    applies. Positions outside [0, max_seq_len) are refused only with the package's data checks on
+    (checks.set_data_checks, DSA_CHECK=1: reading them is a device sync); with them off the kernels
+    write NaN for such a token's k^R and never read outside the table."""
+    dims = _dims(args)
+    check_shapes("kv[T, L]", kv, dims=dims, dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
+    check_shapes("kv_norm_weight[d_c]", kv_norm_weight, dims=dims, dtype=torch.float32, device=kv.device,
                  contiguous=True)
-    check_tensor(kv_norm_weight, "kv_norm_weight", shape=(args.kv_lora_rank,), dtype=torch.float32,
-                 device=kv.device, contiguous=True)
-    n_tokens = kv.shape[0]
     if positions is not None:
-        check_tensor(positions, "positions", shape=(n_tokens,), dtype=torch.int64, device=kv.device,
-                     contiguous=True)
-        if check_positions:
-            check_range(positions, "positions", 0, args.max_seq_len - 1)
+        check_shapes("positions[T]", positions, dims=dims, dtype=torch.int64, device=kv.device, contiguous=True)
+        check_range(positions, "positions", 0, args.max_seq_len - 1)  # device data: only with data checks on
     latent = torch.empty_like(kv) if out is None else out
-    check_tensor(latent, "out", shape=tuple(kv.shape), dtype=kv.dtype, device=kv.device, contiguous=True)
+    check_shapes("out[T, L]", latent, dims=dims, dtype=kv.dtype, device=kv.device, contiguous=True)
+    defines = KV_COMPRESS_KERNELS.defines()
+    built_in = (defines["COMPRESS_D_C"], defines["COMPRESS_D_R"])
+    why_not = {2: (f"is compiled for (d_c, d_R) = {built_in}, got {(dims['d_c'], dims['d_R'])}"
+                   if (dims["d_c"], dims["d_R"]) != built_in else
+                   "needs 16-byte aligned kv, kv_norm_weight and out"
+                   if any(t.data_ptr() % 16 for t in (kv, kv_norm_weight, latent)) else None)}
+    chosen = KV_COMPRESS_KERNELS.choose(kernel, why_not)
+    n_tokens = kv.shape[0]
     if n_tokens == 0:
         return latent
-    # kernel 2 has V3.2's dims built in and moves 16-byte chunks
-    fits = ((args.kv_lora_rank, args.qk_rope_head_dim) == COMPRESS_VEC_DIMS
-            and all(t.data_ptr() % 16 == 0 for t in (kv, kv_norm_weight, latent)))
-    if kernel == "vector" and not fits:
-        raise ValueError(f"the vector kernel needs (kv_lora_rank, qk_rope_head_dim) = {COMPRESS_VEC_DIMS} and "
-                         "16-byte aligned kv, kv_norm_weight and out")
-    vector = fits if kernel is None else kernel == "vector"
-    suffix = ("vec_" if vector else "") + ("f32" if kv.dtype == torch.float32 else "bf16")
-    blocks = math.ceil(n_tokens / COMPRESS_WARPS)
-    kv, kv_norm_weight = kv.detach(), kv_norm_weight.detach()  # kernels are inference only: no autograd
-    dims = () if vector else (args.kv_lora_rank, args.qk_rope_head_dim)
-    common = (kv, kv_norm_weight, latent, n_tokens, *dims, float(args.norm_eps))
-    if positions is None:
-        launch("mla_compress", f"mla_compress_{suffix}", grid=blocks, block=32 * COMPRESS_WARPS, args=common)
-    else:
+    sizes = () if chosen.version == 2 else (dims["d_c"], dims["d_R"])  # kernel 2 has them compiled in
+    launch_args = (kv.detach(), kv_norm_weight.detach(), latent, n_tokens, *sizes, float(args.norm_eps))
+    if positions is not None:
         cos, sin = cos_sin_table(args, kv.device)
-        launch("mla_compress", f"mla_compress_rope_{suffix}", grid=blocks, block=32 * COMPRESS_WARPS,
-               args=common + (positions, cos, sin, args.max_seq_len))
+        launch_args += (positions, cos, sin, args.max_seq_len)
+    KV_COMPRESS_KERNELS.launch(chosen.version, math.ceil(n_tokens / defines["COMPRESS_WARPS"]),
+                               defines["COMPRESS_THREADS"], launch_args, rope="" if positions is None else "_rope",
+                               dtype="f32" if kv.dtype == torch.float32 else "bf16")
     return latent
 
 
 def _pipelined_smem_bytes(args: ModelArgs) -> int:
-    """Dynamic shared memory of decode_scores_pipelined_bf16: the query tile and the cache stages."""
-    width_pad = math.ceil(args.latent_dim / SCORES_PIPE_DIMS) * SCORES_PIPE_DIMS
-    return SCORES_MMA_ROWS * width_pad * 2 + SCORES_PIPE_STAGES * SCORES_PIPE_KEYS * SCORES_PIPE_DIMS * 2
+    """Dynamic shared memory of kernel 4 of cuda/latent_scores.cu, from its #defines: the query tile
+    (PIPE_ROWS rows of the latent width rounded up to PIPE_DIMS, bf16) and PIPE_STAGES cache stages."""
+    defines = LATENT_SCORES_KERNELS.defines()
+    stages_per_row = math.ceil(args.latent_dim / defines["PIPE_DIMS"])
+    return (defines["PIPE_ROWS"] * stages_per_row * defines["PIPE_ROW_BYTES"]
+            + defines["PIPE_STAGES"] * defines["PIPE_STAGE_BYTES"])
 
 
-def _smem_optin(device: torch.device) -> int:
-    """The most shared memory one block may ask for on `device` (227 KiB on an H100/H200)."""
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    """(the most shared memory one block may ask for, the number of SMs) of GPU `index`: 227 KiB and
+    132 on an H200. Host metadata, asked once per GPU."""
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.multi_processor_count
 
 
-def decode_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, args: ModelArgs,
-                       kernel: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`cuda/mla_decode_scores.cu`: absorbed scores over the latent cache,
+def _latent_scores_why_not(dtype: torch.dtype, batch: int, rows: int, n_keys: int, args: ModelArgs, aligned: bool,
+                           smem_limit: int) -> dict[int, str | None]:
+    """Why each kernel of LATENT_SCORES_KERNELS cannot run these inputs (None: it can), from host
+    metadata only: its dtype, the tensor-core shapes and alignment, its own grid's limits (kernels
+    1-3: (key blocks, row blocks, batch), at most 65535 row blocks and batch entries; kernel 4: a
+    1-D grid over an int32 count of tiles), and kernel 4's shared memory."""
+    defines = LATENT_SCORES_KERNELS.defines()
+    d_c, d_r = args.kv_lora_rank, args.qk_rope_head_dim
+    f32 = None if dtype == torch.float32 else f"is built for float32 inputs, got {dtype}"
+    bf16 = None if dtype == torch.bfloat16 else f"is built for bfloat16 inputs, got {dtype}"
+    mma = (f"needs d_c and d_R multiples of 16 (the k-step of mma m16n8k16), got {d_c} and {d_r}"
+           if d_c % 16 or d_r % 16 else
+           "reads 16-byte chunks: needs 16-byte aligned q_abs, q_rope and latent" if not aligned else None)
+
+    def grid(row_blocks: int) -> str | None:
+        return (f"needs a grid of {row_blocks} row blocks x {batch} batch entries, at most 65535 each"
+                if max(row_blocks, batch) > 65535 else None)
+
+    tiles = batch * math.ceil(rows / defines["PIPE_ROWS"]) * math.ceil(n_keys / defines["PIPE_KEYS"])
+    smem = _pipelined_smem_bytes(args)
+    return {
+        1: f32 or grid(rows),
+        2: f32 or grid(math.ceil(rows / defines["TILE"])),
+        3: bf16 or mma or grid(math.ceil(rows / defines["MMA_ROWS"])),
+        4: bf16 or mma or (f"counts its {tiles} tiles of scores in int32" if tiles >= 2**31 else None)
+        or (f"needs {smem} bytes of shared memory per block, the GPU offers {smem_limit}" if smem > smem_limit
+            else None),
+    }
+
+
+def latent_scores_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, args: ModelArgs,
+                       out: torch.Tensor | None = None, *, kernel: int | None = None) -> torch.Tensor:
+    """`cuda/latent_scores.cu`: latent_scores on the GPU, over the latent cache as stored,
     scores[b, t, i, s] = (q_abs[b, t, i] . c_kv[b, s] + q_rope[b, t, i] . k_rope[b, s]) * softmax_scale.
 
-    q_abs [B, T, n_h, d_c], q_rope [B, T, n_h, d_R], latent [B, S, d_c + d_R] (LatentCache.kv), all
-    float32 (kernel "naive" or "tiled") or all bfloat16 (kernel "mma" or "pipelined", tensor cores;
-    d_c and d_R multiples of 16). `kernel=None` picks the fastest for the dtype: "tiled" for float32,
-    "pipelined" for bfloat16 ("mma" when the query tile would not fit the GPU's shared memory).
-    Returns float32 [B, T, n_h, S] (written into `out` when given).
-    """
-    _check_args(args)
-    if kernel is None:
-        kernel = "pipelined" if isinstance(q_abs, torch.Tensor) and q_abs.dtype == torch.bfloat16 else "tiled"
-        if kernel == "pipelined" and q_abs.is_cuda and _pipelined_smem_bytes(args) > _smem_optin(q_abs.device):
-            kernel = "mma"
-    if kernel not in ("naive", "tiled", "mma", "pipelined"):
-        raise ValueError(f"kernel must be 'naive', 'tiled', 'mma' or 'pipelined', got {kernel!r}")
-    tensor_cores = kernel in ("mma", "pipelined")
-    dims = {"d_c": args.kv_lora_rank, "d_R": args.qk_rope_head_dim, "L": args.latent_dim}
-    dtype = torch.bfloat16 if tensor_cores else torch.float32
-    if tensor_cores and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
-        raise ValueError(f"the {kernel} kernel needs kv_lora_rank and qk_rope_head_dim multiples of 16 (one "
-                         f"k-step of m16n8k16), got {args.kv_lora_rank} and {args.qk_rope_head_dim}")
-    check_tensor(q_abs, "q_abs", shape=("B", "T", "n_h", "d_c"), dims=dims, dtype=dtype, cuda=True, contiguous=True)
-    check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", "d_R"), dims=dims, dtype=dtype, contiguous=True)
-    check_tensor(latent, "latent", shape=("B", "S", "L"), dims=dims, dtype=dtype, contiguous=True)
-    check_same_device(q_abs=q_abs, q_rope=q_rope, latent=latent)
+    The reference takes c_kv [B, S, d_c] and k_rope [B, S, d_R] apart; the kernels read the cache rows
+    latent [B, S, d_c + d_R] = [c_kv | k_rope] (LatentCache.kv), so that
+    latent_scores_cuda(q_abs, q_rope, latent, args) == latent_scores(q_abs, q_rope, latent[..., :d_c],
+    latent[..., d_c:], args). q_abs [B, T, n_h, d_c], q_rope [B, T, n_h, d_R], latent: contiguous, on
+    the GPU, all float32 (kernels 1, 2) or all bfloat16 (kernels 3, 4: tensor cores). Returns float32
+    [B, T, n_h, S], written into `out` when given.
+
+    `kernel`: a version of LATENT_SCORES_KERNELS; None takes the highest that applies (kernel 2 for
+    float32; kernel 4 for bfloat16, kernel 3 where its shared memory does not fit the GPU). No
+    device data is read (the inputs hold no index): no host sync."""
+    dims = _dims(args)
+    check_shapes("q_abs[B, T, n_h, d_c] q_rope[B, T, n_h, d_R] latent[B, S, L]", q_abs, q_rope, latent, dims=dims,
+                 dtype=(torch.float32, torch.bfloat16), same_dtype=True, cuda=True, contiguous=True)
     batch, n_q, n_h, _ = q_abs.shape
     n_keys = latent.shape[1]
     rows = n_q * n_h  # the T n_h query rows of one batch entry share its cache
-    shape = (batch, n_q, n_h, n_keys)
-    scores = torch.empty(shape, dtype=torch.float32, device=q_abs.device) if out is None else out
-    check_tensor(scores, "out", shape=shape, dtype=torch.float32, device=q_abs.device, contiguous=True)
+    scores = torch.empty((batch, n_q, n_h, n_keys), dtype=torch.float32, device=q_abs.device) if out is None else out
+    check_shapes("out[B, T, n_h, S]", scores, dims=dims, dtype=torch.float32, device=q_abs.device, contiguous=True)
+    aligned = all(t.data_ptr() % 16 == 0 for t in (q_abs, q_rope, latent))
+    smem_limit, n_sm = _device_limits(q_abs.device.index)
+    why_not = _latent_scores_why_not(q_abs.dtype, batch, rows, n_keys, args, aligned, smem_limit)
+    chosen = LATENT_SCORES_KERNELS.choose(kernel, why_not)
     if batch == 0 or rows == 0 or n_keys == 0:
         return scores
-    row_blocks = rows if kernel == "naive" else math.ceil(rows / SCORES_TILE)
-    if batch > 65535 or row_blocks > 65535:
-        raise ValueError(f"batch {batch} and T n_h = {rows} rows must fit the grid (<= 65535 blocks a dim)")
-    if tensor_cores:
-        for name, tensor in (("q_abs", q_abs), ("q_rope", q_rope), ("latent", latent)):
-            if tensor.data_ptr() % 16:
-                raise ValueError(f"the {kernel} kernel reads 16-byte chunks: {name} must be 16-byte aligned")
-    q_abs, q_rope, latent = q_abs.detach(), q_rope.detach(), latent.detach()  # inference only: no autograd
-    common = (q_abs, q_rope, latent, scores, rows, n_keys, args.kv_lora_rank, args.qk_rope_head_dim,
-              float(args.softmax_scale))
-    if kernel == "naive":
-        launch("mla_decode_scores", "decode_scores_naive_f32", grid=(math.ceil(n_keys / 128), rows, batch),
-               block=128, args=common)
-    elif kernel == "tiled":
-        launch("mla_decode_scores", "decode_scores_tiled_f32",
-               grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_TILE), batch), block=256, args=common)
-    elif kernel == "mma":
-        launch("mla_decode_scores", "decode_scores_mma_bf16",
-               grid=(math.ceil(n_keys / SCORES_TILE), math.ceil(rows / SCORES_MMA_ROWS), batch), block=256, args=common)
-    else:
-        # work items (batch entry, 128-row block, 128-key tile), spread in contiguous ranges over one block per SM
-        items = batch * math.ceil(rows / SCORES_MMA_ROWS) * math.ceil(n_keys / SCORES_PIPE_KEYS)
-        if items >= 2**31:
-            raise ValueError(f"{items} tiles of 128 x 128 scores: more than the kernel's int32 item count")
-        smem = _pipelined_smem_bytes(args)
-        if smem > _smem_optin(q_abs.device):
-            raise ValueError(f"the pipelined kernel needs {smem} bytes of shared memory for latent_dim "
-                             f"{args.latent_dim}, the GPU offers {_smem_optin(q_abs.device)}: use kernel='mma'")
-        n_sm = torch.cuda.get_device_properties(q_abs.device).multi_processor_count
-        launch("mla_decode_scores", "decode_scores_pipelined_bf16", grid=min(items, n_sm),
-               block=256, args=common + (batch,), shared_mem=smem)
+    defines = LATENT_SCORES_KERNELS.defines()
+    launch_args = (q_abs.detach(), q_rope.detach(), latent.detach(), scores, rows, n_keys, dims["d_c"], dims["d_R"],
+                   float(args.softmax_scale))
+    threads, shared_mem = defines["THREADS"], 0
+    if chosen.version == 1:
+        grid, threads = (math.ceil(n_keys / defines["NAIVE_THREADS"]), rows, batch), defines["NAIVE_THREADS"]
+    elif chosen.version == 2:
+        grid = (math.ceil(n_keys / defines["TILE"]), math.ceil(rows / defines["TILE"]), batch)
+    elif chosen.version == 3:
+        grid = (math.ceil(n_keys / defines["TILE"]), math.ceil(rows / defines["MMA_ROWS"]), batch)
+    else:  # persistent blocks, one per SM, over the (batch entry, row block, key tile) work items
+        tiles = batch * math.ceil(rows / defines["PIPE_ROWS"]) * math.ceil(n_keys / defines["PIPE_KEYS"])
+        grid = min(tiles, n_sm)
+        launch_args, shared_mem = launch_args + (batch,), _pipelined_smem_bytes(args)
+    LATENT_SCORES_KERNELS.launch(chosen.version, grid, threads, launch_args, shared_mem=shared_mem)
     return scores

@@ -14,25 +14,28 @@ Paged logits, for batch b, draft position j = 0 .. next_n - 1 (row b * next_n + 
 Schedule (DeepGEMM's get_paged_mqa_logits_metadata): each context is cut into segments of
 SPLIT_KV = 4 * block_kv = 256 tokens; the segments, in batch order, are dealt out evenly to the
 persistent blocks of the kernel; row s of the [num_sms + 1, 2] int32 table is the (batch, segment)
-where block s starts; the last row is (B, 0).
+where block s starts; the last row is (B, 0). `paged_mqa_logits_metadata` computes it with torch
+ops where context_lens is, on the GPU without a host round trip (capturable in a CUDA graph).
 
 Which function runs where:
 
-* `paged_mqa_logits` dispatches: `paged_mqa_logits_cuda` (cuda/fp8_paged_mqa_logits.cu) for CUDA
-  inputs, `paged_mqa_logits_reference` (float64, any device) otherwise.
-* `paged_mqa_logits_metadata` is plain torch and runs where context_lens is.
-* `paged_mqa_logits_cuda` runs one of four kernels of cuda/fp8_paged_mqa_logits.cu (`kernel=`):
-  "tensor_core" (kernel 1: 4 warps a block, mma.sync e4m3, which sm_90 emulates with f16 mma and
-  per-call conversions), "tensor_core_f16" (kernel 2: 4 x next_n x H / 32 warps a block, e4m3
-  converted to f16 once, f16 mma.sync), "tensor_core_f16_v3" (kernel 3: 6 warps a block, each with
-  its own cp.async pipeline of 32-key units and no block-wide barrier between them; q of all heads
-  and draft positions as f16 fragments in shared memory, so every key is converted once) or "wgmma"
-  (kernel 4: 2 warpgroups a block, each with its own pipeline of 64-token physical blocks, Hopper's
-  warpgroup MMA on the e4m3 keys and the next_n x H rows of q in shared memory; compiled for sm_90a,
-  so it runs on compute capability 9.0 only, and is refused elsewhere). kernel=None, the default,
-  takes `default_paged_kernel(device)`: "wgmma" where it runs, else "tensor_core_f16_v3".
-  Each launches one block per schedule row;
-  ask the schedule for `schedule_size(device)` = CTAS_PER_SM x the SM count (any size is correct).
+* `paged_mqa_logits` is the specification (float64, pure torch, any device).
+* `paged_mqa_logits_cuda` runs a kernel of `cuda/paged_mqa_logits.cu`, `kernel=` a version of
+  PAGED_MQA_LOGITS_KERNELS (what the .cu header and chapter 7 call "kernel N"): 1 (4 warps a block,
+  mma.sync e4m3, which sm_90 emulates with f16 mma and per-call conversions), 2 (4 x next_n x H / 32
+  warps a block, e4m3 converted to f16 once, f16 mma.sync), 3 (6 warps a block, each with its own
+  cp.async pipeline of 32-key units and no block-wide barrier between them; q of all heads and
+  draft positions as f16 fragments in shared memory, so every key is converted once) or 4 (2
+  warpgroups a block, each with its own pipeline of 64-token physical blocks, Hopper's warpgroup MMA
+  on the e4m3 keys and the next_n x H rows of q in shared memory; compiled for sm_90a, so it runs on
+  compute capability 9.0 only, and is refused elsewhere). kernel=None takes the best that runs
+  here: 4, else 3. Each launches one block per schedule row; ask the schedule for
+  `schedule_size(device)` = CTAS_PER_SM (a #define of the .cu) x the SM count (any size is correct).
+
+No host synchronisation in `paged_mqa_logits_cuda` nor in `paged_mqa_logits_metadata` on GPU
+tensors: the values of context_lens, block_table and schedule_meta are checked only with data
+checks on (`checks.set_data_checks`, or DSA_CHECK=1). With them off, the kernels stay memory-safe
+for any values (see paged_mqa_logits_cuda for what an invalid value produces).
 
 clean_logits=False: the kernel still writes every position p < context_lens[b] (a value or -inf
 for the draft positions j cannot see yet) and leaves p >= context_lens[b] untouched (unspecified).
@@ -41,14 +44,14 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_range, check_same_device, check_tensor
-from .fp8 import MQA_SUPPORTED_HEAD_DIM, MQA_SUPPORTED_HEADS, mqa_logits_reference
-from .kernels import launch, require_wgmma, wgmma_available
+from .checks import check_range, check_same_device, check_shapes, check_tensor, data_checks_wanted
+from .fp8 import _FLOAT_INPUTS, mqa_logits, wgmma_why_not
+from .kernels import Kernel, KernelTable
 
 __all__ = [
     "BLOCK_KV",
     "SPLIT_KV",
-    "CTAS_PER_SM",
+    "PAGED_MQA_LOGITS_KERNELS",
     "kv_cache_block_bytes",
     "new_kv_cache",
     "store_kv",
@@ -57,34 +60,21 @@ __all__ = [
     "schedule_size",
     "check_paged_inputs",
     "paged_mqa_logits",
-    "paged_mqa_logits_reference",
     "paged_mqa_logits_cuda",
-    "PAGED_KERNELS",
-    "default_paged_kernel",
 ]
 
+# The cache format (DeepGEMM's), which the layout helpers below need without reading a .cu: a test
+# checks that cuda/paged_mqa_logits.cu #defines the same BLOCK_KV and SPLIT_KV.
 BLOCK_KV = 64  # tokens per physical block
 SPLIT_KV = 4 * BLOCK_KV  # tokens per schedule segment (DeepGEMM: block_kv x 4 math warpgroups)
-# Schedule rows per SM. Kernel 2 at next_n = 1, H = 64 (8 warps of <= 128 registers) fits 2 blocks an
-# SM: 2 rows an SM make one full wave; at next_n = 2 (16 warps, 1 block an SM) two full waves.
-CTAS_PER_SM = 2
-PAGED_THREADS = 128  # kernel 1, as #defined in cuda/fp8_paged_mqa_logits.cu
-PAGED_KERNELS = ("tensor_core", "tensor_core_f16", "tensor_core_f16_v3", "wgmma")
-# kernel 3, as #defined in cuda/fp8_paged_mqa_logits.cu: warps a block, cp.async stages a warp, bytes a stage
-PAGED_V3_WARPS, PAGED_V3_STAGES, PAGED_V3_UNIT_BYTES = 6, 3, 32 * (128 + 4)
-# kernel 4, mirroring the #defines of cuda/fp8_paged_mqa_logits.cu: warpgroups a block, stages a warpgroup
-# (one 64-token physical block each: 64 x 128 e4m3 bytes, then 64 float32 scales)
-PAGED_WGMMA_WARPGROUPS, PAGED_WGMMA_STAGES = 2, 5
-PAGED_WGMMA_STAGE_BYTES = BLOCK_KV * 128 + BLOCK_KV * 4
-# the fastest kernel where there is no wgmma (204 us vs 381 us for kernel 2 on the H200, B=128, ctx 32768)
-PAGED_FALLBACK_KERNEL = "tensor_core_f16_v3"
 
-
-def _wgmma_smem(next_n: int, H: int) -> int:
-    """Dynamic shared memory of kernel 4: 1024 alignment slack, the N = next_n H rows of q (128 e4m3
-    bytes each) and their weights (float32), and every warpgroup's stages (102400 bytes for N = 128)."""
-    N = next_n * H
-    return 1024 + N * 128 + N * 4 + PAGED_WGMMA_WARPGROUPS * PAGED_WGMMA_STAGES * PAGED_WGMMA_STAGE_BYTES
+PAGED_MQA_LOGITS_KERNELS = KernelTable("paged_mqa_logits", [
+    Kernel(1, "paged_mqa_logits_e4m3_h{H}", "4 warps a block, mma.sync e4m3 (sm_90 emulates it with f16 mma)"),
+    Kernel(2, "paged_mqa_logits_f16_h{H}", "e4m3 converted to f16 once, f16 mma.sync, a warp per (16 keys, draft, 32 heads)"),
+    Kernel(3, "paged_mqa_logits_warps_h{H}_n{next_n}", "6 warps, each its own cp.async pipeline of 32-key units, f16 mma.sync"),
+    Kernel(4, "paged_mqa_logits_wgmma_h{H}_n{next_n}", "2 warpgroups, each its own ring of physical blocks, wgmma on e4m3",
+           needs="compute capability 9.0 (sm_90a)"),
+], variants={"H": (64, 32), "next_n": (1, 2)})
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -145,54 +135,82 @@ def paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int = BLOCK_
     """The schedule: int32 [num_sms + 1, 2], row s = (batch, segment) where persistent block s starts.
 
     Segments of 4 * block_kv tokens; total = sum_b ceil(context_lens[b] / (4 block_kv)) of them,
-    block s gets segments [s q + min(s, r), (s + 1) q + min(s + 1, r)) with q, r = divmod(total, num_sms)."""
+    block s gets segments [s q + min(s, r), (s + 1) q + min(s + 1, r)) with q, r = divmod(total, num_sms).
+    Torch ops on context_lens's device: on a GPU no device-to-host copy (q and r stay tensors), so a
+    decode step can be captured in a CUDA graph with it. A negative length (checked only where data
+    checks apply) counts as 0."""
     check_tensor(context_lens, "context_lens", shape=("B",), dtype=torch.int32)
     if not isinstance(block_kv, int) or block_kv <= 0 or not isinstance(num_sms, int) or num_sms <= 0:
         raise ValueError(f"block_kv and num_sms must be positive ints, got {block_kv!r}, {num_sms!r}")
     check_range(context_lens, "context_lens", 0, None)
     split_kv = 4 * block_kv
-    # segments per batch, and their running total: [B]
-    num_segs = (context_lens.long() + split_kv - 1) // split_kv
-    prefix = num_segs.cumsum(0)
-    total = int(prefix[-1]) if prefix.numel() else 0
-    q, r = divmod(total, num_sms)
+    # segments per batch, and their running total, from 0: [B + 1]
+    num_segs = (context_lens.long().clamp(min=0) + split_kv - 1) // split_kv
+    prefix = torch.cat([num_segs.new_zeros(1), num_segs.cumsum(0)])
+    # q, r = divmod(total, num_sms), as tensors on the device: [1]
+    total = prefix[-1:]
+    q, r = total // num_sms, total % num_sms
     # first segment of block s: s q + min(s, r), for s = 0 .. num_sms: [num_sms + 1]
     s = torch.arange(num_sms + 1, device=context_lens.device)
-    seg_start = s * q + torch.clamp(s, max=r)
+    seg_start = s * q + torch.minimum(s, r)
     # its batch: the first b whose inclusive prefix exceeds seg_start (B past the end)
-    batch = torch.searchsorted(prefix, seg_start, right=True)
-    before = torch.cat([prefix.new_zeros(1), prefix])[batch]  # segments of the batches before
+    batch = torch.searchsorted(prefix[1:], seg_start, right=True)
+    before = prefix.index_select(0, batch)  # segments of the batches before
     return torch.stack([batch, seg_start - before], dim=1).to(torch.int32)
 
 
 def schedule_size(device=None) -> int:
-    """How many schedule rows (persistent blocks) the CUDA kernel wants: CTAS_PER_SM per SM."""
+    """How many schedule rows (persistent blocks) the CUDA kernels want: CTAS_PER_SM per SM."""
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
-    return CTAS_PER_SM * props.multi_processor_count
+    return PAGED_MQA_LOGITS_KERNELS.defines()["CTAS_PER_SM"] * props.multi_processor_count
 
 
 def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                        *, cuda: bool) -> dict:
-    """Every check of fp8_paged_mqa_logits, before any launch; returns the named dims."""
+    """Every check of fp8_paged_mqa_logits, before any launch; returns the named dims.
+
+    Always (host metadata, free): dtypes, shapes, one device, next_n in {1, 2}, max_context_len;
+    for the kernels (cuda=True) e4m3 q, H and D they are compiled for, contiguous CUDA tensors and a
+    schedule_meta of >= 2 rows. The values (context_lens in [0, max_context_len] and within the
+    table row, the block ids a context uses in [0, num_blocks), schedule_meta equal to
+    paged_mqa_logits_metadata(context_lens)) only where checks.data_checks_wanted: always on the
+    CPU, on a GPU with data checks on (reading them waits for the device)."""
     dims: dict[str, int] = {}
-    float_types = (torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.float16, torch.float64)
     check_tensor(q, "q", shape=("B", "next_n", "H", "D"), dims=dims,
-                 dtype=(torch.float8_e4m3fn,) if cuda else float_types)
+                 dtype=(torch.float8_e4m3fn,) if cuda else _FLOAT_INPUTS)
     if dims["next_n"] not in (1, 2):
         raise ValueError(f"next_n (dim 1 of q) must be 1 or 2, got {dims['next_n']}")
     num_blocks, D = _cache_dims(kv_cache, dims)
     if D != dims["D"]:
         raise ValueError(f"kv_cache holds D = {D} values a token (last dim D + 4 = {D + 4}), q has D = {dims['D']}")
     check_tensor(weights, "weights", shape=(dims["B"] * dims["next_n"], "H"), dims=dims, dtype=torch.float32)
-    check_tensor(context_lens, "context_lens", shape=("B",), dims=dims, dtype=torch.int32)
-    check_tensor(block_table, "block_table", shape=("B", "max_blocks"), dims=dims, dtype=torch.int32)
+    check_tensor(context_lens, "context_lens", dtype=torch.int32)
+    check_tensor(block_table, "block_table", dtype=torch.int32)
+    check_shapes("context_lens[B] block_table[B, max_blocks]", context_lens, block_table, dims=dims)
     check_same_device(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
     if not isinstance(max_context_len, int) or isinstance(max_context_len, bool) or max_context_len < 0:
         raise ValueError(f"max_context_len must be an int >= 0, got {max_context_len!r}")
-    if cuda and dims["H"] not in MQA_SUPPORTED_HEADS:
-        raise ValueError(f"the CUDA fp8_paged_mqa_logits supports H in {MQA_SUPPORTED_HEADS} heads, got H = {dims['H']}")
-    if cuda and D != MQA_SUPPORTED_HEAD_DIM:
-        raise ValueError(f"the CUDA fp8_paged_mqa_logits supports head_dim D = {MQA_SUPPORTED_HEAD_DIM}, got D = {D}")
+    table = PAGED_MQA_LOGITS_KERNELS
+    if cuda and dims["H"] not in table.variants["H"]:
+        raise ValueError(f"the CUDA paged_mqa_logits supports H in {table.variants['H']} heads, got H = {dims['H']}")
+    if cuda and D != table.defines()["HEAD_DIM"]:
+        raise ValueError(f"the CUDA paged_mqa_logits supports head_dim D = {table.defines()['HEAD_DIM']}, got D = {D}")
+    if schedule_meta is not None or cuda:
+        check_tensor(schedule_meta, "schedule_meta", shape=(None, 2), dtype=torch.int32)
+        if schedule_meta.shape[0] < 2:
+            raise ValueError(f"schedule_meta must have num_sms + 1 >= 2 rows, got {schedule_meta.shape[0]}")
+        check_same_device(context_lens=context_lens, schedule_meta=schedule_meta)
+    if cuda:
+        for name, x in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("context_lens", context_lens),
+                        ("block_table", block_table), ("schedule_meta", schedule_meta)):
+            check_tensor(x, name, cuda=True, contiguous=True)
+    if data_checks_wanted(context_lens, block_table, schedule_meta):
+        _check_paged_values(context_lens, block_table, schedule_meta, max_context_len, num_blocks, dims)
+    return dims
+
+
+def _check_paged_values(context_lens, block_table, schedule_meta, max_context_len, num_blocks, dims) -> None:
+    """The device-data checks of check_paged_inputs (they read the tensors back to the host)."""
     check_range(context_lens, "context_lens", 0, max_context_len)
     # a context must fit the blocks its table row has
     n_blocks = (context_lens.long() + BLOCK_KV - 1) // BLOCK_KV  # [B]
@@ -207,27 +225,18 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
         if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"block_table holds block id {bad} for a used block; ids must be in [0, {num_blocks})")
-    if schedule_meta is not None or cuda:
-        check_tensor(schedule_meta, "schedule_meta", shape=(None, 2), dtype=torch.int32)
-        if schedule_meta.shape[0] < 2:
-            raise ValueError(f"schedule_meta must have num_sms + 1 >= 2 rows, got {schedule_meta.shape[0]}")
-        check_same_device(context_lens=context_lens, schedule_meta=schedule_meta)
+    if schedule_meta is not None:
         expected = paged_mqa_logits_metadata(context_lens, BLOCK_KV, schedule_meta.shape[0] - 1)
         if not torch.equal(schedule_meta, expected):
             raise ValueError("schedule_meta does not match context_lens: compute it with "
                              f"paged_mqa_logits_metadata(context_lens, {BLOCK_KV}, num_sms) for these context_lens")
-    if cuda:
-        for name, x in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("context_lens", context_lens),
-                        ("block_table", block_table), ("schedule_meta", schedule_meta)):
-            check_tensor(x, name, cuda=True, contiguous=True)
-    return dims
 
 
-def paged_mqa_logits_reference(q, kv_cache, weights, context_lens, block_table, schedule_meta=None,
-                               max_context_len: int = 0, clean_logits: bool = True) -> torch.Tensor:
-    """Reference paged logits in float64: [B * next_n, max_context_len] float32, -inf where invisible.
+def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta=None,
+                     max_context_len: int = 0, clean_logits: bool = True) -> torch.Tensor:
+    """Paged logits in float64: [B * next_n, max_context_len] float32, -inf where invisible.
 
-    Gathers each sequence's keys from its blocks and calls fp8.mqa_logits_reference with
+    Gathers each sequence's keys from its blocks and calls fp8.mqa_logits with
     ks = 0, ke = context_len - next_n + j + 1. schedule_meta is checked when given, not used."""
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=False)
@@ -241,79 +250,69 @@ def paged_mqa_logits_reference(q, kv_cache, weights, context_lens, block_table, 
         j = torch.arange(next_n, device=q.device)
         ke = torch.clamp(context_len - next_n + j + 1, min=0).to(torch.int32)
         rows = slice(b * next_n, (b + 1) * next_n)
-        logits[rows, :context_len] = mqa_logits_reference(q[b], (k_fp8, k_scale), weights[rows],
-                                                          torch.zeros_like(ke), ke)
+        logits[rows, :context_len] = mqa_logits(q[b], (k_fp8, k_scale), weights[rows], torch.zeros_like(ke), ke)
     return logits
 
 
-def default_paged_kernel(device=None) -> str:
-    """The fastest kernel of `cuda/fp8_paged_mqa_logits.cu` that runs on `device` (default: the
-    current GPU): "wgmma" (kernel 4) on compute capability 9.0, else "tensor_core_f16_v3" (kernel 3)."""
-    return "wgmma" if wgmma_available(device) else PAGED_FALLBACK_KERNEL
-
-
 def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
-                          clean_logits: bool = True, *, out: torch.Tensor | None = None,
-                          kernel: str | None = None) -> torch.Tensor:
-    """`cuda/fp8_paged_mqa_logits.cu`: one block per schedule row; kernel "tensor_core" (kernel 1),
-    "tensor_core_f16" (kernel 2), "tensor_core_f16_v3" (kernel 3), "wgmma" (kernel 4, compute
-    capability 9.0 only) or None (the fastest here: default_paged_kernel).
+                          clean_logits: bool = True, *, kernel: int | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/paged_mqa_logits.cu`: one block per schedule row; kernel = a version of
+    PAGED_MQA_LOGITS_KERNELS (1 to 4, 4 on compute capability 9.0 only) or None, the best that runs
+    here (4, else 3).
 
-    `out` (optional, [B * next_n, max_context_len] float32) receives the logits; a test passes a
-    poisoned buffer to see that every position that must be written is."""
-    if kernel is not None and kernel not in PAGED_KERNELS:
-        raise ValueError(f"kernel must be one of {PAGED_KERNELS} or None, got {kernel!r}")
+    q [B, next_n, H, D] e4m3 (next_n in {1, 2}), kv_cache uint8 [num_blocks, 64, 1, D + 4],
+    weights [B * next_n, H] float32, context_lens [B] int32, block_table [B, max_blocks] int32,
+    schedule_meta from paged_mqa_logits_metadata -> logits [B * next_n, max_context_len] float32.
+    `out` (optional, that shape, float32 contiguous) receives them: tests pass a poisoned buffer.
+
+    No host synchronisation: the values of context_lens, block_table and schedule_meta are checked
+    only with data checks on. With them off, invalid values never make a kernel read or write out
+    of bounds, and produce:
+    * a context length below 0 or above min(max_context_len, 64 * max_blocks): the length clipped
+      to that range (rows of a negative one are all -inf with clean_logits);
+    * a block id outside [0, num_blocks): the id clipped into it, so those 64 positions hold the
+      logits of another block's keys (unspecified values);
+    * a schedule_meta that does not match context_lens: positions that no block of the grid walks
+      stay as `out` had them (unspecified); a wild entry is clipped to a batch >= 0 and a block in
+      [0, max_blocks]."""
+    if kernel is not None:
+        PAGED_MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
+    chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, {4: wgmma_why_not(q.device)})
     shape = (dims["B"] * dims["next_n"], max_context_len)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=q.device)
     else:
         check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
-    _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits, out,
-                  kernel)
+    _launch_paged(chosen.version, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
+                  clean_logits, out)
     return out
 
 
-def _launch_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits,
-                  out, kernel: str | None = None) -> None:
-    """The launch alone, on inputs already checked (the benchmark times this)."""
-    if kernel is None:
-        kernel = default_paged_kernel(q.device)
-    elif kernel == "wgmma":
-        require_wgmma(q.device, instead=PAGED_FALLBACK_KERNEL)
+def _launch_geometry(version: int, next_n: int, H: int) -> tuple[int, int]:
+    """(threads a block, dynamic shared memory bytes) of kernel `version`, from the .cu's #defines."""
+    d = PAGED_MQA_LOGITS_KERNELS.defines()
+    N = next_n * H  # rows of q a block holds: (draft position, head)
+    if version == 1:
+        return d["THREADS"], 0
+    if version == 2:  # one warp per (16-key m-tile, draft position, 32-head half)
+        return 32 * d["K2_MTILES"] * next_n * (H // d["K2_HEADS_PER_WARP"]), 0
+    if version == 3:  # q fragments and weights, then every warp's ring
+        return d["K3_THREADS"], N * d["K3_SMEM_PER_ROW"] + d["K3_SMEM_STAGES"]
+    # 4: alignment slack, the q tile and its weights, then both warpgroups' rings
+    return d["K4_THREADS"], d["K4_SMEM_ALIGN"] + N * d["K4_SMEM_PER_ROW"] + d["K4_SMEM_STAGES"]
+
+
+def _launch_paged(version: int, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
+                  clean_logits, out) -> None:
+    """Launch kernel `version` on checked inputs: one block per schedule row."""
     B, next_n, H, _ = q.shape
     if B == 0 or max_context_len == 0:
         return
-    smem = 0
-    if kernel == "tensor_core":
-        name, threads = f"fp8_paged_mqa_logits_h{H}", PAGED_THREADS
-    elif kernel == "tensor_core_f16":  # one warp per (16-key m-tile, draft position, 32-head half)
-        name, threads = f"fp8_paged_mqa_logits_f16_h{H}", 4 * 32 * next_n * (H // 32)
-    elif kernel == "tensor_core_f16_v3":  # warp-private pipelines of 32-key units; q as f16 fragments in smem
-        name, threads = f"fp8_paged_mqa_logits_v3_h{H}_n{next_n}", 32 * PAGED_V3_WARPS
-        # dynamic shared memory: q fragments (next_n H D f16), w (next_n H float32), the warps' stages
-        smem = next_n * H * 128 * 2 + next_n * H * 4 + PAGED_V3_WARPS * PAGED_V3_STAGES * PAGED_V3_UNIT_BYTES
-    elif kernel == "wgmma":  # warpgroup-private pipelines of physical blocks; q (next_n H rows) as e4m3 in smem
-        name, threads = f"fp8_paged_mqa_logits_wgmma_h{H}_n{next_n}", 128 * PAGED_WGMMA_WARPGROUPS
-        smem = _wgmma_smem(next_n, H)
-    else:
-        raise ValueError(f"kernel must be one of {PAGED_KERNELS}, got {kernel!r}")
-    launch("fp8_paged_mqa_logits", name, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem,
-           args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n,
-                 block_table.shape[1], max_context_len, bool(clean_logits)))
-
-
-def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
-                     clean_logits: bool = True) -> torch.Tensor:
-    """fp8_paged_mqa_logits (SPEC section 6): the fastest CUDA kernel that runs on the inputs' GPU
-    (default_paged_kernel) for CUDA inputs, else the reference.
-
-    q [B, next_n, H, D] e4m3 (next_n in {1, 2}), kv_cache uint8 [num_blocks, 64, 1, D + 4],
-    weights [B * next_n, H] float32, context_lens [B] int32, block_table [B, max_blocks] int32,
-    schedule_meta from paged_mqa_logits_metadata -> logits [B * next_n, max_context_len] float32."""
-    if isinstance(q, torch.Tensor) and q.is_cuda:
-        return paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, schedule_meta,
-                                     max_context_len, clean_logits)
-    return paged_mqa_logits_reference(q, kv_cache, weights, context_lens, block_table, schedule_meta,
-                                      max_context_len, clean_logits)
+    threads, smem = _launch_geometry(version, next_n, H)
+    PAGED_MQA_LOGITS_KERNELS.launch(
+        version, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem, H=H, next_n=next_n,
+        args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n, block_table.shape[1],
+              kv_cache.shape[0], max_context_len, bool(clean_logits)))

@@ -24,7 +24,8 @@ Interface (used by `mla`, the indexer and the kernels):
     apply_rope(x, positions, layout="interleaved", args=ModelArgs())
         x [T, d_R], [T, H, d_R] or [B, T, H, d_R]; positions int64 [T], 0 <= p < max_seq_len;
         returns x's shape and dtype (computed in float64).
-    rope_cuda(x, positions, layout, args)   the kernels of cuda/rope.cu (float32 / bfloat16)
+    apply_rope_cuda(x, positions, layout, args)   cuda/apply_rope.cu: x [T, d_R] or [T, H, d_R],
+                                       float32 / bfloat16, on the GPU; kernels in APPLY_ROPE_KERNELS
     cos_sin_table(args, device)        -> (cos, sin) float32 [max_seq_len, d_R/2], what kernels read
 """
 from __future__ import annotations
@@ -34,16 +35,22 @@ import math
 
 import torch
 
-from .checks import check_range, check_same_device, check_tensor
-from .config import ModelArgs
-from .kernels import launch
+from .checks import FLOATS_BF16, check_range, check_same_device, check_tensor
+from .config import ModelArgs, check_args
+from .kernels import Kernel, KernelTable
 
 __all__ = ["LAYOUTS", "inv_freq", "precompute_freqs_cis", "rope_angles", "rotate_interleaved", "rotate_half",
-           "apply_rope", "cos_sin_table", "rope_cuda", "ROPE_THREADS", "ROPE_UNROLL"]
+           "apply_rope", "cos_sin_table", "apply_rope_cuda", "APPLY_ROPE_KERNELS"]
 
 LAYOUTS = ("interleaved", "half")
-ROPE_THREADS = 256  # threads per block of cuda/rope.cu
-ROPE_UNROLL = 2  # 16-byte chunks per thread of its vector kernel (ROPE_UNROLL in cuda/rope.cu)
+
+#: The kernels of cuda/apply_rope.cu; apply_rope_cuda(kernel=None) takes the highest that applies.
+APPLY_ROPE_KERNELS = KernelTable("apply_rope", [
+    Kernel(1, "apply_rope_{layout}_{dtype}", "pairs: one thread per pair, a grid-stride loop; any even d_R"),
+    Kernel(2, "apply_rope_{layout}_vec_{dtype}", "vector: one thread per 16-byte chunk, ROPE_UNROLL chunks in flight",
+           needs="d_R (interleaved) or d_R/2 (half) a multiple of 4 float32 / 8 bf16 values, 16-byte aligned x "
+                 "and out, fewer than 2^31 chunks"),
+], variants={"layout": LAYOUTS, "dtype": ("f32", "bf16")})
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:
@@ -72,9 +79,7 @@ def _inv_freq(args: ModelArgs) -> torch.Tensor:
 
 def inv_freq(args: ModelArgs = ModelArgs()) -> torch.Tensor:
     """The rotation frequencies theta_i (YaRN-corrected), float64 [d_R/2], cached per args."""
-    if not isinstance(args, ModelArgs):
-        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
-    return _inv_freq(args).clone()
+    return _inv_freq(check_args(args)).clone()
 
 
 def precompute_freqs_cis(args: ModelArgs = ModelArgs()) -> torch.Tensor:
@@ -89,9 +94,11 @@ def precompute_freqs_cis(args: ModelArgs = ModelArgs()) -> torch.Tensor:
 
 
 def rope_angles(positions: torch.Tensor, args: ModelArgs = ModelArgs()) -> torch.Tensor:
-    """m theta_i for each position m: float64 [T, d_R/2], on the positions' device."""
+    """m theta_i for each position m: float64 [T, d_R/2], on the positions' device.
+
+    0 <= m < max_seq_len is checked for CPU positions, and for GPU ones with data checks on."""
     check_tensor(positions, "positions", shape=("T",), dtype=torch.int64)
-    check_range(positions, "positions", 0, args.max_seq_len - 1)
+    check_range(positions, "positions", 0, args.max_seq_len - 1)  # device data: checks.data_checks_wanted
     theta = inv_freq(args).to(positions.device)
     # m theta_i: [T, d_R/2]  (the same float64 product as precompute_freqs_cis's table entries)
     return positions.to(torch.float64)[:, None] * theta[None, :]
@@ -115,13 +122,13 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat([y_a, y_b], dim=-1)  # [..., d_R], halves side by side again
 
 
-def _check_rope_inputs(x, positions, layout, args, check_positions: bool = True) -> int:
-    """Validate apply_rope's inputs; return the axis of x that holds the tokens."""
-    if not isinstance(args, ModelArgs):
-        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+def _check_rope_inputs(x, positions, layout, args) -> int:
+    """Check the shapes, dtypes and devices of apply_rope's inputs (host metadata; the positions'
+    range is rope_angles's); return the axis of x that holds the tokens."""
+    check_args(args)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'interleaved' or 'half', got {layout!r}")
-    check_tensor(x, "x", dtype=(torch.float32, torch.float64, torch.bfloat16))
+    check_tensor(x, "x", dtype=FLOATS_BF16)
     if x.dim() not in (2, 3, 4):
         raise ValueError(f"x must be [T, d_R], [T, H, d_R] or [B, T, H, d_R], got shape {list(x.shape)}")
     d_rope = x.shape[-1]
@@ -132,8 +139,6 @@ def _check_rope_inputs(x, positions, layout, args, check_positions: bool = True)
     token_axis = 1 if x.dim() == 4 else 0
     check_tensor(positions, "positions", shape=("T",), dims={"T": x.shape[token_axis]}, dtype=torch.int64)
     check_same_device(x=x, positions=positions)
-    if check_positions:
-        check_range(positions, "positions", 0, args.max_seq_len - 1)
     return token_axis
 
 
@@ -145,7 +150,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, layout: str = "interlea
     layout "interleaved" (MLA) or "half" (the indexer). Computed in float64, returned in x's dtype.
     """
     token_axis = _check_rope_inputs(x, positions, layout, args)
-    angles = rope_angles(positions, args)  # [T, d_R/2]
+    angles = rope_angles(positions, args)  # m theta_i: [T, d_R/2]
     # broadcast over heads: [T, 1, d_R/2] for [T, H, d_R] inputs, [T, 1, d_R/2] under a batch axis too
     angles = angles.view(angles.shape[0], *([1] * (x.dim() - token_axis - 2)), angles.shape[1])
     cos, sin = angles.cos(), angles.sin()
@@ -166,61 +171,48 @@ def cos_sin_table(args: ModelArgs = ModelArgs(), device="cpu") -> tuple[torch.Te
     float32 on the GPU (the product would be off by several 10^-3 rad), so the table is exact to
     float32 rounding instead. Cached per (args, device).
     """
-    if not isinstance(args, ModelArgs):
-        raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
-    return _cos_sin_table(args, torch.device(device))
+    return _cos_sin_table(check_args(args), torch.device(device))
 
 
-def _vector_kernel_fits(x: torch.Tensor, out: torch.Tensor, layout: str) -> bool:
-    """cuda/rope.cu kernel 2 reads 16-byte chunks (4 float32 or 8 bf16 values of one layout half),
-    aligned, and counts them in 32 bits."""
-    chunk = 16 // x.element_size()
-    d_rope = x.shape[-1]
-    span = d_rope if layout == "interleaved" else d_rope // 2  # values a chunk must tile
-    return (span % chunk == 0 and x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
-            and x.numel() // chunk < 2**31)
+def apply_rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleaved",
+                    args: ModelArgs = ModelArgs(), out: torch.Tensor | None = None, *,
+                    kernel: int | None = None) -> torch.Tensor:
+    """`cuda/apply_rope.cu`: apply_rope on the GPU. x [T, d_R] or [T, H, d_R] float32 or bfloat16,
+    contiguous (the reference also takes a batch axis and float64); positions int64 [T] on the same
+    GPU. Returns `out` (a new tensor like x when None).
 
-
-def rope_cuda(x: torch.Tensor, positions: torch.Tensor, layout: str = "interleaved",
-              args: ModelArgs = ModelArgs(), out: torch.Tensor | None = None, *,
-              check_positions: bool = True, kernel: str | None = None) -> torch.Tensor:
-    """`cuda/rope.cu`: x [T, d_R] or [T, H, d_R] float32 or bfloat16 on the GPU, contiguous;
-    positions int64 [T] on the same GPU. Returns `out` (a new tensor like x when None).
-
-    `kernel`: "pairs" (kernel 1, one thread per pair, any d_R) or "vector" (kernel 2, 16-byte
-    chunks; needs d_R, or d_R/2 for the half layout, a multiple of 4 float32 / 8 bf16 values and
-    16-byte aligned x and out); None picks "vector" where it applies.
-    Checking 0 <= positions < max_seq_len costs a device-to-host copy; `check_positions=False` skips
-    it (the kernel still never reads outside the table: it writes NaN for such a position)."""
-    if x.dim() == 4:
-        raise ValueError(f"rope_cuda takes x [T, d_R] or [T, H, d_R], got shape {list(x.shape)}")
-    if kernel not in (None, "pairs", "vector"):
-        raise ValueError(f"kernel must be None, 'pairs' or 'vector', got {kernel!r}")
-    _check_rope_inputs(x, positions, layout, args, check_positions)
+    `kernel`: a version of APPLY_ROPE_KERNELS (1 pairs, 2 vector); None takes the highest that
+    applies. Positions outside [0, max_seq_len) are refused only with the package's data checks on
+    (checks.set_data_checks, DSA_CHECK=1: reading them is a device sync); with them off the kernels
+    write NaN for such a token and never read outside the table."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        raise ValueError(f"apply_rope_cuda takes x [T, d_R] or [T, H, d_R], got shape {list(x.shape)}")
+    _check_rope_inputs(x, positions, layout, args)
     check_tensor(x, "x", dtype=(torch.float32, torch.bfloat16), cuda=True, contiguous=True)
     check_tensor(positions, "positions", contiguous=True)
-    n_tokens, n_heads, d_rope = x.shape[0], (x.shape[1] if x.dim() == 3 else 1), x.shape[-1]
-    if out is None:
-        out = torch.empty_like(x)
+    check_range(positions, "positions", 0, args.max_seq_len - 1)  # device data: only with data checks on
+    out = torch.empty_like(x) if out is None else out
     check_tensor(out, "out", shape=tuple(x.shape), dtype=x.dtype, device=x.device, contiguous=True)
+    n_tokens, n_heads, d_rope = x.shape[0], (x.shape[1] if x.dim() == 3 else 1), x.shape[-1]
+    defines = APPLY_ROPE_KERNELS.defines()
+    chunk = 16 // x.element_size()  # values per 16-byte chunk of kernel 2
+    span = d_rope if layout == "interleaved" else d_rope // 2  # values a row of chunks must tile
+    n_chunks = n_tokens * n_heads * (span // chunk)
+    why_not = {2: (f"needs d_R{'/2' if layout == 'half' else ''} = {span} a multiple of {chunk} values (16 bytes)"
+                   if span % chunk else
+                   "needs 16-byte aligned x and out" if x.data_ptr() % 16 or out.data_ptr() % 16 else
+                   f"counts chunks in 32 bits, got {n_chunks}" if n_chunks >= 2**31 else None)}
+    chosen = APPLY_ROPE_KERNELS.choose(kernel, why_not)
     n_pairs = n_tokens * n_heads * (d_rope // 2)
     if n_pairs == 0:
         return out
-    fits = _vector_kernel_fits(x, out, layout)
-    if kernel == "vector" and not fits:
-        raise ValueError(f"the vector kernel needs d_R{'/2' if layout == 'half' else ''} a multiple of "
-                         f"{16 // x.element_size()}, 16-byte aligned x and out, and fewer than 2^31 chunks")
-    vector = fits if kernel is None else kernel == "vector"
     cos, sin = cos_sin_table(args, x.device)
-    x = x.detach()  # inference only: no autograd
-    suffix = "f32" if x.dtype == torch.float32 else "bf16"
-    common = (x, positions, cos, sin, out, n_tokens, n_heads, d_rope, args.max_seq_len)
-    if vector:
-        values = 16 // x.element_size()  # per 16-byte chunk
-        n_chunks = n_pairs // (values // 2 if layout == "interleaved" else values)  # pairs per chunk
-        blocks = math.ceil(n_chunks / (ROPE_THREADS * ROPE_UNROLL))
-        launch("rope", f"rope_{layout}_vec_{suffix}", grid=blocks, block=ROPE_THREADS, args=common)
-    else:
-        blocks = min(math.ceil(n_pairs / ROPE_THREADS), 65535 * 8)
-        launch("rope", f"rope_{layout}_{suffix}", grid=blocks, block=ROPE_THREADS, args=common)
+    threads = defines["ROPE_THREADS"]
+    if chosen.version == 2:
+        blocks = math.ceil(n_chunks / (threads * defines["ROPE_UNROLL"]))
+    else:  # a grid-stride loop: at most ROPE_PAIRS_MAX_BLOCKS blocks
+        blocks = min(math.ceil(n_pairs / threads), defines["ROPE_PAIRS_MAX_BLOCKS"])
+    APPLY_ROPE_KERNELS.launch(chosen.version, blocks, threads,
+                              (x.detach(), positions, cos, sin, out, n_tokens, n_heads, d_rope, args.max_seq_len),
+                              layout=layout, dtype="f32" if x.dtype == torch.float32 else "bf16")
     return out

@@ -16,12 +16,14 @@ Interface (used by chapters 6, 8 and 9):
 
     sparse_mla_attention(q_abs [B,T,n_h,d_c], q_rope [B,T,n_h,d_R], c_kv [B,S,d_c], k_rope [B,S,d_R],
                          indices int32 [B,T,k], softmax_scale) -> o_latent [B,T,n_h,d_c]
-    DSAttention(args)             nn.Module holding .mla (mla.MLA) and .indexer (indexer.Indexer)
+    DSAttention(args, indexer_fp8=False)  nn.Module holding .mla (mla.MLA) and .indexer (indexer.Indexer,
+                                  in FP8 as the official model runs it with indexer_fp8=True)
       .forward(h, positions=None, cache=None, topk=None, return_aux=False, detach_indexer_input=False)
     DSACache(args, batch_size)    .latent (mla.LatentCache) and .index (indexer.IndexerCache)
 
-CUDA: `sparse_mla_decode_cuda` runs cuda/sparse_mla.cu (one query token per sequence, bf16 cache):
-kernel="mma" (tensor cores, the default) or "simt" (the first, float32 CUDA-core kernel).
+CUDA: `sparse_mla_attention_cuda` runs cuda/sparse_mla_attention.cu for decode (one query token per
+sequence, bf16 cache); SPARSE_MLA_ATTENTION_KERNELS lists its kernels: 1, float32 CUDA cores; 2,
+tensor cores (the default).
 """
 from __future__ import annotations
 
@@ -30,20 +32,15 @@ import math
 import torch
 from torch import nn
 
-from .checks import check_range, check_same_device, check_tensor
+from .checks import FLOATS_BF16, check_range, check_shapes, check_tensor, data_checks_wanted
 from .config import ModelArgs
 from .indexer import Indexer, IndexerCache
-from .kernels import launch
+from .kernels import Kernel, KernelTable
 from .mla import MLA, LatentCache, causal_mask
 from .topk import select_topk
 
-__all__ = ["gather_latents", "sparse_mla_attention", "DSACache", "DSAttention", "sparse_mla_decode_cuda",
-           "SPARSE_HEADS", "SPARSE_CHUNK", "SPARSE_KERNELS"]
-
-FLOATS = (torch.float32, torch.float64, torch.bfloat16)
-SPARSE_HEADS, SPARSE_CHUNK, SPARSE_THREADS = 32, 32, 256  # kernel 1, as #defined in cuda/sparse_mla.cu
-MMA_HEADS, MMA_TILE, MMA_THREADS = 64, 64, 256  # kernel 2, as #defined in cuda/sparse_mla.cu
-SPARSE_KERNELS = ("mma", "simt")  # kernel 2 (the default), kernel 1
+__all__ = ["gather_latents", "sparse_mla_attention", "DSACache", "DSAttention", "sparse_mla_attention_cuda",
+           "SPARSE_MLA_ATTENTION_KERNELS"]
 
 
 def gather_latents(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -56,12 +53,30 @@ def gather_latents(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _check_indices(indices: torch.Tensor, n_keys: int) -> None:
+    """Each row of `indices` lists distinct positions in [0, S), -1 for unused slots. These are
+    device data: checked only when checks.data_checks_wanted(indices) (always on the CPU)."""
+    if not data_checks_wanted(indices):
+        return
     check_range(indices, "indices", -1, n_keys - 1)
     # the same position twice in one row would be counted twice: not a set
     ordered = indices.sort(dim=-1).values
     repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
     if bool(repeated.any()):
         raise ValueError("indices repeat a position within a row; each row must list distinct positions (-1 aside)")
+
+
+def _check_scale(softmax_scale) -> None:
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
+
+
+def _check_attention_inputs(q_abs, q_rope, c_kv, k_rope, indices, softmax_scale) -> None:
+    """The inputs of sparse_mla_attention: shapes, one float dtype, one device, the scale, the indices."""
+    dims = check_shapes("q_abs[B, T, n_h, d_c] q_rope[B, T, n_h, d_R] c_kv[B, S, d_c] k_rope[B, S, d_R]",
+                        q_abs, q_rope, c_kv, k_rope, dtype=FLOATS_BF16, same_dtype=True)
+    check_shapes("indices[B, T, k]", indices, dims=dims, dtype=torch.int32, device=q_abs.device)
+    _check_scale(softmax_scale)
+    _check_indices(indices, dims["S"])
 
 
 def sparse_mla_attention(q_abs: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
@@ -72,16 +87,7 @@ def sparse_mla_attention(q_abs: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.
     dtype); indices int32 [B, T, k], distinct positions in [0, S) per row, -1 for unused slots.
     Computed in float32 (float64 for float64 inputs). Returns o_latent [B, T, n_h, d_c].
     """
-    dims: dict[str, int] = {}
-    check_tensor(q_abs, "q_abs", shape=("B", "T", "n_h", "d_c"), dims=dims, dtype=FLOATS)
-    check_tensor(q_rope, "q_rope", shape=("B", "T", "n_h", "d_R"), dims=dims, dtype=q_abs.dtype)
-    check_tensor(c_kv, "c_kv", shape=("B", "S", "d_c"), dims=dims, dtype=q_abs.dtype)
-    check_tensor(k_rope, "k_rope", shape=("B", "S", "d_R"), dims=dims, dtype=q_abs.dtype)
-    check_tensor(indices, "indices", shape=("B", "T", "k"), dims=dims, dtype=torch.int32)
-    check_same_device(q_abs=q_abs, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope, indices=indices)
-    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
-    _check_indices(indices, c_kv.shape[1])
+    _check_attention_inputs(q_abs, q_rope, c_kv, k_rope, indices, softmax_scale)
     dtype = torch.float64 if q_abs.dtype == torch.float64 else torch.float32
     q_abs, q_rope, c_kv, k_rope = (x.to(dtype) for x in (q_abs, q_rope, c_kv, k_rope))
     c_sel = gather_latents(c_kv, indices)  # [B, T, k, d_c]
@@ -121,13 +127,17 @@ class DSAttention(nn.Module):
     k = min(topk or args.index_topk, S): with k >= S every visible token is selected and the layer
     is dense MLA. Prefill: T tokens, no cache (or an empty one). Decode: T = 1 with a DSACache.
     `detach_indexer_input` cuts the gradient from the indexer into h and c^Q (sparse training stage).
+    `indexer_fp8=True` (constructor) runs the indexer's step 5 as the official model does: q^I and
+    k^I rounded to FP8 e4m3 with one power-of-two scale per block (indexer.Indexer(fp8=True)).
     """
 
-    def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None,
+                 indexer_fp8: bool = False):
         super().__init__()
         self.args = args
         self.mla = MLA(args, dtype=dtype, device=device)
-        self.indexer = Indexer(args, dtype=dtype, device=device)
+        # indexer_fp8: q^I and k^I rounded to e4m3 with block scales, as the official model always runs it
+        self.indexer = Indexer(args, dtype=dtype, device=device, fp8=indexer_fp8)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: DSACache | None = None,
                 topk: int | None = None, return_aux: bool = False, detach_indexer_input: bool = False):
@@ -167,54 +177,66 @@ class DSAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- CUDA
 
-def sparse_mla_decode_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
-                           softmax_scale: float, check_indices: bool = True, kernel: str = "mma") -> torch.Tensor:
-    """`cuda/sparse_mla.cu`: one query token per sequence over a bf16 latent cache.
+#: The kernels of cuda/sparse_mla_attention.cu (decode: one query token per sequence), "kernel N" as
+#: its header and chapter 6 number them.
+SPARSE_MLA_ATTENTION_KERNELS = KernelTable("sparse_mla_attention", [
+    Kernel(1, "sparse_mla_attention_simt", "decode, float32 CUDA cores, 32 heads a block"),
+    Kernel(2, "sparse_mla_attention_mma", "decode, tensor cores (mma.sync bf16), 64 heads a block",
+           needs="16-byte aligned q_abs, q_rope, kv; 225 KiB of shared memory a block"),
+])
 
-    q_abs [B, n_h, 512] and q_rope [B, n_h, 64] bfloat16; kv [B, S, 576] bfloat16 (LatentCache.kv:
-    [c_kv | k_rope]); indices int32 [B, k], distinct, in [-1, S). All contiguous on one GPU.
-    Returns o_latent float32 [B, n_h, 512]. `check_indices=False` skips the range check (a device
-    sync), as the benchmark does; the kernels themselves ignore any index outside [0, S).
-    `kernel`: "mma" (kernel 2, tensor cores: bf16 probabilities in P V, float32 accumulation; kv
-    must start on a 16-byte boundary) or "simt" (kernel 1, float32 CUDA-core math throughout).
+
+def _why_not(q_abs, q_rope, kv) -> dict[int, str | None]:
+    """For SPARSE_MLA_ATTENTION_KERNELS.choose: why each version cannot run these inputs (None: it can)."""
+    smem = SPARSE_MLA_ATTENTION_KERNELS.defines()["MMA_SMEM_BYTES"]
+    limit = getattr(torch.cuda.get_device_properties(kv.device), "shared_memory_per_block_optin", smem)
+    misaligned = [name for name, x in (("q_abs", q_abs), ("q_rope", q_rope), ("kv", kv)) if x.data_ptr() % 16]
+    return {2: (f"{', '.join(misaligned)} must start on a 16-byte boundary (cp.async rows); pass .clone()"
+                if misaligned else
+                f"needs {smem} bytes of shared memory a block, this GPU allows {limit}" if limit < smem else None)}
+
+
+def sparse_mla_attention_cuda(q_abs: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                              softmax_scale: float, *, kernel: int | None = None,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/sparse_mla_attention.cu`: sparse MLA attention for decode, one query token per sequence,
+    over a bf16 latent cache. Returns o_latent float32 [B, n_h, 512].
+
+    q_abs [B, n_h, 512] and q_rope [B, n_h, 64] bfloat16 (the kernels read both: no concatenation);
+    kv [B, S, 576] bfloat16 (LatentCache.kv: [c_kv | k_rope]); indices int32 [B, k], distinct, in
+    [-1, S). All contiguous on one GPU, B <= 65535. `kernel`: a version of
+    SPARSE_MLA_ATTENTION_KERNELS (1 simt, float32 CUDA cores; 2 mma, tensor cores); None takes
+    kernel 2 where it applies (16-byte aligned inputs, 225 KiB of shared memory a block), else 1.
+    `out`: a preallocated float32 [B, n_h, 512] to write into. One kernel launch, no host
+    synchronisation.
+
+    The index values are device data: checked (range, repeats) only when checks.data_checks_wanted.
+    Unchecked, the kernels still never read outside the cache: an index outside [0, S) counts as
+    an unused slot (-1).
     """
-    if kernel not in SPARSE_KERNELS:
-        raise ValueError(f"kernel must be one of {SPARSE_KERNELS}, got {kernel!r}")
-    dims = {"d_c": 512, "d_R": 64, "L": 576}
-    check_tensor(q_abs, "q_abs", shape=("B", "n_h", "d_c"), dims=dims, dtype=torch.bfloat16, cuda=True)
-    check_tensor(q_rope, "q_rope", shape=("B", "n_h", "d_R"), dims=dims, dtype=torch.bfloat16, cuda=True)
-    check_tensor(kv, "kv", shape=("B", "S", "L"), dims=dims, dtype=torch.bfloat16, cuda=True, contiguous=True)
-    check_tensor(indices, "indices", shape=("B", "k"), dims=dims, dtype=torch.int32, cuda=True, contiguous=True)
-    check_same_device(q_abs=q_abs, q_rope=q_rope, kv=kv, indices=indices)
-    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
-    batch, n_heads, _ = q_abs.shape
-    n_keys, k = kv.shape[1], indices.shape[1]
-    alignment = 16 if kernel == "mma" else 4  # 16-byte cp.async rows / bf16 pairs
-    if kv.data_ptr() % alignment:
-        raise ValueError(f"kv must start on a {alignment}-byte boundary for kernel {kernel!r}; pass .clone()")
+    dims = check_shapes("q_abs[B, n_h, d_c] q_rope[B, n_h, d_R] kv[B, S, L]", q_abs, q_rope, kv,
+                        dims={"d_c": 512, "d_R": 64, "L": 576}, dtype=torch.bfloat16, cuda=True, contiguous=True)
+    check_shapes("indices[B, k]", indices, dims=dims, dtype=torch.int32, cuda=True, device=kv.device, contiguous=True)
+    _check_scale(softmax_scale)
+    batch, n_heads, n_keys, k = dims["B"], dims["n_h"], dims["S"], dims["k"]
+    if any(x.data_ptr() % 4 for x in (q_abs, q_rope, kv)):  # bf16 pairs
+        raise ValueError("q_abs, q_rope and kv must start on a 4-byte boundary (the kernels read bf16 pairs)")
     if batch > 65535:
         raise ValueError(f"batch must be at most 65535 (one grid row per sequence), got {batch}")
-    if check_indices:
-        _check_indices(indices, n_keys)
-    out = torch.empty(batch, n_heads, 512, dtype=torch.float32, device=q_abs.device)
+    chosen = SPARSE_MLA_ATTENTION_KERNELS.choose(kernel, _why_not(q_abs, q_rope, kv))
+    _check_indices(indices, n_keys)  # only with data checks on
+    if out is None:
+        out = torch.empty(batch, n_heads, 512, dtype=torch.float32, device=kv.device)
+    else:
+        check_tensor(out, "out", shape=(batch, n_heads, 512), dtype=torch.float32, device=kv.device, contiguous=True)
     if batch == 0 or n_heads == 0:
         return out
-    if k == 0 or n_keys == 0:
+    if k == 0 or n_keys == 0:  # nothing can be selected: the empty sum
         return out.zero_()
-    q = torch.cat([q_abs, q_rope], dim=-1).contiguous()  # [B, n_h, 576], a fresh (256-byte aligned) tensor
-    args = (q, kv, indices, out, batch, n_keys, n_heads, k, float(softmax_scale))
-    if kernel == "mma":
-        # Q [64, 576] + 2 stages x [64, 576] bf16 + P [64, 64] bf16 + row exchange [2, 64] f32 + valid [2, 64] i32
-        smem = (MMA_HEADS + 2 * MMA_TILE) * 576 * 2 + MMA_HEADS * MMA_TILE * 2 + 2 * MMA_HEADS * 4 + 2 * MMA_TILE * 4
-        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", smem)
-        if limit < smem:  # 225 KiB: Hopper (H100/H200) has 227 KiB a block, smaller GPUs less
-            raise ValueError(f"kernel 'mma' needs {smem} bytes of shared memory a block, this GPU allows {limit}; "
-                             "use kernel='simt'")
-        launch("sparse_mla", "sparse_mla_decode_mma", grid=(math.ceil(n_heads / MMA_HEADS), batch),
-               block=MMA_THREADS, args=args, shared_mem=smem)
-        return out
-    smem = (SPARSE_HEADS + SPARSE_CHUNK) * (576 + 2) * 2 + SPARSE_HEADS * SPARSE_CHUNK * 4 + SPARSE_CHUNK * 4
-    launch("sparse_mla", "sparse_mla_decode", grid=(math.ceil(n_heads / SPARSE_HEADS), batch),
-           block=SPARSE_THREADS, args=args, shared_mem=smem)
+    c = SPARSE_MLA_ATTENTION_KERNELS.defines()
+    heads, threads, smem = ((c["MMA_HEADS"], c["MMA_THREADS"], c["MMA_SMEM_BYTES"]) if chosen.version == 2 else
+                            (c["SPARSE_HEADS"], c["SPARSE_THREADS"], c["SPARSE_SMEM_BYTES"]))
+    SPARSE_MLA_ATTENTION_KERNELS.launch(chosen.version, (math.ceil(n_heads / heads), batch), threads,
+                                        (q_abs, q_rope, kv, indices, out, batch, n_keys, n_heads, k,
+                                         float(softmax_scale)), shared_mem=smem)
     return out

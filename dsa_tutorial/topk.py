@@ -19,6 +19,9 @@ way a radix select needs it; the reference uses the same map so the two agree bi
 
 `topk_without_causal_mask` reproduces the research repository's leak (SPEC section 8): torch.topk
 on the masked scores, keeping whatever it returns, future positions included.
+
+CUDA: `select_topk_cuda` launches one of the kernels of cuda/select_topk.cu (SELECT_TOPK_KERNELS:
+kernel 1 reads the row four times, kernel 2 twice), one block per row.
 """
 from __future__ import annotations
 
@@ -27,17 +30,10 @@ import torch
 
 from . import causal
 from .checks import check_range, check_tensor
-from .kernels import launch
+from .kernels import Kernel, KernelTable
 
 __all__ = ["order_key", "visible_positions", "select_topk", "topk_without_causal_mask", "select_topk_cuda",
-           "TOPK_THREADS", "TOPK_MAX_K", "TOPK_MAX_S", "TOPK_KERNELS", "TOPK_LIST_MAX"]
-
-TOPK_THREADS = 1024  # threads per block (one block per row) of cuda/topk.cu
-TOPK_MAX_K = 2048
-TOPK_MAX_S = 1 << 20
-# the kernels of cuda/topk.cu: kernel 1 reads the row four times, kernel 2 twice
-TOPK_KERNELS = {"four_passes": "topk_radix_select", "compact": "topk_radix_select_compact"}
-TOPK_LIST_MAX = 24576  # kernel 2's list in shared memory: 8 bytes an entry (key, position), 192 KiB
+           "SELECT_TOPK_KERNELS"]
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -80,17 +76,23 @@ def _check_k(k, n_keys: int) -> None:
         raise ValueError(f"k = {k} is larger than the sequence (S = {n_keys} keys)")
 
 
+def _check_scores(scores, k, max_dims: int | None = None, **kwargs) -> tuple[int, int]:
+    """scores float32 [..., T, S] (at most `max_dims` dims), k in [1, S]: returns (T, S)."""
+    check_tensor(scores, "scores", dtype=torch.float32, **kwargs)
+    if not 2 <= scores.dim() <= (max_dims or scores.dim()):
+        form = "[T, S] or [B, T, S]" if max_dims == 3 else "[..., T, S]"
+        raise ValueError(f"scores must be {form}, got shape {list(scores.shape)}")
+    _check_k(k, scores.shape[-1])
+    return scores.shape[-2], scores.shape[-1]
+
+
 def select_topk(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k of each row among the visible, non-NaN positions; int32 [..., T, k], ascending, -1 padded.
 
     scores float32 [..., T, S] (rows of index scores); k in [1, S]; query_positions int [T] (the last
     position each query sees, default arange(S - T, S)). See the module docstring for the rules.
     """
-    check_tensor(scores, "scores", dtype=torch.float32)
-    if scores.dim() < 2:
-        raise ValueError(f"scores must be [..., T, S], got shape {list(scores.shape)}")
-    n_queries, n_keys = scores.shape[-2:]
-    _check_k(k, n_keys)
+    n_queries, n_keys = _check_scores(scores, k)
     last = visible_positions(n_queries, n_keys, query_positions, scores.device)  # [T]
     # candidate: s <= position of t, and the score is a number: [..., T, S]
     candidate = (torch.arange(n_keys, device=scores.device) <= last[:, None]) & ~torch.isnan(scores)
@@ -111,57 +113,66 @@ def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     When a row has fewer than k visible positions, torch.topk fills the rest with masked (-inf)
     positions, i.e. future tokens; attending to them leaks the answer. int64 [..., T, k].
     """
-    check_tensor(scores, "scores", dtype=torch.float32)
-    _check_k(k, scores.shape[-1])
+    _check_scores(scores, k)
     return scores.topk(k, dim=-1).indices
 
 
-def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None,
-                     kernel: str = "compact", check_positions: bool = True) -> torch.Tensor:
-    """`cuda/topk.cu`: the radix select, one block per row; the same result as `select_topk`, bit for bit.
+# ----------------------------------------------------------------------------- CUDA
 
-    scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= 2^20; k in [1, min(S, 2048)];
-    query_positions as for `select_topk` (on the same GPU). kernel: "compact" (kernel 2, two reads of
-    the row, the default) or "four_passes" (kernel 1). Returns int32 [..., T, k].
+#: The kernels of cuda/select_topk.cu, "kernel N" as its header and chapter 5 number them.
+SELECT_TOPK_KERNELS = KernelTable("select_topk", [
+    Kernel(1, "select_topk_four_passes", "radix select, four reads of the row"),
+    Kernel(2, "select_topk_compact", "radix select, two reads of the row and a short list in shared memory"),
+])
 
-    check_positions=False skips the range check of query_positions, which reads them back to the
-    host (a device synchronisation). Memory safety does not depend on it: the kernel clamps each
-    row's visible end to [0, S], so it never reads outside a row.
+
+def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None, *,
+                     kernel: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`cuda/select_topk.cu`: the radix select, one block per row; the same result as `select_topk`,
+    bit for bit. int32 [..., T, k].
+
+    scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= TOPK_MAX_S (2^20); k in
+    [1, min(S, TOPK_MAX_K)] (2048); query_positions int32 or int64 [T] on the same GPU, as for
+    `select_topk` (None: the causal default S - T + t, computed on the device). `kernel`: a version
+    of SELECT_TOPK_KERNELS (1 four passes, 2 compact); None takes kernel 2. `out`: a preallocated
+    int32 [..., T, k] to write into. One kernel launch, no host synchronisation (int32 positions
+    add a cast to int64).
+
+    The range of query_positions is device data: checked only when checks.data_checks_wanted
+    (the test suite and the chapters switch the checks on). Unchecked, a position outside [0, S)
+    is clamped by the kernel to the row (it never reads outside its row): the result is defined,
+    just not meaningful.
     """
-    if kernel not in TOPK_KERNELS:
-        raise ValueError(f"kernel must be one of {tuple(TOPK_KERNELS)}, got {kernel!r}")
-    check_tensor(scores, "scores", dtype=torch.float32, cuda=True, contiguous=True)
-    if scores.dim() not in (2, 3):
-        raise ValueError(f"scores must be [T, S] or [B, T, S], got shape {list(scores.shape)}")
-    n_queries, n_keys = scores.shape[-2:]
-    _check_k(k, n_keys)
-    if k > TOPK_MAX_K:
-        raise ValueError(f"the kernel keeps at most k = {TOPK_MAX_K}, got {k}")
-    if n_keys > TOPK_MAX_S:
-        raise ValueError(f"the kernel takes rows of at most {TOPK_MAX_S} scores, got S = {n_keys}")
+    n_queries, n_keys = _check_scores(scores, k, max_dims=3, cuda=True, contiguous=True)
+    limits = SELECT_TOPK_KERNELS.defines()
+    if k > limits["TOPK_MAX_K"]:
+        raise ValueError(f"the kernel keeps at most k = {limits['TOPK_MAX_K']}, got {k}")
+    if n_keys > limits["TOPK_MAX_S"]:
+        raise ValueError(f"the kernel takes rows of at most {limits['TOPK_MAX_S']} scores, got S = {n_keys}")
+    chosen = SELECT_TOPK_KERNELS.choose(kernel, {})
     if query_positions is None:
         if n_queries > n_keys:
             raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}): pass query_positions")
         positions_arg = np.uint64(0)  # a null pointer: the kernel uses the causal default S - T + t
     else:
-        if check_positions:
-            visible_positions(n_queries, n_keys, query_positions, scores.device)
-        else:
-            check_tensor(query_positions, "query_positions", shape=(n_queries,), dtype=(torch.int32, torch.int64),
-                         device=scores.device)
-        positions_arg = query_positions.to(torch.int64).contiguous()
+        # int64 [T] on the device of the scores; its range is checked only with data checks on
+        positions_arg = visible_positions(n_queries, n_keys, query_positions, scores.device).contiguous()
     rows = scores.numel() // max(n_keys, 1)
-    out = torch.empty(*scores.shape[:-1], k, dtype=torch.int32, device=scores.device)
+    if out is None:
+        out = torch.empty(*scores.shape[:-1], k, dtype=torch.int32, device=scores.device)
+    else:
+        check_tensor(out, "out", shape=(*scores.shape[:-1], k), dtype=torch.int32, device=scores.device,
+                     contiguous=True)
     if rows == 0:
         return out
     if rows > 2**31 - 1:
         raise ValueError(f"too many rows: {rows}")
-    if kernel == "four_passes":
-        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS,
-               args=(scores, positions_arg, n_queries, out, n_keys, k))
+    args = (scores, positions_arg, n_queries, out, n_keys, k)
+    if chosen.version == 1:
+        SELECT_TOPK_KERNELS.launch(1, rows, limits["TOPK_THREADS"], args)
     else:
         # the list never holds more entries than a row has scores; longer lists fall back to kernel 1
-        list_capacity = min(n_keys, TOPK_LIST_MAX)
-        launch("topk", TOPK_KERNELS[kernel], grid=rows, block=TOPK_THREADS,
-               args=(scores, positions_arg, n_queries, out, n_keys, k, list_capacity), shared_mem=8 * list_capacity)
+        capacity = min(n_keys, limits["TOPK_LIST_MAX"])
+        SELECT_TOPK_KERNELS.launch(2, rows, limits["TOPK_THREADS"], args + (capacity,),
+                                   shared_mem=limits["TOPK_LIST_ENTRY_BYTES"] * capacity)
     return out

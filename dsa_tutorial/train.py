@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_range, check_tensor
+from .checks import FLOATS, check_range, check_tensor
 from .config import ModelArgs
 from .topk import select_topk
 
@@ -51,7 +51,6 @@ __all__ = [
     "pretrain_dense", "dense_warmup", "sparse_training", "evaluate", "progress_bar", "future_influence",
 ]
 
-FLOATS = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- the target p and the loss
@@ -378,14 +377,11 @@ def _dense_indices(index_scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr (off in notebooks and tests, whose stored outputs must not change;
-    absent when tqdm is not installed)."""
+    """A tqdm bar on stderr (off in notebooks and tests, whose stored outputs must not change)."""
     if not enabled:
         return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
+    from tqdm import tqdm
+
     return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0)
 
 

@@ -10,21 +10,36 @@ log (no ptxas report), so which kernels a source defines is read from the cubin
 must be reported where there is no GPU (CI)."""
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import dsa_tutorial
 from dsa_tutorial import kernels
 
 SOURCES = kernels.kernel_names()
-# the kernel 4 entry points (wgmma, sm_90a only) that dsa_tutorial.fp8 and dsa_tutorial.paged launch
-WGMMA_KERNELS = {
-    "fp8_mqa_logits": {f"fp8_mqa_logits_wgmma_h{H}" for H in (64, 32)},
-    "fp8_paged_mqa_logits": {f"fp8_paged_mqa_logits_wgmma_h{H}_n{n}" for H in (64, 32) for n in (1, 2)},
-}
+
+
+def _tables() -> dict[str, kernels.KernelTable]:
+    """Every KernelTable of the package, by its .cu file (found by importing each module)."""
+    found: dict[str, list] = {}
+    for module in pkgutil.iter_modules(dsa_tutorial.__path__):
+        for value in vars(importlib.import_module(f"dsa_tutorial.{module.name}")).values():
+            if isinstance(value, kernels.KernelTable) and all(value is not t for t in found.get(value.source, [])):
+                found.setdefault(value.source, []).append(value)
+    several = {source: len(tables) for source, tables in found.items() if len(tables) > 1}
+    assert not several, f"one kernel table per .cu file, but found several for {several}"
+    return {source: tables[0] for source, tables in found.items()}
+
+
+TABLES = _tables()
+# the files whose newest kernels are wgmma (sm_90a only): every other target must still build them
+WGMMA_SOURCES = ("mqa_logits", "paged_mqa_logits")
 # plain Hopper and Ada; not sm_80: the FP8 files need sm_89 whatever the guards (e4m3 cvt and mma.sync)
 OTHER_ARCHS = ("sm_90", "sm_89")
 
@@ -59,7 +74,7 @@ def compiled():
 
 @pytest.fixture(scope="module")
 def compiled_elsewhere():
-    return {arch: _compile_in_subprocess(arch, *WGMMA_KERNELS) for arch in OTHER_ARCHS}
+    return {arch: _compile_in_subprocess(arch, *WGMMA_SOURCES) for arch in OTHER_ARCHS}
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -73,8 +88,13 @@ def test_compiles_for_the_default_arch(compiled, name):
         assert set(usage) == entries, f"ptxas reported {sorted(usage)}, the cubin defines {sorted(entries)}"
     heavy = {k: u for k, u in usage.items() if u["spill_stores"] > 256 or u["stack"] > 4096}
     assert not heavy, f"cuda/{name}.cu spills heavily: {heavy}"
-    missing = WGMMA_KERNELS.get(name, set()) - entries
-    assert not missing, f"cuda/{name}.cu lacks the wgmma kernels the package launches: {sorted(missing)}"
+    assert name in TABLES, f"cuda/{name}.cu has no kernel table in the package (kernels.KernelTable)"
+    missing = set(TABLES[name].entry_points()) - entries
+    assert not missing, f"cuda/{name}.cu lacks entry points its kernel table names: {sorted(missing)}"
+
+
+def test_every_table_has_a_source():
+    assert set(TABLES) <= set(SOURCES), f"tables without a .cu file: {sorted(set(TABLES) - set(SOURCES))}"
 
 
 def test_compile_reports_registers_per_kernel(compiled):
@@ -86,14 +106,14 @@ def test_compile_reports_registers_per_kernel(compiled):
 
 
 @pytest.mark.parametrize("arch", OTHER_ARCHS)
-@pytest.mark.parametrize("name", sorted(WGMMA_KERNELS))
+@pytest.mark.parametrize("name", WGMMA_SOURCES)
 def test_wgmma_sources_compile_for_other_archs(compiled_elsewhere, name, arch):
     # the wgmma bodies are guarded (__CUDA_ARCH_FEAT_SM90_ALL): for a target without wgmma the file still
     # compiles, with every entry point present (a trap), so one loader serves every GPU
     result = compiled_elsewhere[arch][name]
     assert result["error"] is None, f"cuda/{name}.cu does not compile for {arch}:\n{result['error']}"
     assert "warning" not in result["log"].lower(), f"cuda/{name}.cu compiles with warnings for {arch}:\n{result['log']}"
-    missing = WGMMA_KERNELS[name] - set(result["entries"])
+    missing = set(TABLES[name].entry_points()) - set(result["entries"])
     assert not missing, f"cuda/{name}.cu for {arch} lacks the entry points {sorted(missing)}"
 
 
@@ -109,7 +129,5 @@ def test_default_arch_is_the_h200s():
     assert kernels.DEFAULT_ARCH == kernels.arch_for_capability(9, 0) == "sm_90a"
 
 
-def test_wgmma_is_refused_off_the_gpu():
+def test_wgmma_is_not_available_off_the_gpu():
     assert not kernels.wgmma_available("cpu") and not kernels.wgmma_available(torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"compute capability 9\.0.*use kernel='tensor_core_f16'"):
-        kernels.require_wgmma("cpu", instead="tensor_core_f16")

@@ -1,12 +1,12 @@
-"""fp8: block quantisation (reference and cuda/act_quant.cu) and the FP8 MQA logits
-(reference and cuda/fp8_mqa_logits.cu)."""
+"""fp8: block quantisation (act_quant and cuda/act_quant.cu) and the FP8 MQA logits (mqa_logits and
+cuda/mqa_logits.cu): every version of ACT_QUANT_KERNELS and MQA_LOGITS_KERNELS against the reference."""
 import math
-import re
 
+import numpy as np
 import pytest
 import torch
 
-from dsa_tutorial import compare, fp8, kernels, paged
+from dsa_tutorial import checks, compare, fp8, kernels
 from dsa_tutorial.hadamard import rotate_activation
 
 
@@ -20,30 +20,27 @@ def with_outliers(shape, seed=0, scale=1.0):
     return x
 
 
-def skip_unless_available(kernel: str) -> None:
-    """Skip, saying why, when `kernel` cannot run on this GPU: "wgmma" (kernel 4) needs capability 9.0."""
-    if kernel == "wgmma" and not kernels.wgmma_available():
-        major, minor = torch.cuda.get_device_capability()
-        pytest.skip(f"kernel 4 (wgmma, sm_90a) needs a GPU of compute capability 9.0 (H100, H200); "
-                    f"this one is {major}.{minor}")
+WGMMA = 4  # the version that needs compute capability 9.0, in MQA_LOGITS_KERNELS and PAGED_MQA_LOGITS_KERNELS
+
+
+def skip_unless_available(kernel: int | None) -> None:
+    """Skip, saying why, when kernel `kernel` cannot run on this GPU: 4 (wgmma) needs capability 9.0."""
+    if kernel == WGMMA and fp8.wgmma_why_not(torch.device("cuda")) is not None:
+        pytest.skip(f"kernel 4 (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
 
 
 def pretend_no_wgmma(monkeypatch) -> None:
-    """Pretend the GPU has no wgmma (as an A100 or a B200): every module's wgmma_available says False."""
-    for module in (kernels, fp8, paged):
-        monkeypatch.setattr(module, "wgmma_available", lambda device=None: False)
+    """Pretend the GPU has no wgmma (as an A100 or a B200): kernels.wgmma_available says False."""
+    monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: False)
 
 
-def cu_defines(name: str) -> dict[str, int]:
-    """The object-like #defines of cuda/<name>.cu (the last one of each name), evaluated in Python."""
-    text = kernels.source_path(name).read_text()
-    defines: dict[str, int] = {}
-    for key, expression in re.findall(r"^#define (\w+) ([^\n]*?)\s*(?://.*)?$", text, re.M):
-        try:
-            defines[key] = int(eval(expression.replace("/", "//"), {"__builtins__": {}}, dict(defines)))
-        except Exception:  # noqa: BLE001 - not arithmetic on earlier defines (a string, a macro body)
-            pass
-    return defines
+def recorded_launches(monkeypatch) -> list:
+    """Record what kernels.launch is asked (source, entry, grid, block, args, shared_mem) instead of
+    launching: the launch geometry, checked on the CPU."""
+    launches = []
+    monkeypatch.setattr(kernels, "launch", lambda source, entry, grid, block, args, shared_mem=0:
+                        launches.append((source, entry, grid, block, tuple(args), shared_mem)))
+    return launches
 
 
 # ---------------------------------------------------------------------------------- act_quant
@@ -51,7 +48,7 @@ def cu_defines(name: str) -> dict[str, int]:
 
 def test_ue8m0_scale_is_smallest_power_of_two_covering_the_block():
     x = with_outliers((64, 256))
-    x_q, s = fp8.act_quant_reference(x)
+    x_q, s = fp8.act_quant(x)
     assert x_q.dtype == torch.float8_e4m3fn and x_q.shape == x.shape
     assert s.dtype == torch.float32 and s.shape == (64, 2)
     amax = x.view(64, 2, 128).abs().amax(-1).double()
@@ -66,24 +63,63 @@ def test_ue8m0_scale_is_smallest_power_of_two_covering_the_block():
 def test_ue8m0_scale_edge_cases(amax, expected):
     x = torch.zeros(1, 128)
     x[0, 17] = -amax
-    _, s = fp8.act_quant_reference(x)
+    _, s = fp8.act_quant(x)
     assert s.item() == expected
 
 
-def test_plain_scale_is_amax_over_448_and_amax_maps_to_448():
+def test_plain_scale_is_amax_times_float32_reciprocal_and_amax_maps_to_448():
     x = with_outliers((32, 128), seed=1)
-    x_q, s = fp8.act_quant_reference(x, scale_fmt=None)
+    x_q, s = fp8.act_quant(x, scale_fmt=None)
     amax = x.abs().amax(-1, keepdim=True)
-    assert torch.equal(s, amax / 448)
+    # float32 arithmetic done by numpy: amax * float32(1/448), one rounding
+    expected = amax.numpy() * np.float32(1 / 448)
+    assert expected.dtype == np.float32 and np.array_equal(s.numpy(), expected)
     # the largest element lands on +-448 exactly (after the saturating clamp)
     assert torch.equal(x_q.float().abs().amax(-1, keepdim=True), torch.full_like(amax, 448.0))
+
+
+def division_and_product_differ(n=4096, seed=0):
+    """amax float32 [n] (random, over many binades) and where amax / 448 and amax * float32(1/448)
+    round to different float32 values."""
+    amax = torch.exp(torch.empty(n).uniform_(-9, 9, generator=torch.Generator().manual_seed(seed)))
+    divided = amax.numpy() / np.float32(448)
+    multiplied = amax.numpy() * np.float32(1 / 448)
+    return amax, divided != multiplied
+
+
+def test_plain_scale_multiplies_as_the_official_kernel_does():
+    # issue 10: the official act_quant computes s = amax * (1/448) in float32; a division by 448 differs
+    # from that in the last bit for about half of all amax. block_scales matches the product, bit for bit.
+    amax, differ = division_and_product_differ()
+    assert differ.sum() > len(amax) // 4  # the two really differ, often
+    s = fp8.block_scales(amax, None)
+    assert np.array_equal(s.numpy(), amax.numpy() * np.float32(1 / 448))
+    assert not np.array_equal(s.numpy(), amax.numpy() / np.float32(448))
+    # the floor: max(amax, 1e-4) first
+    assert fp8.block_scales(torch.zeros(1), None).item() == np.float32(1e-4) * np.float32(1 / 448)
+
+
+def test_ue8m0_is_the_same_whether_the_scale_is_divided_or_multiplied():
+    # the float32 values closest to every 448 * 2^e (where rounding could decide ceil(log2)) and a random
+    # sweep: 2^ceil(log2) of amax / 448 and of amax * float32(1/448) agree everywhere
+    near = []
+    for e in range(-13, 30):
+        center = np.float32(448.0 * 2.0 ** e)
+        below = center - np.arange(200, dtype=np.float32) * np.spacing(center / 2, dtype=np.float32)
+        above = center + np.arange(200, dtype=np.float32) * np.spacing(center, dtype=np.float32)
+        near += [below, above]
+    amax = torch.from_numpy(np.concatenate(near + [division_and_product_differ(1 << 16, seed=1)[0].numpy()]))
+    divided = torch.from_numpy(np.maximum(amax.numpy(), np.float32(1e-4)) / np.float32(448))
+    mantissa, exponent = torch.frexp(divided)
+    by_division = torch.ldexp(torch.ones_like(divided), exponent - (mantissa == 0.5).to(exponent.dtype))
+    assert torch.equal(fp8.block_scales(amax, "ue8m0"), by_division)
 
 
 def test_saturation_clamps_before_the_cast():
     # plain scales: x / (amax / 448) can round just above 448; the clamp keeps it at 448, never NaN
     g = torch.Generator().manual_seed(2)
     x = torch.rand(4096, 128, generator=g) * 10
-    x_q, _ = fp8.act_quant_reference(x, scale_fmt=None)
+    x_q, _ = fp8.act_quant(x, scale_fmt=None)
     assert not torch.isnan(x_q.float()).any()
     assert x_q.float().abs().max().item() == 448.0
 
@@ -91,7 +127,7 @@ def test_saturation_clamps_before_the_cast():
 def test_round_trip_error_is_within_e4m3_rounding():
     for scale_fmt in ("ue8m0", None):
         x = with_outliers((128, 384), seed=3)
-        x_q, s = fp8.act_quant_reference(x, scale_fmt=scale_fmt)
+        x_q, s = fp8.act_quant(x, scale_fmt=scale_fmt)
         back = fp8.act_dequant(x_q, s)
         s_full = s.repeat_interleave(128, dim=-1)
         # e4m3: 3 mantissa bits, so |error| <= 2^-4 |x| for normals, <= 2^-10 s in the subnormal range
@@ -104,16 +140,16 @@ def test_cast_rounds_to_nearest_even():
     # 1 + 3/16 is halfway between 1.125 and 1.25: 1.25 (even) wins
     x = torch.zeros(1, 128)
     x[0, 0], x[0, 1], x[0, 2] = 448.0, 1 + 1 / 16, 1 + 3 / 16  # amax 448: scale 1
-    x_q, s = fp8.act_quant_reference(x)
+    x_q, s = fp8.act_quant(x)
     assert s.item() == 1.0
     assert x_q[0, :3].float().tolist() == [448.0, 1.0, 1.25]
 
 
 def test_act_quant_batched_shapes_and_dtypes():
     x = with_outliers((3, 5, 256)).bfloat16()
-    x_q, s = fp8.act_quant(x)  # CPU: the reference
+    x_q, s = fp8.act_quant(x)
     assert x_q.shape == (3, 5, 256) and s.shape == (3, 5, 2)
-    x_q32, s32 = fp8.act_quant_reference(x.float())
+    x_q32, s32 = fp8.act_quant(x.float())
     assert torch.equal(x_q.view(torch.uint8), x_q32.view(torch.uint8)) and torch.equal(s, s32)
     x_q, s = fp8.act_quant(x.float(), block_size=64)
     assert s.shape == (3, 5, 4)
@@ -155,6 +191,17 @@ def test_act_dequant_rejects_bad_scales():
         fp8.act_dequant(x_q, s[:, :1])
 
 
+def test_act_quant_kernel_table():
+    table = fp8.ACT_QUANT_KERNELS
+    assert table.source == "act_quant" and table.versions == (1, 2)
+    assert table.entry_points() == ["act_quant_f32", "act_quant_bf16", "act_quant_b128_f32", "act_quant_b128_bf16"]
+    d = table.defines()
+    assert d["ACT_QUANT_THREADS"] == 32 * d["ACT_QUANT_WARPS"] and d["B128_BLOCKS_PER_WARP"] >= 1
+    assert table.choose(None, {}).version == 2 and table.choose(None, {2: "misaligned"}).version == 1
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/act_quant.cu"):
+        fp8.act_quant_cuda(torch.randn(4, 128), kernel=3)
+
+
 # ---------------------------------------------------------------------------------- MQA logits
 
 
@@ -191,13 +238,13 @@ def test_causal_ks_ke():
     assert ks.tolist() == [0, 0, 0, 3, 3] and ke.tolist() == [1, 2, 3, 4, 5] and ks.dtype == torch.int32
 
 
-def test_mqa_logits_reference_matches_loops():
+def test_mqa_logits_matches_loops():
     data = mqa_inputs([5, 9], H=4, D=32)
     q, k, k_scale, w = data["fp8"]
     ks, ke = data["ks"].clone(), data["ke"].clone()
     ks[3], ke[3] = 1, 1  # an empty row
     ke[7] = 14  # a non-causal range
-    out = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke, query_chunk=3)
+    out = fp8.mqa_logits(q, (k, k_scale), w, ks, ke, query_chunk=3)
     compare.assert_close(out, loop_logits(q, k, k_scale, w, ks, ke), atol=1e-5, rtol=1e-5)
     assert torch.isneginf(out[3]).all()
 
@@ -207,7 +254,7 @@ def test_fp8_logits_close_to_unquantised_logits():
     # unquantised inputs, calc_diff < 1e-3 (e4m3 rounds each value by up to 2^-4 relative)
     data = mqa_inputs([40, 57], H=64)
     q, k, w = data["raw"]
-    ref = fp8.mqa_logits_reference(q, (k, torch.ones(k.shape[0])), w, data["ks"], data["ke"])
+    ref = fp8.mqa_logits(q, (k, torch.ones(k.shape[0])), w, data["ks"], data["ke"])
     out = fp8.mqa_logits(*data["fp8"][:1], tuple(data["fp8"][1:3]), data["fp8"][3], data["ks"], data["ke"])
     result = compare.assert_close(out, ref, atol=float("inf"), max_calc_diff=1e-3)
     assert result.inf_pattern_ok and result.calc_diff > 0  # it is an approximation, and the mask is exact
@@ -241,56 +288,87 @@ def _bad_mqa(**change):
 ])
 def test_mqa_logits_rejects_bad_input(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        fp8.mqa_logits_reference(**_bad_mqa(**change))
+        fp8.mqa_logits(**_bad_mqa(**change))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ks=torch.tensor([0, 0, 0, 0, 0, 0, 6, 6, 10, 6], dtype=torch.int32)), "ks must be <= ke"),
+    (dict(ke=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 11], dtype=torch.int32)), "ke must be <= 10"),
+    (dict(ks=torch.full((10,), -1, dtype=torch.int32)), "ks must be >= 0"),
+])
+def test_cpu_ranges_are_checked_even_with_data_checks_off(change, match):
+    # reading a CPU tensor costs no device synchronisation: its values are always checked
+    with checks.data_checks(False), pytest.raises(ValueError, match=match):
+        fp8.mqa_logits(**_bad_mqa(**change))
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
-    (dict(kernel="wmma"), "kernel must be one of"),
+    (dict(kernel=5), "kernel must be None or a version of cuda/mqa_logits.cu: 1 \\(one thread"),
+    (dict(kernel="wgmma"), "kernel must be None or a version"),
 ])
 def test_mqa_logits_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fp8.mqa_logits_cuda(**_bad_mqa(**change))
 
 
-def test_default_mqa_kernel_is_wgmma_where_it_runs(monkeypatch):
-    assert fp8.default_mqa_kernel("cpu") == "tensor_core_f16" and "wgmma" in fp8.MQA_KERNELS
-    monkeypatch.setattr(fp8, "wgmma_available", lambda device=None: True)
-    assert fp8.default_mqa_kernel() == "wgmma"
+def test_mqa_logits_kernel_table():
+    table = fp8.MQA_LOGITS_KERNELS
+    assert table.source == "mqa_logits" and table.versions == (1, 2, 3, 4)
+    assert table.entry_points() == ["mqa_logits_naive", "mqa_logits_e4m3_h64", "mqa_logits_e4m3_h32",
+                                    "mqa_logits_f16_h64", "mqa_logits_f16_h32", "mqa_logits_wgmma_h64",
+                                    "mqa_logits_wgmma_h32"]
+    assert "compute capability 9.0" in table[4].needs
+    d = table.defines()
+    assert d["HEAD_DIM"] == 128 and d["THREADS"] == 32 * d["QUERIES_PER_CTA"]
+    # kernel 4: 1024 bytes of alignment slack + what the kernel carves; K4_BLOCKS_PER_SM blocks an SM fit
+    # the H200's 227 KiB (1 KiB reserved a block)
+    assert d["K4_DYNAMIC_SMEM"] == d["K4_SMEM_ALIGN"] + d["K4_SMEM_BYTES"] == 51712 and d["K4_SMEM_ALIGN"] == 1024
+    assert d["K4_BLOCKS_PER_SM"] * (d["K4_DYNAMIC_SMEM"] + 1024) <= 227 * 1024
 
 
-def test_wgmma_launch_constants_match_the_source():
-    d = cu_defines("fp8_mqa_logits")
-    assert d["K4_THREADS"] == fp8.MQA_WGMMA_THREADS == 128 and d["K4_N"] == fp8.MQA_WGMMA_ROWS
-    assert d["K4_STAGES"] == fp8.MQA_WGMMA_STAGES
-    assert fp8.MQA_WGMMA_SMEM == 1024 + d["K4_SMEM_BYTES"]  # alignment slack + what the kernel carves
-    # K4_BLOCKS_PER_SM blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
-    assert d["K4_BLOCKS_PER_SM"] * (fp8.MQA_WGMMA_SMEM + 1024) <= 227 * 1024
-
-
-@pytest.mark.parametrize("H, S_q, grid", [(64, 1, 1), (64, 37, 19), (32, 37, 10), (32, 3, 1)])
-def test_wgmma_launch_geometry(monkeypatch, H, S_q, grid):
-    # what _launch_mqa_logits asks of kernel 4, recorded instead of launched: 128 / H queries a block
-    launches = []
+def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
+    table = fp8.MQA_LOGITS_KERNELS
+    assert table.choose(None, fp8._mqa_logits_why_not("cpu", 10)).version == 3  # no wgmma here
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
-    monkeypatch.setattr(fp8, "launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 4
+    assert table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65535)).version == 1
+    with pytest.raises(ValueError, match="kernel 1 of cuda/mqa_logits.cu .*at most 65535, got S_q = 65536"):
+        table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65536))
+
+
+@pytest.mark.parametrize("version, H, S_q, grid, block, smem", [
+    (1, 64, 37, (1, 37), 128, 0), (2, 64, 37, 4, 384, 0), (2, 32, 12, 1, 384, 0), (3, 64, 37, 10, 256, 0),
+    (3, 32, 37, 5, 256, 0), (4, 64, 1, 1, 128, 51712), (4, 64, 37, 19, 128, 51712), (4, 32, 37, 10, 128, 51712),
+    (4, 32, 3, 1, 128, 51712)])
+def test_mqa_logits_launch_geometry(monkeypatch, version, H, S_q, grid, block, smem):
+    # what each kernel is launched with, recorded instead of launched: kernel 1 a block per 128 keys of a
+    # query; kernel 2 12 queries a block; kernel 3 8 warps, 32 heads a warp; kernel 4 128 / H queries a block
+    launches = recorded_launches(monkeypatch)
     q, k, k_scale, w = fp8_inputs(S_q, 65, H)
     ks, ke = _ragged_ranges(S_q, 65, seed=0)
     logits = torch.empty(S_q, 65)
-    fp8._launch_mqa_logits(q, (k, k_scale), w, ks, ke, logits, False, "wgmma")
-    (args, kwargs), = launches
-    assert args == ("fp8_mqa_logits", f"fp8_mqa_logits_wgmma_h{H}")
-    assert kwargs["grid"] == grid and kwargs["block"] == 128 and kwargs["shared_mem"] == 51712
-    assert kwargs["args"][:7] == (q, k, k_scale, w, ks, ke, logits) and kwargs["args"][7:] == (S_q, 65, False)
+    fp8._launch_mqa_logits(version, q, k, k_scale, w, ks, ke, logits, False)
+    (source, entry, got_grid, got_block, args, got_smem), = launches
+    assert (source, entry) == ("mqa_logits", fp8.MQA_LOGITS_KERNELS.entry(version, H=H))
+    assert (got_grid, got_block, got_smem) == (grid, block, smem)
+    assert args[:9] == (q, k, k_scale, w, ks, ke, logits, S_q, 65)
+    assert args[9:] == ((H, False) if version == 1 else (False,))
 
 
 def test_wgmma_refusal_names_the_capability(monkeypatch):
-    monkeypatch.setattr(kernels, "_names_a_gpu", lambda device=None: True)
+    monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: False)
+    monkeypatch.setattr(kernels, "gpu_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    refusal = r"capability 9\.0 .*has compute capability 8\.0: use kernel='tensor_core_f16'"
+    reason = fp8.wgmma_why_not("cuda:0")
+    assert reason == ("needs a GPU of compute capability 9.0 (H100, H200: wgmma, compiled for sm_90a), "
+                      "but cuda:0 has compute capability 8.0")
+    refusal = r"kernel 4 of cuda/mqa_logits.cu \(.*\) cannot run these inputs: needs .*capability 9\.0.*has compute capability 8\.0"
     with pytest.raises(ValueError, match=refusal):
-        kernels.require_wgmma("cuda:0", instead="tensor_core_f16")
+        fp8.MQA_LOGITS_KERNELS.choose(4, fp8._mqa_logits_why_not("cuda:0", 10))
+    assert fp8.MQA_LOGITS_KERNELS.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 3
+    assert "is not a usable CUDA GPU" in fp8.wgmma_why_not("cpu")
 
 
 def test_mqa_logits_cuda_rejects_unsupported_heads_and_head_dim():
@@ -311,43 +389,61 @@ def test_mqa_logits_cuda_rejects_unsupported_heads_and_head_dim():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [128, 32, 192])
 @pytest.mark.parametrize("scale_fmt", ["ue8m0", None])
-@pytest.mark.parametrize("kernel", [None, "blockwise", "b128"])
+@pytest.mark.parametrize("kernel", [None, *fp8.ACT_QUANT_KERNELS.versions])
 def test_act_quant_cuda_is_bit_exact(dtype, block_size, scale_fmt, kernel):
-    if kernel == "b128" and block_size != 128:
+    if kernel == 2 and block_size != 128:
         pytest.skip("kernel 2 is for block_size 128 only")
     x = (with_outliers((37, 3, 4 * 192), seed=5, scale=3.0)).to(dtype)
     x[0, 0] = 0  # an all-zero block: the 1e-4 floor
     x[1, 1, :block_size] = 1e-30  # a block of tiny values
-    ref_q, ref_s = fp8.act_quant_reference(x, block_size, scale_fmt)
+    ref_q, ref_s = fp8.act_quant(x, block_size, scale_fmt)
     x_cuda = x.cuda()
-    out_q, out_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt, kernel=kernel)
+    out = (compare.poisoned(x.shape, torch.float8_e4m3fn), compare.poisoned(ref_s.shape, torch.float32))
+    out_q, out_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt, kernel=kernel, out=out)
+    assert out_q is out[0] and out_s is out[1]
     assert torch.equal(out_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))  # every byte
     assert torch.equal(out_s.cpu(), ref_s)
-    # the reference gives the same bits on the GPU (true division there too, see block_scales)
-    gpu_q, gpu_s = fp8.act_quant_reference(x_cuda, block_size, scale_fmt)
+    # the reference gives the same bits on the GPU (the same float32 product and division there too)
+    gpu_q, gpu_s = fp8.act_quant(x_cuda, block_size, scale_fmt)
     assert torch.equal(gpu_q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(gpu_s.cpu(), ref_s)
-    # act_quant dispatches to the kernel for CUDA tensors
-    again_q, again_s = fp8.act_quant(x_cuda, block_size, scale_fmt)
+    # and the default kernel gives the same bits
+    again_q, again_s = fp8.act_quant_cuda(x_cuda, block_size, scale_fmt)
     assert torch.equal(again_q.view(torch.uint8), out_q.view(torch.uint8)) and torch.equal(again_s, out_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", fp8.ACT_QUANT_KERNELS.versions)
+def test_act_quant_cuda_plain_scale_is_the_float32_product(kernel):
+    # blocks whose amax / 448 and amax * float32(1/448) round differently: the kernel computes the product
+    # (as the official kernel does), bit for bit the reference, and not the quotient
+    amax, differ = division_and_product_differ(1024, seed=2)
+    x = torch.randn(1024, 128, generator=torch.Generator().manual_seed(3)).clamp(-1, 1) * amax[:, None] * 0.9
+    x[:, 5] = amax  # |x| peaks at amax exactly
+    _, ref_s = fp8.act_quant(x, scale_fmt=None)
+    x_q, s = fp8.act_quant_cuda(x.cuda(), scale_fmt=None, kernel=kernel)
+    assert torch.equal(s.cpu(), ref_s) and np.array_equal(ref_s.numpy(), amax.numpy() * np.float32(1 / 448))
+    quotient = amax.numpy() / np.float32(448)
+    assert differ.sum() > 200 and not np.array_equal(s.cpu().numpy()[differ], quotient[differ])
+    assert torch.equal(x_q.view(torch.uint8).cpu(), fp8.act_quant(x, scale_fmt=None)[0].view(torch.uint8))
 
 
 @pytest.mark.gpu
 def test_act_quant_cuda_b128_tails_and_alignment():
     # 1, 3, 5 and 9 blocks: partial last groups of 4 blocks per warp; a tensor at an offset of 4
-    # values (8 or 16 bytes) takes the general kernel, or is refused by "b128" when not 16-byte aligned
+    # values (8 or 16 bytes) takes kernel 1, or is refused by kernel 2 when not 16-byte aligned
     for n_rows in (1, 3, 5, 9):
         x = with_outliers((n_rows, 128), seed=n_rows).cuda()
-        q, s = fp8.act_quant_cuda(x, kernel="b128")
-        ref_q, ref_s = fp8.act_quant_reference(x.cpu())
+        q, s = fp8.act_quant_cuda(x, kernel=2)
+        ref_q, ref_s = fp8.act_quant(x.cpu())
         assert torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
     x = with_outliers((4 * 128 + 4,), seed=3).cuda()[4:]  # 16 bytes in for float32: still aligned
-    q, s = fp8.act_quant_cuda(x, kernel="b128")
-    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant_reference(x.cpu())[0].view(torch.uint8))
+    q, s = fp8.act_quant_cuda(x, kernel=2)
+    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant(x.cpu())[0].view(torch.uint8))
     x = with_outliers((4 * 128 + 2,), seed=4).cuda()[2:]  # 8 bytes in: not 16-byte aligned
-    q, s = fp8.act_quant_cuda(x)  # the general kernel
-    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant_reference(x.cpu())[0].view(torch.uint8))
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        fp8.act_quant_cuda(x, kernel="b128")
+    q, s = fp8.act_quant_cuda(x)  # kernel 1
+    assert torch.equal(q.view(torch.uint8).cpu(), fp8.act_quant(x.cpu())[0].view(torch.uint8))
+    with pytest.raises(ValueError, match="kernel 2 of cuda/act_quant.cu .*16-byte aligned"):
+        fp8.act_quant_cuda(x, kernel=2)
 
 
 def fp8_inputs(S_q, S_k, H=64, seed=0):
@@ -370,7 +466,7 @@ def _ragged_ranges(S_q, S_k, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("H", [64, 32])
-@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
 @pytest.mark.parametrize("ranges", ["causal", "ragged"])
 def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
     skip_unless_available(kernel)
@@ -378,31 +474,31 @@ def test_mqa_logits_cuda_matches_reference(H, kernel, ranges):
     data = mqa_inputs(seq_lens, H=H, seed=6)
     q, k, k_scale, w = data["fp8"]
     ks, ke = (data["ks"], data["ke"]) if ranges == "causal" else _ragged_ranges(241, 241, 7)
-    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)  # float64 on the same FP8 values
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)  # float64 on the same FP8 values
     cuda = [t.cuda() for t in (q, k, k_scale, w, ks, ke)]
     out = compare.poisoned((241, 241), torch.float32, "cuda")
-    fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], cuda[4], cuda[5], kernel=kernel, out=out)
+    assert fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], cuda[4], cuda[5], kernel=kernel, out=out) is out
     # FP8 products are exact in float32; what remains is float32 accumulation over D = 128 and
     # H heads, ~1e-6 of the magnitudes summed; 1e-3 of max|logit| leaves room for a tensor core
     # accumulating with fewer bits, and calc_diff 1e-6 is 1000x below DeepGEMM's bar.
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} logits")
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"kernel {kernel} logits")
     # and DeepGEMM's acceptance test against the unquantised inputs (causal ranges only)
     if ranges == "causal":
         q_raw, k_raw, w_raw = data["raw"]
-        ref_raw = fp8.mqa_logits_reference(q_raw, (k_raw, torch.ones(241)), w_raw, ks, ke)
+        ref_raw = fp8.mqa_logits(q_raw, (k_raw, torch.ones(241)), w_raw, ks, ke)
         compare.assert_close(out, ref_raw, atol=float("inf"), max_calc_diff=1e-3, name="logits vs unquantised")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("H", [64, 32])
-@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
 def test_mqa_logits_cuda_unclean_defines_the_visible_part(kernel, H):
     skip_unless_available(kernel)
     data = mqa_inputs([100, 29], H=H, seed=8)
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
-    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke).cpu()
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke).cpu()
     out = compare.poisoned((129, 129), torch.float32, "cuda")
     fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, clean_logits=False, kernel=kernel, out=out)
     visible = torch.isfinite(ref)
@@ -411,7 +507,7 @@ def test_mqa_logits_cuda_unclean_defines_the_visible_part(kernel, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
 @pytest.mark.parametrize("H", [64, 32])
 @pytest.mark.parametrize("S_k", [1, 63, 65, 200])
 @pytest.mark.parametrize("S_q", [1, 3, 37])
@@ -424,14 +520,14 @@ def test_mqa_logits_cuda_small_ragged_sizes(S_q, S_k, H, kernel):
     causal = (torch.zeros(S_q, dtype=torch.int32), torch.clamp(torch.arange(S_q) + S_k - S_q + 1, min=0).int())
     cuda = [t.cuda() for t in (q, k, k_scale, w)]
     for ks, ke in (causal, _ragged_ranges(S_q, S_k, seed=S_k)):
-        ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+        ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)
         visible = torch.isfinite(ref)
         scale = ref[visible].abs().max().item() if visible.any() else 1.0
         for clean in (True, False):
             out = compare.poisoned((S_q, S_k), torch.float32, "cuda")
             fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks.cuda(), ke.cuda(), clean, kernel=kernel,
                                 out=out)
-            name = f"{kernel} S_q={S_q} S_k={S_k} H={H} clean={clean}"
+            name = f"kernel {kernel} S_q={S_q} S_k={S_k} H={H} clean={clean}"
             if clean:
                 compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
             else:  # only [ks_i, ke_i) is defined
@@ -440,14 +536,14 @@ def test_mqa_logits_cuda_small_ragged_sizes(S_q, S_k, H, kernel):
 
 
 @pytest.mark.gpu
-def test_mqa_logits_dispatches_to_the_fastest_kernel():
-    fastest = fp8.default_mqa_kernel(torch.device("cuda"))
-    assert fastest == ("wgmma" if kernels.wgmma_available() else "tensor_core_f16")
+def test_mqa_logits_cuda_default_is_the_best_kernel_that_runs():
+    best = 4 if fp8.wgmma_why_not(torch.device("cuda")) is None else 3
+    assert fp8.MQA_LOGITS_KERNELS.choose(None, fp8._mqa_logits_why_not(torch.device("cuda"), 103)).version == best
     data = mqa_inputs([70, 33], H=64, seed=11)
     cuda = [t.cuda() for t in data["fp8"]]
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
-    a = fp8.mqa_logits(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke)
-    b = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke, kernel=fastest)
+    a = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke)
+    b = fp8.mqa_logits_cuda(cuda[0], (cuda[1], cuda[2]), cuda[3], ks, ke, kernel=best)
     assert torch.equal(a, b)
 
 
@@ -458,19 +554,19 @@ def test_mqa_logits_cuda_refuses_wgmma_where_it_does_not_run(monkeypatch):
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
     ks, ke = data["ks"].cuda(), data["ke"].cuda()
     out = compare.poisoned((103, 103), torch.float32, "cuda")
-    refusal = r"capability 9\.0 .*has compute capability \d+\.\d+: use kernel='tensor_core_f16'"
+    refusal = r"kernel 4 of cuda/mqa_logits.cu .*capability 9\.0 .*has compute capability \d+\.\d+"
     with pytest.raises(ValueError, match=refusal):
-        fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel="wgmma", out=out)
+        fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel=4, out=out)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # refused before any launch
-    assert fp8.default_mqa_kernel(q.device) == "tensor_core_f16"
-    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(fp8.mqa_logits(q, (k, k_scale), w, ks, ke), ref, atol=1e-3 * scale, max_calc_diff=1e-6)
+    compare.assert_close(fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke), ref, atol=1e-3 * scale,
+                         max_calc_diff=1e-6)  # kernel 3, the best without wgmma
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", fp8.MQA_KERNELS)
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
 def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
     # ranges that start and end anywhere, some much wider than a 64-key tile and some empty, so a
     # block's union of ranges has tiles where only some of its queries see anything
@@ -482,23 +578,69 @@ def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
     ke = torch.minimum(ks + torch.randint(0, 700, (S_q,), generator=g), torch.tensor(S_k))
     ks[::13] = ke[::13]
     ks, ke = ks.int(), ke.int()
-    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)
     out = compare.poisoned((S_q, S_k), torch.float32, "cuda")
     fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel, out=out)
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"{kernel} logits")
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"kernel {kernel} logits")
 
 
 @pytest.mark.gpu
-def test_mqa_logits_cuda_longer_key_side():
+@pytest.mark.parametrize("kernel", [None, *fp8.MQA_LOGITS_KERNELS.versions])
+def test_mqa_logits_cuda_longer_key_side(kernel):
     # S_k > S_q: queries are the last 150 positions of a 700-key context (offset causal ranges)
+    skip_unless_available(kernel)
     q, k, k_scale, w = fp8_inputs(150, 700, seed=9)
     ks = torch.zeros(150, dtype=torch.int32)
     ke = torch.arange(551, 701, dtype=torch.int32)
-    ref = fp8.mqa_logits_reference(q, (k, k_scale), w, ks, ke)
-    out = fp8.mqa_logits(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda())
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)
+    out = fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel)
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+def wild_ranges(S_q, S_k, seed):
+    """ks, ke [S_q] int32 with every kind of invalid range: negative, past S_k, reversed, far out of
+    range both ways, mixed with valid ones."""
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.randint(-3 * S_k, 3 * S_k, (S_q,), generator=g)
+    ke = ks + torch.randint(-2 * S_k, 2 * S_k, (S_q,), generator=g)
+    ks[::5], ke[::5] = -(2 ** 31), 2 ** 31 - 1  # the extremes of int32
+    ks[1::5], ke[1::5] = 2 ** 31 - 1, -(2 ** 31)
+    valid_ks, valid_ke = _ragged_ranges(S_q, S_k, seed)
+    ks[2::5], ke[2::5] = valid_ks[2::5].long(), valid_ke[2::5].long()
+    return ks.int(), ke.int()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clean", [True, False])
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
+def test_mqa_logits_cuda_wild_ranges_with_data_checks_off(kernel, clean):
+    # data checks off (the default): no check reads ks/ke, and the kernels clip each range to
+    # [max(ks, 0), min(ke, S_k)) (empty when reversed): nothing outside the tensors is touched
+    # (compute-sanitizer: benchmarks/sanitize_fp8.py) and each row is the reference on that range
+    skip_unless_available(kernel)
+    S_q, S_k = 77, 300
+    q, k, k_scale, w = fp8_inputs(S_q, S_k, seed=21)
+    ks, ke = wild_ranges(S_q, S_k, seed=21)
+    with checks.data_checks(True), pytest.raises(ValueError):  # with data checks on: refused
+        fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel)
+    clipped_ks = ks.long().clamp(0, S_k)
+    clipped_ke = torch.maximum(ke.long().clamp(max=S_k), clipped_ks)
+    ref = fp8.mqa_logits(q, (k, k_scale), w, clipped_ks.int(), clipped_ke.int())
+    guard = compare.poisoned((S_q + 2, S_k), torch.float32, "cuda")  # a row of NaN on each side: must stay
+    out = guard[1:-1]
+    with checks.data_checks(False):
+        fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), clean,
+                            kernel=kernel, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all()
+    visible = torch.isfinite(ref)
+    scale = ref[visible].abs().max().item()
+    if clean:
+        compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"kernel {kernel} wild ranges")
+    else:
+        compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, max_calc_diff=1e-6)
 
 
 @pytest.mark.gpu
@@ -506,11 +648,17 @@ def test_mqa_logits_cuda_rejects_bad_input_before_launch():
     args = _bad_mqa()
     cuda = dict(q=args["q"].cuda(), kv=(args["kv"][0].cuda(), args["kv"][1].cuda()), weights=args["weights"].cuda(),
                 ks=args["ks"].cuda(), ke=args["ke"].cuda())
-    with pytest.raises(ValueError, match="ks must be <= ke"):
-        fp8.mqa_logits_cuda(**{**cuda, "ks": cuda["ke"] + 1})
-    with pytest.raises(ValueError, match="ke must be <="):
-        fp8.mqa_logits_cuda(**{**cuda, "ke": cuda["ke"] + 5})
+    out = compare.poisoned((10, 10), torch.float32, "cuda")
+    with checks.data_checks(True):  # device data: checked only when asked for
+        with pytest.raises(ValueError, match="ks must be <= ke"):
+            fp8.mqa_logits_cuda(**{**cuda, "ks": cuda["ke"] + 1}, out=out)
+        with pytest.raises(ValueError, match="ke must be <="):
+            fp8.mqa_logits_cuda(**{**cuda, "ke": cuda["ke"] + 5}, out=out)
+        with pytest.raises(ValueError, match="ks must be >= 0"):
+            fp8.mqa_logits_cuda(**{**cuda, "ks": cuda["ks"] - 1}, out=out)
     with pytest.raises(ValueError, match="contiguous"):
-        fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()})
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        fp8.mqa_logits_cuda(**cuda, kernel="wmma")
+        fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()}, out=out)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        fp8.mqa_logits_cuda(**cuda, kernel=0, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()  # nothing launched

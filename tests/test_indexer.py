@@ -1,15 +1,15 @@
 """The lightning indexer: equation 1, the official step order, the mask, the cache, the kernels."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsa_tutorial import compare
+from dsa_tutorial import causal, compare, indexer as indexer_module
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.hadamard import hadamard_matrix
-from dsa_tutorial import causal
-from dsa_tutorial.indexer import (INDEXER_KERNELS, IndexerCache, Indexer, index_scores,
+from dsa_tutorial.indexer import (INDEX_SCORES_KERNELS, IndexerCache, Indexer, index_scores,
                                   index_scores_cuda, index_weights)
 from dsa_tutorial.mla import MLA
 from dsa_tutorial.rope import inv_freq
@@ -191,6 +191,44 @@ def test_indexer_bad_input():
         causal.visible(3, 2)
 
 
+# ----------------------------------------------------------------------------- the kernel table (CPU)
+
+def test_the_kernel_table_numbers_the_versions_of_the_cu_file():
+    assert INDEX_SCORES_KERNELS.versions == (1, 2, 3, 4, 5)
+    assert [k.entry for k in INDEX_SCORES_KERNELS] == ["index_scores_naive", "index_scores_tiled", "index_scores_mma",
+                                                       "index_scores_mma_wide", "index_scores_mma_keys"]
+    header = (Path(__file__).resolve().parent.parent / "cuda" / "index_scores.cu").read_text().split("#include")[0]
+    for kernel in INDEX_SCORES_KERNELS:  # the .cu header calls each entry point by the same number
+        assert f"kernel {kernel.version}  {kernel.entry}" in header
+
+
+def test_the_default_is_kernel_5_at_d_128_else_kernel_3():
+    choose = INDEX_SCORES_KERNELS.choose
+    assert choose(None, indexer_module._why_not(70, 128)).version == 5
+    assert choose(None, indexer_module._why_not(70, 64)).version == 3
+    with pytest.raises(ValueError, match="kernel 5 .* cannot run these inputs: compiled for D = 128"):
+        choose(5, indexer_module._why_not(70, 64))
+    with pytest.raises(ValueError, match="T <= 65535"):
+        choose(1, indexer_module._why_not(70000, 128))
+
+
+def test_launch_geometry_comes_from_the_cu_defines():
+    c = INDEX_SCORES_KERNELS.defines()
+    assert c["KEYS_D"] == 128 and c["MMA_T"] == c["KEYS_T"] == 64
+    # kernel 3: 128 keys x 64 queries a block, 4 warps, the key tile and two query tiles of D + 8 bf16
+    assert indexer_module._launch_geometry(3, 100, 300, 128) == ((3, 2), 128, (128 + 2 * 64) * 136 * 2)
+    assert indexer_module._launch_geometry(4, 100, 300, 128) == ((2, 2), 256, (256 + 2 * 64) * 136 * 2)
+    assert indexer_module._launch_geometry(5, 100, 300, 128) == ((2, 2), 128, 2 * 8 * 16 * 136 * 2)
+    assert indexer_module._launch_geometry(2, 100, 300, 48) == ((10, 4), 256, 2 * 32 * 49 * 4)
+    assert indexer_module._launch_geometry(1, 100, 300, 48) == ((3, 100), 128, 0)
+
+
+def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
+    q = torch.randn(8, 2, 32).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        index_scores_cuda(q, torch.randn(8, 2), torch.randn(16, 32).to(torch.bfloat16))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -202,38 +240,57 @@ def _gpu_inputs(T, S, H, D, seed):
     return q, w, k
 
 
+def _reference(q, w, k, is_causal):
+    """index_scores in float32 on the same bf16-rounded values, -inf after each query when causal."""
+    ref = index_scores(q.float(), w, k.float())
+    if is_causal:
+        ref = ref.masked_fill(~causal.visible(*ref.shape, ref.device), float("-inf"))
+    return ref
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", INDEXER_KERNELS)
-@pytest.mark.parametrize("T, S, H, D, causal", [
+@pytest.mark.parametrize("kernel", INDEX_SCORES_KERNELS.versions)
+@pytest.mark.parametrize("T, S, H, D, is_causal", [
     (77, 200, 5, 48, False), (77, 200, 5, 48, True), (130, 300, 8, 128, True), (1, 129, 3, 16, False),
     (64, 128, 64, 128, False), (200, 201, 4, 256, True),
-    # D = 128 (kernel 4 too), T and S off every tile, H off the 8-head stages
+    # D = 128 (kernel 5 too), T and S off every tile, H off the 8-head stages
     (77, 200, 5, 128, False), (1, 129, 3, 128, False), (100, 333, 9, 128, True), (300, 300, 64, 128, True),
     (17, 1000, 11, 128, False),
 ])
-def test_index_scores_cuda(kernel, T, S, H, D, causal):
+def test_index_scores_cuda(kernel, T, S, H, D, is_causal):
     q, w, k = _gpu_inputs(T, S, H, D, seed=T + S + H + D)
-    if kernel == "mma_keys" and D != 128:  # kernel 4 keeps the keys in registers: compiled for D = 128
+    if kernel == 5 and D != 128:  # kernel 5 keeps the keys in registers: compiled for D = 128
         with pytest.raises(ValueError, match="D = 128"):
-            index_scores_cuda(q, w, k, kernel=kernel, causal=causal)
+            index_scores_cuda(q, w, k, kernel=kernel, causal=is_causal)
         return
-    ref = index_scores(q.float(), w, k.float())  # float32 on the same bf16-rounded values
-    if causal:
-        ref = ref.masked_fill(~causal.visible(T, S, ref.device), float("-inf"))
+    ref = _reference(q, w, k, is_causal)
     out = compare.poisoned((T, S), torch.float32)
-    out.copy_(index_scores_cuda(q, w, k, kernel=kernel, causal=causal))
+    returned = index_scores_cuda(q, w, k, kernel=kernel, causal=is_causal, out=out)
+    assert returned is out
     # same inputs, float32 accumulation in another order: errors of a few ulp of the sum of
-    # |w| |q . k| terms, i.e. ~1e-6 of the largest logit; 1e-5 leaves room, a wrong index is O(1)
+    # |w| |q . k| terms, i.e. ~1e-6 of the largest score; 1e-5 leaves room, a wrong index is O(1)
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(out, ref, atol=1e-5 * scale, rtol=1e-5, name=f"indexer_logits_{kernel}")
+    compare.assert_close(out, ref, atol=1e-5 * scale, rtol=1e-5, name=f"index_scores kernel {kernel}")
 
 
 @pytest.mark.gpu
-def test_index_scores_cuda_default_is_kernel_4_at_d_128():
+def test_index_scores_cuda_default_is_kernel_5_at_d_128():
     q, w, k = _gpu_inputs(70, 300, 6, 128, seed=3)
-    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel="mma_keys"))
+    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel=5))
     q, w, k = _gpu_inputs(70, 300, 6, 64, seed=3)
-    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel="mma"))
+    assert torch.equal(index_scores_cuda(q, w, k), index_scores_cuda(q, w, k, kernel=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_index_scores_cuda_without_heads_is_the_empty_sum(is_causal):
+    q = torch.empty(5, 0, 32, dtype=torch.bfloat16, device="cuda")  # H = 0 heads
+    w, k = torch.empty(5, 0, device="cuda"), torch.randn(9, 32, device="cuda").to(torch.bfloat16)
+    out = index_scores_cuda(q, w, k, causal=is_causal)
+    expected = torch.zeros(5, 9, device="cuda")
+    if is_causal:
+        expected = expected.masked_fill(~causal.visible(5, 9, "cuda"), float("-inf"))
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.gpu
@@ -247,8 +304,14 @@ def test_index_scores_cuda_bad_input():
         index_scores_cuda(q.float(), w, k)
     with pytest.raises(ValueError, match="CUDA"):
         index_scores_cuda(q, w, k.cpu())
-    with pytest.raises(ValueError, match="kernel"):
-        index_scores_cuda(q, w, k, kernel="fast")
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/index_scores.cu"):
+        index_scores_cuda(q, w, k, kernel=6)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        index_scores_cuda(q, w, k, kernel="mma")  # the old names are gone: versions are numbers
+    with pytest.raises(ValueError, match="T <= S"):
+        index_scores_cuda(q, w, k[:4].contiguous(), causal=True)
+    with pytest.raises(ValueError, match="out must have shape"):
+        index_scores_cuda(q, w, k, out=torch.empty(8, 15, device="cuda"))
 
 
 def test_fp8_path_stays_close_to_the_float_path():
@@ -265,8 +328,3 @@ def test_fp8_path_stays_close_to_the_float_path():
     result = compare.compare(rounded, exact, max_calc_diff=1e-3, atol=float("inf"))
     assert result.passed and result.calc_diff > 1e-7, result.measured()
 
-
-def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
-    q = torch.randn(8, 2, 32).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="must be on a CUDA device"):
-        index_scores_cuda(q, torch.randn(8, 2), torch.randn(16, 32).to(torch.bfloat16))

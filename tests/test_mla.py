@@ -1,12 +1,13 @@
 """MLA: formulas (1)-(4) and the query path, the absorption identity, the module (MHA mode = MQA
-mode = the official code, cache prefill + decode = one pass), bad inputs, and the two kernels."""
+mode = the official code, cache prefill + decode = one pass), bad inputs, and the kernels of
+cuda/kv_compress.cu and cuda/latent_scores.cu (every version of their tables)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsa_tutorial import compare, cost, mla, rope
+from dsa_tutorial import checks, compare, cost, mla, rope
 from dsa_tutorial.config import ModelArgs
-from dsa_tutorial.norm import rms_norm
+from dsa_tutorial.norm import RMS_NORM_KERNELS, rms_norm, rms_norm_cuda
 
 TINY = ModelArgs.tiny()
 V32 = ModelArgs()
@@ -222,7 +223,7 @@ def test_bad_inputs():
         cache.append(torch.randn(2, 3, 16), torch.randn(2, 3, 8).double())
     with pytest.raises(ValueError, match="more than max_seq_len = 256"):
         cache.append(torch.randn(2, 257, 16), torch.randn(2, 257, 8))
-    with pytest.raises(ValueError, match=r"wkv_a must have shape \[24, dim\], got \[23, 64\]"):
+    with pytest.raises(ValueError, match=r"wkv_a has L = 23 .* but L = 24 elsewhere"):
         mla.kv_compress(h, torch.randn(23, 64), torch.ones(16), TINY)
     with pytest.raises(ValueError, match="q_rope has B = 2"):
         mla.latent_scores(torch.randn(1, 1, 4, 16), torch.randn(2, 1, 4, 8), torch.randn(1, 5, 16),
@@ -246,16 +247,21 @@ def test_cuda_wrappers_reject_cpu_tensors():
     with pytest.raises(ValueError, match="kv must be on a CUDA device"):
         mla.kv_compress_cuda(torch.randn(3, 24), torch.ones(16), TINY)
     with pytest.raises(ValueError, match="q_abs must be on a CUDA device"):
-        mla.decode_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY)
-    with pytest.raises(ValueError, match="kernel must be"):
-        mla.decode_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY,
-                               kernel="fast")
-    for kernel in ("mma", "pipelined"):
-        with pytest.raises(ValueError, match="multiples of 16"):
-            mla.decode_scores_cuda(*(torch.randn(s).bfloat16() for s in [(1, 1, 4, 16), (1, 1, 4, 8), (1, 5, 24)]),
-                                   TINY, kernel=kernel)
-    with pytest.raises(ValueError, match="kernel must be None, 'scalar' or 'vector'"):
-        mla.kv_compress_cuda(torch.randn(3, 24), torch.ones(16), TINY, kernel="fast")
+        mla.latent_scores_cuda(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 8), torch.randn(1, 5, 24), TINY)
+
+
+def test_kernel_tables():
+    """One table per .cu file, versions as the chapters number them, entry points named after the reference."""
+    assert mla.KV_COMPRESS_KERNELS.source == "kv_compress" and mla.KV_COMPRESS_KERNELS.versions == (1, 2)
+    assert mla.KV_COMPRESS_KERNELS.entry(2, rope="_rope", dtype="bf16") == "kv_compress_rope_vec_bf16"
+    assert mla.LATENT_SCORES_KERNELS.source == "latent_scores" and mla.LATENT_SCORES_KERNELS.versions == (1, 2, 3, 4)
+    assert all(name.startswith("kv_compress") for name in mla.KV_COMPRESS_KERNELS.entry_points())
+    assert all(name.startswith("latent_scores") for name in mla.LATENT_SCORES_KERNELS.entry_points())
+    assert "kernel 4  latent_scores_pipelined_bf16" in mla.LATENT_SCORES_KERNELS.describe()
+    defines = mla.KV_COMPRESS_KERNELS.defines()
+    assert defines["COMPRESS_THREADS"] == 32 * defines["COMPRESS_WARPS"]
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/latent_scores.cu"):
+        mla.LATENT_SCORES_KERNELS["pipelined"]
 
 
 def test_pipelined_shared_memory_fits_an_h200():
@@ -264,23 +270,62 @@ def test_pipelined_shared_memory_fits_an_h200():
     assert mla._pipelined_smem_bytes(MMA_ARGS) == 128 * 64 * 2 + 5 * 128 * 64 * 2  # width 48 padded to 64
 
 
+def test_latent_scores_kernels_refuse_only_by_their_own_limits():
+    """Review fix: the 65535 limit of a grid dimension applied to kernel 4, whose grid is 1-D, and
+    kernel 3's row blocks were counted in tiles of 64 rows instead of its 128. Each kernel's own
+    limits now, from the table's #defines; and what each refuses, with the reason."""
+    def why_not(dtype, batch, rows, n_keys=100, args=V32, aligned=True, smem=227 * 1024):
+        return mla._latent_scores_why_not(dtype, batch, rows, n_keys, args, aligned, smem)
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert why_not(bf16, 65536, 128)[4] is None  # a 1-D grid: any batch
+    assert "65535" in why_not(bf16, 65536, 128)[3] and "65535" in why_not(f32, 65536, 128)[2]
+    assert why_not(bf16, 1, 65535 * 128)[3] is None  # 65535 row blocks of 128 rows
+    assert "65535" in why_not(bf16, 1, 65535 * 128 + 1)[3]
+    assert why_not(f32, 1, 65535 * 64)[2] is None and "65535" in why_not(f32, 1, 65535 * 64 + 1)[2]
+    assert why_not(f32, 1, 65535)[1] is None and "65535" in why_not(f32, 1, 65536)[1]
+    # kernel 4 counts its 128 x 128 tiles in int32: 2^15 x 32 x 1024 = 2^30 fit, twice as many do not
+    assert why_not(bf16, 2**15, 2**12, 2**17)[4] is None and "int32" in why_not(bf16, 2**16, 2**12, 2**17)[4]
+    # dtype, shapes, alignment, shared memory: the reasons a chooser reads
+    assert "float32" in why_not(bf16, 1, 128)[1] and "bfloat16" in why_not(f32, 1, 128)[4]
+    assert "multiples of 16" in why_not(bf16, 1, 128, args=TINY)[3]
+    assert "16-byte aligned" in why_not(bf16, 1, 128, aligned=False)[4]
+    assert "shared memory" in why_not(bf16, 1, 128, smem=100 * 1024)[4]
+    choose = mla.LATENT_SCORES_KERNELS.choose
+    assert choose(None, why_not(f32, 2, 128)).version == 2
+    assert choose(None, why_not(bf16, 2, 128)).version == 4
+    assert choose(None, why_not(bf16, 2, 128, smem=100 * 1024)).version == 3  # the query tile does not fit
+    with pytest.raises(ValueError, match="kernel 3 of cuda/latent_scores.cu .* is built for bfloat16"):
+        choose(3, why_not(f32, 2, 128))
+
+
 # --------------------------------------------------------------------------------------- GPU
 U32 = 2.0**-24  # float32 unit roundoff
 MMA_ARGS = ModelArgs.tiny(kv_lora_rank=32, qk_rope_head_dim=16)  # latent 48: the last 32-dim step is half full
 
 
+def _compress_reference(kv, weight, args, positions):
+    """[RMSNorm(c) | k_pe or RoPE(k_pe)] in float64, from the references."""
+    kv64 = kv.double()
+    c_kv = rms_norm(kv64[:, : args.kv_lora_rank], weight.double(), args.norm_eps)
+    k_rope = kv64[:, args.kv_lora_rank:]
+    if positions is not None:
+        k_rope = rope.apply_rope(k_rope, positions, "interleaved", args)
+    return torch.cat([c_kv, k_rope], dim=-1)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+@pytest.mark.parametrize("kernel", mla.KV_COMPRESS_KERNELS.versions)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_rope", [False, True])
 @pytest.mark.parametrize("args,n_tokens", [(TINY, 29), (V32, 1037), (V32, 3)])
 def test_kv_compress_cuda(kernel, dtype, with_rope, args, n_tokens):
     """Tolerance: float32 sums 512 squares (relative error <= 512 u of the sum, halved by the rsqrt)
     and scales each value with 3 more roundings: 300 u relative covers it. bf16 output: one rounding
-    at 2^-9 relative of |out| (<= 2^-9 max|ref|) on top. Both kernels; the vector one has V3.2's dims
+    at 2^-9 relative of |out| (<= 2^-9 max|ref|) on top. Every kernel; kernel 2 has V3.2's dims
     built in. T = 1037 and 3 leave the last block of 8 warps partly empty."""
-    if kernel == "vector" and args != V32:
-        pytest.skip("the vector kernel is built for d_c = 512, d_R = 64")
+    if kernel == 2 and args != V32:
+        pytest.skip("kernel 2 is compiled for d_c = 512, d_R = 64")
     torch.manual_seed(8)
     kv = (torch.randn(n_tokens, args.latent_dim, device="cuda") * 3).to(dtype)
     weight = torch.randn(args.kv_lora_rank, device="cuda") * 0.2 + 1
@@ -288,19 +333,12 @@ def test_kv_compress_cuda(kernel, dtype, with_rope, args, n_tokens):
     if with_rope:
         positions[0] = args.max_seq_len - 1  # the last row of the table
     out = compare.poisoned(kv.shape, dtype, "cuda")
-    got = mla.kv_compress_cuda(kv, weight, args, positions=positions, out=out, kernel=kernel)
+    got = mla.kv_compress_cuda(kv, weight, args, positions, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr()
-    kv64 = kv.double()
-    c_kv = rms_norm(kv64[:, : args.kv_lora_rank], weight.double(), args.norm_eps)
-    k_rope = kv64[:, args.kv_lora_rank:]
-    if with_rope:
-        k_rope = rope.apply_rope(k_rope, positions, "interleaved", args)
-    want = torch.cat([c_kv, k_rope], dim=-1)
+    want = _compress_reference(kv, weight, args, positions)
     amax = want.abs().max().item()
-    if dtype == torch.float32:
-        compare.assert_close(got, want, atol=8 * U32 * amax, rtol=300 * U32, name="kv_compress_cuda f32")
-    else:
-        compare.assert_close(got, want, atol=2**-8 * amax, rtol=300 * U32, name="kv_compress_cuda bf16")
+    atol = (8 * U32 if dtype == torch.float32 else 2**-8) * amax
+    compare.assert_close(got, want, atol=atol, rtol=300 * U32, name=f"kv_compress_cuda kernel {kernel} {dtype}")
 
 
 def _scores_inputs(args, batch, n_q, n_keys, dtype, seed=9):
@@ -322,53 +360,81 @@ def _scores_reference(q_abs, q_rope, latent, args):
     return ref, bound.max().item()
 
 
+def _scores_atol(args, dot_bound, tensor_cores):
+    """gamma_n sum |q_d latent_d| with n = d_c + d_R + 1, doubled for the tensor cores (their adder may truncate)."""
+    n = args.latent_dim + 1
+    return n * U32 / (1 - n * U32) * (2 if tensor_cores else 1) * dot_bound
+
+
+def _dtype_of(kernel):
+    return torch.bfloat16 if "bf16" in mla.LATENT_SCORES_KERNELS[kernel].entry else torch.float32
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["naive", "tiled", "mma", "pipelined"])
+@pytest.mark.parametrize("kernel", mla.LATENT_SCORES_KERNELS.versions)
 @pytest.mark.parametrize("args,batch,n_q,n_keys", [
     (TINY, 3, 1, 77), (TINY, 2, 5, 130), (MMA_ARGS, 3, 1, 77), (MMA_ARGS, 2, 7, 65),
     (MMA_ARGS, 45, 1, 700), (MMA_ARGS, 2, 33, 131),
     (V32, 2, 1, 200), (V32, 3, 2, 63), (V32, 3, 1, 1000),
 ], ids=["tiny-decode", "tiny-T5", "mma-dims", "mma-dims-T7", "mma-dims-many-tiles", "mma-dims-2-row-blocks",
         "v32-decode", "v32-T2", "v32-8-key-tiles"])
-def test_decode_scores_cuda(kernel, args, batch, n_q, n_keys):
+def test_latent_scores_cuda(kernel, args, batch, n_q, n_keys):
     """Tolerance: |error| <= gamma_n sum_d |q_d latent_d| * scale with n = d_c + d_R + 1 (Higham), for
     float32 accumulation of exact products: bf16 products are exact in float32, so the same bound
     holds for the tensor-core kernels (doubled there: the tensor-core adder may truncate instead of round).
     "many-tiles": 45 x 6 = 270 tiles of 128 keys over at most 132 persistent blocks, so block ranges
     hold several tiles and cross batch entries (the query tile is reloaded); "2-row-blocks": 132 rows,
     a second, almost empty row block; odd S: the scalar store path of the last key."""
-    tensor_cores = kernel in ("mma", "pipelined")
+    dtype = _dtype_of(kernel)
+    tensor_cores = dtype == torch.bfloat16
     if tensor_cores and (args.kv_lora_rank % 16 or args.qk_rope_head_dim % 16):
         pytest.skip("the tensor-core kernels need d_c and d_R multiples of 16")
     if not tensor_cores and n_keys * batch > 5000:
         pytest.skip("the CUDA-core kernels have no persistent schedule to exercise")
-    dtype = torch.bfloat16 if tensor_cores else torch.float32
     q_abs, q_rope, latent = _scores_inputs(args, batch, n_q, n_keys, dtype)
     out = compare.poisoned((batch, n_q, args.n_heads, n_keys), torch.float32, "cuda")
-    got = mla.decode_scores_cuda(q_abs, q_rope, latent, args, kernel=kernel, out=out)
+    got = mla.latent_scores_cuda(q_abs, q_rope, latent, args, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr()
     want, dot_bound = _scores_reference(q_abs, q_rope, latent, args)
-    n = args.latent_dim + 1
-    gamma = n * U32 / (1 - n * U32) * (2 if tensor_cores else 1)
-    compare.assert_close(got, want, atol=gamma * dot_bound, name=f"decode_scores_cuda {kernel}")
+    compare.assert_close(got, want, atol=_scores_atol(args, dot_bound, tensor_cores),
+                         name=f"latent_scores_cuda kernel {kernel}")
 
 
 @pytest.mark.gpu
-def test_decode_scores_cuda_default_kernels():
-    """kernel=None: "tiled" for float32 and "pipelined" for bf16, bit for bit; the two tensor-core
-    kernels differ only in the order of their float32 additions."""
-    for dtype, default in ((torch.float32, "tiled"), (torch.bfloat16, "pipelined")):
+def test_latent_scores_cuda_default_kernels():
+    """kernel=None: kernel 2 for float32 and kernel 4 for bf16 (the H200 fits its shared memory), bit
+    for bit; the two tensor-core kernels differ only in the order of their float32 additions."""
+    for dtype, default in ((torch.float32, 2), (torch.bfloat16, 4)):
         inputs = _scores_inputs(V32, 2, 1, 300, dtype, seed=10)
-        got = mla.decode_scores_cuda(*inputs, V32)
-        assert torch.equal(got, mla.decode_scores_cuda(*inputs, V32, kernel=default))
-    mma = mla.decode_scores_cuda(*inputs, V32, kernel="mma")
+        got = mla.latent_scores_cuda(*inputs, V32)
+        assert torch.equal(got, mla.latent_scores_cuda(*inputs, V32, kernel=default))
+    mma = mla.latent_scores_cuda(*inputs, V32, kernel=3)
     _, dot_bound = _scores_reference(*inputs, V32)
-    n = V32.latent_dim + 1
-    compare.assert_close(got, mma, atol=4 * n * U32 / (1 - n * U32) * dot_bound, name="pipelined vs mma")
+    compare.assert_close(got, mma, atol=2 * _scores_atol(V32, dot_bound, True), name="kernel 4 vs kernel 3")
 
 
 @pytest.mark.gpu
-def test_decode_scores_cuda_on_a_real_cache():
+def test_latent_scores_cuda_grid_limits_are_each_kernels_own():
+    """Review fix, on the GPU: kernel 4 (a 1-D grid) runs 65536 batch entries, which the old check
+    refused; kernel 3 runs 65535 * 64 + 64 query rows (32768 row blocks of 128), which it refused too.
+    Kernel 3's real limit, 65535 batch entries in grid z, still refuses the first."""
+    q_abs, q_rope, latent = _scores_inputs(MMA_ARGS, 65536, 1, 3, torch.bfloat16)
+    out = compare.poisoned((65536, 1, MMA_ARGS.n_heads, 3), torch.float32, "cuda")
+    got = mla.latent_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, out=out, kernel=4)
+    want, dot_bound = _scores_reference(q_abs, q_rope, latent, MMA_ARGS)
+    compare.assert_close(got, want, atol=_scores_atol(MMA_ARGS, dot_bound, True), name="kernel 4, B = 65536")
+    with pytest.raises(ValueError, match="kernel 3 .* 65535"):
+        mla.latent_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, kernel=3)
+    n_q = (65535 * 64 + 64) // MMA_ARGS.n_heads  # rows = T n_h = 4194304
+    q_abs, q_rope, latent = _scores_inputs(MMA_ARGS, 1, n_q, 3, torch.bfloat16, seed=11)
+    out = compare.poisoned((1, n_q, MMA_ARGS.n_heads, 3), torch.float32, "cuda")
+    got = mla.latent_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, out=out, kernel=3)
+    want, dot_bound = _scores_reference(q_abs, q_rope, latent, MMA_ARGS)
+    compare.assert_close(got, want, atol=_scores_atol(MMA_ARGS, dot_bound, True), name="kernel 3, 2^22 rows")
+
+
+@pytest.mark.gpu
+def test_latent_scores_cuda_on_a_real_cache():
     """End to end: the module's latent cache, its absorbed queries, the kernel, the module's scores."""
     m = make_mla(dtype=torch.float32, device="cuda")
     h = torch.randn(2, 45, 64, device="cuda")
@@ -379,63 +445,97 @@ def test_decode_scores_cuda_on_a_real_cache():
     c_kv, k_rope = m.latents(h[:, 44:], positions)
     cache.append(c_kv, k_rope)
     q_abs = m.absorb_query(q_nope).contiguous()
-    got = mla.decode_scores_cuda(q_abs, q_rope.contiguous(), cache.kv, TINY)
+    got = mla.latent_scores_cuda(q_abs, q_rope.contiguous(), cache.kv, TINY)
     want = m.latent_scores(q_abs, q_rope, cache.c_kv, cache.k_rope)
-    compare.assert_close(got, want, atol=1e-4, rtol=1e-4, name="decode scores on the cache")
+    compare.assert_close(got, want, atol=1e-4, rtol=1e-4, name="latent scores on the cache")
 
 
 @pytest.mark.gpu
-def test_kv_compress_cuda_positions_outside_the_table_give_nan():
-    kv = torch.randn(5, TINY.latent_dim, device="cuda")
-    positions = torch.tensor([3, 256, 7, -1, 0], device="cuda")
-    out = mla.kv_compress_cuda(kv, torch.ones(16, device="cuda"), TINY, positions=positions, check_positions=False)
-    assert out[[1, 3], 16:].isnan().all()
-    assert not out[:, :16].isnan().any() and not out[[0, 2, 4]].isnan().any()
-    with pytest.raises(ValueError, match="positions must be >= 0, got -1"):
-        mla.kv_compress_cuda(kv, torch.ones(16, device="cuda"), TINY, positions=positions)
-    # the vector kernel's guard (V3.2 dims)
-    kv = torch.randn(5, V32.latent_dim, device="cuda")
-    positions = torch.tensor([3, V32.max_seq_len, 7, -1, 0], device="cuda")
-    out = mla.kv_compress_cuda(kv, torch.ones(512, device="cuda"), V32, positions=positions, check_positions=False,
-                               kernel="vector")
-    assert out[[1, 3], 512:].isnan().all()
-    assert not out[:, :512].isnan().any() and not out[[0, 2, 4]].isnan().any()
+@pytest.mark.parametrize("kernel", mla.KV_COMPRESS_KERNELS.versions)
+def test_kv_compress_cuda_wild_positions_with_data_checks_off(kernel):
+    """Data checks off (the default): positions far outside the table are not read back, and the
+    kernels write NaN for those tokens' k^R, read nothing outside the table (compute-sanitizer:
+    benchmarks/sanitize_mla.py), and leave every other value right. With data checks on they are refused."""
+    args = V32 if kernel == 2 else TINY
+    kv = torch.randn(6, args.latent_dim, device="cuda")
+    weight = torch.rand(args.kv_lora_rank, device="cuda") + 0.5
+    positions = torch.tensor([3, args.max_seq_len, 7, -1, 2**62, -(2**62)], device="cuda")
+    with checks.data_checks(False):
+        out = mla.kv_compress_cuda(kv, weight, args, positions, kernel=kernel)
+    d_c = args.kv_lora_rank
+    assert out[[1, 3, 4, 5], d_c:].isnan().all()
+    ok = torch.tensor([0, 2], device="cuda")
+    compare.assert_close(out[ok], _compress_reference(kv[ok], weight, args, positions[ok]), atol=1e-5, rtol=1e-4)
+    compare.assert_close(out[:, :d_c], _compress_reference(kv, weight, args, None)[:, :d_c], atol=1e-5, rtol=1e-4)
+    with checks.data_checks(True), pytest.raises(ValueError, match="positions must be >= 0"):
+        mla.kv_compress_cuda(kv, weight, args, positions, kernel=kernel)
 
 
 @pytest.mark.gpu
-def test_decode_scores_cuda_bad_inputs():
-    with pytest.raises(TypeError, match="q_abs must be bfloat16"):
-        mla.decode_scores_cuda(*_scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32), MMA_ARGS, kernel="mma")
+def test_latent_scores_cuda_bad_inputs():
+    with pytest.raises(ValueError, match="kernel 3 .* built for bfloat16"):
+        mla.latent_scores_cuda(*_scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32), MMA_ARGS, kernel=3)
+    for kernel in (3, 4):
+        with pytest.raises(ValueError, match="multiples of 16"):
+            mla.latent_scores_cuda(*_scores_inputs(TINY, 1, 1, 9, torch.bfloat16), TINY, kernel=kernel)
     q_abs, q_rope, latent = _scores_inputs(TINY, 1, 1, 9, torch.float32)
     with pytest.raises(ValueError, match="latent has L = 23"):
-        mla.decode_scores_cuda(q_abs, q_rope, latent[..., :23].contiguous(), TINY)
-    with pytest.raises(ValueError, match="one device"):
-        mla.decode_scores_cuda(q_abs, q_rope, latent.cpu(), TINY)
+        mla.latent_scores_cuda(q_abs, q_rope, latent[..., :23].contiguous(), TINY)
+    with pytest.raises(ValueError, match="one device|CUDA device"):
+        mla.latent_scores_cuda(q_abs, q_rope, latent.cpu(), TINY)
     with pytest.raises(ValueError, match="contiguous"):
-        mla.decode_scores_cuda(q_abs, q_rope, latent.transpose(1, 2).contiguous().transpose(1, 2), TINY)
+        mla.latent_scores_cuda(q_abs, q_rope, latent.transpose(1, 2).contiguous().transpose(1, 2), TINY)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        mla.latent_scores_cuda(q_abs, q_rope, latent, TINY, kernel="tiled")
     bf = [t.bfloat16() for t in _scores_inputs(MMA_ARGS, 1, 1, 9, torch.float32)]
     shifted = torch.empty(bf[2].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view_as(bf[2])
-    for kernel in ("mma", "pipelined"):
+    shifted.copy_(bf[2])
+    for kernel in (3, 4):
         with pytest.raises(ValueError, match="16-byte aligned"):
-            mla.decode_scores_cuda(bf[0], bf[1], shifted, MMA_ARGS, kernel=kernel)
-    # an output that is 4- but not 8-byte aligned: the pipelined kernel's scalar store path
+            mla.latent_scores_cuda(bf[0], bf[1], shifted, MMA_ARGS, kernel=kernel)
+    # an output that is 4- but not 8-byte aligned: kernel 4's scalar store path
     q_abs, q_rope, latent = _scores_inputs(MMA_ARGS, 2, 1, 130, torch.bfloat16)
     out = torch.full((2 * 4 * 130 + 1,), float("nan"), device="cuda")[1:].view(2, 1, 4, 130)
-    got = mla.decode_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, kernel="pipelined", out=out)
+    got = mla.latent_scores_cuda(q_abs, q_rope, latent, MMA_ARGS, out=out, kernel=4)
     want, dot_bound = _scores_reference(q_abs, q_rope, latent, MMA_ARGS)
-    n = MMA_ARGS.latent_dim + 1
-    compare.assert_close(got, want, atol=2 * n * U32 / (1 - n * U32) * dot_bound, name="pipelined, odd output")
+    compare.assert_close(got, want, atol=_scores_atol(MMA_ARGS, dot_bound, True), name="kernel 4, odd output")
 
 
 @pytest.mark.gpu
 def test_kv_compress_cuda_kernel_choice():
-    """The vector kernel needs V3.2's dims and 16-byte alignment; the default falls back to the scalar one."""
+    """Kernel 2 needs V3.2's dims and 16-byte alignment; the default falls back to kernel 1."""
     kv = torch.randn(2 * V32.latent_dim + 2, device="cuda")[2:].view(2, V32.latent_dim)  # 8-byte aligned only
     weight = torch.ones(V32.kv_lora_rank, device="cuda")
-    with pytest.raises(ValueError, match="the vector kernel needs"):
-        mla.kv_compress_cuda(kv, weight, V32, kernel="vector")
-    with pytest.raises(ValueError, match="the vector kernel needs"):
+    with pytest.raises(ValueError, match="kernel 2 of cuda/kv_compress.cu .* 16-byte aligned"):
+        mla.kv_compress_cuda(kv, weight, V32, kernel=2)
+    with pytest.raises(ValueError, match=r"compiled for \(d_c, d_R\) = \(512, 64\), got \(16, 8\)"):
         mla.kv_compress_cuda(torch.randn(3, TINY.latent_dim, device="cuda"), torch.ones(16, device="cuda"), TINY,
-                             kernel="vector")
+                             kernel=2)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        mla.kv_compress_cuda(kv, weight, V32, kernel="vector")
     got = mla.kv_compress_cuda(kv, weight, V32)  # falls back to kernel 1
-    assert torch.equal(got, mla.kv_compress_cuda(kv, weight, V32, kernel="scalar"))
+    assert torch.equal(got, mla.kv_compress_cuda(kv, weight, V32, kernel=1))
+
+
+# ------------------------------------------------------------------- the RMSNorm of formula (1)
+# cuda/rms_norm.cu's table, every version (tests/test_foundation.py checks the default call).
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", RMS_NORM_KERNELS.versions)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows,dim", [(1, 8), (7, 129), (333, 512), (130, 7168), (2, 8192), (3, 8200)])
+def test_rms_norm_cuda_every_kernel(kernel, dtype, n_rows, dim):
+    """float32: the sum of squares reordered, ~1e-6 relative; bf16: the output's own rounding (2^-9
+    relative, 2^-8 of a value near 2 at most). Kernel 2 runs bf16 rows of a multiple of 8, up to 8192."""
+    most = RMS_NORM_KERNELS.defines()["RMS_THREADS"] * 8 * RMS_NORM_KERNELS.defines()["RMS_VECS"]
+    if kernel == 2 and (dtype != torch.bfloat16 or dim % 8 or dim > most):
+        with pytest.raises(ValueError, match="kernel 2 of cuda/rms_norm.cu"):
+            rms_norm_cuda(torch.randn(n_rows, dim, device="cuda").to(dtype), torch.ones(dim, device="cuda").to(dtype),
+                          kernel=kernel)
+        return
+    x = torch.randn(n_rows, dim, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(dim, device="cuda")).to(dtype)
+    out = compare.poisoned(x.shape, dtype, "cuda")
+    assert rms_norm_cuda(x, w, 1e-6, out=out, kernel=kernel).data_ptr() == out.data_ptr()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    compare.assert_close(out, rms_norm(x.double(), w.double(), 1e-6), **tol, name=f"rms_norm_cuda kernel {kernel}")

@@ -1,11 +1,13 @@
-"""paged: the fused FP8 key cache, the schedule metadata and the paged logits
-(reference and cuda/fp8_paged_mqa_logits.cu)."""
+"""paged: the fused FP8 key cache, the schedule metadata and the paged logits (paged_mqa_logits and
+every version of PAGED_MQA_LOGITS_KERNELS, cuda/paged_mqa_logits.cu)."""
 import pytest
 import torch
 
-from dsa_tutorial import compare, fp8, kernels, paged
+from dsa_tutorial import checks, compare, fp8, paged
 from dsa_tutorial.hadamard import rotate_activation
-from test_fp8 import cu_defines, pretend_no_wgmma, skip_unless_available
+from test_fp8 import pretend_no_wgmma, recorded_launches, skip_unless_available
+
+TABLE = paged.PAGED_MQA_LOGITS_KERNELS
 
 
 def make_batch(context_lens, next_n=1, H=64, D=128, extra_blocks=3, max_blocks=None, seed=0):
@@ -136,9 +138,16 @@ def test_metadata_spreads_segments_evenly():
     assert sum(shares) == offsets[-1] and max(shares) - min(shares) <= 1
 
 
+def test_metadata_of_an_empty_batch():
+    meta = paged.paged_mqa_logits_metadata(torch.zeros(0, dtype=torch.int32), 64, 3)
+    assert meta.tolist() == [[0, 0]] * 4
+
+
 def test_metadata_rejects_bad_input():
     with pytest.raises(ValueError, match="context_lens must be >= 0"):
         paged.paged_mqa_logits_metadata(torch.tensor([-1], dtype=torch.int32), 64, 4)
+    with checks.data_checks(False), pytest.raises(ValueError, match="context_lens must be >= 0"):
+        paged.paged_mqa_logits_metadata(torch.tensor([-1], dtype=torch.int32), 64, 4)  # CPU data: always checked
     with pytest.raises(ValueError, match="num_sms"):
         paged.paged_mqa_logits_metadata(torch.tensor([1], dtype=torch.int32), 64, 0)
     with pytest.raises(TypeError, match="int32"):
@@ -152,7 +161,7 @@ def test_metadata_rejects_bad_input():
 def test_paged_reference_matches_dense_formula(next_n):
     batch = make_batch([1, 64, 65, 200, 0, 2], next_n=next_n, H=4, D=32, seed=next_n)
     args = call_args(batch, num_sms=3, max_context_len=210)
-    out = paged.paged_mqa_logits(*args)  # CPU: the reference
+    out = paged.paged_mqa_logits(*args)
     expected = torch.full((6 * next_n, 210), float("-inf"), dtype=torch.float64)
     expected[:, :200] = dense_logits(batch, next_n)
     compare.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -195,41 +204,73 @@ def _table(*rows):
 ])
 def test_paged_rejects_bad_input(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        paged.paged_mqa_logits_reference(**_bad_paged(**change))
+        paged.paged_mqa_logits(**_bad_paged(**change))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(context_lens=torch.tensor([70, 10], dtype=torch.int32), max_context_len=60), "context_lens must be <= 60"),
+    (dict(context_lens=torch.tensor([70, 200], dtype=torch.int32), max_context_len=200), "needs 4 blocks"),
+    (dict(block_table=_table([0, 1, -1], [-2, -1, -1])), "block id -2"),
+    (dict(schedule_meta=torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)), "schedule_meta does not match"),
+])
+def test_cpu_values_are_checked_even_with_data_checks_off(change, match):
+    # reading a CPU tensor costs no device synchronisation: its values are always checked
+    with checks.data_checks(False), pytest.raises(ValueError, match=match):
+        paged.paged_mqa_logits(**_bad_paged(**change))
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
-    (dict(kernel="wmma"), "kernel must be one of"),
+    (dict(kernel=0), "kernel must be None or a version of cuda/paged_mqa_logits.cu: 1 \\(4 warps"),
+    (dict(kernel="wgmma"), "kernel must be None or a version"),
 ])
 def test_paged_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         paged.paged_mqa_logits_cuda(**_bad_paged(**change))
 
 
-def test_default_paged_kernel_is_wgmma_where_it_runs(monkeypatch):
-    assert paged.default_paged_kernel("cpu") == "tensor_core_f16_v3" and "wgmma" in paged.PAGED_KERNELS
-    monkeypatch.setattr(paged, "wgmma_available", lambda device=None: True)
-    assert paged.default_paged_kernel() == "wgmma"
+def test_paged_kernel_table_and_constants():
+    assert TABLE.source == "paged_mqa_logits" and TABLE.versions == (1, 2, 3, 4)
+    assert TABLE.entry_points() == [
+        "paged_mqa_logits_e4m3_h64", "paged_mqa_logits_e4m3_h32", "paged_mqa_logits_f16_h64", "paged_mqa_logits_f16_h32",
+        *(f"paged_mqa_logits_warps_h{H}_n{n}" for H in (64, 32) for n in (1, 2)),
+        *(f"paged_mqa_logits_wgmma_h{H}_n{n}" for H in (64, 32) for n in (1, 2))]
+    d = TABLE.defines()
+    # the cache format the Python layout helpers use is the one the kernels are compiled for
+    assert (d["BLOCK_KV"], d["SPLIT_KV"], d["HEAD_DIM"]) == (paged.BLOCK_KV, paged.SPLIT_KV, 128)
+    assert d["BLOCK_BYTES"] == paged.kv_cache_block_bytes(128) and d["CTAS_PER_SM"] == 2
+    assert TABLE.choose(None, {4: fp8.wgmma_why_not("cpu")}).version == 3  # no wgmma: kernel 3
+    assert TABLE.choose(None, {}).version == 4
 
 
 @pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
-def test_wgmma_launch_geometry(monkeypatch, next_n, H):
-    # what _launch_paged asks of kernel 4, recorded instead of launched: one block per schedule row
-    launches = []
-    monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
-    monkeypatch.setattr(paged, "launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+def test_dynamic_shared_memory_fits_two_blocks_an_sm(next_n, H):
+    N = next_n * H
+    # kernel 3: q as f16 fragments (256 bytes a row) and w (4), then 6 warps x 3 stages x 4224 bytes
+    assert paged._launch_geometry(3, next_n, H) == (192, N * (256 + 4) + 6 * 3 * 4224)
+    # kernel 4: 1024 alignment slack + N 128 + N 4 + 2 warpgroups x 5 stages x (64 x 128 + 64 x 4)
+    assert paged._launch_geometry(4, next_n, H) == (256, 1024 + N * 128 + N * 4 + 2 * 5 * (64 * 128 + 64 * 4))
+    for version in (3, 4):  # CTAS_PER_SM = 2 blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
+        assert 2 * (paged._launch_geometry(version, next_n, H)[1] + 1024) <= 227 * 1024
+    assert paged._launch_geometry(4, 2, 64)[1] == 102400 and paged._launch_geometry(4, 1, 64)[1] == 93952
+
+
+@pytest.mark.parametrize("version", TABLE.versions)
+@pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
+def test_paged_launch_geometry(monkeypatch, version, next_n, H):
+    # what each kernel is launched with, recorded instead of launched: one block per schedule row
+    launches = recorded_launches(monkeypatch)
     batch = make_batch([65, 0, 3], next_n=next_n, H=H, seed=6)
     q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=7)
     out = torch.empty(3 * next_n, max_len)
-    paged._launch_paged(q, kv_cache, w, ctx, bt, meta, max_len, True, out, "wgmma")
-    (args, kwargs), = launches
-    assert args == ("fp8_paged_mqa_logits", f"fp8_paged_mqa_logits_wgmma_h{H}_n{next_n}")
-    assert kwargs["grid"] == 7 and kwargs["block"] == 256
-    N = next_n * H  # the contract: 1024 + N 128 + N 4 + 2 warpgroups x 5 stages x (64 x 128 + 64 x 4)
-    assert kwargs["shared_mem"] == 1024 + N * 128 + N * 4 + 2 * 5 * (64 * 128 + 64 * 4)
-    assert kwargs["args"] == (q, kv_cache, w, ctx, bt, meta, out, 3, next_n, bt.shape[1], max_len, True)
+    paged._launch_paged(version, q, kv_cache, w, ctx, bt, meta, max_len, True, out)
+    (source, entry, grid, block, args, smem), = launches
+    assert (source, entry) == ("paged_mqa_logits", TABLE.entry(version, H=H, next_n=next_n))
+    # kernel 1: 4 warps; 2: a warp per (16-key m-tile, draft position, 32-head half); 3: 6 warps; 4: 2 warpgroups
+    expected_threads = {1: 128, 2: 32 * 4 * next_n * (H // 32), 3: 192, 4: 256}[version]
+    assert grid == 7 and block == expected_threads and smem == paged._launch_geometry(version, next_n, H)[1]
+    assert args == (q, kv_cache, w, ctx, bt, meta, out, 3, next_n, bt.shape[1], kv_cache.shape[0], max_len, True)
 
 
 def test_paged_cuda_rejects_unsupported_heads():
@@ -239,11 +280,19 @@ def test_paged_cuda_rejects_unsupported_heads():
         paged.check_paged_inputs(q, kv_cache, w, ctx, bt, meta, max_len, cuda=True)
 
 
+def test_paged_refusal_names_the_capability(monkeypatch):
+    monkeypatch.setattr(fp8.kernels, "gpu_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    refusal = r"kernel 4 of cuda/paged_mqa_logits.cu \(.*\) cannot run these inputs: .*has compute capability 10\.0"
+    with pytest.raises(ValueError, match=refusal):
+        TABLE.choose(4, {4: fp8.wgmma_why_not("cuda:0")})
+
+
 # ---------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", paged.PAGED_KERNELS)
+@pytest.mark.parametrize("kernel", TABLE.versions)
 @pytest.mark.parametrize("next_n", [1, 2])
 @pytest.mark.parametrize("H", [64, 32])
 @pytest.mark.parametrize("num_sms", [1, 7, "device"])
@@ -255,25 +304,25 @@ def test_paged_cuda_matches_reference(next_n, H, num_sms, kernel):
     num_sms = paged.schedule_size() if num_sms == "device" else num_sms
     q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
     max_len = 3029  # wider than any context: the clean fill must reach the end of every row
-    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
+    ref = paged.paged_mqa_logits(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
     out = compare.poisoned((len(context_lens) * next_n, max_len), torch.float32, "cuda")
-    paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out, kernel=kernel)
+    assert paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, True, out=out, kernel=kernel) is out
     # same tolerance and reasoning as test_fp8.test_mqa_logits_cuda_matches_reference
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name="paged logits")
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"paged logits, kernel {kernel}")
     raw = torch.full_like(ref, float("-inf"), dtype=torch.float64)
     raw[:, :3001] = dense_logits(batch, next_n, raw=True)
     compare.assert_close(out, raw, atol=float("inf"), max_calc_diff=1e-3, name="paged logits vs unquantised")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", paged.PAGED_KERNELS)
+@pytest.mark.parametrize("kernel", TABLE.versions)
 @pytest.mark.parametrize("next_n, H", [(2, 64), (1, 64), (2, 32), (1, 32)])
 def test_paged_cuda_unclean_defines_context_positions(kernel, next_n, H):
     skip_unless_available(kernel)
     batch = make_batch([129, 7, 256], next_n=next_n, H=H, seed=20)
     q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=4, device="cuda")
-    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), 300)
+    ref = paged.paged_mqa_logits(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), 300)
     out = compare.poisoned((3 * next_n, 300), torch.float32, "cuda")
     paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 300, False, out=out, kernel=kernel)
     out = out.cpu()
@@ -284,20 +333,24 @@ def test_paged_cuda_unclean_defines_context_positions(kernel, next_n, H):
 
 
 @pytest.mark.gpu
-def test_paged_dispatch_and_errors_on_gpu():
+def test_paged_default_and_errors_on_gpu():
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_paged().items()}
-    out = paged.paged_mqa_logits(*args.values())
+    out = paged.paged_mqa_logits_cuda(*args.values())
     assert out.is_cuda and out.shape == (2, 70)
-    fastest = paged.default_paged_kernel(torch.device("cuda"))
-    assert fastest == ("wgmma" if kernels.wgmma_available() else "tensor_core_f16_v3")
-    assert torch.equal(out, paged.paged_mqa_logits_cuda(**args, kernel=fastest))
-    with pytest.raises(ValueError, match="block id"):
-        paged.paged_mqa_logits(**{**args, "block_table": _table([0, 1, -1], [-5, -1, -1]).cuda()})
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        paged.paged_mqa_logits_cuda(**args, kernel="wmma")
-    with pytest.raises(ValueError, match="schedule_meta does not match"):
-        paged.paged_mqa_logits(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
-            torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
+    best = 4 if fp8.wgmma_why_not(torch.device("cuda")) is None else 3
+    assert torch.equal(out, paged.paged_mqa_logits_cuda(**args, kernel=best))
+    with checks.data_checks(True):  # device data: checked only when asked for
+        with pytest.raises(ValueError, match="block id"):
+            paged.paged_mqa_logits_cuda(**{**args, "block_table": _table([0, 1, -1], [-5, -1, -1]).cuda()})
+        with pytest.raises(ValueError, match="schedule_meta does not match"):
+            paged.paged_mqa_logits_cuda(**{**args, "schedule_meta": paged.paged_mqa_logits_metadata(
+                torch.tensor([700, 10], dtype=torch.int32, device="cuda"), 64, 2)})
+        with pytest.raises(ValueError, match="context_lens must be <= 70"):
+            paged.paged_mqa_logits_cuda(**{**args, "context_lens": args["context_lens"] + 1})
+        with pytest.raises(ValueError, match="needs 4 blocks"):  # a row of block_table maps 3 blocks
+            paged.paged_mqa_logits_cuda(**{**args, "context_lens": args["context_lens"] * 3, "max_context_len": 210})
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        paged.paged_mqa_logits_cuda(**args, kernel=7)
 
 
 @pytest.mark.gpu
@@ -306,41 +359,151 @@ def test_paged_cuda_refuses_wgmma_where_it_does_not_run(monkeypatch):
     batch = make_batch([129, 0, 70], next_n=2, H=64, seed=21)
     q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=3, device="cuda")
     out = compare.poisoned((6, max_len), torch.float32, "cuda")
-    refusal = r"capability 9\.0 .*has compute capability \d+\.\d+: use kernel='tensor_core_f16_v3'"
+    refusal = r"kernel 4 of cuda/paged_mqa_logits.cu .*capability 9\.0 .*has compute capability \d+\.\d+"
     with pytest.raises(ValueError, match=refusal):
-        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, out=out, kernel="wgmma")
+        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, out=out, kernel=4)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # refused before any launch
-    assert paged.default_paged_kernel(q.device) == "tensor_core_f16_v3"
-    ref = paged.paged_mqa_logits_reference(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
+    ref = paged.paged_mqa_logits(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
     scale = ref[torch.isfinite(ref)].abs().max().item()
-    compare.assert_close(paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, max_len), ref, atol=1e-3 * scale,
-                         max_calc_diff=1e-6)
+    compare.assert_close(paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len), ref,
+                         atol=1e-3 * scale, max_calc_diff=1e-6)  # kernel 3, the best without wgmma
 
 
-# ---------------------------------------------------------------------------------- kernels 3 and 4 on the CPU
+@pytest.mark.gpu
+def test_metadata_on_the_gpu_is_sync_free_and_capturable():
+    # paged_mqa_logits_metadata on GPU tensors: no device-to-host copy (q, r = divmod(total, num_sms)
+    # stay tensors), the same schedule as on the CPU, and it can be captured in a CUDA graph
+    lens = torch.tensor([300, 4000, 70, 2600, 0, 1200, 65536, 1], dtype=torch.int32)
+    num_sms = paged.schedule_size()
+    static = lens.cuda()
+    with checks.data_checks(False):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            meta = paged.paged_mqa_logits_metadata(static, 64, num_sms)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(meta.cpu(), paged.paged_mqa_logits_metadata(lens, 64, num_sms))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            paged.paged_mqa_logits_metadata(static, 64, num_sms)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = paged.paged_mqa_logits_metadata(static, 64, num_sms)
+        for seed in (1, 2):  # new lengths in the same buffer, then the replay
+            fresh = torch.randint(0, 40000, (8,), generator=torch.Generator().manual_seed(seed)).int()
+            static.copy_(fresh)
+            graph.replay()
+            assert torch.equal(captured.cpu(), paged.paged_mqa_logits_metadata(fresh, 64, num_sms))
 
 
-def test_v3_launch_constants_match_the_source():
-    d = cu_defines("fp8_paged_mqa_logits")
-    assert d["K3_WARPS"] == paged.PAGED_V3_WARPS and d["K3_STAGES"] == paged.PAGED_V3_STAGES
-    assert d["K3_UNIT_KEYS"] * (128 + 4) == paged.PAGED_V3_UNIT_BYTES
-    for H in (32, 64):
-        for next_n in (1, 2):  # two blocks an SM must fit the H200's 227 KiB (1 KiB reserved a block)
-            smem = next_n * H * 128 * 2 + next_n * H * 4 + paged.PAGED_V3_WARPS * paged.PAGED_V3_STAGES * 4224
-            assert 2 * (smem + 1024) <= 227 * 1024
+def wild_batch(next_n, H, seed):
+    """A batch whose block table is full of valid ids (so that a context clipped longer or shorter reads
+    real blocks), with every kind of invalid context length: negative, past max_context_len, longer
+    than its table row, and the int32 extremes, mixed with valid ones."""
+    batch = make_batch([65, 250, 7, 129, 0, 200, 64, 1], next_n=next_n, H=H, seed=seed, max_blocks=4)
+    num_blocks = batch["kv_cache"].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    unused = batch["block_table"] < 0
+    batch["block_table"][unused] = torch.randint(0, num_blocks, (int(unused.sum()),), generator=g).int()
+    # the slots no context stores hold random bytes; a clipped context reads them: make them finite keys
+    flat = batch["kv_cache"].view(num_blocks, -1)
+    values, scales = flat[:, : 64 * 128], flat[:, 64 * 128:].view(torch.float32)
+    values[(values & 0x7F) == 0x7F] = 0  # the e4m3fn NaN bytes
+    scales[~torch.isfinite(scales) | (scales.abs() > 1) | (scales.abs() < 1e-6)] = 2.0 ** -4
+    lens = torch.tensor([65, 300, -5, 2 ** 31 - 1, -(2 ** 31), 200, 1000, 1], dtype=torch.int32)
+    return batch, lens
 
 
-def test_wgmma_launch_constants_match_the_source():
-    d = cu_defines("fp8_paged_mqa_logits")
-    assert d["K4_WARPGROUPS"] == paged.PAGED_WGMMA_WARPGROUPS and d["K4_THREADS"] == 128 * d["K4_WARPGROUPS"]
-    assert d["K4_STAGES"] == paged.PAGED_WGMMA_STAGES
-    assert paged.PAGED_WGMMA_STAGE_BYTES == d["BLOCK_BYTES"]  # a stage is one physical block: values, scales
-    # 1024 alignment slack, q (N = next_n H rows of 128 bytes), w (N float32), the warpgroups' stages
-    assert paged._wgmma_smem(2, 64) == 102400 and paged._wgmma_smem(1, 64) == paged._wgmma_smem(2, 32) == 93952
-    for H in (32, 64):
-        for next_n in (1, 2):  # two blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
-            assert 2 * (paged._wgmma_smem(next_n, H) + 1024) <= 227 * 1024
+@pytest.mark.gpu
+@pytest.mark.parametrize("clean", [True, False])
+@pytest.mark.parametrize("kernel", TABLE.versions)
+@pytest.mark.parametrize("next_n, H", [(1, 64), (2, 32)])
+def test_paged_cuda_wild_values_with_data_checks_off(kernel, next_n, H, clean):
+    # data checks off (the default): nothing reads context_lens, block_table or schedule_meta on the
+    # host, and the kernels clip every value they take from them (compute-sanitizer:
+    # benchmarks/sanitize_fp8.py). Checked here: no access outside `out` (guard rows stay NaN), and
+    # what each invalid value produces, as paged_mqa_logits_cuda documents.
+    skip_unless_available(kernel)
+    batch, lens = wild_batch(next_n, H, seed=30 + next_n)
+    max_len, max_blocks = 250, 4  # a table row maps 256 tokens: some contexts fit it, not max_len
+    num_blocks = batch["kv_cache"].shape[0]
+    clipped = lens.long().clamp(0, min(max_len, 64 * max_blocks)).int()
+    q, kv_cache, w, bt = (batch[k].cuda() for k in ("q", "kv_cache", "weights", "block_table"))
+    rows = 8 * next_n
+
+    def run(lens_, table_, meta_, cache_=kv_cache, clean_=clean):
+        guard = compare.poisoned((rows + 2, max_len), torch.float32, "cuda")  # a NaN row on each side
+        with checks.data_checks(False):
+            paged.paged_mqa_logits_cuda(q, cache_, w, lens_.cuda(), table_.cuda(), meta_.cuda(), max_len, clean_,
+                                        kernel=kernel, out=guard[1:-1])
+        torch.cuda.synchronize()
+        assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all(), "a write outside out"
+        return guard[1:-1].cpu()
+
+    def reference(lens_, table_):
+        return paged.paged_mqa_logits(batch["q"], batch["kv_cache"], batch["weights"], lens_, table_,
+                                      None, max_len)
+
+    def assert_matches(out, ref, name):
+        finite = torch.isfinite(ref)
+        scale = ref[finite].abs().max().item() if finite.any() else 1.0
+        if clean:
+            compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+        else:  # positions below each clipped context are defined
+            inside = torch.arange(max_len) < clipped.long().repeat_interleave(next_n).unsqueeze(-1)
+            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+
+    # 1. wild context lengths (schedule from the clipped ones): each computed as its clipped length
+    meta = paged.paged_mqa_logits_metadata(clipped, 64, 5)
+    assert_matches(run(lens, batch["block_table"], meta), reference(clipped, batch["block_table"]),
+                   f"kernel {kernel}, wild context_lens")
+    # 2. wild block ids, used ones among them: each read as the id clipped to [0, num_blocks)
+    table = batch["block_table"].clone()
+    table[0, 0], table[1, 1], table[3, 2], table[5, 3] = -1, num_blocks, -(2 ** 31), 2 ** 31 - 1
+    assert_matches(run(clipped, table, meta), reference(clipped, table.clamp(0, num_blocks - 1)),
+                   f"kernel {kernel}, wild block ids")
+    # 3. schedules that do not match the lengths, or hold wild values: whatever a block of the grid
+    # writes is right (NaN elsewhere: unwritten), and nothing is written outside out
+    ref = reference(clipped, batch["block_table"])
+    g = torch.Generator().manual_seed(kernel)
+    for bad_meta in (paged.paged_mqa_logits_metadata(torch.full((8,), 2000, dtype=torch.int32), 64, 5),
+                     paged.paged_mqa_logits_metadata(torch.zeros(8, dtype=torch.int32), 64, 5),
+                     torch.randint(-2 ** 31, 2 ** 31 - 1, (6, 2), generator=g, dtype=torch.int64).int(),
+                     torch.randint(-3, 12, (6, 2), generator=g).int(),
+                     torch.tensor([[0, 0], [8, 0], [-1, -1], [3, 2 ** 30], [2 ** 31 - 1, 5], [8, 0]], dtype=torch.int32)):
+        out = run(lens, batch["block_table"], bad_meta)
+        written = ~torch.isnan(out)
+        if clean:  # the -inf fill past each context does not depend on the schedule
+            inside = torch.arange(max_len) < clipped.long().repeat_interleave(next_n).unsqueeze(-1)
+            assert written[~inside].all()
+        scale = ref[torch.isfinite(ref)].abs().max().item()
+        compare.assert_close(out[written], ref[written], atol=1e-3 * scale, name=f"kernel {kernel}, wild schedule")
+    # 4. an empty cache: nothing to read, every context counts as empty
+    empty = torch.zeros(0, 64, 1, 132, dtype=torch.uint8, device="cuda")
+    out = run(lens, batch["block_table"], meta, cache_=empty, clean_=True)
+    assert torch.isneginf(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", TABLE.versions)
+def test_paged_cuda_with_an_empty_batch_or_width(kernel):
+    skip_unless_available(kernel)
+    batch = make_batch([65, 3], next_n=1, H=64, seed=40)
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=3, device="cuda")
+    zeros = torch.zeros_like(ctx)  # max_context_len 0: only empty contexts are valid
+    width0 = paged.paged_mqa_logits_cuda(q, kv_cache, w, zeros, bt, paged.paged_mqa_logits_metadata(zeros, 64, 3), 0,
+                                         kernel=kernel)
+    assert width0.shape == (2, 0)
+    empty = paged.paged_mqa_logits_cuda(q[:0], kv_cache, w[:0], ctx[:0], bt[:0],
+                                        paged.paged_mqa_logits_metadata(ctx[:0], 64, 3), 70, kernel=kernel)
+    assert empty.shape == (0, 70)
+
+
+# ---------------------------------------------------------------------------------- kernel 3 on the CPU
 
 
 def _e4m3(byte_array):
@@ -463,21 +626,27 @@ def test_v3_fragment_mappings_emulated(next_n, H):
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
-def _v3_walk(context_lens, meta, next_n, warps):
-    """Kernel 3's walk over the schedule, as the CUDA code does it: per block of the grid its runs
-    (one batch each), the run's 32-key units, unit u = warp + warps i of warp `warp`. Returns every
-    (row, position) stored and every block-table index read."""
+def _segment_block(segment, max_blocks):
+    """segment_block of the .cu: the logical block where a segment starts, clipped to [0, max_blocks]."""
+    return min(max(segment, 0) * 4, max_blocks)
+
+
+def _v3_walk(context_lens, meta, next_n, warps, max_blocks=1 << 40, limit=1 << 40):
+    """Kernel 3's walk over the schedule, as the CUDA code does it (the clipping of wild values
+    included: first_run, context_len_of, segment_block): per block of the grid its runs (one batch
+    each), the run's 32-key units, unit u = warp + warps i of warp `warp`. Returns every (row,
+    position) stored and every block-table index read."""
     B = len(context_lens)
     stored, table_reads = [], []
     for bid in range(len(meta) - 1):
-        start_b, start_seg = meta[bid]
+        start_b, start_seg = max(meta[bid][0], 0), meta[bid][1]
         end_b, end_seg = meta[bid + 1]
         b = start_b
         while b < B and (b < end_b or (b == end_b and end_seg > 0)):
-            ctx = context_lens[b]
+            ctx = min(max(context_lens[b], 0), limit)
             n_blocks = (ctx + 63) // 64
-            n_begin = start_seg * 4 if b == start_b else 0
-            n_end = min(end_seg * 4, n_blocks) if b == end_b else n_blocks
+            n_begin = _segment_block(start_seg, max_blocks) if b == start_b else 0
+            n_end = min(_segment_block(end_seg, max_blocks), n_blocks) if b == end_b else n_blocks
             if n_begin < n_end:
                 first = n_begin * 64
                 n_units = (min(ctx, n_end * 64) - first + 31) // 32
@@ -499,12 +668,56 @@ def _v3_walk(context_lens, meta, next_n, warps):
     return stored, table_reads
 
 
+def _cursor_walk(context_lens, meta, next_n, max_blocks, limit):
+    """Kernels 1 and 2's walk (schedule_bounds, settle, inside), clipping included: every (row,
+    position) stored and every block-table index read."""
+    B = len(context_lens)
+    blocks_of = [(min(max(c, 0), limit) + 63) // 64 for c in context_lens]
+    stored, table_reads = [], []
+    for bid in range(len(meta) - 1):
+        b, n = max(meta[bid][0], 0), _segment_block(meta[bid][1], max_blocks)
+        end_b, end_n = meta[bid + 1][0], _segment_block(meta[bid + 1][1], max_blocks)
+        while b < B and n >= blocks_of[b]:  # settle
+            b, n = b + 1, 0
+        while b < B and (b < end_b or (b == end_b and n < end_n)):  # inside
+            table_reads.append((b, n))
+            ctx = min(max(context_lens[b], 0), limit)
+            stored += [(b * next_n + j, p) for j in range(next_n) for p in range(n * 64, min(n * 64 + 64, ctx))]
+            n += 1
+            while b < B and n >= blocks_of[b]:
+                b, n = b + 1, 0
+    return stored, table_reads
+
+
 @pytest.mark.parametrize("num_sms", [1, 2, 7, 264])
-def test_v3_walk_writes_every_context_position_once(num_sms):
+def test_walks_write_every_context_position_once(num_sms):
     context_lens = [1, 63, 64, 65, 0, 300, 1000, 2, 513, 32, 33]
     meta = paged.paged_mqa_logits_metadata(torch.tensor(context_lens, dtype=torch.int32), 64, num_sms).tolist()
     for next_n in (1, 2):
-        stored, reads = _v3_walk(context_lens, meta, next_n, paged.PAGED_V3_WARPS)
         expected = [(b * next_n + j, p) for b, c in enumerate(context_lens) for j in range(next_n) for p in range(c)]
-        assert sorted(stored) == sorted(expected)  # each once, nothing past a context
-        assert all(n < (context_lens[b] + 63) // 64 for b, n in reads)  # only blocks of the context
+        for stored, reads in (_v3_walk(context_lens, meta, next_n, TABLE.defines()["K3_WARPS"]),
+                              _cursor_walk(context_lens, meta, next_n, 16, 1 << 40)):
+            assert sorted(stored) == sorted(expected)  # each once, nothing past a context
+            assert all(n < (context_lens[b] + 63) // 64 for b, n in reads)  # only blocks of the context
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_walks_stay_in_bounds_for_wild_values(seed):
+    # the clipping the kernels do on context_lens and schedule_meta (data checks off), mirrored: whatever
+    # the values, every block-table read is inside [0, B) x [0, max_blocks) and every store inside
+    # [0, B next_n) x [0, max_context_len)
+    g = torch.Generator().manual_seed(seed)
+    B, max_blocks, max_len, next_n = 6, 5, 300, 1 + seed % 2
+    extremes = torch.tensor([-(2 ** 31), 2 ** 31 - 1, -1, 0, 1, 319, 320, 321], dtype=torch.int64)
+    lens = torch.where(torch.rand(B, generator=g) < 0.5, torch.randint(-500, 1000, (B,), generator=g),
+                       extremes[torch.randint(0, 8, (B,), generator=g)]).tolist()
+    metas = [torch.randint(-3, 9, (5, 2), generator=g).tolist(),
+             torch.randint(-(2 ** 31), 2 ** 31 - 1, (5, 2), generator=g).tolist(),
+             extremes[torch.randint(0, 8, (5, 2), generator=g)].tolist(),
+             paged.paged_mqa_logits_metadata(torch.tensor(lens).clamp(0, 2 ** 20).int(), 64, 4).tolist()]
+    limit = min(max_len, 64 * max_blocks)
+    for meta in metas:
+        for stored, reads in (_v3_walk(lens, meta, next_n, TABLE.defines()["K3_WARPS"], max_blocks, limit),
+                              _cursor_walk(lens, meta, next_n, max_blocks, limit)):
+            assert all(0 <= b < B and 0 <= n < max_blocks for b, n in reads)
+            assert all(0 <= row < B * next_n and 0 <= p < max_len for row, p in stored)

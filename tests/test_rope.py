@@ -1,11 +1,11 @@
 """RoPE: the YaRN frequencies against the official code, both layouts, the relative-position
-property, bad inputs, and cuda/rope.cu against the float64 reference."""
+property, bad inputs, and every kernel of cuda/apply_rope.cu against the float64 reference."""
 import math
 
 import pytest
 import torch
 
-from dsa_tutorial import compare, rope
+from dsa_tutorial import checks, compare, rope
 from dsa_tutorial.config import ModelArgs
 
 TINY = ModelArgs.tiny()
@@ -171,25 +171,44 @@ def test_bad_inputs():
         ModelArgs.tiny(qk_rope_head_dim=7)
 
 
+def test_kernel_table():
+    table = rope.APPLY_ROPE_KERNELS
+    assert table.source == "apply_rope" and table.versions == (1, 2)
+    assert table.entry(2, layout="half", dtype="bf16") == "apply_rope_half_vec_bf16"
+    assert len(table.entry_points()) == 8 and all(name.startswith("apply_rope_") for name in table.entry_points())
+    assert {"ROPE_THREADS", "ROPE_UNROLL", "ROPE_PAIRS_MAX_BLOCKS"} <= set(table.defines())
+
+
+def test_cuda_wrapper_rejects_cpu_tensors_and_batches():
+    with pytest.raises(ValueError, match="CUDA device"):
+        rope.apply_rope_cuda(torch.randn(4, 8), torch.arange(4), "half", TINY)
+    with pytest.raises(ValueError, match=r"takes x \[T, d_R\] or \[T, H, d_R\]"):
+        rope.apply_rope_cuda(torch.randn(2, 4, 1, 8), torch.arange(4), "half", TINY)
+
+
 # --------------------------------------------------------------------------------------- GPU
 # Tolerance of the float32 kernel: cos and sin come from a float32 table (each off by <= u = 2^-24
 # relatively) and y_a = x_a cos - x_b sin adds three more roundings, so |y - y_ref| <= 5 u (|x_a| + |x_b|)
 # <= 10 u max|x|. bf16 output adds one rounding of |y| <= sqrt(2) max|x| at 2^-9: 2^-8 max|x| covers both.
 
 def _vector_applies(layout, dtype, d_rope):
-    """Kernel 2 of cuda/rope.cu tiles d_R (interleaved) or d_R/2 (half) with 16-byte chunks."""
+    """Kernel 2 of cuda/apply_rope.cu tiles d_R (interleaved) or d_R/2 (half) with 16-byte chunks."""
     chunk = 4 if dtype == torch.float32 else 8
     return (d_rope if layout == "interleaved" else d_rope // 2) % chunk == 0
 
 
+def _atol(x):
+    return (10 * 2**-24 if x.dtype == torch.float32 else 2**-8) * x.double().abs().max().item()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pairs", "vector"])
+@pytest.mark.parametrize("kernel", rope.APPLY_ROPE_KERNELS.versions)
 @pytest.mark.parametrize("layout", rope.LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("args,n_tokens,n_heads", [(TINY, 37, 3), (V32, 301, 128), (V32, 5, 1), (V32, 1031, 7)])
-def test_rope_cuda(kernel, layout, dtype, args, n_tokens, n_heads):
-    """Both kernels, ragged sizes: T H d_R / chunk is not a multiple of the 512 chunks of a block."""
-    if kernel == "vector" and not _vector_applies(layout, dtype, args.qk_rope_head_dim):
+def test_apply_rope_cuda(kernel, layout, dtype, args, n_tokens, n_heads):
+    """Every kernel, ragged sizes: T H d_R / chunk is not a multiple of the 512 chunks of a block."""
+    if kernel == 2 and not _vector_applies(layout, dtype, args.qk_rope_head_dim):
         pytest.skip("d_R (or d_R/2) is not a multiple of the 16-byte chunk")
     torch.manual_seed(7)
     x = torch.randn(n_tokens, n_heads, args.qk_rope_head_dim, device="cuda").to(dtype)
@@ -198,48 +217,46 @@ def test_rope_cuda(kernel, layout, dtype, args, n_tokens, n_heads):
     positions = torch.randint(0, args.max_seq_len, (n_tokens,), device="cuda")
     positions[0] = args.max_seq_len - 1  # the last row of the table
     out = compare.poisoned(x.shape, dtype, "cuda")
-    got = rope.rope_cuda(x, positions, layout, args, out=out, kernel=kernel)
+    got = rope.apply_rope_cuda(x, positions, layout, args, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr()
     want = rope.apply_rope(x.double(), positions, layout, args)
-    amax = x.double().abs().max().item()
-    atol = (10 * 2**-24 if dtype == torch.float32 else 2**-8) * amax
-    compare.assert_close(got, want, atol=atol, name=f"rope_cuda {layout} {dtype}")
+    compare.assert_close(got, want, atol=_atol(x), name=f"apply_rope_cuda kernel {kernel} {layout} {dtype}")
 
 
 @pytest.mark.gpu
-def test_rope_cuda_bad_inputs():
+def test_apply_rope_cuda_bad_inputs():
     x = torch.randn(4, 8, device="cuda")
-    with pytest.raises(ValueError, match="positions must be <= 255"):
-        rope.rope_cuda(x, torch.tensor([0, 1, 2, 256], device="cuda"), "half", TINY)
+    with checks.data_checks(True), pytest.raises(ValueError, match="positions must be <= 255"):
+        rope.apply_rope_cuda(x, torch.tensor([0, 1, 2, 256], device="cuda"), "half", TINY)
     with pytest.raises(ValueError, match="one device"):
-        rope.rope_cuda(x, torch.arange(4), "half", TINY)
+        rope.apply_rope_cuda(x, torch.arange(4), "half", TINY)
     with pytest.raises(ValueError, match="contiguous"):
-        rope.rope_cuda(torch.randn(8, 4, device="cuda").t(), torch.arange(4, device="cuda"), "half", TINY)
-    with pytest.raises(ValueError, match="CUDA device"):
-        rope.rope_cuda(x.cpu(), torch.arange(4), "half", TINY)
-    with pytest.raises(ValueError, match="kernel must be"):
-        rope.rope_cuda(x, torch.arange(4, device="cuda"), "half", TINY, kernel="fast")
+        rope.apply_rope_cuda(torch.randn(8, 4, device="cuda").t(), torch.arange(4, device="cuda"), "half", TINY)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        rope.apply_rope_cuda(x, torch.arange(4, device="cuda"), "half", TINY, kernel="vector")
     bf16 = x.bfloat16()  # d_R/2 = 4: not a multiple of 8 bf16
-    with pytest.raises(ValueError, match="the vector kernel needs"):
-        rope.rope_cuda(bf16, torch.arange(4, device="cuda"), "half", TINY, kernel="vector")
-    # not 16-byte aligned: the default falls back to kernel 1, an explicit "vector" refuses
+    with pytest.raises(ValueError, match="kernel 2 of cuda/apply_rope.cu .* multiple of 8"):
+        rope.apply_rope_cuda(bf16, torch.arange(4, device="cuda"), "half", TINY, kernel=2)
+    # not 16-byte aligned: the default falls back to kernel 1, an explicit kernel 2 refuses
     shifted = torch.randn(4 * 8 + 1, device="cuda")[1:].view(4, 8)
     positions = torch.arange(4, device="cuda")
     with pytest.raises(ValueError, match="16-byte aligned"):
-        rope.rope_cuda(shifted, positions, "interleaved", TINY, kernel="vector")
-    assert torch.equal(rope.rope_cuda(shifted, positions, "interleaved", TINY),
-                       rope.rope_cuda(shifted, positions, "interleaved", TINY, kernel="pairs"))
+        rope.apply_rope_cuda(shifted, positions, "interleaved", TINY, kernel=2)
+    assert torch.equal(rope.apply_rope_cuda(shifted, positions, "interleaved", TINY),
+                       rope.apply_rope_cuda(shifted, positions, "interleaved", TINY, kernel=1))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pairs", "vector"])
+@pytest.mark.parametrize("kernel", rope.APPLY_ROPE_KERNELS.versions)
 @pytest.mark.parametrize("layout", rope.LAYOUTS)
-def test_rope_cuda_positions_outside_the_table_give_nan(layout, kernel):
-    """With the range check off, the kernel's own guard: NaN for that token, no read outside the table."""
-    x = torch.randn(6, 2, 8, device="cuda")
-    positions = torch.tensor([0, 256, 5, -3, 255, 1000], device="cuda")
-    out = rope.rope_cuda(x, positions, layout, TINY, check_positions=False, kernel=kernel)
-    assert out[[1, 3, 5]].isnan().all() and not out[[0, 2, 4]].isnan().any()
+def test_apply_rope_cuda_wild_positions_with_data_checks_off(layout, kernel):
+    """Data checks off (the default): positions far outside the table are not read back; the kernels
+    write NaN for those tokens and read nothing outside the table (compute-sanitizer:
+    benchmarks/sanitize_mla.py), and rotate every other token right."""
+    x = torch.randn(7, 2, 8, device="cuda")
+    positions = torch.tensor([0, 256, 5, -3, 255, 2**62, -(2**62)], device="cuda")
+    with checks.data_checks(False):
+        out = rope.apply_rope_cuda(x, positions, layout, TINY, kernel=kernel)
+    assert out[[1, 3, 5, 6]].isnan().all() and not out[[0, 2, 4]].isnan().any()
     ok = torch.tensor([0, 2, 4], device="cuda")
-    compare.assert_close(out[ok], rope.apply_rope(x[ok].double(), positions[ok], layout, TINY),
-                         atol=10 * 2**-24 * x.abs().max().item())
+    compare.assert_close(out[ok], rope.apply_rope(x[ok].double(), positions[ok], layout, TINY), atol=_atol(x))

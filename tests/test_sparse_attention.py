@@ -3,9 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsa_tutorial import compare
+from dsa_tutorial import checks, compare, fp8
+from dsa_tutorial import sparse_attention as sparse_module
 from dsa_tutorial.config import ModelArgs
-from dsa_tutorial.sparse_attention import DSACache, DSAttention, sparse_mla_attention, sparse_mla_decode_cuda
+from dsa_tutorial.indexer import index_scores, index_weights
+from dsa_tutorial.mla import causal_mask
+from dsa_tutorial.sparse_attention import (SPARSE_MLA_ATTENTION_KERNELS, DSACache, DSAttention, sparse_mla_attention,
+                                           sparse_mla_attention_cuda)
 from dsa_tutorial.topk import select_topk
 
 TINY = ModelArgs.tiny()
@@ -142,6 +146,95 @@ def test_dsa_bad_input():
         layer(torch.randn(1, 4, TINY.dim + 1))
 
 
+def test_index_values_are_checked_only_when_data_checks_are_wanted():
+    # the meta device stands in for a GPU: its values cannot be read, so a check that tried would fail
+    wild = torch.empty(1, 1, 4, dtype=torch.int32, device="meta")
+    with checks.data_checks(False):
+        sparse_module._check_indices(wild, 10)  # skipped: no read
+    with checks.data_checks(True):
+        with pytest.raises(Exception):
+            sparse_module._check_indices(wild, 10)
+    with checks.data_checks(False), pytest.raises(ValueError, match="repeat"):  # CPU tensors: always checked
+        sparse_module._check_indices(torch.tensor([[[2, 2]]], dtype=torch.int32), 10)
+
+
+# ----------------------------------------------------------------------------- the indexer in FP8
+
+def _fp8_and_float_layers(seed):
+    torch.manual_seed(seed)
+    layer = DSAttention(TINY)
+    layer_fp8 = DSAttention(TINY, indexer_fp8=True)
+    layer_fp8.load_state_dict(layer.state_dict())
+    return layer, layer_fp8
+
+
+def test_indexer_fp8_reaches_the_indexer_and_moves_few_indices():
+    layer, layer_fp8 = _fp8_and_float_layers(5)
+    assert layer_fp8.indexer.fp8 and not layer.indexer.fp8
+    h = torch.randn(2, 64, TINY.dim)
+    with torch.no_grad():
+        _, aux = layer(h, return_aux=True)
+        _, aux_fp8 = layer_fp8(h, return_aux=True)
+    chosen, chosen_fp8 = aux["indices"], aux_fp8["indices"]  # [B, T, k], ascending, -1 padded
+    assert not torch.equal(chosen, chosen_fp8)  # FP8 rounding changes some selections ...
+    kept = sum(len(set(a.tolist()) & set(b.tolist()) - {-1})
+               for a, b in zip(chosen.flatten(0, 1), chosen_fp8.flatten(0, 1)))
+    total = int((chosen >= 0).sum())
+    assert kept / total > 0.9, f"only {kept} of {total} selected positions survive FP8 rounding"  # ... few of them
+    assert not (chosen_fp8 > torch.arange(64)[:, None]).any()  # and it stays causal
+
+
+def test_dsa_with_indexer_fp8_equals_the_layer_written_out_with_fp8_rounding():
+    _, layer = _fp8_and_float_layers(6)
+    args, mla, indexer = TINY, layer.mla, layer.indexer
+    T = 40
+    h, positions = torch.randn(2, T, args.dim), torch.arange(T)
+    with torch.no_grad():
+        out = layer(h)
+        # by hand: MLA's latents and queries, then the indexer with step 5 written out (e4m3, one
+        # power-of-two scale per d_I values; the q scale folded into w), top-k, sparse attention
+        c_q = mla.query_latent(h)
+        q_nope, q_rope = mla.queries(c_q, positions)
+        c_kv, k_rope = mla.latents(h, positions)
+        q_fp8, q_scale = fp8.act_quant(indexer.queries(c_q, positions).contiguous(), block_size=args.index_head_dim)
+        k_fp8, k_scale = fp8.act_quant(indexer.keys(h, positions).contiguous(), block_size=args.index_head_dim)
+        w = index_weights(indexer.weights_proj(h), args, q_scale.squeeze(-1))
+        scores = index_scores(q_fp8.float(), w, k_fp8.float() * k_scale) + causal_mask(T, T, h.device, torch.float32)
+        indices = select_topk(scores, args.index_topk)
+        o_latent = sparse_mla_attention(mla.absorb_query(q_nope), q_rope, c_kv, k_rope, indices, args.softmax_scale)
+        expected = mla.latent_output(o_latent)
+    compare.assert_close(out, expected, atol=1e-6, rtol=1e-5, name="DSAttention(indexer_fp8=True)")
+
+
+# ----------------------------------------------------------------------------- the kernel table (CPU)
+
+def test_the_kernel_table_and_its_shared_memory_come_from_the_cu_file():
+    assert SPARSE_MLA_ATTENTION_KERNELS.versions == (1, 2)
+    assert [k.entry for k in SPARSE_MLA_ATTENTION_KERNELS] == ["sparse_mla_attention_simt", "sparse_mla_attention_mma"]
+    c = SPARSE_MLA_ATTENTION_KERNELS.defines()
+    assert (c["D_C"], c["D_R"], c["MMA_HEADS"], c["MMA_TILE"], c["SPARSE_HEADS"]) == (512, 64, 64, 64, 32)
+    # kernel 2: Q and two stages of latents (576 bf16 a row), P in bf16, two exchange rows, two valid rows
+    assert c["MMA_SMEM_BYTES"] == (64 + 2 * 64) * 576 * 2 + 64 * 64 * 2 + 2 * 64 * 4 + 2 * 64 * 4 == 225 * 1024
+    assert c["SPARSE_SMEM_BYTES"] == (32 + 32) * 578 * 2 + 32 * 32 * 4 + 32 * 4
+
+
+def _cpu_decode_inputs():
+    bf16 = torch.bfloat16
+    return (torch.randn(1, 16, 512).to(bf16), torch.randn(1, 16, 64).to(bf16), torch.randn(1, 10, 576).to(bf16),
+            torch.zeros(1, 4, dtype=torch.int32))
+
+
+def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        sparse_mla_attention_cuda(*_cpu_decode_inputs(), 0.1)
+
+
+def test_an_unknown_kernel_is_refused_with_the_list_of_versions():
+    with pytest.raises(ValueError, match=r"kernel must be None or a version of cuda/sparse_mla_attention.cu: "
+                                         r"1 \(decode, float32"):
+        SPARSE_MLA_ATTENTION_KERNELS.choose(3, {})
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def _decode_case(B, S, n_h, k, seed):
@@ -169,9 +262,9 @@ def _decode_reference(q_abs, q_rope, kv, indices, scale):
 
 
 # Tolerances, against the float32 reference on the same bf16 inputs:
-# * "simt" (kernel 1) is float32 throughout, in another order (576-term dots, then exp): score errors
+# * kernel 1 (simt) is float32 throughout, in another order (576-term dots, then exp): score errors
 #   ~1e-5 absolute move each p by ~1e-5 relative; outputs are O(1) averages of O(1) latents: 1e-4.
-# * "mma" (kernel 2) computes the scores with float32 accumulation of exact bf16 products (as good as
+# * kernel 2 (mma) computes the scores with float32 accumulation of exact bf16 products (as good as
 #   kernel 1), but rounds p = exp(score - max) to bf16 (8 significant bits, relative error <= 2^-9)
 #   before P V, and divides by the sum of the same rounded p. The output stays a convex combination
 #   of the latents whose weights are each off by <= ~2^-8 relative: the error is at most ~2^-8 x the
@@ -179,78 +272,116 @@ def _decode_reference(q_abs, q_rope, kv, indices, scale):
 #   relative to max|ref| (about 2.5 x 2^-8), plus calc_diff <= 1e-5 (the typical error, relative
 #   ~1e-3, gives calc_diff ~1e-6) to catch a systematic error hiding under the elementwise bound.
 def _decode_tolerance(kernel, ref):
-    if kernel == "simt":
+    if kernel == 1:
         return dict(atol=1e-4, rtol=1e-4)
     return dict(atol=1e-2 * ref.abs().max().item(), rtol=1e-2, max_calc_diff=1e-5)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["mma", "simt"])
+@pytest.mark.parametrize("kernel", SPARSE_MLA_ATTENTION_KERNELS.versions)
 @pytest.mark.parametrize("B, S, n_h, k", [(3, 300, 40, 77), (2, 2500, 128, 2048), (1, 40, 16, 33), (4, 1000, 32, 32),
                                           (5, 3000, 64, 1000), (3, 700, 128, 130), (7, 200, 64, 5)])
-def test_sparse_mla_decode_cuda(B, S, n_h, k, kernel):
+def test_sparse_mla_attention_cuda(B, S, n_h, k, kernel):
     q_abs, q_rope, kv, indices = _decode_case(B, S, n_h, k, seed=S + k)
     scale = ModelArgs().softmax_scale
     out = compare.poisoned((B, n_h, 512), torch.float32)
-    out.copy_(sparse_mla_decode_cuda(q_abs, q_rope, kv, indices, scale, kernel=kernel))
+    assert sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, scale, kernel=kernel, out=out) is out
     ref = _decode_reference(q_abs, q_rope, kv, indices, scale)
-    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"sparse_mla_decode {kernel}")
+    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"sparse_mla_attention kernel {kernel}")
     if B > 1:
         assert bool((out[1] == 0).all())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["mma", "simt"])
-def test_sparse_mla_decode_cuda_ignores_indices_outside_the_cache(kernel):
-    q_abs, q_rope, kv, indices = _decode_case(3, 500, 64, 100, seed=5)
-    scale = ModelArgs().softmax_scale
-    ref = _decode_reference(q_abs, q_rope, kv, indices, scale)
-    bad = indices.clone()
-    bad[0, -1] = 500 + 10**6  # with the check off, an index past the cache counts as unused (-1)
-    bad[2, -2] = -7
-    out = sparse_mla_decode_cuda(q_abs, q_rope, kv, bad, scale, check_indices=False, kernel=kernel)
-    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"sparse_mla_decode {kernel}")
+def test_sparse_mla_attention_cuda_default_is_kernel_2():
+    q_abs, q_rope, kv, indices = _decode_case(3, 500, 64, 100, seed=8)
+    assert torch.equal(sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1),
+                       sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1, kernel=2))
 
 
 @pytest.mark.gpu
-def test_sparse_mla_decode_cuda_bad_input():
+@pytest.mark.parametrize("kernel", SPARSE_MLA_ATTENTION_KERNELS.versions)
+def test_wild_indices_with_data_checks_off_are_never_read(kernel):
+    """Data checks off (the default): indices outside [0, S) are not checked; the kernels must treat
+    them as unused slots (-1), never read them. compute-sanitizer runs benchmarks/sanitize_dsa.py
+    with such values too."""
+    q_abs, q_rope, kv, indices = _decode_case(3, 500, 64, 100, seed=5)
+    scale = ModelArgs().softmax_scale
+    ref = _decode_reference(q_abs, q_rope, kv, indices, scale)
+    wild = indices.clone()
+    wild[0, -1] = 500 + 10**6  # past the cache
+    wild[0, -2] = 2**31 - 1
+    wild[2, -2] = -7  # below -1
+    wild[2, -3] = -(2**31)
+    wild[1, :5] = 500  # S itself, in a sequence with nothing else selected
+    with checks.data_checks(False):
+        out = sparse_mla_attention_cuda(q_abs, q_rope, kv, wild, scale, kernel=kernel)
+    compare.assert_close(out, ref, **_decode_tolerance(kernel, ref), name=f"kernel {kernel}, wild indices")
+    assert bool((out[1] == 0).all())
+    with checks.data_checks(True), pytest.raises(ValueError, match="indices must be >= -1"):
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, wild, scale, kernel=kernel)
+
+
+@pytest.mark.gpu
+def test_sparse_mla_attention_cuda_bad_input():
     q_abs, q_rope, kv, indices = _decode_case(2, 100, 16, 8, seed=0)
-    with pytest.raises(ValueError, match="<= 99"):
-        sparse_mla_decode_cuda(q_abs, q_rope, kv, indices + 100, 0.1)
+    with checks.data_checks(True):
+        with pytest.raises(ValueError, match="<= 99"):
+            sparse_mla_attention_cuda(q_abs, q_rope, kv, indices + 100, 0.1)
+        repeated = indices.clone()
+        repeated[0, 1] = repeated[0, 0]
+        with pytest.raises(ValueError, match="repeat"):
+            sparse_mla_attention_cuda(q_abs, q_rope, kv, repeated, 0.1)
     with pytest.raises(ValueError, match="d_c"):
-        sparse_mla_decode_cuda(q_abs[..., :256], q_rope, kv, indices, 0.1)
+        sparse_mla_attention_cuda(q_abs[..., :256], q_rope, kv, indices, 0.1)
     with pytest.raises(ValueError, match="contiguous"):
-        sparse_mla_decode_cuda(q_abs, q_rope, kv.transpose(0, 1).contiguous().transpose(0, 1), indices, 0.1)
+        sparse_mla_attention_cuda(q_abs, q_rope, kv.transpose(0, 1).contiguous().transpose(0, 1), indices, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_mla_attention_cuda(q_abs.transpose(1, 2).contiguous().transpose(1, 2), q_rope, kv, indices, 0.1)
     with pytest.raises(ValueError, match="CUDA"):
-        sparse_mla_decode_cuda(q_abs, q_rope, kv, indices.cpu(), 0.1)
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, indices.cpu(), 0.1)
     with pytest.raises(ValueError, match="n_h = 16"):
-        sparse_mla_decode_cuda(q_abs, q_rope[:, :8], kv, indices, 0.1)
+        sparse_mla_attention_cuda(q_abs, q_rope[:, :8], kv, indices, 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.0)
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/sparse_mla_attention.cu"):
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1, kernel=3)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1, kernel="mma")  # versions are numbers now
+    with pytest.raises(ValueError, match="out must have shape"):
+        sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1, out=torch.empty(2, 16, 511, device="cuda"))
     unaligned = torch.empty(2 * 100 * 576 + 2, dtype=torch.bfloat16, device="cuda")[2:].view(2, 100, 576)
     unaligned.copy_(kv)  # starts 4 bytes past an aligned address: fine for kernel 1, not for kernel 2
     with pytest.raises(ValueError, match="16-byte boundary"):
-        sparse_mla_decode_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel="mma")
+        sparse_mla_attention_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel=2)
     ref = _decode_reference(q_abs, q_rope, kv, indices, 0.1)
-    out = sparse_mla_decode_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel="simt")
-    compare.assert_close(out, ref, **_decode_tolerance("simt", ref))
+    for kernel in (1, None):  # None: the best that applies, here kernel 1
+        out = sparse_mla_attention_cuda(q_abs, q_rope, unaligned, indices, 0.1, kernel=kernel)
+        compare.assert_close(out, ref, **_decode_tolerance(1, ref))
+    odd = torch.empty(2 * 100 * 576 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(2, 100, 576)
+    with pytest.raises(ValueError, match="4-byte boundary"):
+        sparse_mla_attention_cuda(q_abs, q_rope, odd, indices, 0.1, kernel=1)
 
 
-def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
-    with pytest.raises(ValueError, match="must be on a CUDA device"):
-        sparse_mla_decode_cuda(torch.randn(1, 16, 512).to(torch.bfloat16), torch.randn(1, 16, 64).to(torch.bfloat16),
-                               torch.randn(1, 10, 576).to(torch.bfloat16), torch.zeros(1, 4, dtype=torch.int32), 0.1)
-
-
-def test_cuda_wrapper_rejects_an_unknown_kernel():
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        sparse_mla_decode_cuda(torch.randn(1, 16, 512).to(torch.bfloat16), torch.randn(1, 16, 64).to(torch.bfloat16),
-                               torch.randn(1, 10, 576).to(torch.bfloat16), torch.zeros(1, 4, dtype=torch.int32), 0.1,
-                               kernel="wgmma")
+@pytest.mark.gpu
+def test_q_abs_and_q_rope_are_read_where_they_lie():
+    """The kernels read the query from the two tensors (no concatenated copy): q_abs and q_rope may
+    be any two allocations, e.g. contiguous slices of one buffer in the reverse order."""
+    q_abs, q_rope, kv, indices = _decode_case(3, 300, 40, 77, seed=2)
+    buffer = torch.empty(q_rope.numel() + q_abs.numel(), dtype=torch.bfloat16, device="cuda")
+    rope_first, abs_second = buffer[:q_rope.numel()].view_as(q_rope), buffer[q_rope.numel():].view_as(q_abs)
+    rope_first.copy_(q_rope)
+    abs_second.copy_(q_abs)
+    for kernel in SPARSE_MLA_ATTENTION_KERNELS.versions:
+        assert torch.equal(sparse_mla_attention_cuda(abs_second, rope_first, kv, indices, 0.1, kernel=kernel),
+                           sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, 0.1, kernel=kernel))
 
 
 # ----------------------------------------------------------------------------- kernel 2 on the CPU
-# A numpy emulation of sparse_mla_decode_mma's index arithmetic (cuda/sparse_mla.cu, kernel 2): the
-# XOR-swizzled shared arrays, the lane -> row addresses given to ldmatrix, the PTX fragment layouts
-# of mma.m16n8k16 and ldmatrix (.trans), the key/output halves of the 8 warps and the row-max swap.
+# A numpy emulation of sparse_mla_attention_mma's index arithmetic (cuda/sparse_mla_attention.cu,
+# kernel 2): the query staged from q_abs and q_rope (two tensors), the XOR-swizzled shared arrays,
+# the lane -> row addresses given to ldmatrix, the PTX fragment layouts of mma.m16n8k16 and ldmatrix
+# (.trans), the key/output halves of the 8 warps and the row-max swap.
 # It mirrors the kernel's expressions one for one; reading unwritten shared memory would give NaN.
 
 _LANE = np.arange(32)
@@ -291,18 +422,21 @@ def _bf16(x):
     return torch.from_numpy(np.asarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy().astype(np.float64)
 
 
-def _emulate_mma_block(q, kv, index_row, h0, n_h, S, scale):
+def _emulate_mma_block(q_abs, q_rope, kv, index_row, h0, n_h, S, scale):
     """One block of kernel 2 (64 heads from h0, one sequence): returns out [n_h, 512] (NaN where unwritten)."""
-    L, HEADS, TILE, LC, PC = 576, 64, 64, 72, 8
+    L, HEADS, TILE, LC, CC, PC = 576, 64, 64, 72, 64, 8
     K = len(index_row)
     q_s = np.full(HEADS * L, np.nan)
     kv_s = np.full(2 * TILE * L, np.nan)
     p_s = np.full(HEADS * TILE, np.nan)
     row_s = np.full(2 * HEADS, np.nan)
     valid_s = np.zeros(2 * TILE, dtype=bool)
-    for r in range(HEADS):
+    for r in range(HEADS):  # chunks 0 .. 63 from q_abs, 64 .. 71 from q_rope; zeros past n_h
+        inside = h0 + r < n_h
+        head = h0 + r if inside else 0
         for c in range(LC):
-            q_s[_swizzled(r, c, LC):][:8] = q[h0 + r, 8 * c:8 * c + 8] if h0 + r < n_h else 0.0
+            row = q_abs[head, 8 * c:8 * c + 8] if c < CC else q_rope[head, 8 * (c - CC):8 * (c - CC) + 8]
+            q_s[_swizzled(r, c, LC):][:8] = row if inside else 0.0
 
     def load_tile(tile, stage):
         for r in range(TILE):
@@ -393,20 +527,20 @@ def test_mma_kernel_index_arithmetic_emulated_on_the_cpu():
     """Kernel 2's fragments, swizzles and warp split, emulated: equals the reference to bf16-P accuracy."""
     gen = torch.Generator().manual_seed(7)
     S, n_h, k, scale = 150, 20, 70, ModelArgs().softmax_scale  # 2 tiles, the second ragged; 44 padded heads
-    q = _bf16(torch.randn(n_h, 576, generator=gen))
+    q_abs, q_rope = _bf16(torch.randn(n_h, 512, generator=gen)), _bf16(torch.randn(n_h, 64, generator=gen))
     kv = _bf16(torch.randn(S, 576, generator=gen))
     indices = torch.randperm(S, generator=gen)[:k].int()
     indices[:30] = -1  # unused slots, the first tile's maxima come from its second half only
     indices[-2] = -1
-    out = _emulate_mma_block(q, kv, indices.tolist(), 0, n_h, S, scale)
+    out = _emulate_mma_block(q_abs, q_rope, kv, indices.tolist(), 0, n_h, S, scale)
     bad = indices.clone()
     bad[-2], bad[0] = S + 5, -9  # unused slots written as indices outside [0, S): ignored like -1
-    out_bad = _emulate_mma_block(q, kv, bad.tolist(), 0, n_h, S, scale)
+    out_bad = _emulate_mma_block(q_abs, q_rope, kv, bad.tolist(), 0, n_h, S, scale)
     t = torch.from_numpy
-    ref = sparse_mla_attention(t(q)[None, None, :, :512], t(q)[None, None, :, 512:], t(kv)[None, :, :512],
+    ref = sparse_mla_attention(t(q_abs)[None, None], t(q_rope)[None, None], t(kv)[None, :, :512],
                                t(kv)[None, :, 512:], indices[None, None], scale)[0, 0]
-    tolerance = _decode_tolerance("mma", ref)
+    tolerance = _decode_tolerance(2, ref)
     compare.assert_close(t(out), ref, **tolerance, name="emulated kernel 2")
     compare.assert_close(t(out_bad), ref, **tolerance, name="emulated kernel 2, indices outside the cache")
-    empty = _emulate_mma_block(q, kv, [-1] * 5, 0, n_h, S, scale)
+    empty = _emulate_mma_block(q_abs, q_rope, kv, [-1] * 5, 0, n_h, S, scale)
     assert (empty == 0).all()

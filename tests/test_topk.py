@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsa_tutorial import compare
-from dsa_tutorial.topk import TOPK_KERNELS, order_key, select_topk, select_topk_cuda, topk_without_causal_mask
+from dsa_tutorial import checks, compare
+from dsa_tutorial.topk import (SELECT_TOPK_KERNELS, order_key, select_topk, select_topk_cuda,
+                               topk_without_causal_mask)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -140,6 +141,20 @@ def test_bad_scores_and_positions():
         select_topk(torch.randn(4, 10), 2, torch.arange(4, device="meta"))
 
 
+def test_the_kernel_table_and_its_limits_come_from_the_cu_file():
+    assert SELECT_TOPK_KERNELS.versions == (1, 2) and SELECT_TOPK_KERNELS.choose(None, {}).version == 2
+    assert [k.entry for k in SELECT_TOPK_KERNELS] == ["select_topk_four_passes", "select_topk_compact"]
+    limits = SELECT_TOPK_KERNELS.defines()
+    assert (limits["TOPK_THREADS"], limits["TOPK_MAX_K"], limits["TOPK_MAX_S"]) == (1024, 2048, 1 << 20)
+    # kernel 2's list and the 8 KiB histogram fit the 227 KiB of shared memory a Hopper block may use
+    assert limits["TOPK_LIST_MAX"] * limits["TOPK_LIST_ENTRY_BYTES"] + 4 * limits["RADIX_BINS"] <= 227 * 1024
+
+
+def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        select_topk_cuda(torch.randn(4, 10), 2)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def _gpu_case(shape, seed, ties=False):
@@ -156,7 +171,7 @@ def _gpu_case(shape, seed, ties=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
+@pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
 @pytest.mark.parametrize("shape, k, ties, causal", [
     ((7, 5000), 100, False, False), ((7, 5000), 100, True, False), ((3, 131072), 2048, False, False),
     ((3, 131072), 2048, True, False), ((50, 50), 16, False, True), ((2, 300, 333), 64, True, True),
@@ -170,12 +185,12 @@ def test_select_topk_cuda_is_the_reference_exactly(kernel, shape, k, ties, causa
     positions = None if causal else torch.full((T,), S - 1, device="cuda")
     ref = select_topk(scores, k, positions)
     out = compare.poisoned((*shape[:-1], k), torch.int32)
-    out.copy_(select_topk_cuda(scores, k, positions, kernel=kernel))
+    assert select_topk_cuda(scores, k, positions, kernel=kernel, out=out) is out
     assert torch.equal(out, ref), (out != ref).nonzero()[:5].tolist()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
+@pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
 def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
     scores = _gpu_case((6, 3000), seed=9)
     scores[2] = NAN  # nothing to select: all -1
@@ -183,10 +198,12 @@ def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
     ref = select_topk(scores, 2048, positions)
     out = select_topk_cuda(scores, 2048, positions, kernel=kernel)
     assert torch.equal(out, ref) and bool((out[2] == -1).all()) and int((out[0] >= 0).sum()) == 1
+    # int32 positions: the same rows
+    assert torch.equal(select_topk_cuda(scores, 2048, positions.int(), kernel=kernel), ref)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", list(TOPK_KERNELS))
+@pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
 def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
     gen = torch.Generator(device="cuda").manual_seed(11)
     # a contiguous view one float past a 16-byte boundary: every row starts off the float4 grid
@@ -207,6 +224,12 @@ def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
 
 
 @pytest.mark.gpu
+def test_select_topk_cuda_default_is_kernel_2():
+    scores = _gpu_case((2, 40, 3001), seed=4, ties=True)
+    assert torch.equal(select_topk_cuda(scores, 300), select_topk_cuda(scores, 300, kernel=2))
+
+
+@pytest.mark.gpu
 def test_select_topk_cuda_bad_input():
     scores = torch.randn(4, 3000, device="cuda")
     with pytest.raises(ValueError, match="at most k = 2048"):
@@ -217,23 +240,34 @@ def test_select_topk_cuda_bad_input():
         select_topk_cuda(scores.cpu(), 2)
     with pytest.raises(ValueError, match="larger than the sequence"):
         select_topk_cuda(scores[:, :10].contiguous(), 11)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        select_topk_cuda(scores, 2, kernel="sort")
-
-
-def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
-    with pytest.raises(ValueError, match="must be on a CUDA device"):
-        select_topk_cuda(torch.randn(4, 10), 2)
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/select_topk.cu"):
+        select_topk_cuda(scores, 2, kernel=3)
+    with pytest.raises(ValueError, match="kernel must be None or a version"):
+        select_topk_cuda(scores, 2, kernel="compact")  # the old names are gone: versions are numbers
+    with pytest.raises(ValueError, match=r"\[T, S\] or \[B, T, S\]"):
+        select_topk_cuda(torch.randn(2, 2, 4, 3000, device="cuda"), 2)
+    with pytest.raises(ValueError, match="out must have shape"):
+        select_topk_cuda(scores, 2, out=torch.empty(4, 3, dtype=torch.int32, device="cuda"))
+    with checks.data_checks(True):  # positions are device data: checked with data checks on
+        with pytest.raises(ValueError, match="query_positions must be <= 2999"):
+            select_topk_cuda(scores, 2, torch.tensor([0, 1, 2, 3000], device="cuda"))
 
 
 @pytest.mark.gpu
-def test_unchecked_positions_stay_inside_the_row():
-    """check_positions=False skips the host-side range check; out-of-range positions must still
-    never make the kernel read outside its row (row ends are clamped on the device)."""
-    scores = torch.randn(5, 300, device="cuda")
-    wild = torch.tensor([-7, 0, 150, 299, 10**6], device="cuda")
-    out = select_topk_cuda(scores, 8, wild, check_positions=False)
+@pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
+def test_wild_positions_with_data_checks_off_stay_inside_the_row(kernel):
+    """Data checks off (the default): positions outside [0, S) are not checked, and the kernel must
+    still never read outside its row; it clamps each row's visible end to [0, S] on the device."""
+    scores = torch.randn(8, 300, device="cuda")
+    wild = torch.tensor([-7, 0, 150, 299, 10**6, -(2**62), 2**63 - 1, -(2**63)], device="cuda")
+    with checks.data_checks(False):
+        out = select_topk_cuda(scores, 8, wild, kernel=kernel)
+        out32 = select_topk_cuda(scores, 8, wild.clamp(-(2**31), 2**31 - 1).int(), kernel=kernel)
+    torch.cuda.synchronize()
     clamped = wild.clamp(-1, 299)
     for row, last in enumerate(clamped.tolist()):
         picked = out[row][out[row] >= 0]
-        assert (picked <= max(last, -1)).all() and picked.numel() == min(8, last + 1)
+        assert bool((picked <= max(last, -1)).all()) and picked.numel() == min(8, last + 1)
+        assert bool((out[row][picked.numel():] == -1).all())
+    assert torch.equal(out, select_topk(scores, 8, clamped.clamp(min=0)).masked_fill(clamped[:, None] < 0, -1))
+    assert torch.equal(out32, out)

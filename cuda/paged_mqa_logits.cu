@@ -1,35 +1,37 @@
-// FP8 MQA logits over a paged key cache, for decode (DeepGEMM's fp8_paged_mqa_logits, SPEC 6):
+// FP8 MQA logits over a paged key cache, for decode (DeepGEMM's fp8_paged_mqa_logits, SPEC 6;
+// dsa_tutorial.paged.paged_mqa_logits is the reference, paged_mqa_logits_cuda the launcher):
 //
 //   logits[b next_n + j, p] = sum_h w[b next_n + j, h] * ReLU(q[b, j, h] . k[p]) * k_scale[p]
 //                             for p <= context_lens[b] - next_n + j, -inf for the other p
 //
 //   q            e4m3 [B, next_n, H, D]   next_n in {1, 2} (draft tokens of speculative decode)
 //   kv_cache     uint8 [num_blocks, 64, 1, D + 4]: block = 64 x D e4m3 values, then 64 fp32 scales
-//   w            fp32 [B * next_n, H]
+//   weights      fp32 [B * next_n, H]
 //   context_lens int32 [B]; block_table int32 [B, max_blocks] (logical -> physical block)
-//   schedule     int32 [n_ctas + 1, 2]: (batch, 256-token segment) where each block of the grid starts
+//   schedule_meta int32 [n_ctas + 1, 2]: (batch, 256-token segment) where each block of the grid starts
 //   logits       fp32 [B * next_n, max_context_len]
 //
-// Kernels, as a progression (each checked against dsa_tutorial.paged.paged_mqa_logits_reference):
-// Kernel 1 (fp8_paged_mqa_logits_h64 / _h32 for H = 64 / 32, D = 128):
+// Kernels, as a progression (dsa_tutorial.paged.PAGED_MQA_LOGITS_KERNELS; each checked against
+// paged.paged_mqa_logits):
+// Kernel 1 (paged_mqa_logits_e4m3_h64 / _h32 for H = 64 / 32, D = 128):
 //   A persistent block of 4 warps per schedule row walks its segments in order, one 64-token
 //   physical block at a time. Each physical block is 8448 contiguous bytes (values then scales),
 //   so it is copied whole into a shared-memory stage with 16-byte cp.async (528 copies over 128
 //   threads, STAGES deep: the next blocks are in flight while this one is computed). Every cache
 //   byte is read once. Warp w computes draft position j = w % next_n over the 16-key m-tiles
 //   w / next_n + i * (4 / next_n): with next_n = 1 each warp takes one m-tile of the block, with
-//   next_n = 2 two. The math per m-tile is that of cuda/fp8_mqa_logits.cu (kernel 2): mma.sync
+//   next_n = 2 two. The math per m-tile is that of cuda/mqa_logits.cu (kernel 2): mma.sync
 //   m16n8k32 e4m3 with A = 16 keys (ldmatrix from the XOR-swizzled stage), B = q[b, j] in
 //   registers (reloaded when the walk enters a new batch), ReLU, times w, head sum in registers
 //   plus two shuffles, times k_scale.
 //   Stores: positions p < context_lens[b] only (a value, or -inf past the draft position's limit).
 //   With clean_logits, block s then fills [context_lens[b], max_context_len) of the rows of
 //   batches b = s, s + n_ctas, ... with -inf, so every position is written exactly once.
-// Kernel 2 (fp8_paged_mqa_logits_f16_h64 / _h32): kernel 1 without the FP8 emulation. sm_90 has no
+// Kernel 2 (paged_mqa_logits_f16_h64 / _h32): kernel 1 without the FP8 emulation. sm_90 has no
 //   FP8 mma.sync (ptxas converts both operands to f16 inside every m16n8k32 e4m3), so this one
 //   converts q[b, j] once per batch into f16 B fragments (registers) and each key fragment once
 //   per warp, shared by 4 head tiles, then runs f16 mma.sync m16n8k16 (float32 accumulation, the
-//   same exact products; see kernel 3 of cuda/fp8_mqa_logits.cu). f16 q takes twice the registers,
+//   same exact products; see kernel 3 of cuda/mqa_logits.cu). f16 q takes twice the registers,
 //   so a warp owns 32 heads: the block has one warp per (16-key m-tile, draft position j, 32-head
 //   half) = 4 x next_n x H / 32 warps (8 for next_n = 1, H = 64: two blocks an SM; 16 for next_n =
 //   2), and each physical block (64 tokens) is computed by all of them at once; both draft
@@ -37,22 +39,28 @@
 //   (its head sum) per key to shared memory; after the barrier of the next step, thread
 //   (j, slot) adds the halves and stores logits[b next_n + j, 64 n + slot] (coalesced). Same stages,
 //   stores and -inf fill as kernel 1.
-// Kernel 3 (fp8_paged_mqa_logits_v3_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2): kernel 2 without its
+// Kernel 3 (paged_mqa_logits_warps_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2): kernel 2 without its
 //   per-step barriers and repeated conversions. 6 warps a block, two blocks an SM; each warp runs its
 //   own cp.async pipeline over 32-key units (half a physical block: 4096 value bytes + 128 scale
 //   bytes, 3 stages) of the block's segments, converts its 32 keys to f16 once and multiplies them by
 //   all H heads and next_n draft positions, whose q is kept in shared memory as f16 mma fragments
 //   (rewritten, between two barriers, when the walk enters a new batch). Lane (g, t) stores key 8t + g
 //   of the unit: 32 consecutive floats a warp and draft position. Same -inf fill. (See its section.)
-// Kernel 4 (fp8_paged_mqa_logits_wgmma_h64_n1 / ... , sm_90a only): wgmma (cuda/wgmma.cuh) on whole
+// Kernel 4 (paged_mqa_logits_wgmma_h64_n1 / ... , sm_90a only): wgmma (cuda/wgmma.cuh) on whole
 //   physical blocks: 2 warpgroups a block, each with its own cp.async ring of 64-token blocks; per
 //   block 4 wgmma m64nNk32 with N = next_n H (B = q[b], all draft positions and heads, in shared
 //   memory). (See its section.)
 //
-// Bounds: a block id is read from block_table only for logical blocks below ceil(context_len / 64)
-// (checked in Python: within the row, and each id in [0, num_blocks)); the tokens of a last,
-// partial block past context_len are computed from whatever the cache holds there but never
-// stored (mma rows are independent, so a NaN there stays in its row).
+// Bounds, for ANY values of context_lens, block_table and schedule_meta (dsa_tutorial checks them
+// only with data checks on; compute-sanitizer runs every kernel on wild values,
+// benchmarks/sanitize_fp8.py): a context length is clipped to [0, max_context_len] and to the
+// 64 * max_blocks tokens a table row can map (context_len_of), a block id to [0, num_blocks)
+// (cache_block), a schedule entry to a batch >= 0 and a logical block in [0, max_blocks]
+// (segment_block); a block id is read only for logical blocks below the clipped context's
+// ceil(context_len / 64). So a wild value gives wrong or unwritten logits for its rows, never an
+// access outside q, kv_cache, weights, the tables and logits. The tokens of a last, partial block
+// past context_len are computed from whatever the cache holds there but never stored (mma rows are
+// independent, so a NaN there stays in its row).
 #include <cuda_fp8.h>
 
 #include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_*, e4m3x4_to_f16x4,
@@ -69,6 +77,48 @@
 #define VALUE_BYTES (BLOCK_KV * HEAD_DIM)          // 8192: the scales start here
 #define CHUNKS_PER_ROW (HEAD_DIM / 16)
 #define MAX_REGISTERS 160                          // 64 for q[b, j]; 3 x 128 x 160 <= 65536: 3 blocks an SM
+// Schedule rows per SM that dsa_tutorial.paged.schedule_size asks for: kernels 3 and 4 are built for
+// two blocks an SM (their launch bounds), kernel 2 fits two at next_n = 1, H = 64 (8 warps of <= 128
+// registers): one full wave.
+#define CTAS_PER_SM 2
+
+// The entry points: paged_mqa_logits_<variant>_h<H>[_n<NEXT_N>], one per compiled H (and next_n for
+// kernels 3 and 4), each calling its kernel's template (the macro's last argument, commas and all)
+// with the launch bounds it was tuned with.
+#define PAGED_ENTRY(NAME, BOUNDS, ...)                                                                         \
+    extern "C" __global__ void BOUNDS NAME(                                                                     \
+        const unsigned char* q, const unsigned char* kv_cache, const float* weights, const int* context_lens,   \
+        const int* block_table, const int* schedule_meta, float* logits, int B, int next_n, int max_blocks,    \
+        int num_blocks, int max_context_len, int clean_logits) {                                                \
+        __VA_ARGS__(q, kv_cache, weights, context_lens, block_table, schedule_meta, logits, B, next_n,          \
+                    max_blocks, num_blocks, max_context_len, clean_logits);                                     \
+    }
+
+// ------------------------------------------------------------------ bounds, whatever the values
+// context_lens, block_table and schedule_meta are device data: dsa_tutorial checks them only with data
+// checks on. These clip every value the kernels take from them, so that no access leaves its tensor.
+
+// The longest context a launch can hold: max_context_len columns and the 64 * max_blocks tokens a row
+// of block_table maps; none with an empty cache.
+__device__ __forceinline__ int context_limit(int max_context_len, int max_blocks, int num_blocks) {
+    return num_blocks > 0 ? (int)min((long long)max_context_len, (long long)max_blocks * BLOCK_KV) : 0;
+}
+// context_lens[b] clipped to [0, limit]: a longer context is computed as its first `limit` tokens,
+// a negative one as empty.
+__device__ __forceinline__ int context_len_of(const int* context_lens, int b, int limit) {
+    return min(max(context_lens[b], 0), limit);
+}
+// Physical block `id` of the cache, id clipped to [0, num_blocks) (num_blocks > 0 wherever a block is
+// read: see context_limit): a wild id reads some block of the cache, never memory outside it.
+__device__ __forceinline__ const unsigned char* cache_block(const unsigned char* kv_cache, int id, int num_blocks) {
+    return kv_cache + (size_t)min(max(id, 0), num_blocks - 1) * BLOCK_BYTES;
+}
+// The logical block where schedule segment `segment` starts, clipped to [0, max_blocks]: no negative
+// index and no int overflow from a wild schedule entry (a consistent one is unchanged, since every
+// logical block a walk reaches is below max_blocks).
+__device__ __forceinline__ int segment_block(int segment, int max_blocks) {
+    return (int)min((long long)max(segment, 0) * BLOCKS_PER_SEGMENT, (long long)max_blocks);
+}
 
 // 16 bytes global -> shared, asynchronously, always all 16 read (no src-size operand): the whole block
 // is inside the cache. (cuda/common.cuh has the form with src-size, which zero-fills.)
@@ -81,51 +131,72 @@ struct Cursor {
     int b, n;
 };
 
-__device__ __forceinline__ int blocks_of(const int* context_lens, int b) {
-    return (context_lens[b] + BLOCK_KV - 1) / BLOCK_KV;
+__device__ __forceinline__ int blocks_of(const int* context_lens, int b, int limit) {
+    return (context_len_of(context_lens, b, limit) + BLOCK_KV - 1) / BLOCK_KV;
 }
-// Skip past finished (and empty) batches.
-__device__ __forceinline__ void settle(Cursor& c, const int* context_lens, int B) {
-    while (c.b < B && c.n >= blocks_of(context_lens, c.b)) { ++c.b; c.n = 0; }
+// Skip past finished (and empty) batches: afterwards c.b >= B, or c.n < blocks_of(c.b) <= max_blocks.
+__device__ __forceinline__ void settle(Cursor& c, const int* context_lens, int B, int limit) {
+    while (c.b < B && c.n >= blocks_of(context_lens, c.b, limit)) { ++c.b; c.n = 0; }
 }
-// Still inside this block's share of segments: before (end_b, end_segment), and inside the batch.
-__device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_segment, int B) {
-    return c.b < B && (c.b < end_b || (c.b == end_b && c.n < end_segment * BLOCKS_PER_SEGMENT));
+// Still inside this block's share: before (end_b, logical block end_n), and inside the batch.
+__device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_n, int B) {
+    return c.b < B && (c.b < end_b || (c.b == end_b && c.n < end_n));
+}
+// This block's share of the walk, from its two rows of schedule_meta: it starts at `start` (settled on
+// a block to compute) and stops before (end_b, end_n), in (batch, logical block) terms.
+__device__ __forceinline__ void schedule_bounds(const int* schedule_meta, const int* context_lens, int B, int max_blocks,
+                                                int limit, Cursor& start, int& end_b, int& end_n) {
+    start = {max(schedule_meta[2 * blockIdx.x], 0), segment_block(schedule_meta[2 * blockIdx.x + 1], max_blocks)};
+    end_b = schedule_meta[2 * blockIdx.x + 2];
+    end_n = segment_block(schedule_meta[2 * blockIdx.x + 3], max_blocks);
+    settle(start, context_lens, B, limit);
 }
 
-// clean_logits: -inf past each context, [context_lens[b], max_context_len) of rows b next_n + j, for the
-// batches b = blockIdx.x, blockIdx.x + gridDim.x, ... (so every position is written exactly once);
-// warp r % n_warps of the block takes row r.
+// clean_logits: -inf past each (clipped) context, [context_len, max_context_len) of rows b next_n + j,
+// for the batches b = blockIdx.x, blockIdx.x + gridDim.x, ... (so every position is written exactly
+// once); warp r % n_warps of the block takes row r.
 __device__ __forceinline__ void fill_past_contexts(float* logits, const int* context_lens, int B, int next_n,
-                                                   int max_context_len, int n_warps) {
+                                                   int max_context_len, int limit, int n_warps) {
     for (int r = threadIdx.x / 32; ; r += n_warps) {
         const int b = blockIdx.x + (r / next_n) * gridDim.x;
         if (b >= B) break;
-        fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_lens[b], max_context_len,
-                     threadIdx.x % 32);
+        fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len,
+                     context_len_of(context_lens, b, limit), max_context_len, threadIdx.x % 32);
     }
 }
 
-// ------------------------------------------------------------------------------------ kernel 1
-
-// Copy physical block block_table[b, n] (8448 bytes) into a stage: values swizzled, scales as they are.
-__device__ __forceinline__ void load_block(unsigned char* stage, const unsigned char* kv_cache,
-                                           const int* block_table, int max_blocks, const Cursor& c) {
-    const int physical = block_table[(size_t)c.b * max_blocks + c.n];
-    const unsigned char* src = kv_cache + (size_t)physical * BLOCK_BYTES;
-    for (int chunk = threadIdx.x; chunk < BLOCK_BYTES / 16; chunk += THREADS) {
+// Copy physical block block_table[b, n] (8448 bytes) into a stage with the block's n_threads threads
+// (kernels 1 and 2): values swizzled, scales as they are.
+__device__ __forceinline__ void load_block(unsigned char* stage, const unsigned char* kv_cache, const int* block_table,
+                                           int max_blocks, int num_blocks, const Cursor& c, int n_threads) {
+    const unsigned char* src = cache_block(kv_cache, block_table[(size_t)c.b * max_blocks + c.n], num_blocks);
+    for (int chunk = threadIdx.x; chunk < BLOCK_BYTES / 16; chunk += n_threads) {
         const int offset = chunk * 16;
         const int dst = offset < VALUE_BYTES ? swizzled(chunk / CHUNKS_PER_ROW, chunk % CHUNKS_PER_ROW) : offset;
         cp_async_16(stage + dst, src + offset);
     }
 }
 
+// The next load of kernels 1 and 2: while the load cursor is inside this block's share, copy its
+// physical block into `stage` and move the cursor on (the caller commits one group a step, empty or not).
+__device__ __forceinline__ void load_next(unsigned char* stage, Cursor& load, int end_b, int end_n,
+                                          const unsigned char* kv_cache, const int* block_table,
+                                          const int* context_lens, int B, int max_blocks, int num_blocks, int limit,
+                                          int n_threads) {
+    if (!inside(load, end_b, end_n, B)) return;
+    load_block(stage, kv_cache, block_table, max_blocks, num_blocks, load, n_threads);
+    ++load.n;
+    settle(load, context_lens, B, limit);
+}
+
+// ------------------------------------------------------------------------------------ kernel 1
+
 template <int H>
-__device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
-                                     const float* __restrict__ w, const int* __restrict__ context_lens,
-                                     const int* __restrict__ block_table, const int* __restrict__ schedule,
-                                     float* __restrict__ logits, int B, int next_n, int max_blocks,
-                                     int max_context_len, int clean_logits) {
+__device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                      const float* __restrict__ weights, const int* __restrict__ context_lens,
+                                      const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
+                                      float* __restrict__ logits, int B, int next_n, int max_blocks, int num_blocks,
+                                      int max_context_len, int clean_logits) {
     constexpr int N_TILES = H / 8;
     __shared__ __align__(128) unsigned char stages[STAGES][BLOCK_BYTES];
     __shared__ __align__(16) float w_rows[WARPS][H];
@@ -135,33 +206,28 @@ __device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const 
     const int j = warp % next_n;                      // this warp's draft position
     const int first_mt = warp / next_n, mt_step = WARPS / next_n;
 
-    const int end_b = schedule[2 * (blockIdx.x + 1)], end_segment = schedule[2 * (blockIdx.x + 1) + 1];
-    Cursor load = {schedule[2 * blockIdx.x], schedule[2 * blockIdx.x + 1] * BLOCKS_PER_SEGMENT};
-    settle(load, context_lens, B);
+    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    Cursor load;
+    int end_b, end_n;
+    schedule_bounds(schedule_meta, context_lens, B, max_blocks, limit, load, end_b, end_n);
     Cursor work = load;
 
     // pipeline prologue: the first STAGES - 1 blocks in flight
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (inside(load, end_b, end_segment, B)) {
-            load_block(stages[s], kv_cache, block_table, max_blocks, load);
-            ++load.n;
-            settle(load, context_lens, B);
-        }
+        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, context_lens, B, max_blocks, num_blocks, limit,
+                  THREADS);
         cp_async_commit();
     }
 
-    unsigned q_frag[N_TILES][4][2];  // B fragments of q[b, j] (see fp8_mqa_logits.cu)
+    unsigned q_frag[N_TILES][4][2];  // B fragments of q[b, j] (see mqa_logits.cu)
     const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
     int q_batch = -1;  // the batch whose q sits in q_frag
 
-    for (int step = 0; inside(work, end_b, end_segment, B); ++step) {
+    for (int step = 0; inside(work, end_b, end_n, B); ++step) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // block `step` has landed, and every warp is done with block step - 1
-        if (inside(load, end_b, end_segment, B)) {
-            load_block(stages[(step + STAGES - 1) % STAGES], kv_cache, block_table, max_blocks, load);
-            ++load.n;
-            settle(load, context_lens, B);
-        }
+        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, context_lens, B,
+                  max_blocks, num_blocks, limit, THREADS);
         cp_async_commit();
 
         const int b = work.b, row = b * next_n + j;
@@ -176,14 +242,14 @@ __device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const 
                 }
             }
             __syncwarp();  // every lane is done reading the previous batch's weights
-            for (int h = lane; h < H; h += 32) w_rows[warp][h] = w[(size_t)row * H + h];
+            for (int h = lane; h < H; h += 32) w_rows[warp][h] = weights[(size_t)row * H + h];
             __syncwarp();
             q_batch = b;
         }
 
         const unsigned char* stage = stages[step % STAGES];
         const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
-        const int context_len = context_lens[b];
+        const int context_len = context_len_of(context_lens, b, limit);
         const int last_visible = context_len - next_n + j;  // query j sees p <= last_visible
         float* logits_row = logits + (size_t)row * max_context_len;
         #pragma unroll 1
@@ -216,58 +282,33 @@ __device__ void fp8_paged_mqa_logits(const unsigned char* __restrict__ q, const 
             }
         }
         ++work.n;
-        settle(work, context_lens, B);
+        settle(work, context_lens, B, limit);
     }
     cp_async_wait<0>();
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, WARPS);
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, limit, WARPS);
 }
 
-extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
-fp8_paged_mqa_logits_h64(const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,
-                         const int* block_table, const int* schedule, float* logits, int B, int next_n,
-                         int max_blocks, int max_context_len, int clean_logits) {
-    fp8_paged_mqa_logits<64>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n, max_blocks,
-                             max_context_len, clean_logits);
-}
-
-extern "C" __global__ void __maxnreg__(MAX_REGISTERS)
-fp8_paged_mqa_logits_h32(const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,
-                         const int* block_table, const int* schedule, float* logits, int B, int next_n,
-                         int max_blocks, int max_context_len, int clean_logits) {
-    fp8_paged_mqa_logits<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n, max_blocks,
-                             max_context_len, clean_logits);
-}
+PAGED_ENTRY(paged_mqa_logits_e4m3_h64, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3<64>)
+PAGED_ENTRY(paged_mqa_logits_e4m3_h32, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3<32>)
 
 // ------------------------------------------------------------------------------------ kernel 2
 
 // The conversion that sm_90 would otherwise redo inside every emulated e4m3 mma (see kernel 3 of
-// cuda/fp8_mqa_logits.cu): q once, to f16 B fragments in registers; each key fragment once per
+// cuda/mqa_logits.cu): q once, to f16 B fragments in registers; each key fragment once per
 // warp, shared by the warp's 4 head tiles. The k-order rule is that of that file; the helpers
 // (e4m3x4_to_f16x4, mma_f16_16816) are in cuda/common.cuh.
 
 #define K2_HEADS_PER_WARP 32
-#define K2_MAX_THREADS 512  // 4 m-tiles x next_n x H / 32 warps: at most 4 x 2 x 2 = 16
-
-// Copy physical block block_table[b, n] into a stage with n_threads threads.
-__device__ __forceinline__ void load_block_n(unsigned char* stage, const unsigned char* kv_cache,
-                                             const int* block_table, int max_blocks, const Cursor& c, int n_threads) {
-    const int physical = block_table[(size_t)c.b * max_blocks + c.n];
-    const unsigned char* src = kv_cache + (size_t)physical * BLOCK_BYTES;
-    for (int chunk = threadIdx.x; chunk < BLOCK_BYTES / 16; chunk += n_threads) {
-        const int offset = chunk * 16;
-        const int dst = offset < VALUE_BYTES ? swizzled(chunk / CHUNKS_PER_ROW, chunk % CHUNKS_PER_ROW) : offset;
-        cp_async_16(stage + dst, src + offset);
-    }
-}
+#define K2_MTILES (BLOCK_KV / 16)  // 16-key m-tiles of a physical block: one warp each, per (draft position, half)
+#define K2_MAX_THREADS 512         // K2_MTILES x next_n x H / 32 warps: at most 4 x 2 x 2 = 16
 
 template <int H>
-__device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
-                                         const unsigned char* __restrict__ kv_cache, const float* __restrict__ w,
-                                         const int* __restrict__ context_lens, const int* __restrict__ block_table,
-                                         const int* __restrict__ schedule,
-                                         float* __restrict__ logits, int B, int next_n, int max_blocks,
-                                         int max_context_len, int clean_logits) {
+__device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                     const float* __restrict__ weights, const int* __restrict__ context_lens,
+                                     const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
+                                     float* __restrict__ logits, int B, int next_n, int max_blocks, int num_blocks,
+                                     int max_context_len, int clean_logits) {
     constexpr int HALVES = H / K2_HEADS_PER_WARP;   // warps a draft position: 2 for H = 64, 1 for H = 32
     constexpr int N_TILES = K2_HEADS_PER_WARP / 8;  // 4
     constexpr int K_STEPS = HEAD_DIM / 16;          // 8
@@ -278,24 +319,22 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
     // one step later, after the barrier that starts the next step
     __shared__ float partials[2][MAX_PARTS][BLOCK_KV];
 
-    const int n_threads = blockDim.x;                  // 128 x next_n x HALVES: one warp per (m-tile, part)
+    const int n_threads = blockDim.x;                  // 32 K2_MTILES next_n HALVES: one warp per (m-tile, part)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int parts = next_n * HALVES;
     const int part = warp % parts, mt = warp / parts;  // this warp: 16 keys mt of each block, for one part
     const int j = part / HALVES, half = part % HALVES;
 
-    const int end_b = schedule[2 * (blockIdx.x + 1)], end_segment = schedule[2 * (blockIdx.x + 1) + 1];
-    Cursor load = {schedule[2 * blockIdx.x], schedule[2 * blockIdx.x + 1] * BLOCKS_PER_SEGMENT};
-    settle(load, context_lens, B);
+    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    Cursor load;
+    int end_b, end_n;
+    schedule_bounds(schedule_meta, context_lens, B, max_blocks, limit, load, end_b, end_n);
     Cursor work = load;
 
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (inside(load, end_b, end_segment, B)) {
-            load_block_n(stages[s], kv_cache, block_table, max_blocks, load, n_threads);
-            ++load.n;
-            settle(load, context_lens, B);
-        }
+        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, context_lens, B, max_blocks, num_blocks, limit,
+                  n_threads);
         cp_async_commit();
     }
 
@@ -307,7 +346,7 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
     auto store_block = [&](const Cursor& c, int done) {
         if (threadIdx.x >= next_n * BLOCK_KV) return;
         const int jj = threadIdx.x / BLOCK_KV, slot = threadIdx.x % BLOCK_KV;
-        const int context_len = context_lens[c.b], p = c.n * BLOCK_KV + slot;
+        const int context_len = context_len_of(context_lens, c.b, limit), p = c.n * BLOCK_KV + slot;
         if (p >= context_len) return;  // past the context: nothing stored (clean_logits fills it below)
         // logits[b next_n + jj, p] = sum over the head halves of k_scale[p] * sum_h w ReLU(q . k), or -inf
         float logit = NEG_INF;         // positions draft jj cannot see yet
@@ -321,14 +360,11 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
 
     Cursor done = work;
     int step = 0;
-    for (; inside(work, end_b, end_segment, B); ++step) {
+    for (; inside(work, end_b, end_n, B); ++step) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // block `step` has landed; every warp is done with step - 1 and its partials
-        if (inside(load, end_b, end_segment, B)) {
-            load_block_n(stages[(step + STAGES - 1) % STAGES], kv_cache, block_table, max_blocks, load, n_threads);
-            ++load.n;
-            settle(load, context_lens, B);
-        }
+        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, context_lens, B,
+                  max_blocks, num_blocks, limit, n_threads);
         cp_async_commit();
         if (step > 0) store_block(done, step - 1);
 
@@ -343,14 +379,14 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
                                     q_frag[n][s][1]);
             }
             __syncwarp();  // every lane is done reading the previous batch's weights
-            w_rows[warp][lane] = w[(size_t)row * H + half * K2_HEADS_PER_WARP + lane];
+            w_rows[warp][lane] = weights[(size_t)row * H + half * K2_HEADS_PER_WARP + lane];
             __syncwarp();
             q_batch = b;
         }
 
         const unsigned char* stage = stages[step % STAGES];
         const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
-        const int context_len = context_lens[b];
+        const int context_len = context_len_of(context_lens, b, limit);
         const int p0 = work.n * BLOCK_KV + mt * 16;  // position of the m-tile's first key
         // some key of the m-tile visible to draft j (warp-uniform); else store_block writes -inf / nothing
         if (p0 <= context_len - next_n + j) {
@@ -374,30 +410,17 @@ __device__ void fp8_paged_mqa_logits_f16(const unsigned char* __restrict__ q,
         }
         done = work;
         ++work.n;
-        settle(work, context_lens, B);
+        settle(work, context_lens, B, limit);
     }
     __syncthreads();  // the last block's partials are complete
     if (step > 0) store_block(done, step - 1);
     cp_async_wait<0>();
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, n_threads / 32);
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, limit, n_threads / 32);
 }
 
-extern "C" __global__ void __launch_bounds__(K2_MAX_THREADS)
-fp8_paged_mqa_logits_f16_h64(const unsigned char* q, const unsigned char* kv_cache, const float* w,
-                             const int* context_lens, const int* block_table, const int* schedule, float* logits,
-                             int B, int next_n, int max_blocks, int max_context_len, int clean_logits) {
-    fp8_paged_mqa_logits_f16<64>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n,
-                                 max_blocks, max_context_len, clean_logits);
-}
-
-extern "C" __global__ void __launch_bounds__(K2_MAX_THREADS)
-fp8_paged_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* kv_cache, const float* w,
-                             const int* context_lens, const int* block_table, const int* schedule, float* logits,
-                             int B, int next_n, int max_blocks, int max_context_len, int clean_logits) {
-    fp8_paged_mqa_logits_f16<32>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, next_n,
-                                 max_blocks, max_context_len, clean_logits);
-}
+PAGED_ENTRY(paged_mqa_logits_f16_h64, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16<64>)
+PAGED_ENTRY(paged_mqa_logits_f16_h32, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16<32>)
 
 // ------------------------------------------------------------------------------------ kernel 3
 
@@ -410,7 +433,7 @@ fp8_paged_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* kv_cac
 // (34 KB) a block of the grid stay in flight, 68 KB an SM, more than the ~40 KB that 4.27 TB/s
 // needs. Each key is also converted e4m3 -> f16 by every warp that reads it (2 at next_n = 1, 4 at
 // next_n = 2): one cvt per mma. At next_n = 2 (16 warps, 1 block an SM) nothing overlaps the barriers.
-// Kernel 3 (fp8_paged_mqa_logits_v3_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2: H and next_n compiled in):
+// Kernel 3 (paged_mqa_logits_warps_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2: H and next_n compiled in):
 // * no barrier in the main loop: each of the 6 warps owns a private cp.async ring (K3_STAGES units
 //   of 32 keys = 4224 bytes: 4096 value bytes, swizzled, then the 32 scales; 2 units in flight) and
 //   walks its own units (unit u = warp + 6 i of the run), so warps drift and hide each other's
@@ -436,6 +459,9 @@ fp8_paged_mqa_logits_f16_h32(const unsigned char* q, const unsigned char* kv_cac
 #define K3_STAGES 3                                       // units of a warp in shared memory at once
 #define K3_NT_UNROLL 2                                    // n-tiles unrolled (more: spills at 170 registers)
 #define K3_IDS 32                                         // block ids a warp fetches at once (one a lane)
+// Dynamic shared memory for N = next_n H rows of q: N * K3_SMEM_PER_ROW + K3_SMEM_STAGES bytes
+#define K3_SMEM_PER_ROW (2 * HEAD_DIM + 4)                // q of one (j, h) as f16 fragments, and its weight
+#define K3_SMEM_STAGES (K3_WARPS * K3_STAGES * K3_UNIT_BYTES)  // every warp's ring
 
 // 16 / 8 bytes from shared memory. .volatile: re-read at every unit, never hoisted out of the unit loop
 // (ptxas would keep q fragments and head weights in registers across units, and spill).
@@ -474,38 +500,44 @@ __device__ __forceinline__ void ldmatrix_x4_at(unsigned (&r)[4], unsigned addres
 }
 
 // Entry k of this block's schedule rows: (batch, segment) of its start (k = 0, 1) and end (k = 2, 3).
-__device__ __forceinline__ int k3_schedule(const int* schedule, int k) {
+__device__ __forceinline__ int schedule_entry(const int* schedule_meta, int k) {
     int v;
-    asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(schedule + 2 * blockIdx.x + k));
+    asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(schedule_meta + 2 * blockIdx.x + k));
     return v;
 }
+// The first batch of this block's runs (>= 0 whatever the schedule holds).
+__device__ __forceinline__ int first_run(const int* schedule_meta) { return max(schedule_entry(schedule_meta, 0), 0); }
 
 // Run b of this block's schedule rows (kernels 3 and 4): false once b is past the block's share;
 // else the context length of batch b and the logical blocks [n_begin, n_end) of it that this block
-// computes (empty for an empty context). The row's bounds are re-read at each run (k3_schedule: L1
-// hits), not kept in registers through the unit loop.
-__device__ __forceinline__ bool schedule_run(const int* schedule, const int* context_lens, int B, int b,
-                                             int& context_len, int& n_begin, int& n_end) {
-    const int start_b = k3_schedule(schedule, 0), start_seg = k3_schedule(schedule, 1);
-    const int end_b = k3_schedule(schedule, 2), end_seg = k3_schedule(schedule, 3);
+// computes (empty for an empty context), with 0 <= n_begin and n_end <= ceil(context_len / 64) <=
+// max_blocks whatever the schedule and context_lens hold. The row's bounds are re-read at each run
+// (schedule_entry: L1 hits), not kept in registers through the unit loop.
+__device__ __forceinline__ bool schedule_run(const int* schedule_meta, const int* context_lens, int B, int b,
+                                             int limit, int max_blocks, int& context_len, int& n_begin, int& n_end) {
+    const int start_b = first_run(schedule_meta), start_seg = schedule_entry(schedule_meta, 1);
+    const int end_b = schedule_entry(schedule_meta, 2), end_seg = schedule_entry(schedule_meta, 3);
     if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) return false;
-    context_len = context_lens[b];
+    context_len = context_len_of(context_lens, b, limit);
     const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
-    n_begin = b == start_b ? start_seg * BLOCKS_PER_SEGMENT : 0;
-    n_end = b == end_b ? min(end_seg * BLOCKS_PER_SEGMENT, n_blocks) : n_blocks;
+    n_begin = b == start_b ? segment_block(start_seg, max_blocks) : 0;
+    n_end = b == end_b ? min(segment_block(end_seg, max_blocks), n_blocks) : n_blocks;
     return true;
 }
 
 // Dynamic shared memory: q fragments [NEXT_N][H / 8][4][32] uint4, w [NEXT_N][H] float, then the
-// stages of the K3_WARPS warps (K3_STAGES x 4224 bytes each). paged.py computes the same size.
+// stages of the K3_WARPS warps (K3_STAGES x 4224 bytes each): NEXT_N H K3_SMEM_PER_ROW + K3_SMEM_STAGES
+// bytes, the size dsa_tutorial.paged launches it with.
 template <int H, int NEXT_N>
-__device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
-                                        const float* __restrict__ w, const int* __restrict__ context_lens,
-                                        const int* __restrict__ block_table, const int* __restrict__ schedule,
-                                        float* __restrict__ logits, int B, int max_blocks, int max_context_len,
-                                        int clean_logits) {
+__device__ void paged_mqa_logits_warps(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                       const float* __restrict__ weights, const int* __restrict__ context_lens,
+                                       const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
+                                       float* __restrict__ logits, int B, int /* next_n = NEXT_N */, int max_blocks,
+                                       int num_blocks, int max_context_len, int clean_logits) {
     constexpr int NT = H / 8;                         // n-tiles of 8 heads
     constexpr int Q_FRAGS = NEXT_N * NT * 4 * 32;     // uint4 entries
+    static_assert(Q_FRAGS * 16 + NEXT_N * H * 4 == NEXT_N * H * K3_SMEM_PER_ROW, "K3_SMEM_PER_ROW is the q + w carve");
+    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
     extern __shared__ __align__(128) unsigned char k3_smem[];
     uint4* q_frags = reinterpret_cast<uint4*>(k3_smem);
     float* w_s = reinterpret_cast<float*>(k3_smem + Q_FRAGS * 16);
@@ -516,9 +548,9 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
     const unsigned w_lane = smem_address(w_s + 2 * t);     // + (j H + 8 nt) 4: w[row j, 8 nt + 2t], and + 1
 
     // runs: the blocks of one batch inside this schedule row (schedule_run)
-    for (int b = k3_schedule(schedule, 0); ; ++b) {
+    for (int b = first_run(schedule_meta); ; ++b) {
         int context_len, n_begin, n_end;
-        if (!schedule_run(schedule, context_lens, B, b, context_len, n_begin, n_end)) break;
+        if (!schedule_run(schedule_meta, context_lens, B, b, limit, max_blocks, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int first = n_begin * BLOCK_KV;  // position of the run's first key
         const int n_units = (min(context_len, n_end * BLOCK_KV) - first + K3_UNIT_KEYS - 1) / K3_UNIT_KEYS;
@@ -533,7 +565,7 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
                 ids = u < n_units ? block_table[(size_t)b * max_blocks + first / BLOCK_KV + u / 2] : 0;
             }
             const int physical = __shfl_sync(0xffffffffu, ids, i % K3_IDS);
-            k3_load_unit(stages + (i % K3_STAGES) * K3_UNIT_BYTES, kv_cache + (size_t)physical * BLOCK_BYTES,
+            k3_load_unit(stages + (i % K3_STAGES) * K3_UNIT_BYTES, cache_block(kv_cache, physical, num_blocks),
                          (warp + K3_WARPS * i) % 2, lane);
         };
 
@@ -554,7 +586,7 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
             e4m3x4_to_f16x4(*reinterpret_cast<const unsigned*>(src + 16), f.z, f.w);
             q_frags[e] = f;
         }
-        for (int e = threadIdx.x; e < NEXT_N * H; e += K3_THREADS) w_s[e] = w[(size_t)b * NEXT_N * H + e];
+        for (int e = threadIdx.x; e < NEXT_N * H; e += K3_THREADS) w_s[e] = weights[(size_t)b * NEXT_N * H + e];
         __syncthreads();
 
         #pragma unroll 1
@@ -624,28 +656,19 @@ __device__ void fp8_paged_mqa_logits_v3(const unsigned char* __restrict__ q, con
         cp_async_wait<0>();
     }
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, K3_WARPS);
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, limit, K3_WARPS);
 }
 
-// The entry points of kernels 3 and 4: fp8_paged_mqa_logits_<VARIANT>_h<H>_n<NEXT_N>, two blocks an SM.
-#define PAGED_ENTRY(VARIANT, KERNEL, THREADS, H, NEXT_N)                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2) fp8_paged_mqa_logits_##VARIANT##_h##H##_n##NEXT_N(     \
-        const unsigned char* q, const unsigned char* kv_cache, const float* w, const int* context_lens,               \
-        const int* block_table, const int* schedule, float* logits, int B, int next_n, int max_blocks,               \
-        int max_context_len, int clean_logits) {                                                                     \
-        KERNEL<H, NEXT_N>(q, kv_cache, w, context_lens, block_table, schedule, logits, B, max_blocks,                 \
-                          max_context_len, clean_logits);                                                            \
-    }
-PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 64, 1)
-PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 64, 2)
-PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 32, 1)
-PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 32, 2)
+PAGED_ENTRY(paged_mqa_logits_warps_h64_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<64, 1>)
+PAGED_ENTRY(paged_mqa_logits_warps_h64_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<64, 2>)
+PAGED_ENTRY(paged_mqa_logits_warps_h32_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<32, 1>)
+PAGED_ENTRY(paged_mqa_logits_warps_h32_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<32, 2>)
 
 // ------------------------------------------------------------------------------------ kernel 4
 //
 // At next_n = 2 kernel 3 needs about 600 TFLOP/s of tensor-core math to read the cache at 60% of
 // copy bandwidth, more than mma.sync gives on the H200 (about 360). Kernel 4
-// (fp8_paged_mqa_logits_wgmma_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2, sm_90a only) moves the product to
+// (paged_mqa_logits_wgmma_h64_n1 / _h64_n2 / _h32_n1 / _h32_n2, sm_90a only) moves the product to
 // wgmma (cuda/wgmma.cuh), which takes e4m3 straight from shared memory at Hopper's full FP8 rate:
 // * 2 warpgroups a block, two blocks an SM; each warpgroup owns a cp.async ring of K4_STAGES whole
 //   physical blocks (64 tokens: 8192 value bytes, swizzled = wgmma's 128-byte swizzle, and 256 scale
@@ -666,6 +689,12 @@ PAGED_ENTRY(v3, fp8_paged_mqa_logits_v3, K3_THREADS, 32, 2)
 #define K4_THREADS (128 * K4_WARPGROUPS)
 #define K4_STAGES 5                                // physical blocks in a warpgroup's ring
 #define K4_IDS 32                                  // block ids a warp fetches at once (one a lane)
+// Dynamic shared memory for N = next_n H rows of q: K4_SMEM_ALIGN (slack: the kernel rounds its base up to
+// a 1024-byte boundary, where a 128-byte-swizzled wgmma tile must start) + N * K4_SMEM_PER_ROW +
+// K4_SMEM_STAGES bytes
+#define K4_SMEM_ALIGN 1024
+#define K4_SMEM_PER_ROW (HEAD_DIM + 4)                            // a q row (e4m3) of the B tile, and its weight
+#define K4_SMEM_STAGES (K4_WARPGROUPS * K4_STAGES * BLOCK_BYTES)  // the warpgroups' rings: values and scales
 
 // Copy the physical block at `block` into a warpgroup's stage (wtid = 0 .. 127): values swizzled
 // (row = token), then its 64 scales as they are.
@@ -678,19 +707,21 @@ __device__ __forceinline__ void k4_load_block(unsigned char* values, float* scal
     if (wtid < BLOCK_KV * 4 / 16) cp_async_16(reinterpret_cast<unsigned char*>(scales) + wtid * 16, block + VALUE_BYTES + wtid * 16);
 }
 
-// Dynamic shared memory, 1024-byte aligned inside: the q tile [N][128], the rings' values
-// [K4_WARPGROUPS][K4_STAGES][8192] and scales [K4_WARPGROUPS][K4_STAGES][64], w [N]. paged.py passes
-// 1024 (alignment slack) + the same size.
+// Dynamic shared memory, K4_SMEM_ALIGN-byte aligned inside: the q tile [N][128], the rings' values
+// [K4_WARPGROUPS][K4_STAGES][8192] and scales [K4_WARPGROUPS][K4_STAGES][64], w [N]: N K4_SMEM_PER_ROW +
+// K4_SMEM_STAGES bytes after the alignment slack.
 template <int H, int NEXT_N>
-__device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
-                                           const float* __restrict__ w, const int* __restrict__ context_lens,
-                                           const int* __restrict__ block_table, const int* __restrict__ schedule,
-                                           float* __restrict__ logits, int B, int max_blocks, int max_context_len,
-                                           int clean_logits) {
+__device__ void paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                                       const float* __restrict__ weights, const int* __restrict__ context_lens,
+                                       const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
+                                       float* __restrict__ logits, int B, int /* next_n = NEXT_N */, int max_blocks,
+                                       int num_blocks, int max_context_len, int clean_logits) {
 #if WGMMA_AVAILABLE
     constexpr int N = NEXT_N * H;  // B rows: (draft position j, head h)
+    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
     extern __shared__ unsigned char k4_smem_raw[];
-    unsigned char* q_tile = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(k4_smem_raw) + 1023) & ~size_t(1023));
+    unsigned char* q_tile = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(k4_smem_raw) + K4_SMEM_ALIGN - 1) & ~size_t(K4_SMEM_ALIGN - 1));
     unsigned char* values_all = q_tile + N * HEAD_DIM;
     float* scales_all = reinterpret_cast<float*>(values_all + K4_WARPGROUPS * K4_STAGES * VALUE_BYTES);
     float* w_s = scales_all + K4_WARPGROUPS * K4_STAGES * BLOCK_KV;
@@ -703,9 +734,9 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
     const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));
     const unsigned w_lane = smem_address(w_s + 2 * t);
 
-    for (int b = k3_schedule(schedule, 0); ; ++b) {  // runs: the blocks of one batch, as in kernel 3
+    for (int b = first_run(schedule_meta); ; ++b) {  // runs: the blocks of one batch, as in kernel 3
         int context_len, n_begin, n_end;
-        if (!schedule_run(schedule, context_lens, B, b, context_len, n_begin, n_end)) break;
+        if (!schedule_run(schedule_meta, context_lens, B, b, limit, max_blocks, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int n_units = n_end - n_begin;  // physical blocks of the run
         const int my_units = wg < n_units ? (n_units - wg + K4_WARPGROUPS - 1) / K4_WARPGROUPS : 0;
@@ -721,7 +752,7 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
             }
             const int physical = __shfl_sync(0xffffffffu, ids, i % K4_IDS);
             k4_load_block(values + (i % K4_STAGES) * VALUE_BYTES, scales + (i % K4_STAGES) * BLOCK_KV,
-                          kv_cache + (size_t)physical * BLOCK_BYTES, wtid);
+                          cache_block(kv_cache, physical, num_blocks), wtid);
         };
 
         __syncthreads();  // both warpgroups are done with the previous run (its q tile and w)
@@ -736,7 +767,7 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
             *reinterpret_cast<uint4*>(q_tile + swizzled(row, chunk)) =
                 *reinterpret_cast<const uint4*>(q + ((size_t)b * N + row) * HEAD_DIM + chunk * 16);
         }
-        for (int n = threadIdx.x; n < N; n += K4_THREADS) w_s[n] = w[(size_t)b * N + n];
+        for (int n = threadIdx.x; n < N; n += K4_THREADS) w_s[n] = weights[(size_t)b * N + n];
         fence_proxy_async();  // the q tile, written by ordinary stores, is read by the tensor cores
         __syncthreads();
 
@@ -774,13 +805,13 @@ __device__ void fp8_paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, 
         cp_async_wait<0>();
     }
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, K4_THREADS / 32);
+    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, limit, K4_THREADS / 32);
 #else
     __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
 #endif
 }
 
-PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 64, 1)
-PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 64, 2)
-PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 32, 1)
-PAGED_ENTRY(wgmma, fp8_paged_mqa_logits_wgmma, K4_THREADS, 32, 2)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<64, 1>)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<64, 2>)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<32, 1>)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<32, 2>)

@@ -5,36 +5,40 @@
 // cache entry of d_c + d_R values (576 for V3.2):
 //
 //     c^KV_t = c / sqrt(mean_j(c_j^2) + eps) * kv_norm_weight          (kv_norm, formula 1)
-//     k^R_t  = k_pe                  (mla_compress_*)        or
-//     k^R_t  = RoPE(k_pe, m_t)       (mla_compress_rope_*, formula 3, interleaved pairs (2i, 2i+1))
+//     k^R_t  = k_pe                  (kv_compress_*)        or
+//     k^R_t  = RoPE(k_pe, m_t)       (kv_compress_rope_*, formula 3, interleaved pairs (2i, 2i+1))
 //     latent[t] = [c^KV_t | k^R_t]
 //
 //   *_f32    kv, latent float32  [T, d_c + d_R]
 //   *_bf16   kv, latent bfloat16 [T, d_c + d_R], float32 arithmetic
-//   (kv_norm_weight float32 [d_c]; RoPE tables float32 [max_seq_len, d_R/2], see cuda/rope.cu)
+//   (kv_norm_weight float32 [d_c]; RoPE tables float32 [max_seq_len, d_R/2], see cuda/apply_rope.cu)
 //
-//   kernel 1  mla_compress[_rope]_{f32,bf16}       any d_c, d_R: one value per lane per step
-//   kernel 2  mla_compress[_rope]_vec_{f32,bf16}   V3.2's d_c = 512, d_R = 64 as compile-time
+//   kernel 1  kv_compress[_rope]_{f32,bf16}       any d_c, d_R: one value per lane per step
+//   kernel 2  kv_compress[_rope]_vec_{f32,bf16}   V3.2's d_c = 512, d_R = 64 as compile-time
 //             constants: the whole row is loaded at once in 16-byte chunks (4 float32 / 8 bf16)
 //             and kept in registers for the second pass
 //
-// Both: one warp per token, COMPRESS_WARPS tokens per block; the sum of squares is combined with a
-// warp shuffle tree, so there is no shared memory and no __syncthreads: a warp whose token is past T
-// just returns.
+// Both: one warp per token, COMPRESS_WARPS tokens per block (COMPRESS_THREADS threads, a grid of
+// ceil(T / COMPRESS_WARPS) blocks); the sum of squares is combined with a warp shuffle tree, so there
+// is no shared memory and no __syncthreads: a warp whose token is past T just returns.
 // Kernel 1: the lanes stride over the row (coalesced: 32 consecutive values per step); the second
 // pass re-reads the row (from L1, it was just loaded) to scale it. Each lane has one 4- or 2-byte
 // load in flight at a time: far from the bandwidth an H200 can deliver.
 // Kernel 2: lane l loads chunks l, l + 32, ... of c (4 float4 or 2 x 8 bf16: 512 values a warp) and,
 // for lanes l < d_R / 8 (bf16) or d_R / 4 (float32), chunk l of k_pe: 5 (float32) or 3 (bf16) 16-byte
 // loads in flight per lane before the first is used, then one 16-byte store per chunk.
+// A position outside the rotary table (m < 0 or m >= max_seq_len) writes NaN for that token's k^R and
+// reads nothing: the kernels are memory-safe for any positions (the loader checks their range only
+// when the package's data checks are on).
 // Checked against dsa_tutorial.mla.kv_compress (+ rope.apply_rope); loader
-// dsa_tutorial.mla.kv_compress_cuda (kernel 2 wherever d_c = 512, d_R = 64 and the tensors are
-// 16-byte aligned, kernel 1 otherwise).
+// dsa_tutorial.mla.kv_compress_cuda (table KV_COMPRESS_KERNELS: kernel 2 wherever d_c = 512, d_R = 64
+// and the tensors are 16-byte aligned, kernel 1 otherwise).
 #include <cuda_bf16.h>
 
 #include "common.cuh"  // to_float, from_float, unpack16, pack16, load_floats
 
-#define COMPRESS_WARPS 8
+#define COMPRESS_WARPS 8  // tokens (one warp each) per block
+#define COMPRESS_THREADS (32 * COMPRESS_WARPS)
 
 __device__ __forceinline__ float warp_sum(float value) {
     for (int offset = 16; offset > 0; offset >>= 1)
@@ -74,7 +78,7 @@ __device__ void compress_row(const T* __restrict__ kv, const float* __restrict__
     const long long m = positions[t];
     const int n_half = d_rope / 2;
     for (int i = lane; i < n_half; i += 32) {
-        if (m < 0 || m >= max_seq_len) {  // never read outside the table (the loader rejects these)
+        if (m < 0 || m >= max_seq_len) {  // never read outside the table: NaN instead
             k_rope[2 * i] = k_rope[2 * i + 1] = from_float<T>(__int_as_float(0x7fc00000));
             continue;
         }
@@ -86,19 +90,19 @@ __device__ void compress_row(const T* __restrict__ kv, const float* __restrict__
     }
 }
 
-#define COMPRESS_KERNELS(SUFFIX, T)                                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * COMPRESS_WARPS)                                        \
-    mla_compress_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, int d_c,         \
-                          int d_rope, float eps) {                                                           \
-        compress_row<T, false>(kv, kv_norm_weight, latent, n_tokens, d_c, d_rope, eps, nullptr, nullptr,      \
-                               nullptr, 0);                                                                  \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * COMPRESS_WARPS)                                        \
-    mla_compress_rope_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, int d_c,    \
-                               int d_rope, float eps, const long long* positions, const float* cos_table,    \
-                               const float* sin_table, int max_seq_len) {                                    \
-        compress_row<T, true>(kv, kv_norm_weight, latent, n_tokens, d_c, d_rope, eps, positions, cos_table,   \
-                              sin_table, max_seq_len);                                                       \
+#define COMPRESS_KERNELS(SUFFIX, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS)                                          \
+    kv_compress_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, int d_c,        \
+                         int d_rope, float eps) {                                                           \
+        compress_row<T, false>(kv, kv_norm_weight, latent, n_tokens, d_c, d_rope, eps, nullptr, nullptr,    \
+                               nullptr, 0);                                                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS)                                          \
+    kv_compress_rope_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, int d_c,   \
+                              int d_rope, float eps, const long long* positions, const float* cos_table,    \
+                              const float* sin_table, int max_seq_len) {                                    \
+        compress_row<T, true>(kv, kv_norm_weight, latent, n_tokens, d_c, d_rope, eps, positions, cos_table, \
+                              sin_table, max_seq_len);                                                      \
     }
 
 COMPRESS_KERNELS(f32, float)
@@ -134,7 +138,7 @@ __device__ void compress_row_vec(const T* __restrict__ kv, const float* __restri
     bool inside = true;
     if (ROPE && lane < R_LANES) {
         const long long m = positions[t];
-        inside = m >= 0 && m < max_seq_len;  // never read outside the table (the loader rejects these)
+        inside = m >= 0 && m < max_seq_len;  // never read outside the table: NaN instead
         if (inside) {
             load_floats<N / 2>(cos_table + m * N_HALF + lane * (N / 2), cos_mi);
             load_floats<N / 2>(sin_table + m * N_HALF + lane * (N / 2), sin_mi);
@@ -179,17 +183,17 @@ __device__ void compress_row_vec(const T* __restrict__ kv, const float* __restri
     __stwb(reinterpret_cast<uint4*>(k_rope), pack16(x));
 }
 
-#define COMPRESS_VEC_KERNELS(SUFFIX, T)                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * COMPRESS_WARPS)                                        \
-    mla_compress_vec_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, float eps) {  \
+#define COMPRESS_VEC_KERNELS(SUFFIX, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS)                                            \
+    kv_compress_vec_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens, float eps) {  \
         compress_row_vec<T, false>(kv, kv_norm_weight, latent, n_tokens, eps, nullptr, nullptr, nullptr, 0);  \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * COMPRESS_WARPS)                                        \
-    mla_compress_rope_vec_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens,         \
-                                   float eps, const long long* positions, const float* cos_table,            \
-                                   const float* sin_table, int max_seq_len) {                                \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS)                                            \
+    kv_compress_rope_vec_##SUFFIX(const T* kv, const float* kv_norm_weight, T* latent, int n_tokens,          \
+                                  float eps, const long long* positions, const float* cos_table,              \
+                                  const float* sin_table, int max_seq_len) {                                  \
         compress_row_vec<T, true>(kv, kv_norm_weight, latent, n_tokens, eps, positions, cos_table, sin_table, \
-                                  max_seq_len);                                                              \
+                                  max_seq_len);                                                               \
     }
 
 COMPRESS_VEC_KERNELS(f32, float)

@@ -1,4 +1,5 @@
-// FP8 MQA logits of the lightning indexer (DeepGEMM's fp8_mqa_logits, SPEC section 6):
+// FP8 MQA logits of the lightning indexer (DeepGEMM's fp8_mqa_logits, SPEC section 6;
+// dsa_tutorial.fp8.mqa_logits is the reference, mqa_logits_cuda the launcher):
 //
 //   logits[i, j] = sum_h w[i, h] * ReLU(q[i, h] . k[j]) * k_scale[j]     for ks[i] <= j < ke[i]
 //   logits[i, j] = -inf                                                   elsewhere (clean_logits)
@@ -7,14 +8,14 @@
 //   q       e4m3 [S_q, H, D]   one indexer query per token, H heads, D = 128
 //   k       e4m3 [S_k, D]      one indexer key per token, shared by all heads (MQA)
 //   k_scale fp32 [S_k]         one power-of-two block scale per key (act_quant, block 128)
-//   w       fp32 [S_q, H]      head weights with the q scale and d_I^-0.5 folded in
+//   weights fp32 [S_q, H]      head weights with the q scale and d_I^-0.5 folded in
 //   ks, ke  int32 [S_q]        the key range of query i (a packed batch of causal prefills)
 //   logits  fp32 [S_q, S_k]
 //
-// Kernels, as a progression (each checked against dsa_tutorial.fp8.mqa_logits_reference):
-//   fp8_mqa_logits_naive      kernel 1: one thread per (i, j), H * D scalar multiply-adds in
+// Kernels, as a progression (dsa_tutorial.fp8.MQA_LOGITS_KERNELS; each checked against fp8.mqa_logits):
+//   mqa_logits_naive          kernel 1: one thread per (i, j), H * D scalar multiply-adds in
 //                             float32 after converting each e4m3 byte. The specification in CUDA.
-//   fp8_mqa_logits_h64/_h32   kernel 2: FP8 tensor cores. A block of 12 warps owns 12 consecutive
+//   mqa_logits_e4m3_h64/_h32  kernel 2: FP8 tensor cores. A block of 12 warps owns 12 consecutive
 //                             queries (one per warp) and streams the union of their key ranges
 //                             through shared memory in tiles of 64 keys (cp.async, 4 stages).
 //                             Per 16 keys a warp computes the [16 keys x H heads] score tile with
@@ -24,7 +25,7 @@
 //                             ReLU, times w, a sum over the heads in registers (each lane holds 2
 //                             heads of every 8-head n-tile) and two shuffles (the 4 lanes of a
 //                             row), times k_scale, and one store per key.
-//   fp8_mqa_logits_f16_h64/_h32  kernel 3: what kernel 2 costs on Hopper. sm_90 has no FP8 mma.sync:
+//   mqa_logits_f16_h64/_h32   kernel 3: what kernel 2 costs on Hopper. sm_90 has no FP8 mma.sync:
 //                             ptxas lowers each m16n8k32 e4m3 to f16 conversions of both operands
 //                             (24 bytes a lane: about 12 cvt) plus two f16 m16n8k16 mma (NVIDIA,
 //                             CUTLASS issue 1986), so kernel 2 spends most of its issue slots
@@ -40,7 +41,7 @@
 //                             barrier that starts the next key tile, the warps of a query add their
 //                             halves and store 32 consecutive keys each (coalesced). Same pipeline,
 //                             swizzle and bounds as kernel 2.
-//   fp8_mqa_logits_wgmma_h64/_h32  kernel 4 (sm_90a only): Hopper's warpgroup mma (wgmma, see
+//   mqa_logits_wgmma_h64/_h32 kernel 4 (sm_90a only): Hopper's warpgroup mma (wgmma, see
 //                             cuda/wgmma.cuh), which reads e4m3 straight from shared memory at the
 //                             full FP8 rate. A block is one warpgroup owning 128 / H queries; per tile
 //                             of 64 keys, 4 wgmma m64n128k32 give scores[64 keys][(query, head)],
@@ -58,10 +59,14 @@
 // chunk position c ^ (r % 8) (an XOR swizzle), so the 8 rows one ldmatrix phase reads fall in 8
 // different bank groups instead of all in the same one.
 //
-// Bounds: rows i >= S_q do no work (their warp still joins the barriers); key tiles are loaded
-// with zero fill past ke_max (the largest ke of the block, <= S_k) so no load leaves [0, S_k);
-// stores go only to keys < ke_max. Columns outside [ks_min, ke_max) of the block are filled with
-// -inf when clean_logits, and left untouched otherwise.
+// Bounds, for ANY values of ks and ke (dsa_tutorial checks them only with data checks on): each
+// query's range is first clipped to the keys that exist, [max(ks, 0), min(ke, S_k)), empty when
+// reversed (key_range), so a wild range reads and writes nothing outside k, k_scale and its own row:
+// the row is then the logits of the clipped range. Rows i >= S_q do no work (their warp still joins
+// the barriers); key tiles are loaded with zero fill past kv_end (the largest clipped ke of the
+// block) so no load leaves [0, S_k); stores go only to keys < kv_end. Columns outside
+// [kv_begin, kv_end) of the block are filled with -inf when clean_logits, and left untouched
+// otherwise.
 #include <cuda_fp8.h>
 
 #include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_*, e4m3x4_to_f16x4,
@@ -76,22 +81,44 @@
 // q[i] alone takes H * D / 32 = 64 registers a lane; the kernel needs ~136 in all (it spills at
 // 128), so a block of 12 warps (12 * 32 * 136 <= 65536 registers) fills an SM.
 #define MAX_REGISTERS 136
+#define NAIVE_THREADS 128        // kernel 1: keys a block, one a thread
+
+// Query i's key range [ks[i], ke[i]) clipped to the keys that exist, [0, S_k), and empty (lo == hi)
+// when reversed: what every kernel computes, whatever the values (data checks off).
+__device__ __forceinline__ int2 key_range(const int* ks, const int* ke, int i, int S_k) {
+    const int lo = min(max(ks[i], 0), S_k);
+    return make_int2(lo, max(min(ke[i], S_k), lo));
+}
+
+// The union [kv_begin, kv_end) of the clipped ranges of queries first .. last - 1 that are not
+// empty; [0, 0) when all are. 0 <= kv_begin <= kv_end <= S_k.
+__device__ __forceinline__ void union_key_range(const int* ks, const int* ke, int first, int last, int S_k,
+                                                int& kv_begin, int& kv_end) {
+    kv_begin = S_k, kv_end = 0;
+    for (int r = first; r < last; ++r) {
+        const int2 range = key_range(ks, ke, r, S_k);
+        if (range.x < range.y) kv_begin = min(kv_begin, range.x), kv_end = max(kv_end, range.y);
+    }
+    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+}
 
 // The entry points of kernels 2 to 4: one per head count H, calling the kernel's template with the
 // launch bounds (or register cap) it was tuned with.
 #define MQA_ENTRY(NAME, KERNEL, H, BOUNDS)                                                                       \
     extern "C" __global__ void BOUNDS NAME(const unsigned char* q, const unsigned char* k, const float* k_scale,  \
-                                           const float* w, const int* ks, const int* ke, float* logits, int S_q,  \
-                                           int S_k, int clean_logits) {                                          \
-        KERNEL<H>(q, k, k_scale, w, ks, ke, logits, S_q, S_k, clean_logits);                                     \
+                                           const float* weights, const int* ks, const int* ke, float* logits,     \
+                                           int S_q, int S_k, int clean_logits) {                                 \
+        KERNEL<H>(q, k, k_scale, weights, ks, ke, logits, S_q, S_k, clean_logits);                               \
     }
 
 // ------------------------------------------------------------------------------------ kernel 1
 
-extern "C" __global__ void __launch_bounds__(128)
-fp8_mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
-                     const float* __restrict__ k_scale, const float* __restrict__ w, const int* __restrict__ ks,
-                     const int* __restrict__ ke, float* __restrict__ logits, int S_q, int S_k, int H, int clean_logits) {
+// One thread per (i, j): j < S_k and i < S_q are the only indices, so any ks, ke is memory-safe here
+// (j outside [ks[i], ke[i]) is -inf: the clipped range, as in the other kernels).
+extern "C" __global__ void __launch_bounds__(NAIVE_THREADS)
+mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                 const float* __restrict__ k_scale, const float* __restrict__ weights, const int* __restrict__ ks,
+                 const int* __restrict__ ke, float* __restrict__ logits, int S_q, int S_k, int H, int clean_logits) {
     const int i = blockIdx.y;
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= S_q || j >= S_k) return;
@@ -108,7 +135,7 @@ fp8_mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* _
         float score = 0.f;
         for (int d = 0; d < HEAD_DIM; ++d) score += float(q_i[h * HEAD_DIM + d]) * float(k_j[d]);
         // sum_h w[i, h] * ReLU(q[i, h] . k[j])
-        logit += w[(size_t)i * H + h] * fmaxf(score, 0.f);
+        logit += weights[(size_t)i * H + h] * fmaxf(score, 0.f);
     }
     // * k_scale[j]
     *out = logit * k_scale[j];
@@ -145,10 +172,10 @@ __device__ __forceinline__ void load_key_tile(unsigned char* k_tile, float* scal
 }
 
 template <int H>
-__device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
-                                  const float* __restrict__ k_scale, const float* __restrict__ w,
-                                  const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
-                                  int S_q, int S_k, int clean_logits) {
+__device__ void mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                const float* __restrict__ k_scale, const float* __restrict__ weights,
+                                const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                int S_q, int S_k, int clean_logits) {
     constexpr int N_TILES = H / 8;  // 8-head n-tiles
     __shared__ __align__(128) unsigned char k_tiles[STAGES][BLOCK_KV * HEAD_DIM];
     __shared__ float scale_tiles[STAGES][BLOCK_KV];
@@ -162,10 +189,8 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
     const bool row_valid = i < S_q;
 
     // the union of the block's key ranges: [kv_begin, kv_end) = [min ks, max ke) over non-empty rows
-    int kv_begin = S_k, kv_end = 0;
-    for (int r = i0; r < min(i0 + QUERIES_PER_CTA, S_q); ++r)
-        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
-    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    int kv_begin, kv_end;
+    union_key_range(ks, ke, i0, min(i0 + QUERIES_PER_CTA, S_q), S_k, kv_begin, kv_end);
     const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
 
     // pipeline prologue: the first STAGES - 1 tiles in flight
@@ -174,7 +199,8 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
         cp_async_commit();
     }
 
-    const int row_ks = row_valid ? ks[i] : 0, row_ke = row_valid ? ke[i] : 0;
+    const int2 row_range = row_valid ? key_range(ks, ke, i, S_k) : make_int2(0, 0);  // clipped
+    const int row_ks = row_range.x, row_ke = row_range.y;
     float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
     if (row_valid && clean_logits) {  // outside the block's range nobody else writes: -inf now
         fill_neg_inf(logits_row, 0, kv_begin, lane);
@@ -184,7 +210,7 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
     // B fragments: q[i] for all heads and the four 32-wide slices of D, held for the whole kernel
     unsigned q_frag[N_TILES][4][2];
     // w[i] to shared memory (registers are spent on q): read back as the float2 of heads 8nt+2t, +1
-    for (int h = lane; h < H; h += 32) w_rows[warp][h] = row_valid ? w[(size_t)i * H + h] : 0.f;
+    for (int h = lane; h < H; h += 32) w_rows[warp][h] = row_valid ? weights[(size_t)i * H + h] : 0.f;
     __syncwarp();
     const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
     #pragma unroll
@@ -254,8 +280,8 @@ __device__ void fp8_mqa_logits_tc(const unsigned char* __restrict__ q, const uns
     cp_async_wait<0>();  // leave no copy in flight into a shared memory that is about to go away
 }
 
-MQA_ENTRY(fp8_mqa_logits_h64, fp8_mqa_logits_tc, 64, __maxnreg__(MAX_REGISTERS))
-MQA_ENTRY(fp8_mqa_logits_h32, fp8_mqa_logits_tc, 32, __maxnreg__(MAX_REGISTERS))
+MQA_ENTRY(mqa_logits_e4m3_h64, mqa_logits_e4m3, 64, __maxnreg__(MAX_REGISTERS))
+MQA_ENTRY(mqa_logits_e4m3_h32, mqa_logits_e4m3, 32, __maxnreg__(MAX_REGISTERS))
 
 // ------------------------------------------------------------------------------------ kernel 3
 
@@ -285,10 +311,10 @@ MQA_ENTRY(fp8_mqa_logits_h32, fp8_mqa_logits_tc, 32, __maxnreg__(MAX_REGISTERS))
 #define K3_HEADS_PER_WARP 32
 
 template <int H>
-__device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
-                                   const float* __restrict__ k_scale, const float* __restrict__ w,
-                                   const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
-                                   int S_q, int S_k, int clean_logits) {
+__device__ void mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                               const float* __restrict__ k_scale, const float* __restrict__ weights,
+                               const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                               int S_q, int S_k, int clean_logits) {
     constexpr int HALVES = H / K3_HEADS_PER_WARP;    // warps a query: 2 for H = 64, 1 for H = 32
     constexpr int QUERIES = K3_WARPS / HALVES;       // queries a block: 4 or 8
     constexpr int N_TILES = K3_HEADS_PER_WARP / 8;   // 8-head n-tiles a warp: 4
@@ -308,10 +334,8 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
     const bool row_valid = i < S_q;
 
     // the union of the block's key ranges, as in kernel 2
-    int kv_begin = S_k, kv_end = 0;
-    for (int r = i0; r < min(i0 + QUERIES, S_q); ++r)
-        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
-    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    int kv_begin, kv_end;
+    union_key_range(ks, ke, i0, min(i0 + QUERIES, S_q), S_k, kv_begin, kv_end);
     const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
 
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -319,7 +343,8 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
         cp_async_commit();
     }
 
-    const int row_ks = row_valid ? ks[i] : 0, row_ke = row_valid ? ke[i] : 0;
+    const int2 row_range = row_valid ? key_range(ks, ke, i, S_k) : make_int2(0, 0);  // clipped
+    const int row_ks = row_range.x, row_ke = row_range.y;
     float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
     if (row_valid && clean_logits) {  // outside the block's key range: -inf, the first half before, the last after
         if (half == 0) fill_neg_inf(logits_row, 0, kv_begin, lane);
@@ -339,7 +364,7 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
             e4m3x4_to_f16x4(bytes, q_frag[n][s][0], q_frag[n][s][1]);
         }
     }
-    w_rows[warp][lane] = row_valid ? w[(size_t)i * H + half * K3_HEADS_PER_WARP + lane] : 0.f;
+    w_rows[warp][lane] = row_valid ? weights[(size_t)i * H + half * K3_HEADS_PER_WARP + lane] : 0.f;
     __syncwarp();
     const float2* w_pairs = reinterpret_cast<const float2*>(w_rows[warp]);
 
@@ -406,16 +431,16 @@ __device__ void fp8_mqa_logits_f16(const unsigned char* __restrict__ q, const un
     cp_async_wait<0>();
 }
 
-MQA_ENTRY(fp8_mqa_logits_f16_h64, fp8_mqa_logits_f16, 64, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
+MQA_ENTRY(mqa_logits_f16_h64, mqa_logits_f16, 64, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
 
-MQA_ENTRY(fp8_mqa_logits_f16_h32, fp8_mqa_logits_f16, 32, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
+MQA_ENTRY(mqa_logits_f16_h32, mqa_logits_f16, 32, __launch_bounds__(K3_THREADS, K3_BLOCKS_PER_SM))
 
 // ------------------------------------------------------------------------------------ kernel 4
 
 // What holds kernel 3 back: mma.sync, even in f16, peaks near 360 TFLOP/s on the H200; Hopper's full
 // tensor-core rate (about 4x that for FP8) is reached only through wgmma, the warpgroup-wide
 // asynchronous mma that reads both operands from shared memory (cuda/wgmma.cuh). Kernel 4
-// (fp8_mqa_logits_wgmma_h64 / _h32, sm_90a only) is kernel 2's data flow on wgmma, with the roles of
+// (mqa_logits_wgmma_h64 / _h32, sm_90a only) is kernel 2's data flow on wgmma, with the roles of
 // DeepGEMM's sm90 fp8_mqa_logits:
 // * a block is one warpgroup (128 threads) and owns QUERIES = 128 / H consecutive queries (2 for
 //   H = 64), whose q rows (query, head) form the B tile: N = 128 rows of 128 bytes, copied once;
@@ -435,20 +460,24 @@ MQA_ENTRY(fp8_mqa_logits_f16_h32, fp8_mqa_logits_f16, 32, __launch_bounds__(K3_T
 #define K4_THREADS 128                             // one warpgroup
 #define K4_STAGES 4
 #define K4_BLOCKS_PER_SM 4
-// dynamic shared memory, 1024-byte aligned inside: q tile, K4_STAGES key tiles, their scales, w.
-// dsa_tutorial.fp8 passes 1024 (alignment slack) + this many bytes.
+// dynamic shared memory, K4_SMEM_ALIGN-byte aligned inside (a 128-byte-swizzled wgmma tile starts on a
+// 1024-byte boundary): q tile, K4_STAGES key tiles, their scales, w. The launch asks for
+// K4_DYNAMIC_SMEM: the alignment slack (the kernel rounds its base up by at most that) + the carve.
+#define K4_SMEM_ALIGN 1024
 #define K4_SMEM_BYTES (K4_N * HEAD_DIM + K4_STAGES * BLOCK_KV * HEAD_DIM + K4_STAGES * BLOCK_KV * 4 + K4_N * 4)
+#define K4_DYNAMIC_SMEM (K4_SMEM_ALIGN + K4_SMEM_BYTES)
 
 template <int H>
-__device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
-                                     const float* __restrict__ k_scale, const float* __restrict__ w,
-                                     const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
-                                     int S_q, int S_k, int clean_logits) {
+__device__ void mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                 const float* __restrict__ k_scale, const float* __restrict__ weights,
+                                 const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                 int S_q, int S_k, int clean_logits) {
 #if WGMMA_AVAILABLE
     constexpr int QUERIES = K4_N / H;  // 2 for H = 64, 4 for H = 32
     extern __shared__ unsigned char k4_smem_raw[];
-    // 1024-byte aligned: q tile [K4_N][128], key tiles [K4_STAGES][64][128], scales [K4_STAGES][64], w [K4_N]
-    unsigned char* q_tile = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(k4_smem_raw) + 1023) & ~size_t(1023));
+    // K4_SMEM_ALIGN-byte aligned: q tile [K4_N][128], key tiles [K4_STAGES][64][128], scales [K4_STAGES][64], w [K4_N]
+    unsigned char* q_tile = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(k4_smem_raw) + K4_SMEM_ALIGN - 1) & ~size_t(K4_SMEM_ALIGN - 1));
     unsigned char* k_tiles = q_tile + K4_N * HEAD_DIM;
     float* scale_tiles = reinterpret_cast<float*>(k_tiles + K4_STAGES * BLOCK_KV * HEAD_DIM);
     float* w_s = scale_tiles + K4_STAGES * BLOCK_KV;
@@ -457,10 +486,8 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
     const int g = lane / 4, t = lane % 4;
     const int i0 = (gridDim.x - 1 - blockIdx.x) * QUERIES;  // heaviest (latest) query blocks first
 
-    int kv_begin = S_k, kv_end = 0;  // the union of the block's key ranges, as in kernel 2
-    for (int r = i0; r < min(i0 + QUERIES, S_q); ++r)
-        if (ks[r] < ke[r]) { kv_begin = min(kv_begin, ks[r]); kv_end = max(kv_end, ke[r]); }
-    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+    int kv_begin, kv_end;  // the union of the block's key ranges, as in kernel 2
+    union_key_range(ks, ke, i0, min(i0 + QUERIES, S_q), S_k, kv_begin, kv_end);
     const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
 
     // the B tile: row n = (query i0 + n / H, head n % H) = q row i0 H + n (zeros past S_q), swizzled;
@@ -471,7 +498,7 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
         cp_async_16(q_tile + swizzled(row, chunk), q + ((size_t)(inside ? i0 * H + row : 0)) * HEAD_DIM + chunk * 16,
                     inside ? 16 : 0);
     }
-    for (int n = threadIdx.x; n < K4_N; n += K4_THREADS) w_s[n] = i0 + n / H < S_q ? w[(size_t)i0 * H + n] : 0.f;
+    for (int n = threadIdx.x; n < K4_N; n += K4_THREADS) w_s[n] = i0 + n / H < S_q ? weights[(size_t)i0 * H + n] : 0.f;
     for (int s = 0; s < K4_STAGES - 1; ++s) {
         if (s < n_tiles)
             load_key_tile<K4_THREADS>(k_tiles + s * BLOCK_KV * HEAD_DIM, scale_tiles + s * BLOCK_KV, k, k_scale,
@@ -490,8 +517,9 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
     #pragma unroll
     for (int m = 0; m < STORES; ++m) {
         const int i = i0 + (t + 4 * m) / 2;
-        store_ks[m] = i < S_q ? ks[i] : 0;
-        store_ke[m] = i < S_q ? ke[i] : 0;  // an empty range past S_q: nothing visible, nothing stored
+        const int2 range = i < S_q ? key_range(ks, ke, i, S_k) : make_int2(0, 0);  // clipped
+        store_ks[m] = range.x;
+        store_ke[m] = range.y;  // an empty range past S_q: nothing visible, nothing stored
     }
     const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));
     const unsigned w_lane = smem_address(w_s + 2 * t);
@@ -543,6 +571,6 @@ __device__ void fp8_mqa_logits_wgmma(const unsigned char* __restrict__ q, const 
 #endif
 }
 
-MQA_ENTRY(fp8_mqa_logits_wgmma_h64, fp8_mqa_logits_wgmma, 64, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
+MQA_ENTRY(mqa_logits_wgmma_h64, mqa_logits_wgmma, 64, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
 
-MQA_ENTRY(fp8_mqa_logits_wgmma_h32, fp8_mqa_logits_wgmma, 32, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
+MQA_ENTRY(mqa_logits_wgmma_h32, mqa_logits_wgmma, 32, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))

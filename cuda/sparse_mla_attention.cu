@@ -1,10 +1,15 @@
-// Sparse MLA decode in MQA mode, equation 2:   u_t = Attn(h_t, { c_s : s in S_t })
+// Sparse MLA attention in MQA mode, equation 2:   u_t = Attn(h_t, { c_s : s in S_t })
 //
-// Checked against dsa_tutorial.sparse_attention.sparse_mla_attention (float32).
+// Decode: both kernels serve ONE query token per sequence (a decode step over a cache of S tokens).
+// Checked against dsa_tutorial.sparse_attention.sparse_mla_attention (float32, which also takes T
+// query tokens); launched by sparse_mla_attention_cuda (its table SPARSE_MLA_ATTENTION_KERNELS).
 //
-//   q        bfloat16 [B, n_h, 576]   one query token per sequence: [q_abs (512) | q_rope (64)] per head
+//   q_abs    bfloat16 [B, n_h, 512]   the absorbed query of each head (W^UK folded in), one token a sequence
+//   q_rope   bfloat16 [B, n_h, 64]    its rotary part (each kernel stages the query [q_abs | q_rope] of a
+//                                     head from the two tensors: no concatenated copy, one launch a call)
 //   kv       bfloat16 [B, S, 576]     the latent cache [c_kv (512) | k_rope (64)] (mla.LatentCache.kv)
-//   indices  int32    [B, K]          the selected positions S_t; -1 (or anything outside [0, S)) = unused
+//   indices  int32    [B, K]          the selected positions S_t; -1 (or anything outside [0, S)) = unused:
+//                                     never read, whatever its value
 //   out      float32  [B, n_h, 512]   o_latent = sum_{s in S_t} p_s c_kv[s], still in latent space
 //
 //   score_s,i = softmax_scale * (q_abs_i . c_kv[s] + q_rope_i . k_rope[s])
@@ -12,7 +17,7 @@
 //
 // A row with no valid index gets o_latent = 0 (the empty sum), never NaN.
 //
-//   kernel 1  sparse_mla_decode  a first correct kernel. A block serves 32 heads of one sequence.
+//   kernel 1  sparse_mla_attention_simt  a first correct kernel. A block serves 32 heads of one sequence.
 //             It walks the K selected positions in chunks of 32: gathers the 32 latents into shared
 //             memory (each 576-value latent serves all 32 heads: that is MQA mode's point), computes
 //             the 32 x 32 scores (one latent per lane), then updates each head's running max, running
@@ -20,7 +25,7 @@
 //             What it leaves on the table (the book says so): float32 CUDA-core math where FlashMLA
 //             uses tensor cores, and n_h / 32 blocks per sequence that each gather the same latents.
 //
-//   kernel 2  sparse_mla_decode_mma  tensor cores (mma.sync m16n8k16 bf16, float32 accumulation).
+//   kernel 2  sparse_mla_attention_mma  tensor cores (mma.sync m16n8k16 bf16, float32 accumulation).
 //             A block serves 64 heads of one sequence (2 blocks per sequence at n_h = 128) with 8
 //             warps. It walks the K selected positions in tiles of 64, gathering the next tile's 64
 //             latents (1152 bytes each, 16-byte cp.async, zeros for unused slots) while it computes
@@ -51,36 +56,45 @@
 #define D_L (D_C + D_R)        // 576 values per cached token
 #define ROW (D_L + 2)          // bf16 per shared row: 289 words, an odd stride, so 32 lanes reading
                                // 32 different rows at the same column hit 32 different banks
-#define HEADS 32               // heads per block
-#define CHUNK 32               // selected positions per step
-#define THREADS 256
-#define PARTS (THREADS / HEADS)     // 8 threads share one head's 512 output values
-#define PAIRS (D_C / (2 * PARTS))   // 32 pairs of output values per thread
+#define SPARSE_HEADS 32        // kernel 1: heads per block
+#define SPARSE_CHUNK 32        // kernel 1: selected positions per step
+#define SPARSE_THREADS 256
+#define PARTS (SPARSE_THREADS / SPARSE_HEADS)  // 8 threads share one head's 512 output values
+#define PAIRS (D_C / (2 * PARTS))              // 32 pairs of output values per thread
+// kernel 1's dynamic shared memory: queries and latents [.][ROW] bf16, scores [HEADS][CHUNK] f32, indices [CHUNK]
+#define SPARSE_SMEM_BYTES ((SPARSE_HEADS + SPARSE_CHUNK) * ROW * 2 + SPARSE_HEADS * SPARSE_CHUNK * 4 + SPARSE_CHUNK * 4)
 
 __device__ __forceinline__ float2 load_bf16x2(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                  const int* __restrict__ indices, float* __restrict__ out,
-                  int B, int S, int n_h, int K, float softmax_scale) {
-    extern __shared__ __align__(16) unsigned char sparse_smem[];
-    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(sparse_smem);  // [HEADS][ROW]
-    __nv_bfloat16* kv_s = q_s + HEADS * ROW;                              // [CHUNK][ROW]
-    float* score_s = reinterpret_cast<float*>(kv_s + CHUNK * ROW);        // [HEADS][CHUNK]
-    int* index_s = reinterpret_cast<int*>(score_s + HEADS * CHUNK);       // [CHUNK]
+// Pair p (of D_L / 2) of the query of head h of sequence b: [q_abs | q_rope], read from the two tensors.
+__device__ __forceinline__ __nv_bfloat162 query_pair(const __nv_bfloat16* __restrict__ q_abs,
+                                                     const __nv_bfloat16* __restrict__ q_rope, size_t head_row, int p) {
+    return p < D_C / 2 ? reinterpret_cast<const __nv_bfloat162*>(q_abs + head_row * D_C)[p]
+                       : reinterpret_cast<const __nv_bfloat162*>(q_rope + head_row * D_R)[p - D_C / 2];
+}
 
-    const int b = blockIdx.y, h0 = blockIdx.x * HEADS;
+extern "C" __global__ void __launch_bounds__(SPARSE_THREADS)
+sparse_mla_attention_simt(const __nv_bfloat16* __restrict__ q_abs, const __nv_bfloat16* __restrict__ q_rope,
+                          const __nv_bfloat16* __restrict__ kv, const int* __restrict__ indices,
+                          float* __restrict__ out, int B, int S, int n_h, int K, float softmax_scale) {
+    extern __shared__ __align__(16) unsigned char sparse_smem[];
+    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(sparse_smem);  // [SPARSE_HEADS][ROW]
+    __nv_bfloat16* kv_s = q_s + SPARSE_HEADS * ROW;                       // [SPARSE_CHUNK][ROW]
+    float* score_s = reinterpret_cast<float*>(kv_s + SPARSE_CHUNK * ROW);  // [SPARSE_HEADS][SPARSE_CHUNK]
+    int* index_s = reinterpret_cast<int*>(score_s + SPARSE_HEADS * SPARSE_CHUNK);  // [SPARSE_CHUNK]
+
+    const int b = blockIdx.y, h0 = blockIdx.x * SPARSE_HEADS;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int* index_row = indices + (size_t)b * K;
 
-    // the block's 32 queries, zeros for heads past n_h (copied as 4-byte pairs: rows are 4-byte aligned)
-    for (int i = tid; i < HEADS * (D_L / 2); i += THREADS) {
+    // the block's 32 queries [q_abs | q_rope], zeros for heads past n_h (copied as 4-byte pairs: rows
+    // are 4-byte aligned)
+    for (int i = tid; i < SPARSE_HEADS * (D_L / 2); i += SPARSE_THREADS) {
         const int hh = i / (D_L / 2), p = i % (D_L / 2);
         __nv_bfloat162 pair = __floats2bfloat162_rn(0.f, 0.f);
-        if (h0 + hh < n_h)
-            pair = reinterpret_cast<const __nv_bfloat162*>(q + ((size_t)b * n_h + h0 + hh) * D_L)[p];
+        if (h0 + hh < n_h) pair = query_pair(q_abs, q_rope, (size_t)b * n_h + h0 + hh, p);
         reinterpret_cast<__nv_bfloat162*>(q_s + hh * ROW)[p] = pair;
     }
 
@@ -91,16 +105,16 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
     for (int i = 0; i < PAIRS; ++i) o[i][0] = o[i][1] = 0.f;
     float running_max = NEG_INF, running_sum = 0.f;
 
-    for (int j0 = 0; j0 < K; j0 += CHUNK) {
+    for (int j0 = 0; j0 < K; j0 += SPARSE_CHUNK) {
         __syncthreads();  // the previous chunk is fully used (and q_s is written, the first time)
-        if (tid < CHUNK) {
+        if (tid < SPARSE_CHUNK) {
             const int j = j0 + tid;
             const int s = j < K ? index_row[j] : -1;
             index_s[tid] = (s >= 0 && s < S) ? s : -1;  // out-of-range entries count as unused
         }
         __syncthreads();
         // gather the selected latents c_s = [c_kv[s] | k_rope[s]], zeros for unused slots
-        for (int i = tid; i < CHUNK * (D_L / 2); i += THREADS) {
+        for (int i = tid; i < SPARSE_CHUNK * (D_L / 2); i += SPARSE_THREADS) {
             const int jj = i / (D_L / 2), p = i % (D_L / 2);
             const int s = index_s[jj];
             __nv_bfloat162 pair = __floats2bfloat162_rn(0.f, 0.f);
@@ -110,25 +124,26 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
         __syncthreads();
         // scores: warp w takes heads 4w .. 4w + 3, lane jj takes latent jj of the chunk
         {
-            float dot[HEADS / 8] = {0.f, 0.f, 0.f, 0.f};
+            float dot[SPARSE_HEADS / 8] = {0.f, 0.f, 0.f, 0.f};
             const __nv_bfloat16* c_row = kv_s + lane * ROW;
             for (int p = 0; p < D_L; p += 2) {
                 const float2 c = load_bf16x2(c_row + p);
 #pragma unroll
-                for (int x = 0; x < HEADS / 8; ++x) {
-                    const float2 qq = load_bf16x2(q_s + (warp * (HEADS / 8) + x) * ROW + p);  // broadcast
+                for (int x = 0; x < SPARSE_HEADS / 8; ++x) {
+                    const float2 qq = load_bf16x2(q_s + (warp * (SPARSE_HEADS / 8) + x) * ROW + p);  // broadcast
                     dot[x] += qq.x * c.x + qq.y * c.y;
                 }
             }
 #pragma unroll
-            for (int x = 0; x < HEADS / 8; ++x)
+            for (int x = 0; x < SPARSE_HEADS / 8; ++x)
                 // score = softmax_scale (q_abs . c_kv + q_rope . k_rope); -inf for unused slots
-                score_s[(warp * (HEADS / 8) + x) * CHUNK + lane] = index_s[lane] >= 0 ? dot[x] * softmax_scale : NEG_INF;
+                score_s[(warp * (SPARSE_HEADS / 8) + x) * SPARSE_CHUNK + lane] =
+                    index_s[lane] >= 0 ? dot[x] * softmax_scale : NEG_INF;
         }
         __syncthreads();
         // online softmax for this thread's head (the 8 threads of a head do the same arithmetic)
         float chunk_max = NEG_INF;
-        for (int jj = 0; jj < CHUNK; ++jj) chunk_max = fmaxf(chunk_max, score_s[head * CHUNK + jj]);
+        for (int jj = 0; jj < SPARSE_CHUNK; ++jj) chunk_max = fmaxf(chunk_max, score_s[head * SPARSE_CHUNK + jj]);
         const float new_max = fmaxf(running_max, chunk_max);
         if (new_max == NEG_INF) continue;  // nothing valid yet for this head: o and the sum stay 0
         // rescale what was accumulated under the old max: exp(m_old - m_new)
@@ -139,9 +154,9 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
             o[i][0] *= alpha;
             o[i][1] *= alpha;
         }
-        for (int jj = 0; jj < CHUNK; ++jj) {
+        for (int jj = 0; jj < SPARSE_CHUNK; ++jj) {
             // p_s = exp(score_s - m_new) (0 for unused slots, whose latent is zeros anyway)
-            const float p = expf(score_s[head * CHUNK + jj] - new_max);
+            const float p = expf(score_s[head * SPARSE_CHUNK + jj] - new_max);
             running_sum += p;
             const __nv_bfloat16* c_row = kv_s + jj * ROW + 2 * part;
 #pragma unroll
@@ -184,7 +199,11 @@ sparse_mla_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __re
 #define MMA_TILE 64               // selected latents per shared-memory stage
 #define MMA_THREADS 256           // 8 warps: 4 head tiles x 2 halves
 #define L_CHUNKS (D_L / 8)        // 72 chunks of 16 bytes in a 576-value latent row
+#define C_CHUNKS (D_C / 8)        // the first 64 of them: c_kv (or q_abs); the last 8: k_rope (or q_rope)
 #define P_CHUNKS (MMA_TILE / 8)   // 8 chunks in a 64-value row of P
+// kernel 2's dynamic shared memory: Q [MMA_HEADS][576] + 2 stages x [MMA_TILE][576] + P [MMA_HEADS][MMA_TILE]
+// bf16, then the row exchange [2][MMA_HEADS] f32 and the valid flags [2][MMA_TILE] i32: 225 KiB
+#define MMA_SMEM_BYTES ((MMA_HEADS + 2 * MMA_TILE) * D_L * 2 + MMA_HEADS * MMA_TILE * 2 + 2 * (MMA_HEADS + MMA_TILE) * 4)
 
 // ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed.
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
@@ -199,9 +218,9 @@ __device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
-sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                      const int* __restrict__ indices, float* __restrict__ out,
-                      int B, int S, int n_h, int K, float softmax_scale) {
+sparse_mla_attention_mma(const __nv_bfloat16* __restrict__ q_abs, const __nv_bfloat16* __restrict__ q_rope,
+                         const __nv_bfloat16* __restrict__ kv, const int* __restrict__ indices,
+                         float* __restrict__ out, int B, int S, int n_h, int K, float softmax_scale) {
     extern __shared__ __align__(16) unsigned char sparse_smem[];
     __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(sparse_smem);  // [MMA_HEADS][576], swizzled
     __nv_bfloat16* kv_s = q_s + MMA_HEADS * D_L;                          // [2][MMA_TILE][576], swizzled
@@ -216,11 +235,14 @@ sparse_mla_decode_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* 
     const int* index_row = indices + (size_t)b * K;
     const __nv_bfloat16* kv_b = kv + (size_t)b * S * D_L;
 
-    // the block's 64 queries [q_abs | q_rope], zeros for heads past n_h
+    // the block's 64 queries [q_abs | q_rope] (chunks 0..63 from q_abs, 64..71 from q_rope), zeros
+    // for heads past n_h
     for (int i = tid; i < MMA_HEADS * L_CHUNKS; i += MMA_THREADS) {
         const int r = i / L_CHUNKS, c = i % L_CHUNKS;
         const bool inside = h0 + r < n_h;
-        const __nv_bfloat16* src = q + ((size_t)b * n_h + (inside ? h0 + r : 0)) * D_L + c * 8;
+        const size_t head_row = (size_t)b * n_h + (inside ? h0 + r : 0);
+        const __nv_bfloat16* src =
+            c < C_CHUNKS ? q_abs + head_row * D_C + c * 8 : q_rope + head_row * D_R + (c - C_CHUNKS) * 8;
         cp_async_16(q_s + swizzled(r, c, L_CHUNKS), src, inside ? 16 : 0);
     }
     // gather tile `tile` of the selection into stage `stage`: c_s = [c_kv[s] | k_rope[s]], zeros when unused

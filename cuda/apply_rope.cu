@@ -7,15 +7,19 @@
 //     interleaved (MLA's q^R, k^R):       (2i, 2i + 1)
 //     half        (the lightning indexer): (i,  i + d_R/2)
 //
-// Checked against dsa_tutorial.rope.apply_rope (float64). Loader: dsa_tutorial.rope.rope_cuda.
+// Checked against dsa_tutorial.rope.apply_rope (float64). Loader: dsa_tutorial.rope.apply_rope_cuda
+// (table APPLY_ROPE_KERNELS).
 //
-//   kernel 1  rope_{interleaved,half}_{f32,bf16}       one thread per pair, any even d_R
-//   kernel 2  rope_{interleaved,half}_vec_{f32,bf16}   one thread per 16-byte chunk of x (4 float32
+//   kernel 1  apply_rope_{interleaved,half}_{f32,bf16}       one thread per pair, any even d_R
+//   kernel 2  apply_rope_{interleaved,half}_vec_{f32,bf16}   one thread per 16-byte chunk of x (4 float32
 //             or 8 bfloat16 values: 2 or 4 interleaved pairs; for the half layout a chunk of each
 //             half, 4 or 8 pairs), ROPE_UNROLL chunks per thread loaded before any is rotated, the
 //             cos / sin entries of those pairs read as one vector too. Needs d_R (interleaved) or
-//             d_R / 2 (half) a multiple of the chunk and 16-byte aligned x, y (the loader checks).
-//   x, y float32 or bfloat16 [T, H, d_R], arithmetic in float32.
+//             d_R / 2 (half) a multiple of the chunk, 16-byte aligned x, y and fewer than 2^31
+//             chunks (the loader checks).
+//   x, y float32 or bfloat16 [T, H, d_R], arithmetic in float32. Both: ROPE_THREADS threads per block;
+//   kernel 1 a grid of at most ROPE_PAIRS_MAX_BLOCKS blocks (a grid-stride loop covers the rest),
+//   kernel 2 ceil(chunks / (ROPE_THREADS * ROPE_UNROLL)) blocks.
 //
 // Kernel 1: one thread per pair, a grid-stride loop over the T * H * d_R/2 pairs. Each thread moves
 // 8 (float32) or 4 (bf16) bytes and spends more instructions on 64-bit index arithmetic than on the
@@ -25,13 +29,25 @@
 // Both: cos and sin are read from a float32 table [max_seq_len, d_R/2] built in float64 on the host
 // (dsa_tutorial.rope.cos_sin_table): m theta_i reaches 1.6e5 rad at V3.2's context, and forming it in
 // float32 here would be off by several 1e-3 rad.
-// A position outside the table writes NaN (the loader rejects such positions before launching).
+// A position outside the table (m < 0 or m >= max_seq_len) writes NaN for that token and reads
+// nothing: memory-safe for any positions (the loader checks their range only when the package's
+// data checks are on).
 // Memory-bound: each pair reads 2 values, 2 table entries (cached: H heads share them) and writes 2.
 #include <cuda_bf16.h>
 
 #include "common.cuh"  // to_float, from_float, unpack16, pack16, load_floats
 
-#define ROPE_UNROLL 2  // kernel 2: 16-byte chunks per thread, all loaded before the first is rotated
+#define ROPE_THREADS 256                   // threads per block, both kernels
+#define ROPE_UNROLL 2                      // kernel 2: 16-byte chunks per thread, all loaded before any is rotated
+#define ROPE_PAIRS_MAX_BLOCKS (65535 * 8)  // kernel 1: the most blocks launched; a grid-stride loop does the rest
+
+// An extern "C" entry point running BODY (rope_pairs: kernel 1, rope_chunks: kernel 2) for storage type T, one layout.
+#define ROPE_ENTRY(NAME, BODY, T, INTERLEAVED)                                                               \
+    extern "C" __global__ void __launch_bounds__(ROPE_THREADS)                                               \
+    NAME(const T* x, const long long* positions, const float* cos_table, const float* sin_table, T* y,       \
+         int n_tokens, int n_heads, int d_rope, int max_seq_len) {                                           \
+        BODY<T, INTERLEAVED>(x, positions, cos_table, sin_table, y, n_tokens, n_heads, d_rope, max_seq_len); \
+    }
 
 // INTERLEAVED = true: pair i is (2i, 2i+1); false: (i, i + d_R/2).
 template <typename T, bool INTERLEAVED>
@@ -63,18 +79,10 @@ __device__ void rope_pairs(const T* __restrict__ x, const long long* __restrict_
     }
 }
 
-#define ROPE_KERNEL(NAME, T, INTERLEAVED)                                                               \
-    extern "C" __global__ void NAME(const T* x, const long long* positions, const float* cos_table,     \
-                                    const float* sin_table, T* y, int n_tokens, int n_heads, int d_rope, \
-                                    int max_seq_len) {                                                  \
-        rope_pairs<T, INTERLEAVED>(x, positions, cos_table, sin_table, y, n_tokens, n_heads, d_rope,    \
-                                   max_seq_len);                                                        \
-    }
-
-ROPE_KERNEL(rope_interleaved_f32, float, true)
-ROPE_KERNEL(rope_half_f32, float, false)
-ROPE_KERNEL(rope_interleaved_bf16, __nv_bfloat16, true)
-ROPE_KERNEL(rope_half_bf16, __nv_bfloat16, false)
+ROPE_ENTRY(apply_rope_interleaved_f32, rope_pairs, float, true)
+ROPE_ENTRY(apply_rope_half_f32, rope_pairs, float, false)
+ROPE_ENTRY(apply_rope_interleaved_bf16, rope_pairs, __nv_bfloat16, true)
+ROPE_ENTRY(apply_rope_half_bf16, rope_pairs, __nv_bfloat16, false)
 
 // ------------------------------------------------------------------------------------ kernel 2
 // 16 bytes of T (x, y are 16-byte aligned: checked by the loader), kept raw until the arithmetic
@@ -151,15 +159,7 @@ __device__ void rope_chunks(const T* __restrict__ x, const long long* __restrict
     }
 }
 
-#define ROPE_VEC_KERNEL(NAME, T, INTERLEAVED)                                                           \
-    extern "C" __global__ void __launch_bounds__(256)                                                   \
-    NAME(const T* x, const long long* positions, const float* cos_table, const float* sin_table, T* y,  \
-         int n_tokens, int n_heads, int d_rope, int max_seq_len) {                                       \
-        rope_chunks<T, INTERLEAVED>(x, positions, cos_table, sin_table, y, n_tokens, n_heads, d_rope,    \
-                                    max_seq_len);                                                        \
-    }
-
-ROPE_VEC_KERNEL(rope_interleaved_vec_f32, float, true)
-ROPE_VEC_KERNEL(rope_half_vec_f32, float, false)
-ROPE_VEC_KERNEL(rope_interleaved_vec_bf16, __nv_bfloat16, true)
-ROPE_VEC_KERNEL(rope_half_vec_bf16, __nv_bfloat16, false)
+ROPE_ENTRY(apply_rope_interleaved_vec_f32, rope_chunks, float, true)
+ROPE_ENTRY(apply_rope_half_vec_f32, rope_chunks, float, false)
+ROPE_ENTRY(apply_rope_interleaved_vec_bf16, rope_chunks, __nv_bfloat16, true)
+ROPE_ENTRY(apply_rope_half_vec_bf16, rope_chunks, __nv_bfloat16, false)

@@ -1,14 +1,16 @@
 // Top-k selection by radix select, one block per row:   S_t = Top-k(I_t,:) over s <= position of t
 //
-// Checked against dsa_tutorial.topk.select_topk, bit for bit: the same set, the same order.
+// Checked against dsa_tutorial.topk.select_topk, bit for bit: the same set, the same order;
+// launched by dsa_tutorial.topk.select_topk_cuda (its table SELECT_TOPK_KERNELS lists the versions).
 //
 //   scores float32 [rows, S] (rows = B * T), query_positions int64 [T] (the last visible position
 //   of each query, or a null pointer for the causal default S - T + t), out int32 [rows, k]: the
 //   selected positions in increasing order, then -1 in the slots a short row leaves over.
 //
 // The rules (module docstring of dsa_tutorial/topk.py):
-//   * candidates are the visible positions s <= position of t (clamped to [0, S)) whose score is
-//     not NaN; -inf is an ordinary score;
+//   * candidates are the visible positions s <= position of t whose score is not NaN; -inf is an
+//     ordinary score. A position outside [0, S) is clamped (visible_end): whatever the values in
+//     query_positions, a block reads only its own row;
 //   * larger value first, +0.0 == -0.0, and among equal values the lower position wins.
 //
 // The idea. Sorting a row of 131072 scores to keep 2048 of them is wasteful: we only need the
@@ -28,10 +30,10 @@
 //           so the output comes out in increasing position with no sort at all.
 //
 // The progression, each kernel a complete answer:
-//   kernel 1  topk_radix_select          the four passes above, each one a read of the whole row
+//   kernel 1  select_topk_four_passes  the four passes above, each one a read of the whole row
 //             from global memory. Simple, but passes 2 and 3 read 131072 scores to look at the
 //             few thousand of bucket B1.
-//   kernel 2  topk_radix_select_compact  two reads of the row. Read 1 is pass 1 (float4 loads).
+//   kernel 2  select_topk_compact      two reads of the row. Read 1 is pass 1 (float4 loads).
 //             Read 2 keeps, in position order, every key in bucket B1 or above (the selected keys
 //             and the few thousand whose fate passes 2-3 decide) with its position: a short list
 //             in shared memory. Passes 2, 3 and 4 then run on that list, not on the row.
@@ -42,7 +44,13 @@
 // and are built with shared-memory atomics: a row of many equal scores makes those atomics
 // collide (the answer stays right, only slower).
 
-#define TOPK_THREADS 1024
+#define TOPK_THREADS 1024        // one block of 1024 threads per row
+#define TOPK_MAX_K 2048          // the largest k select_topk_cuda passes (the model's k, what the tests cover)
+#define TOPK_MAX_S (1 << 20)     // the longest row it passes (scores per row)
+#define TOPK_LIST_MAX 24576      // kernel 2: the most list entries shared memory holds (192 KiB, with the
+                                 // 8 KiB histogram under the 227 KiB a block may have); longer lists fall back
+#define TOPK_LIST_ENTRY_BYTES 8  // kernel 2: a list entry is a key and a position; dynamic shared memory is
+                                 // list_capacity entries (list_capacity <= TOPK_LIST_MAX)
 #define RADIX_BINS 2048  // 11-bit digits: bits 31..21, 20..10, then a 10-bit digit 9..0
 #define HIST_ITEMS 8     // scores in flight per thread in the histogram passes (memory parallelism)
 #define ITEMS 4          // scores per thread per chunk in the ordered pass
@@ -197,16 +205,17 @@ __device__ void select_four_passes(const float* __restrict__ row, int end, int* 
 
 // One past the last visible position of this block's row, clamped to [0, S]. Row r is query
 // t = r % T of its batch; its last visible position is query_positions[t], or, when no positions
-// are given (a null pointer), the causal alignment to the end of the keys: S - T + t.
+// are given (a null pointer), the causal alignment to the end of the keys: S - T + t. Any int64
+// position is safe: it is clamped to [-1, S - 1] before the + 1 (no overflow at INT64_MAX).
 __device__ __forceinline__ int visible_end(const long long* __restrict__ query_positions, int T, int S) {
     const int t = blockIdx.x % T;
     const long long last = query_positions ? query_positions[t] : (long long)S - T + t;
-    return (int)min(max(last + 1, 0ll), (long long)S);
+    return (int)(min(max(last, -1ll), (long long)S - 1) + 1);
 }
 
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_radix_select(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
-                  int* __restrict__ out, int S, int k) {
+select_topk_four_passes(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
+                        int* __restrict__ out, int S, int k) {
     __shared__ unsigned hist[RADIX_BINS];
     const int end = visible_end(query_positions, T, S);  // positions [0, end) are visible
     select_four_passes(scores + (size_t)blockIdx.x * S, end, out + (size_t)blockIdx.x * k, k, hist);
@@ -233,8 +242,8 @@ __device__ __forceinline__ void load_keys4(const float4* __restrict__ body, int 
 __device__ __forceinline__ bool in_list(unsigned key, unsigned low_bin) { return key != 0u && (key >> 21) >= low_bin; }
 
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_radix_select_compact(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
-                          int* __restrict__ out, int S, int k, int list_capacity) {
+select_topk_compact(const float* __restrict__ scores, const long long* __restrict__ query_positions, int T,
+                    int* __restrict__ out, int S, int k, int list_capacity) {
     extern __shared__ __align__(16) unsigned topk_list[];  // dynamic: keys [list_capacity], positions [list_capacity]
     __shared__ unsigned hist[RADIX_BINS];
     unsigned* list_key = topk_list;

@@ -1,4 +1,4 @@
-// Absorbed MLA decode scores over the latent cache (MQA mode, chapter 2):
+// Absorbed MLA scores over the latent cache (MQA mode, chapter 2), the decode step's score GEMM:
 //
 //     score[b, r, s] = (q_abs[b, r] . c_kv[b, s] + q_rope[b, r] . k_rope[b, s]) * softmax_scale
 //
@@ -8,36 +8,43 @@
 // it is one batched matrix product per batch entry, [R, 576] x [576, S]: all R rows share the
 // same cache, which is what MQA mode buys (one cache read serves all 128 heads).
 //
-//   kernel 1  decode_scores_naive_f32   one thread per score, reads q and the latent row from
+//   kernel 1  latent_scores_naive_f32   one thread per score, reads q and the latent row from
 //                                       global memory (latent rows are 2304 B apart: uncoalesced)
-//   kernel 2  decode_scores_tiled_f32   64 rows x 64 keys per block, 32 dims of each staged in
+//   kernel 2  latent_scores_tiled_f32   64 rows x 64 keys per block, 32 dims of each staged in
 //                                       shared memory, 4 x 4 scores per thread (CUDA cores)
-//   kernel 3  decode_scores_mma_bf16    bf16 inputs on tensor cores (mma.sync m16n8k16, float32
+//   kernel 3  latent_scores_mma_bf16    bf16 inputs on tensor cores (mma.sync m16n8k16, float32
 //                                       accumulation); 128 rows x 64 keys per block, so at decode
 //                                       (R = 128 heads) each cache row is read from DRAM once; the
 //                                       next 32 dims are loaded into registers while the tensor
 //                                       cores work on the current ones
-//   kernel 4  decode_scores_pipelined_bf16  the same mma, fed without stalls: the 128 x 576 query
+//   kernel 4  latent_scores_pipelined_bf16  the same mma, fed without stalls: the 128 x 576 query
 //                                       tile stays in shared memory for all the keys a block
 //                                       computes, one persistent block per SM, the cache streamed
 //                                       through a 5-stage cp.async pipeline, fragments loaded with
 //                                       ldmatrix from XOR-swizzled tiles, 128 x 128 scores a tile
 //
 // Inputs are contiguous: q_abs [B, R, d_c], q_rope [B, R, d_R], latent [B, S, d_c + d_R];
-// output scores float32 [B, R, S]. Grids: kernel 1 (ceil(S/128), R, B) x 128 threads; kernel 2
-// (ceil(S/64), ceil(R/64), B) x 256; kernel 3 (ceil(S/64), ceil(R/128), B) x 256; kernel 4
-// min(#SMs, tiles) x 256 with 229376 bytes of dynamic shared memory at d_c + d_R = 576. Every tail
-// (R, S, and d_c + d_R not multiples of the tile) is zero-filled on load and masked on store.
-// Kernels 3 and 4 need d_c and d_R multiples of 16 and 16-byte aligned inputs (asserted by
-// dsa_tutorial.mla.decode_scores_cuda).
-// Checked against dsa_tutorial.mla.latent_scores.
+// output scores float32 [B, R, S]. Grids (the loader reads every size below from the #defines, and
+// refuses inputs only by these limits):
+//   kernel 1  (ceil(S / NAIVE_THREADS), R, B) x NAIVE_THREADS      R <= 65535, B <= 65535
+//   kernel 2  (ceil(S / TILE), ceil(R / TILE), B) x THREADS        ceil(R / TILE) <= 65535, B <= 65535
+//   kernel 3  (ceil(S / TILE), ceil(R / MMA_ROWS), B) x THREADS    ceil(R / MMA_ROWS) <= 65535, B <= 65535
+//   kernel 4  min(#SMs, tiles) x THREADS, a 1-D grid: no limit but the int32 count of the
+//             B ceil(R / PIPE_ROWS) ceil(S / PIPE_KEYS) tiles; dynamic shared memory (below)
+//             229376 bytes at d_c + d_R = 576, checked against the device's limit
+// Every tail (R, S, and d_c + d_R not multiples of the tile) is zero-filled on load and masked on
+// store. Kernels 3 and 4 need d_c and d_R multiples of 16 and 16-byte aligned inputs. No input holds
+// an index: every address follows from the sizes, so any values are memory-safe.
+// Checked against dsa_tutorial.mla.latent_scores (which takes c_kv and k_rope as two tensors);
+// loader dsa_tutorial.mla.latent_scores_cuda (table LATENT_SCORES_KERNELS).
 #include <cuda_bf16.h>
 
 #include "common.cuh"  // load_pair, mma_bf16_16816, smem_address, cp_async_*, ldmatrix_x4
 
-#define TILE 64       // query rows and cached keys per block (kernels 2, 3)
-#define BK 32         // latent dims staged in shared memory per step
-#define THREADS 256
+#define TILE 64            // query rows (kernel 2) and cached keys (kernels 2, 3) per block
+#define BK 32              // latent dims staged in shared memory per step (kernels 2, 3)
+#define THREADS 256        // threads per block of kernels 2, 3, 4
+#define NAIVE_THREADS 128  // threads per block of kernel 1: one per key
 
 // Element d of query row `row` (global row index b * R + r): [q_abs (d_c) | q_rope (d_R)].
 __device__ __forceinline__ float query_at(const float* __restrict__ q_abs, const float* __restrict__ q_rope,
@@ -46,8 +53,8 @@ __device__ __forceinline__ float query_at(const float* __restrict__ q_abs, const
 }
 
 // ------------------------------------------------------------------------------------ kernel 1
-extern "C" __global__ void __launch_bounds__(128)
-decode_scores_naive_f32(const float* q_abs, const float* q_rope, const float* latent, float* scores,
+extern "C" __global__ void __launch_bounds__(NAIVE_THREADS)
+latent_scores_naive_f32(const float* q_abs, const float* q_rope, const float* latent, float* scores,
                         int n_rows, int n_keys, int d_c, int d_rope, float softmax_scale) {
     const int b = blockIdx.z, r = blockIdx.y;
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
@@ -65,7 +72,7 @@ decode_scores_naive_f32(const float* q_abs, const float* q_rope, const float* la
 // Thread (tx, ty) = (tid % 16, tid / 16) owns rows ty + 16 i and keys tx + 16 j (i, j < 4): strided
 // so that a warp's shared-memory reads hit 16 consecutive words (keys) or 2 broadcast words (rows).
 extern "C" __global__ void __launch_bounds__(THREADS)
-decode_scores_tiled_f32(const float* q_abs, const float* q_rope, const float* latent, float* scores,
+latent_scores_tiled_f32(const float* q_abs, const float* q_rope, const float* latent, float* scores,
                         int n_rows, int n_keys, int d_c, int d_rope, float softmax_scale) {
     __shared__ float q_tile[BK][TILE + 1];   // [dim][row], +1: the transposing stores are conflict-free
     __shared__ float kv_tile[BK][TILE + 1];  // [dim][key]
@@ -114,7 +121,7 @@ decode_scores_tiled_f32(const float* q_abs, const float* q_rope, const float* la
 //   B regs b0, b1: (dims 2c, 2c+1; key g), (dims 2c+8, 2c+9; key g)
 //   C c0..c3:      (row g, keys 2c, 2c+1), (row g+8, keys 2c, 2c+1)
 // Two bf16 of one 32-bit register are adjacent in memory, the lower address in the low half.
-#define MMA_ROWS 128
+#define MMA_ROWS 128  // query rows per block of kernel 3 (and TILE keys): all 128 heads of a decode token
 #define PAD 8  // bf16 of padding per staged row: a 40-element (20-word) stride, conflict-free fragment loads
 
 // 8 bf16 (16 bytes) of query row r (of this block's batch entry), dims d .. d+7; zeros past the ends.
@@ -127,7 +134,7 @@ __device__ __forceinline__ uint4 query_chunk(const __nv_bfloat16* q_abs, const _
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, const __nv_bfloat16* latent,
+latent_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, const __nv_bfloat16* latent,
                        float* scores, int n_rows, int n_keys, int d_c, int d_rope, float softmax_scale) {
     __shared__ __align__(16) __nv_bfloat16 q_tile[MMA_ROWS][BK + PAD];  // [row][dim]
     __shared__ __align__(16) __nv_bfloat16 kv_tile[TILE][BK + PAD];     // [key][dim]
@@ -190,7 +197,7 @@ decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, 
 }
 
 // ------------------------------------------------------------------------------------ kernel 4
-// decode_scores_pipelined_bf16: the same mma.sync product, organised so that the tensor cores wait
+// latent_scores_pipelined_bf16: the same mma.sync product, organised so that the tensor cores wait
 // for neither the query nor the cache.
 //   * The query tile (128 rows x all 576 dims, 144 KiB) is loaded into shared memory once per block
 //     and reused for every key tile the block computes: kernel 3 re-reads it for every 64 keys.
@@ -212,12 +219,17 @@ decode_scores_mma_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, 
 //   B: j = 0 (keys 0-7, dims 0-7), 1 (keys 0-7, dims 8-15), 2 (keys 8-15, dims 0-7), 3 (keys 8-15, dims 8-15)
 //      (registers 0, 1 are b0, b1 of the first 8 keys; 2, 3 those of the next 8)
 // and lane l supplies the address of row l % 8 of matrix l / 8.
-// Dynamic shared memory: 128 x width_pad bf16 (query) + PIPE_STAGES x 128 x 64 bf16, width_pad =
-// d_c + d_R rounded up to 64 (576 -> 147456 + 81920 = 229376 bytes; the loader checks the device limit).
+// Dynamic shared memory: the query tile, PIPE_ROWS rows of width_pad bf16 (width_pad = d_c + d_R
+// rounded up to PIPE_DIMS), then PIPE_STAGES cache stages of PIPE_STAGE_BYTES:
+//     PIPE_ROWS * ceil(width / PIPE_DIMS) * PIPE_ROW_BYTES + PIPE_STAGES * PIPE_STAGE_BYTES
+// (576 -> 147456 + 81920 = 229376 bytes; the loader computes it from these #defines and checks it
+// against the device's limit).
 #define PIPE_ROWS 128    // query rows per tile
 #define PIPE_KEYS 128    // keys per tile
-#define PIPE_DIMS 64     // dims per pipeline stage (one 128-byte row per key)
-#define PIPE_STAGES 5
+#define PIPE_DIMS 64     // dims per pipeline stage
+#define PIPE_STAGES 5    // cache buffers in shared memory
+#define PIPE_ROW_BYTES (PIPE_DIMS * 2)                // one key's (or query row's) dims of a stage, bf16: 128
+#define PIPE_STAGE_BYTES (PIPE_KEYS * PIPE_ROW_BYTES)  // one cache stage: 16 KiB
 
 // byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `row_bytes`-byte rows
 __device__ __forceinline__ int swizzled(int row, int chunk, int row_bytes) {
@@ -225,13 +237,13 @@ __device__ __forceinline__ int swizzled(int row, int chunk, int row_bytes) {
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, const __nv_bfloat16* latent,
+latent_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_rope, const __nv_bfloat16* latent,
                              float* scores, int n_rows, int n_keys, int d_c, int d_rope, float softmax_scale,
                              int n_batch) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int width = d_c + d_rope;
     const int n_chunks = (width + PIPE_DIMS - 1) / PIPE_DIMS;  // pipeline stages per key tile
-    const int q_row_bytes = n_chunks * PIPE_DIMS * 2;          // query tile [128][width_pad] bf16
+    const int q_row_bytes = n_chunks * PIPE_ROW_BYTES;         // query tile [128][width_pad] bf16
     unsigned char* q_tile = smem;
     unsigned char* kv_tiles = smem + PIPE_ROWS * q_row_bytes;  // PIPE_STAGES x [128 keys][64 dims] bf16
     const int row_blocks = (n_rows + PIPE_ROWS - 1) / PIPE_ROWS, n_tiles = (n_keys + PIPE_KEYS - 1) / PIPE_KEYS;
@@ -266,12 +278,12 @@ decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_
         int b, row0, key0;
         decode_item(first + step / n_chunks, b, row0, key0);
         const int d0 = (step % n_chunks) * PIPE_DIMS;
-        unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * (PIPE_KEYS * PIPE_DIMS * 2);
+        unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * PIPE_STAGE_BYTES;
         for (int idx = tid; idx < PIPE_KEYS * 8; idx += THREADS) {  // 8 chunks of 16 bytes per key
             const int key = idx / 8, chunk = idx % 8, s = key0 + key, d = d0 + 8 * chunk;
             const bool valid = s < n_keys && d < width;
             const __nv_bfloat16* src = valid ? latent + ((long long)b * n_keys + s) * width + d : latent;
-            cp_async_16(tile + swizzled(key, chunk, PIPE_DIMS * 2), src, valid ? 16 : 0);
+            cp_async_16(tile + swizzled(key, chunk, PIPE_ROW_BYTES), src, valid ? 16 : 0);
         }
     };
 
@@ -303,7 +315,7 @@ decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_
         if (step + PIPE_STAGES - 1 < n_steps) load_step(step + PIPE_STAGES - 1);  // into the buffer freed at step - 1
         cp_async_commit();
 
-        const unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * (PIPE_KEYS * PIPE_DIMS * 2);
+        const unsigned char* tile = kv_tiles + (step % PIPE_STAGES) * PIPE_STAGE_BYTES;
         for (int k = 0; k < PIPE_DIMS; k += 16) {
             unsigned a[4][4], bfrag[2][4];
             for (int m = 0; m < 4; ++m) {  // A: rows warp_row + 16 m + (l % 8) + 8 ((l / 8) % 2), dims k + 8 (l / 16)
@@ -312,7 +324,7 @@ decode_scores_pipelined_bf16(const __nv_bfloat16* q_abs, const __nv_bfloat16* q_
             }
             for (int p = 0; p < 2; ++p) {  // B: keys warp_key + 16 p + (l % 8) + 8 (l / 16), dims k + 8 ((l / 8) % 2)
                 const int key = warp_key + 16 * p + (lane % 8) + 8 * (lane / 16);
-                ldmatrix_x4(bfrag[p], tile + swizzled(key, k / 8 + (lane / 8) % 2, PIPE_DIMS * 2));
+                ldmatrix_x4(bfrag[p], tile + swizzled(key, k / 8 + (lane / 8) % 2, PIPE_ROW_BYTES));
             }
             for (int m = 0; m < 4; ++m)
                 for (int n = 0; n < 4; ++n) {
