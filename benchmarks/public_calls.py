@@ -3,7 +3,8 @@
     python benchmarks/public_calls.py      (from the repository root, on a GPU; about a minute)
 
 For each call (default arguments, data checks off as a user gets them): the public call, the kernel
-launches it made replayed alone (bench.time_call), the overhead between the two, a torch baseline
+launches it made replayed alone (bench.time_call, one of each in turn), the overhead between the two,
+the host's own time per call (Python, checks, launch: hidden while it is below the GPU time), a torch baseline
 doing the same work, and the fraction of the ceiling measured in the same run (copy bandwidth for
 the memory-bound calls, FP8 or bf16 GEMM rate for the others). Then one decode step of the sparse
 path (paged logits -> top-k -> sparse decode), called eagerly and replayed as a CUDA graph.
@@ -108,7 +109,7 @@ def row(name, timed: bench.CallTiming, baseline: bench.Timing, *, flops=None, nb
         rate = f"{achieved:5.2f} TB/s = {100 * achieved / ceiling:4.1f}% of copy"
     overhead = timed.call.median_us - timed.launch.median_us
     return (f"| {name} | {timed.call.median_us:8.1f} | {timed.launch.median_us:8.1f} | {overhead:+6.1f} "
-            f"({100 * overhead / timed.launch.median_us:+5.1f}%) | {baseline.median_us:8.1f} "
+            f"({100 * overhead / timed.launch.median_us:+5.1f}%) | {timed.host_us:5.1f} | {baseline.median_us:8.1f} "
             f"({baseline.median_us / timed.call.median_us:5.2f}x) | {rate} |")
 
 
@@ -117,9 +118,9 @@ def main() -> None:
     checks.set_data_checks(False)  # what a user gets by default (made explicit: DSA_CHECK may be set)
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    print("| call (default arguments) | public call us | launch alone us | overhead us | baseline us (speed-up) "
-          "| rate |")
-    print("|---|---|---|---|---|---|")
+    print("| call (default arguments) | public call us | launch alone us | overhead us | host us a call "
+          "| baseline us (speed-up) | rate |")
+    print("|---|---|---|---|---|---|---|")
     for B, context, next_n in ((128, 32768, 1), (256, 8192, 2)):
         make = lambda B=B, context=context, next_n=next_n: paged_inputs(B, context, next_n)  # noqa: E731
         inputs = make()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -71,25 +72,35 @@ def benchmark(
     and the calls cycle through those copies (or through `input_sets`, when given).
     """
     require_gpu()
-    if warmup < 0 or reps < 1:
-        raise ValueError(f"warmup must be >= 0 and reps >= 1, got {warmup}, {reps}")
     if input_sets is None:
         input_sets = _input_sets(make_inputs, reps, max_input_bytes)
-    n_sets = len(input_sets)
+    return _interleaved([(fn, input_sets)], warmup, reps)[0]
+
+
+def _interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[tuple]]], warmup: int, reps: int) -> list[Timing]:
+    """Time each (fn, input_sets) of `calls` `reps` times, one call of each in turn per repetition
+    (so that clocks and caches treat them alike), with an event pair around every call."""
+    if warmup < 0 or reps < 1:
+        raise ValueError(f"warmup must be >= 0 and reps >= 1, got {warmup}, {reps}")
     for i in range(warmup):
-        fn(*input_sets[i % n_sets])
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for fn, input_sets in calls:
+            fn(*input_sets[i % len(input_sets)])
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+              for _ in calls]
     torch.cuda.synchronize()
     for i in range(reps):
-        args = input_sets[i % n_sets]
-        starts[i].record()
-        fn(*args)
-        ends[i].record()
+        for (fn, input_sets), pairs in zip(calls, events):
+            start, end = pairs[i]
+            start.record()
+            fn(*input_sets[i % len(input_sets)])
+            end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-    quantiles = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
-    return Timing(statistics.median(times), quantiles[0], quantiles[-1], reps, n_sets)
+    timings = []
+    for (_, input_sets), pairs in zip(calls, events):
+        times = sorted(start.elapsed_time(end) * 1e3 for start, end in pairs)
+        quantiles = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+        timings.append(Timing(statistics.median(times), quantiles[0], quantiles[-1], reps, len(input_sets)))
+    return timings
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class CallTiming:
     call: Timing  # the public function, default arguments, checks and all
     launch: Timing  # the same launches replayed through kernels.launch, nothing else
     launches: int  # kernel launches per call
+    host_us: float  # host time per call (what the GPU overlaps with earlier work, or waits for)
 
     @property
     def overhead_us(self) -> float:
@@ -106,7 +118,7 @@ class CallTiming:
 
     def __str__(self) -> str:
         return (f"public call {self.call.median_us:.1f} us, launch alone {self.launch.median_us:.1f} us "
-                f"({self.launches} launch{'es' if self.launches != 1 else ''}), "
+                f"({self.launches} launch{'es' if self.launches != 1 else ''}, host {self.host_us:.0f} us a call), "
                 f"overhead {self.overhead_us:+.1f} us ({100 * self.overhead_us / self.launch.median_us:+.1f}%)")
 
 
@@ -119,8 +131,9 @@ def time_call(
     max_input_bytes: int = 8 << 30,
 ) -> CallTiming:
     """Time the public call ``fn(*inputs)`` and, on the same input sets, the kernel launches it
-    makes replayed alone (recorded once per input set with kernels.recording_launches): the
-    difference is what the Python around the kernels costs a caller."""
+    makes replayed alone (recorded once per input set with kernels.recording_launches), one of each
+    in turn: the difference is what the Python around the kernels costs a caller. Also the host's
+    own time per call: while it is below the GPU time, the GPU never waits for the host."""
     require_gpu()
     input_sets = _input_sets(make_inputs, reps, max_input_bytes)
     recorded = []
@@ -135,10 +148,16 @@ def time_call(
         for launch in recorded[i]:
             launch.again()
 
-    call = benchmark(fn, make_inputs, warmup=warmup, reps=reps, input_sets=input_sets)
-    alone = benchmark(replay, make_inputs, warmup=warmup, reps=reps,
-                      input_sets=[(i,) for i in range(len(input_sets))])
-    return CallTiming(call, alone, len(recorded[0]))
+    call, alone = _interleaved([(fn, input_sets), (replay, [(i,) for i in range(len(input_sets))])], warmup, reps)
+    host_us = []
+    for _ in range(2):  # the host's own time per call, the GPU never waited for: Python, checks, launch
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(reps):
+            fn(*input_sets[i % len(input_sets)])
+        host_us.append((time.perf_counter() - start) / reps * 1e6)
+    torch.cuda.synchronize()
+    return CallTiming(call, alone, len(recorded[0]), min(host_us))
 
 
 @dataclass(frozen=True)

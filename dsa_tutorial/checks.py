@@ -28,6 +28,7 @@ result is just not meaningful.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from typing import Iterable, Iterator, Sequence
@@ -115,14 +116,14 @@ def check_tensor(
                 dims[want] = got
             elif want != got:
                 raise ValueError(f"{name} must have shape {_fmt(shape)}, got {list(x.shape)}")
-    if dtype is not None:
+    if dtype is not None and x.dtype is not dtype:
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if x.dtype not in allowed:
             names = " or ".join(str(d).replace("torch.", "") for d in allowed)
             raise TypeError(f"{name} must be {names}, got {str(x.dtype).replace('torch.', '')}")
     if cuda and not x.is_cuda:
         raise ValueError(f"{name} must be on a CUDA device, got {x.device}")
-    if device is not None and x.device != torch.device(device):
+    if device is not None and x.device != (device if isinstance(device, torch.device) else torch.device(device)):
         raise ValueError(f"{name} must be on {device}, got {x.device}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {x.stride()}")
@@ -130,6 +131,16 @@ def check_tensor(
 
 
 _SPEC = re.compile(r"\s*(\w+)\s*\[([^\]]*)\]\s*,?")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_spec(spec: str) -> tuple:
+    """"q[B, 576] k[?, D]" -> (("q", ("B", 576)), ("k", (None, "D"))), parsed once per spec."""
+    if "".join(_SPEC.sub("", spec).split()):
+        raise ValueError(f"check_shapes: spec {spec!r} must be a list of 'name[dims]'")
+    return tuple((name, tuple(None if a == "?" else int(a) if a.isdigit() else a
+                              for a in (p.strip() for p in shape.split(",")) if a))
+                 for name, shape in _SPEC.findall(spec))
 
 
 def check_shapes(spec: str, *tensors, dims: dict | None = None, dtype=None, same_dtype: bool = False,
@@ -140,14 +151,12 @@ def check_shapes(spec: str, *tensors, dims: dict | None = None, dtype=None, same
     checks each tensor's rank and dims (names bind across tensors and to `dims`; ints must match;
     "?" matches anything), that all are on one device, `dtype` for each (and with `same_dtype`, the
     first one's dtype for the rest); `kwargs` go to :func:`check_tensor` (cuda=, contiguous=)."""
-    entries = _SPEC.findall(spec)
-    if "".join(_SPEC.sub("", spec).split()) or len(entries) != len(tensors):
+    entries = _parse_spec(spec)
+    if len(entries) != len(tensors):
         raise ValueError(f"check_shapes: spec {spec!r} must name one 'name[dims]' per tensor, got {len(tensors)}")
     dims = {} if dims is None else dims
     named = {}
-    for (name, shape), x in zip(entries, tensors):
-        axes = tuple(None if a == "?" else int(a) if a.isdigit() else a
-                     for a in (p.strip() for p in shape.split(",")) if a)
+    for (name, axes), x in zip(entries, tensors):
         want = next(iter(named.values())).dtype if same_dtype and named else dtype
         check_tensor(x, name, shape=axes, dims=dims, dtype=want, **kwargs)
         named[name] = x

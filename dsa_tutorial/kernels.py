@@ -282,10 +282,18 @@ def _names_a_gpu(device) -> bool:
     return gpu_available()
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def wgmma_available(device=None) -> bool:
     """True when `device` (default: the current CUDA device) is a usable GPU of compute capability
     9.0 (H100, H200): the only one that runs the `wgmma` kernels, compiled for sm_90a."""
-    return _names_a_gpu(device) and tuple(torch.cuda.get_device_capability(device)) == (9, 0)
+    if not _names_a_gpu(device):
+        return False
+    index = device if isinstance(device, int) else torch.device("cuda" if device is None else device).index
+    return _capability(torch.cuda.current_device() if index is None else index) == (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -460,15 +468,16 @@ class KernelTable:
                          for k in self)
 
 
-def _kernel_arg(value: Any, index: int, kernel: str, device: torch.device):
+def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):
     if isinstance(value, torch.Tensor):
-        where = f"argument {index} of {kernel}"
-        if not value.is_cuda:
-            raise ValueError(f"{where} must be a CUDA tensor, got one on {value.device}")
-        if value.device != device:
-            raise ValueError(f"{where} is on {value.device}, the launch is on {device}")
+        if value.get_device() != device_index:  # -1 for a CPU tensor
+            where = f"argument {position} of {kernel}"
+            if not value.is_cuda:
+                raise ValueError(f"{where} must be a CUDA tensor, got one on {value.device}")
+            raise ValueError(f"{where} is on {value.device}, the launch is on cuda:{device_index}")
         if not value.is_contiguous():
-            raise ValueError(f"{where} must be contiguous (call .contiguous()), got strides {value.stride()}")
+            raise ValueError(f"argument {position} of {kernel} must be contiguous (call .contiguous()), "
+                             f"got strides {value.stride()}")
         # The kernel parameter is a plain device pointer: pass the address itself. (Wrapping the
         # tensor as a CuPy array would cost tens of microseconds per argument, and CuPy synchronises
         # on the stream a __cuda_array_interface__ names.)
@@ -479,16 +488,25 @@ def _kernel_arg(value: Any, index: int, kernel: str, device: torch.device):
         return value
     if isinstance(value, int):
         if not -(2**31) <= value < 2**31:
-            raise ValueError(f"argument {index} of {kernel} = {value} does not fit an int32; pass np.int64")
+            raise ValueError(f"argument {position} of {kernel} = {value} does not fit an int32; pass np.int64")
         return np.int32(value)
     if isinstance(value, float):
         return np.float32(value)
-    raise TypeError(f"argument {index} of {kernel}: cannot pass {type(value).__name__} to a kernel")
+    raise TypeError(f"argument {position} of {kernel}: cannot pass {type(value).__name__} to a kernel")
+
+
+def _current_stream_handle(device_index: int) -> int:
+    """The raw handle of torch's current stream on the device (the stream a CUDA graph captures)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds: no Stream object made
+    return raw(device_index) if raw is not None else torch.cuda.current_stream(device_index).cuda_stream
 
 
 @functools.lru_cache(maxsize=None)
 def _function(name: str, kernel: str, device: int):
     return load(name).get_function(kernel)
+
+
+_dynamic_smem: dict[tuple[str, str, int], int] = {}  # the dynamic shared memory each function is allowed
 
 
 @functools.lru_cache(maxsize=64)
@@ -522,12 +540,13 @@ def launch(
     require_gpu()
     index = torch.cuda.current_device()
     function = _function(name, kernel, index)
-    device = torch.device("cuda", index)
-    kernel_args = tuple(_kernel_arg(a, i, kernel, device) for i, a in enumerate(args))
-    if shared_mem > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared_mem:
-        function.max_dynamic_shared_size_bytes = shared_mem
-    with _external_stream(torch.cuda.current_stream().cuda_stream):
-        function(grid, block, kernel_args, shared_mem=shared_mem)
+    kernel_args = tuple(_kernel_arg(a, i, kernel, index) for i, a in enumerate(args))
+    if shared_mem > 48 * 1024 and _dynamic_smem.get((name, kernel, index), 0) < shared_mem:
+        from cupy.cuda import driver  # above 48 KiB a kernel must be allowed its dynamic shared memory first
+
+        driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+        _dynamic_smem[(name, kernel, index)] = shared_mem
+    function(grid, block, kernel_args, shared_mem=shared_mem, stream=_external_stream(_current_stream_handle(index)))
     for record in _recorders:
         record.append(Launch(name, kernel, grid, block, tuple(args), shared_mem))
 
