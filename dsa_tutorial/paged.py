@@ -89,8 +89,9 @@ def new_kv_cache(num_blocks: int, head_dim: int = 128, device="cpu") -> torch.Te
     return torch.zeros(num_blocks, BLOCK_KV, 1, head_dim + 4, dtype=torch.uint8, device=device)
 
 
-def _cache_dims(kv_cache: torch.Tensor, dims: dict | None = None) -> tuple[int, int]:
-    check_tensor(kv_cache, "kv_cache", shape=("num_blocks", BLOCK_KV, 1, None), dims=dims, dtype=torch.uint8)
+def _cache_dims(kv_cache: torch.Tensor, dims: dict | None = None, **kwargs) -> tuple[int, int]:
+    check_tensor(kv_cache, "kv_cache", shape=("num_blocks", BLOCK_KV, 1, None), dims=dims, dtype=torch.uint8,
+                 **kwargs)
     head_dim = kv_cache.shape[-1] - 4
     if head_dim <= 0 or head_dim % 16:
         raise ValueError(f"kv_cache's last dim must be D + 4 with D a positive multiple of 16, got {kv_cache.shape[-1]}")
@@ -176,18 +177,19 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
     paged_mqa_logits_metadata(context_lens)) only where checks.data_checks_wanted: always on the
     CPU, on a GPU with data checks on (reading them waits for the device)."""
     dims: dict[str, int] = {}
+    on_gpu = dict(contiguous=True) if cuda else {}  # the kernels take contiguous tensors (on the GPU: below)
     check_tensor(q, "q", shape=("B", "next_n", "H", "D"), dims=dims,
-                 dtype=(torch.float8_e4m3fn,) if cuda else _FLOAT_INPUTS)
+                 dtype=(torch.float8_e4m3fn,) if cuda else _FLOAT_INPUTS, **on_gpu)
     if dims["next_n"] not in (1, 2):
         raise ValueError(f"next_n (dim 1 of q) must be 1 or 2, got {dims['next_n']}")
-    num_blocks, D = _cache_dims(kv_cache, dims)
+    num_blocks, D = _cache_dims(kv_cache, dims, **on_gpu)
     if D != dims["D"]:
         raise ValueError(f"kv_cache holds D = {D} values a token (last dim D + 4 = {D + 4}), q has D = {dims['D']}")
-    check_tensor(weights, "weights", shape=(dims["B"] * dims["next_n"], "H"), dims=dims, dtype=torch.float32)
-    check_tensor(context_lens, "context_lens", dtype=torch.int32)
-    check_tensor(block_table, "block_table", dtype=torch.int32)
-    check_shapes("context_lens[B] block_table[B, max_blocks]", context_lens, block_table, dims=dims)
-    check_same_device(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
+    check_tensor(weights, "weights", shape=(dims["B"] * dims["next_n"], "H"), dims=dims, dtype=torch.float32,
+                 **on_gpu)
+    check_tensor(context_lens, "context_lens", shape=("B",), dims=dims, dtype=torch.int32, **on_gpu)
+    check_tensor(block_table, "block_table", shape=("B", "max_blocks"), dims=dims, dtype=torch.int32, **on_gpu)
+    tensors = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
     if not isinstance(max_context_len, int) or isinstance(max_context_len, bool) or max_context_len < 0:
         raise ValueError(f"max_context_len must be an int >= 0, got {max_context_len!r}")
     table = PAGED_MQA_LOGITS_KERNELS
@@ -196,14 +198,13 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
     if cuda and D != table.defines()["HEAD_DIM"]:
         raise ValueError(f"the CUDA paged_mqa_logits supports head_dim D = {table.defines()['HEAD_DIM']}, got D = {D}")
     if schedule_meta is not None or cuda:
-        check_tensor(schedule_meta, "schedule_meta", shape=(None, 2), dtype=torch.int32)
+        check_tensor(schedule_meta, "schedule_meta", shape=(None, 2), dtype=torch.int32, **on_gpu)
         if schedule_meta.shape[0] < 2:
             raise ValueError(f"schedule_meta must have num_sms + 1 >= 2 rows, got {schedule_meta.shape[0]}")
-        check_same_device(context_lens=context_lens, schedule_meta=schedule_meta)
+        tensors["schedule_meta"] = schedule_meta
+    check_same_device(**tensors)
     if cuda:
-        for name, x in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("context_lens", context_lens),
-                        ("block_table", block_table), ("schedule_meta", schedule_meta)):
-            check_tensor(x, name, cuda=True, contiguous=True)
+        check_tensor(q, "q", cuda=True)  # and so every tensor (one device)
     if data_checks_wanted(context_lens, block_table, schedule_meta):
         _check_paged_values(context_lens, block_table, schedule_meta, max_context_len, num_blocks, dims)
     return dims
