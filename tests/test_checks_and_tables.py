@@ -147,3 +147,62 @@ def test_every_table_names_its_own_source():
     for source, table in TABLES.items():
         assert table.source == source and kernels.source_path(source).is_file()
         assert table.defines() == kernels.defines(source)
+
+
+def test_malformed_shape_spec_is_refused():
+    with pytest.raises(ValueError, match="must be a list of 'name\\[dims\\]'"):
+        checks.check_shapes("q[B, D", torch.zeros(2, 3))
+
+
+def test_the_cache_format_constants_agree_with_the_kernels():
+    from dsa_tutorial import paged
+
+    assert paged.BLOCK_KV == kernels.defines("paged_mqa_logits")["BLOCK_KV"]
+
+
+# ----------------------------------------------------------------------------- the README's map
+
+def _readme_rows() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## From formula to kernel", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+
+
+def test_every_name_in_the_readme_table_exists():
+    import importlib
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    rows = _readme_rows()
+    assert len(rows) >= 10
+    seen = 0
+    for row in rows:
+        modules = []
+        for token in re.findall(r"`([^`]+)`", row):
+            for name in (t.strip() for t in token.split(",")):
+                if name.startswith("cuda/"):
+                    assert (root / name).is_file(), f"README names {name}, which does not exist"
+                elif name.startswith("test_"):
+                    assert (root / "tests" / name).is_file(), f"README names tests/{name}"
+                elif name.endswith(".py"):
+                    assert (root / "benchmarks" / name).is_file(), f"README names benchmarks/{name}"
+                elif re.fullmatch(r"\w+\.\w+", name):
+                    module, attr = name.split(".")
+                    modules.append(importlib.import_module(f"dsa_tutorial.{module}"))
+                    assert hasattr(modules[-1], attr), f"README names dsa_tutorial.{name}, which does not exist"
+                elif re.fullmatch(r"[A-Z_]+_KERNELS", name):
+                    owner = [m for m in modules if hasattr(m, name)]
+                    assert owner, f"README names the table {name}, which no module of its row defines"
+                    table = getattr(owner[0], name)
+                    versions = re.search(re.escape(name) + r"` \((\d+)-(\d+)\)", row)
+                    assert versions and table.versions == tuple(range(int(versions[1]), int(versions[2]) + 1)), \
+                        f"README gives {name} other versions than {table.versions}"
+                elif name == "train":
+                    importlib.import_module("dsa_tutorial.train")
+                else:
+                    continue
+                seen += 1
+    assert seen >= 40

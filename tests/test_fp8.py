@@ -361,6 +361,7 @@ def test_wgmma_refusal_names_the_capability(monkeypatch):
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: False)
     monkeypatch.setattr(kernels, "gpu_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(fp8.kernels, "_capability", lambda index: (8, 0))  # cached per device: bypass it
     reason = fp8.wgmma_why_not("cuda:0")
     assert reason == ("needs a GPU of compute capability 9.0 (H100, H200: wgmma, compiled for sm_90a), "
                       "but cuda:0 has compute capability 8.0")

@@ -283,6 +283,7 @@ def test_paged_cuda_rejects_unsupported_heads():
 def test_paged_refusal_names_the_capability(monkeypatch):
     monkeypatch.setattr(fp8.kernels, "gpu_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(fp8.kernels, "_capability", lambda index: (10, 0))  # cached per device: bypass it
     refusal = r"kernel 4 of cuda/paged_mqa_logits.cu \(.*\) cannot run these inputs: .*has compute capability 10\.0"
     with pytest.raises(ValueError, match=refusal):
         TABLE.choose(4, {4: fp8.wgmma_why_not("cuda:0")})
