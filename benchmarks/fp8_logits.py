@@ -13,7 +13,7 @@ issue 10's: mqa_logits 8192 x 8192 causal and 2048 x 8192 causal (the queries ar
 contexts of ~8K tokens with next_n = 2 (0.7 to 1.3 x the mean, blocks shuffled). The naive mqa kernel
 (kernel 1) runs at fewer repetitions: it takes tens of milliseconds; kernel 4 of each logits file
 (wgmma) only where it runs (compute capability 9.0). Targets of issue 5: mqa_logits >= 40% of the FP8
-GEMM ceiling, paged >= 60% of copy bandwidth (DeepGEMM: about 67% and 90%, SPEC section 9); of issue
+GEMM ceiling, paged >= 60% of copy bandwidth (DeepGEMM: about 67% and 90% on an H200); of issue
 10: the public call within 5% of its launch alone (10 us under 200 us).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def bench_act_quant(ceilings):
 
 
 def torch_mqa_logits_bf16(q, k, w, ks, ke, chunk=1024):
-    """The torch baseline of SPEC section 9: bf16 einsum, ReLU, weighted head sum, 1024-query chunks."""
+    """The torch baseline: bf16 einsum, ReLU, weighted head sum, 1024-query chunks."""
     S_q, S_k = q.shape[0], k.shape[0]
     out = torch.empty(S_q, S_k, dtype=torch.float32, device=q.device)
     j = torch.arange(S_k, device=q.device)

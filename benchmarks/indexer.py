@@ -8,7 +8,7 @@ Cases (one `bench.report` line each; FLOPs count a multiply-add as two):
   the same kernel launch replayed alone beside it (bench.time_call: the difference is the Python of
   the call);
 * torch baseline: bf16 GEMM per 1024-query chunk (q [c H, D] @ k^T), ReLU, times w, sum over heads,
-  full T x S (SPEC section 9 measured 24.1 ms = 46 TFLOP/s for this one);
+  full T x S;
 * every tensor-core version of INDEX_SCORES_KERNELS (kernel=3, 4, 5) at the same size, full and
   causal (masked tiles skipped; FLOPs of the causal pairs only; the baseline is still the full
   torch computation);

@@ -3,7 +3,7 @@
     python benchmarks/topk.py           (from the repository root, on a GPU; well under a minute)
 
 Cases, float32 scores, k = 2048:
-* 128 rows x 131072 (decode over a 128K context; SPEC section 9: torch.topk 327 us),
+* 128 rows x 131072 (decode over a 128K context),
 * 8192 rows x 8192 and 2048 rows x 65536 (prefill shapes).
 For each, the public call as a user makes it, timed with bench.time_call (its kernel launch replayed
 alone beside it: the difference is the Python of the call):

@@ -1,4 +1,4 @@
-// Block quantisation to FP8 e4m3, one scale per block of `block_size` values (SPEC section 3):
+// Block quantisation to FP8 e4m3, one scale per block of `block_size` values:
 //
 //   amax_b = max(max_{i in b} |x_i|, 1e-4)
 //   s_b    = amax_b * float32(1 / 448)         (ue8m0 = 0: plain scale, as the official kernel computes it)

@@ -1,4 +1,4 @@
-// FP8 MQA logits of the lightning indexer (DeepGEMM's fp8_mqa_logits, SPEC section 6;
+// FP8 MQA logits of the lightning indexer (DeepGEMM's fp8_mqa_logits;
 // dsa_tutorial.fp8.mqa_logits is the reference, mqa_logits_cuda the launcher):
 //
 //   logits[i, j] = sum_h w[i, h] * ReLU(q[i, h] . k[j]) * k_scale[j]     for ks[i] <= j < ke[i]

@@ -1,4 +1,4 @@
-// FP8 MQA logits over a paged key cache, for decode (DeepGEMM's fp8_paged_mqa_logits, SPEC 6;
+// FP8 MQA logits over a paged key cache, for decode (DeepGEMM's fp8_paged_mqa_logits;
 // dsa_tutorial.paged.paged_mqa_logits is the reference, paged_mqa_logits_cuda the launcher):
 //
 //   logits[b next_n + j, p] = sum_h w[b next_n + j, h] * ReLU(q[b, j, h] . k[p]) * k_scale[p]

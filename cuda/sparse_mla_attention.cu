@@ -44,7 +44,7 @@
 //             P is rounded to bf16 before P V (and the row sums add the same rounded values), so it
 //             matches the float32 reference to ~1e-3 of max|o|, not 1e-5 (the tests say why 1e-2).
 //             What it leaves on the table: wgmma (sm_90's warpgroup MMA, which FlashMLA uses), the FP8
-//             cache of SPEC section 7, and the 2 blocks of one sequence each gathering the same latents
+//             cache FlashMLA reads (656 bytes a token), and the 2 blocks of one sequence each gathering the same latents
 //             (the second read mostly hits L2). Its limit is shared-memory bandwidth: ~176 ldmatrix.x4
 //             per warp per tile against 272 mma.
 #include <cuda_bf16.h>

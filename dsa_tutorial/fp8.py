@@ -1,4 +1,4 @@
-"""FP8 for the lightning indexer: block quantisation and the FP8 MQA logits (SPEC sections 3 and 6).
+"""FP8 for the lightning indexer: block quantisation and the FP8 MQA logits.
 
 Block quantisation (step 5 of the indexer, one scale per `block_size` values along the last dim):
 

@@ -1,4 +1,4 @@
-"""The Hadamard rotation the indexer applies to q^I and k^I before FP8 rounding (SPEC section 3).
+"""The Hadamard rotation the indexer applies to q^I and k^I before FP8 rounding.
 
 H_n (Sylvester's construction, n a power of two) has entries +-1 and H H^T = n I, so
 R = H / sqrt(n) is orthonormal: (R q) . (R k) = q . k in exact arithmetic. Rotating spreads one

@@ -7,7 +7,7 @@ dims per token shared by all heads, a per-token, per-head weight w^I_t,j that ma
 and ReLU in place of softmax. Its scores only choose which tokens the main attention reads
 (chapter 5, `topk`); they are never normalised.
 
-What the official inference code does, step by step (SPEC section 3), and where it is here:
+What the official inference code does, step by step, and where it is here:
 
     1. q^I = wq_b(c^Q)              the query latent of MLA, not h          Indexer.forward
     2. k^I = LayerNorm(wk(h))       LayerNorm with bias                     Indexer.forward

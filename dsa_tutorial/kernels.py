@@ -462,10 +462,16 @@ class KernelTable:
         launch(self.source, self.entry(version, **fields), grid, block, args, shared_mem=shared_mem)
 
     def describe(self) -> str:
-        """One line per version: the table as the chapters print it."""
-        width = max(len(k.entry) for k in self)
-        return "\n".join(f"kernel {k.version}  {k.entry:<{width}}  {k.summary}" + (f"; needs {k.needs}" if k.needs else "")
-                         for k in self)
+        """The table as the chapters print it: each version's entry point, then what it does and
+        needs, wrapped to fit a page."""
+        import textwrap
+
+        lines = []
+        for k in self:
+            lines.append(f"kernel {k.version}  {k.entry}")
+            text = k.summary + (f"; needs {k.needs}" if k.needs else "")
+            lines += textwrap.wrap(text, width=78, initial_indent="    ", subsequent_indent="    ")
+        return "\n".join(lines)
 
 
 def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):

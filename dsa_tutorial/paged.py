@@ -1,4 +1,4 @@
-"""The paged FP8 indexer-key cache and the decode-time logits over it (SPEC section 6).
+"""The paged FP8 indexer-key cache and the decode-time logits over it.
 
 Cache layout (DeepGEMM's, fused): uint8 [num_blocks, 64, 1, D + 4]. A physical block holds 64
 tokens as 64 * D e4m3 bytes first, then 64 float32 scales, so token `slot` of a block keeps its

@@ -12,7 +12,7 @@ Two layouts decide which coordinates form pair i of a d_R-dim vector:
 * ``"half"``: (x[i], x[i + d_R/2]), what the lightning indexer uses (`rotate_half`).
 
 They are different functions: applying one where the other is expected scrambles the
-frequencies (SPEC section 8, the indexer bug). The frequencies are those of the official
+frequencies (a bug seen in ports of the indexer). The frequencies are those of the official
 DeepSeek-V3.2 ``precompute_freqs_cis``: theta_i = rope_theta^(-2i/d_R), blended towards
 theta_i / rope_factor by YaRN when ``max_seq_len > original_seq_len``, computed here in float64.
 

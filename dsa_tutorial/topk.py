@@ -17,7 +17,7 @@ The rules, the same in the reference (`select_topk`) and the kernel (`select_top
 The kernel ranks values through `order_key`, a map of float32 to uint32 that preserves order, the
 way a radix select needs it; the reference uses the same map so the two agree bit for bit.
 
-`topk_without_causal_mask` reproduces the research repository's leak (SPEC section 8): torch.topk
+`topk_without_causal_mask` reproduces the research repository's leak: torch.topk
 on the masked scores, keeping whatever it returns, future positions included.
 
 CUDA: `select_topk_cuda` launches one of the kernels of cuda/select_topk.cu (SELECT_TOPK_KERNELS:
@@ -108,7 +108,7 @@ def select_topk(scores: torch.Tensor, k: int, query_positions: torch.Tensor | No
 
 
 def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The leak (SPEC section 8): torch.topk of the scores, every returned index kept.
+    """The leak: torch.topk of the scores, every returned index kept.
 
     When a row has fewer than k visible positions, torch.topk fills the rest with masked (-inf)
     positions, i.e. future tokens; attending to them leaks the answer. int64 [..., T, k].

@@ -100,7 +100,8 @@ def test_table_versions_entries_and_description():
         TABLE[4]
     with pytest.raises(ValueError):
         TABLE["2"]  # a version is a number, as "kernel 2" in the chapters
-    assert TABLE.describe().splitlines()[1].startswith("kernel 2  demo_vector_{dtype}  16-byte vectors; needs")
+    assert TABLE.describe().splitlines()[2:4] == ["kernel 2  demo_vector_{dtype}",
+                                                  "    16-byte vectors; needs 16-byte aligned x"]
 
 
 def test_choose_takes_the_best_that_applies_and_refuses_with_the_reason():

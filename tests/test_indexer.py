@@ -63,7 +63,7 @@ def test_hadamard_on_both_sides_leaves_scores_unchanged():
     rotation = hadamard_matrix(16, torch.float32) / 4.0
     reference = index_scores(q, w, k)
     compare.assert_close(index_scores(q @ rotation, w, k @ rotation), reference, atol=1e-5, rtol=1e-5)
-    # the pitfall of SPEC section 8: rotating only the queries changes the scores
+    # the pitfall seen in ports: rotating only the queries changes the scores
     assert not compare.compare(index_scores(q @ rotation, w, k), reference, atol=1e-2, rtol=1e-2).passed
 
 
@@ -106,7 +106,7 @@ def test_parameter_names_are_the_official_ones():
 
 
 def manual_indexer(indexer: Indexer, h, c_q, positions):
-    """SPEC section 3 written out independently, in float64, for one batch entry."""
+    """The official code's steps written out independently, in float64, for one batch entry."""
     args = indexer.args
     H, D, d_r = args.index_n_heads, args.index_head_dim, args.qk_rope_head_dim
     h, c_q = h.double(), c_q.double()

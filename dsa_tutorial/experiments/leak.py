@@ -1,4 +1,4 @@
-"""The causal leak of top-k without re-masking (SPEC section 8), reproduced on purpose.
+"""The causal leak of top-k without re-masking, reproduced on purpose.
 
 The research repository behind the seed guide built the sparse attention mask from the top-k
 indices alone. In a causal prefill, row t has only t + 1 visible tokens; when t + 1 < k, torch.topk
