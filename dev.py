@@ -7,7 +7,8 @@
     python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
     python3 dev.py compile-check   compile every cuda/*.cu for sm_90a with NVRTC; registers, spills
 
-`book` and `test` create `.venv/` and install what they need there, unless they already run
+`book` and `test` create `.venv/` and install what they need there (`book` only the book's build
+tools: it executes nothing, so it needs no torch), unless they already run
 inside a virtual environment or `--system` is given (use it where nothing can be installed, e.g.
 on a GPU machine without a package index). `gpu`, `refresh` and `compile-check` use the current
 interpreter.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -32,8 +34,10 @@ def _in_venv() -> bool:
     return sys.prefix != getattr(sys, "base_prefix", sys.prefix)
 
 
-def _python(extras: str, system: bool) -> str:
-    """The interpreter to use, with `.[extras]` installed when we manage the environment."""
+def _python(extras: str, system: bool, *, package: bool = True) -> str:
+    """The interpreter to use. When we manage the environment: with the package and its `.[extras]`
+    installed (package=True), or only the requirements of those extras (package=False: the book's
+    build reads the notebooks' stored outputs and the sources as text, so it needs no torch)."""
     if system:
         return sys.executable
     if _in_venv():
@@ -43,16 +47,29 @@ def _python(extras: str, system: bool) -> str:
         if not Path(python).exists():
             print(f"creating {VENV}", flush=True)
             venv.EnvBuilder(with_pip=True).create(VENV)
-    stamp = Path(python).parent.parent / f".dsa_tutorial-{extras.replace(',', '-')}"
+    kind = "" if package else "-only"
+    stamp = Path(python).parent.parent / f".dsa_tutorial-{extras.replace(',', '-')}{kind}"
     pyproject = ROOT / "pyproject.toml"
     if not stamp.exists() or stamp.stat().st_mtime < pyproject.stat().st_mtime:
         pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-        have_torch = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
-        if not have_torch:
-            _run(pip + [TORCH_SPEC])
-        _run(pip + ["-e", f"{ROOT}[{extras}]"])
+        if package:
+            have_torch = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+            if not have_torch:
+                _run(pip + [TORCH_SPEC])
+            _run(pip + ["-e", f"{ROOT}[{extras}]"])
+        else:
+            _run(pip + [r for extra in extras.split(",") for r in _extra_requirements(extra)])
         stamp.touch()
     return python
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """The requirements pyproject.toml lists for one optional extra (one line, `name = [...]`)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    match = re.search(rf"^{re.escape(extra)} = \[(.*)\]\s*$", text, re.M)
+    if not match:
+        sys.exit(f"pyproject.toml has no one-line optional extra {extra!r}")
+    return re.findall(r'"([^"]+)"', match[1])
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -81,7 +98,7 @@ def cmd_gpu(args) -> None:
 
 
 def cmd_book(args) -> None:
-    python = _python("book", args.system)
+    python = _python("book", args.system, package=False)
     _run([str(Path(python).parent / "jupyter-book"), "build", str(ROOT), "--builder", "html", "-W", "-n", "--keep-going"])
     index = ROOT / "_build" / "html" / "index.html"
     print(f"\nThe book is built. Open {index.as_uri()}")
