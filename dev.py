@@ -2,6 +2,7 @@
 """The book's developer commands. Needs only Python >= 3.10 and pip.
 
     python3 dev.py book            build the rendered book into _build/html
+    python3 dev.py check-book      read the built book in headless Chromium (math, overflow, links, images)
     python3 dev.py test            run every test: pytest over tests/ and strict nbval over book/
     python3 dev.py gpu             the GPU suite: the same, with GPU tests and GPU cells required
     python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -104,6 +106,25 @@ def cmd_book(args) -> None:
     print(f"\nThe book is built. Open {index.as_uri()}")
 
 
+def cmd_check_book(args) -> None:
+    """The built book in headless Chromium (tests/browser_book.py); installs Debian's chromium when
+    missing and allowed (root with apt-get), and Playwright into the book's environment."""
+    python = _python("book", args.system, package=False)
+    chromium = os.environ.get("DSA_CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            _run(["apt-get", "update", "-q"])
+            _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"])
+        else:
+            sys.exit(f"no Chromium at {chromium}: install Debian's chromium package (or set DSA_CHROMIUM)")
+    have = subprocess.run([python, "-c", "import playwright, pytest"], capture_output=True).returncode == 0
+    if not have:
+        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "playwright>=1.40", "pytest>=7"])
+    _run([python, "-m", "pytest", str(ROOT / "tests" / "browser_book.py"), "-p", "no:cacheprovider", "-q",
+          "-o", "addopts=", *args.pytest_args])
+    print(f"screenshots of every page: {ROOT / '_build' / 'screenshots'}")
+
+
 def cmd_compile_check(args) -> None:
     sys.path.insert(0, str(ROOT))
     from dsa_tutorial import kernels
@@ -161,6 +182,9 @@ def main() -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--system", action="store_true", help="use this interpreter; install nothing")
         p.set_defaults(func=func, takes_pytest_args=name != "book")
+    p = sub.add_parser("check-book", help="read the built book in headless Chromium (after `book`)")
+    p.add_argument("--system", action="store_true", help="use this interpreter; install nothing in .venv")
+    p.set_defaults(func=cmd_check_book, takes_pytest_args=True)
     p = sub.add_parser("gpu", help="run the whole suite with GPU tests and cells required (this interpreter)")
     p.set_defaults(func=cmd_gpu, takes_pytest_args=True)
     p = sub.add_parser("refresh", help="re-execute chapters in place")
