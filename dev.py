@@ -114,7 +114,7 @@ def cmd_check_book(args) -> None:
     if not Path(chromium).is_file():
         if os.geteuid() == 0 and shutil.which("apt-get"):
             _run(["apt-get", "update", "-q"])
-            _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"])
+            _run(["apt-get", "install", "-y", "-q", "chromium", "fonts-dejavu-core", "fonts-liberation"])  # the fonts the layout checks were made with
         else:
             sys.exit(f"no Chromium at {chromium}: install Debian's chromium package (or set DSA_CHROMIUM)")
     have = subprocess.run([python, "-c", "import playwright, pytest"], capture_output=True).returncode == 0
