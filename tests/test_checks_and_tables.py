@@ -207,3 +207,22 @@ def test_every_name_in_the_readme_table_exists():
                     continue
                 seen += 1
     assert seen >= 40
+
+
+def test_every_code_name_on_the_notation_page_exists():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sources = "\n".join(p.read_text() for p in [*root.glob("dsa_tutorial/**/*.py"), *root.glob("cuda/*.cu")])
+    rows = [line for line in (root / "book" / "notation.md").read_text().splitlines()
+            if line.startswith("| $") or line.startswith("| `")]
+    assert len(rows) >= 25
+    missing = []
+    for row in rows:
+        code_cell = row.strip().strip("|").split("|")[-2]
+        for name in re.findall(r"`([^`]+)`", code_cell):
+            for part in name.split("."):
+                if not re.search(rf"\b{re.escape(part)}\b", sources):
+                    missing.append(name)
+    assert not missing, f"the notation page names what the code does not have: {missing}"
