@@ -63,15 +63,18 @@ def benchmark(
     warmup: int = 5,
     reps: int = 50,
     max_input_bytes: int = 8 << 30,
+    input_sets: Sequence[tuple] | None = None,
 ) -> Timing:
     """Time ``fn(*inputs)`` on the current CUDA stream.
 
     `make_inputs()` returns one fresh tuple of arguments (random data, never zeros); it is
     called as often as needed to hold more than 2x the L2 cache (at most `max_input_bytes`),
-    and the calls cycle through those copies.
+    and the calls cycle through those copies (or through `input_sets`, when given).
     """
     require_gpu()
-    return _interleaved([(fn, _input_sets(make_inputs, reps, max_input_bytes))], warmup, reps)[0]
+    if input_sets is None:
+        input_sets = _input_sets(make_inputs, reps, max_input_bytes)
+    return _interleaved([(fn, input_sets)], warmup, reps)[0]
 
 
 def _interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[tuple]]], warmup: int, reps: int) -> list[Timing]:
