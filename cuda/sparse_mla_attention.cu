@@ -64,6 +64,7 @@
 // kernel 1's dynamic shared memory: queries and latents [.][ROW] bf16, scores [HEADS][CHUNK] f32, indices [CHUNK]
 #define SPARSE_SMEM_BYTES ((SPARSE_HEADS + SPARSE_CHUNK) * ROW * 2 + SPARSE_HEADS * SPARSE_CHUNK * 4 + SPARSE_CHUNK * 4)
 
+// ------------------------------------------------------------------------------------ kernel 1
 __device__ __forceinline__ float2 load_bf16x2(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
