@@ -7,6 +7,7 @@
     python3 dev.py gpu             the GPU suite: the same, with GPU tests and GPU cells required
     python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
     python3 dev.py compile-check   compile every cuda/*.cu for sm_90a with NVRTC; registers, spills
+    python3 dev.py listings        update the stored code listings (the chapters' `show(...)` cells)
 
 `book` and `test` create `.venv/` and install what they need there (`book` only the book's build
 tools: it executes nothing, so it needs no torch), unless they already run
@@ -174,6 +175,33 @@ def cmd_refresh(args) -> None:
         print(f"refreshed {path.relative_to(ROOT)}{note}", flush=True)
 
 
+def cmd_listings(args) -> None:
+    """Re-run only the chapters' listing cells, `show(...)` calls, in this process: after a change to
+    code a chapter shows, its stored listing is stale and strict nbval says so; this updates it
+    without executing anything else."""
+    sys.path.insert(0, str(ROOT))
+    import nbformat
+
+    from dsa_tutorial.show import show
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        changed = 0
+        for cell in nb.cells:
+            if cell.cell_type != "code" or not cell.source.startswith("show("):
+                continue
+            listing = eval(cell.source, {"show": show})  # noqa: S307 (the book's own cells)
+            data = {"text/markdown": listing._repr_markdown_(), "text/plain": repr(listing)}
+            if not cell.outputs or cell.outputs[0].get("data") != data:
+                count = cell.execution_count or 1
+                cell.execution_count = count
+                cell.outputs = [nbformat.v4.new_output("execute_result", data=data, execution_count=count)]
+                changed += 1
+        if changed:
+            nbformat.write(nb, path)
+            print(f"{path.relative_to(ROOT)}: {changed} listings updated")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +219,8 @@ def main() -> None:
     p.add_argument("notebooks", nargs="*", help="default: every book/*.ipynb")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     p.set_defaults(func=cmd_refresh)
+    p = sub.add_parser("listings", help="update the chapters' stored code listings (show cells) only")
+    p.set_defaults(func=cmd_listings)
     p = sub.add_parser("compile-check", help="compile every cuda/*.cu with NVRTC, no GPU needed")
     p.add_argument("--arch", default=None, help="default: dsa_tutorial.kernels.DEFAULT_ARCH (sm_90a, the H200)")
     p.set_defaults(func=cmd_compile_check)

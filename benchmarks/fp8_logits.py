@@ -14,7 +14,9 @@ contexts of ~8K tokens with next_n = 2 (0.7 to 1.3 x the mean, blocks shuffled).
 (kernel 1) runs at fewer repetitions: it takes tens of milliseconds; kernel 4 of each logits file
 (wgmma) only where it runs (compute capability 9.0). Targets of issue 5: mqa_logits >= 40% of the FP8
 GEMM ceiling, paged >= 60% of copy bandwidth (DeepGEMM: about 67% and 90% on an H200); of issue
-10: the public call within 5% of its launch alone (10 us under 200 us).
+10: the public call within 5% of its launch alone (10 us under 200 us). The torch baselines are in
+dsa_tutorial.baselines, the inputs in benchmarks/cases.py; every line is also written to
+book/data/kernels/{act_quant,mqa_logits,paged_mqa_logits}.json (bench.Results) for chapter 7's figures.
 """
 from __future__ import annotations
 
@@ -25,15 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench, checks, fp8, paged  # noqa: E402
+from cases import D, H, mqa_inputs, paged_inputs  # noqa: E402  (benchmarks/cases.py)
+from dsa_tutorial import baselines, bench, checks, fp8, paged  # noqa: E402
 
-H, D = 64, 128
-
-
-def show(name: str, timed: bench.CallTiming, **rates) -> None:
-    """Two lines: the public call against ceiling and baseline, then public call vs launch alone."""
-    print(bench.report(name, timed.call, **rates))
-    print(f"    {timed}")
 
 
 def runs_here(table, version: int, name: str) -> bool:
@@ -43,143 +39,65 @@ def runs_here(table, version: int, name: str) -> bool:
     return reason is None
 
 
-# ----------------------------------------------------------------------------- act_quant
-
-
 def bench_act_quant(ceilings):
+    results = bench.Results("act_quant", ceilings)
     n_tokens = 64 * 8192  # the q of 8192 tokens x 64 heads
     make = lambda: (torch.randn(n_tokens, D, device="cuda").bfloat16(),)  # noqa: E731
-    nbytes = n_tokens * D * (2 + 1) + n_tokens * 4  # bf16 read, e4m3 + scales written
+    rates = dict(nbytes=n_tokens * D * (2 + 1) + n_tokens * 4, ceiling="copy")  # bf16 read, e4m3 + scales written
+    case = f"bf16 [{n_tokens}, {D}], blocks of 128"
     baseline = bench.benchmark(lambda x: fp8.act_quant(x), make)
-    print(bench.report("act_quant, torch (the reference on the GPU)", baseline, nbytes=nbytes,
-                       ceiling_tbps=ceilings.copy_tbps))
-    rates = dict(nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps, baseline=baseline)
-    show("act_quant_cuda (default)", bench.time_call(fp8.act_quant_cuda, make), **rates)
+    print(results.add(case, "baseline", baseline, label="torch (the reference on the GPU)", **rates))
+    print(results.add(case, "default", bench.time_call(fp8.act_quant_cuda, make), baseline=baseline, **rates))
     for version in fp8.ACT_QUANT_KERNELS.versions:
         timed = bench.time_call(lambda x, v=version: fp8.act_quant_cuda(x, kernel=v), make)
-        show(f"act_quant_cuda kernel {version} ({fp8.ACT_QUANT_KERNELS[version].summary})", timed, **rates)
+        print(results.add(case, "kernel", timed, version=version, baseline=baseline, **rates))
+    print("wrote", results.write())
 
 
-# ----------------------------------------------------------------------------- mqa_logits
-
-
-def torch_mqa_logits_bf16(q, k, w, ks, ke, chunk=1024):
-    """The torch baseline: bf16 einsum, ReLU, weighted head sum, 1024-query chunks."""
-    S_q, S_k = q.shape[0], k.shape[0]
-    out = torch.empty(S_q, S_k, dtype=torch.float32, device=q.device)
-    j = torch.arange(S_k, device=q.device)
-    for start in range(0, S_q, chunk):
-        rows = slice(start, start + chunk)
-        scores = torch.einsum("ihd,jd->ihj", q[rows], k).relu_()  # [chunk, H, S_k] bf16
-        logits = torch.einsum("ih,ihj->ij", w[rows].to(scores.dtype), scores).float()
-        visible = (j >= ks[rows, None]) & (j < ke[rows, None])
-        out[rows] = logits.masked_fill_(~visible, float("-inf"))
-    return out
-
-
-def bench_mqa_logits(ceilings, S_q=8192, S_k=8192):
+def bench_mqa_logits(results, S_q=8192, S_k=8192):
     """Causal: the S_q queries are the last S_q of S_k keys (query i sees keys 0 .. S_k - S_q + i)."""
-    ks = torch.zeros(S_q, dtype=torch.int32, device="cuda")
-    ke = torch.arange(S_k - S_q + 1, S_k + 1, dtype=torch.int32, device="cuda")
-    flops = 2.0 * H * D * float((ke.long() - ks.long()).sum())  # causal work only
-
-    def make():
-        q, _ = fp8.act_quant_cuda(torch.randn(S_q, H, D, device="cuda").bfloat16())
-        k, k_scale = fp8.act_quant_cuda(torch.randn(S_k, D, device="cuda").bfloat16())
-        return q, k, k_scale.squeeze(-1), torch.randn(S_q, H, device="cuda"), ks, ke
-
-    def make_bf16():
-        return (torch.randn(S_q, H, D, device="cuda").bfloat16(), torch.randn(S_k, D, device="cuda").bfloat16(),
-                torch.randn(S_q, H, device="cuda"), ks, ke)
-
-    name = f"mqa_logits S_q={S_q} S_k={S_k} H={H} causal"
-    baseline = bench.benchmark(torch_mqa_logits_bf16, make_bf16, warmup=1, reps=3)
-    print(bench.report(f"{name}, torch bf16", baseline, flops=flops, ceiling_tflops=ceilings.fp8_tflops))
-    rates = dict(flops=flops, ceiling_tflops=ceilings.fp8_tflops, baseline=baseline)
+    make = lambda: mqa_inputs(S_q, S_k)  # noqa: E731
+    rates = dict(flops=2.0 * H * D * (S_q * S_k - S_q * (S_q - 1) / 2), ceiling="fp8",  # causal work only
+                 nbytes=S_q * H * (D + 4) + S_k * (D + 4) + S_q * S_k * 4)  # q, w, k, k_scale read; logits written
+    case = f"{S_q} x {S_k} causal, H={H}"
+    baseline = bench.benchmark(baselines.mqa_logits_torch, make, warmup=1, reps=3)
+    print(results.add(case, "baseline", baseline, label="torch bf16 chunks", **rates))
     table = fp8.MQA_LOGITS_KERNELS
-    timed = bench.time_call(lambda q, k, s, w, ks_, ke_: fp8.mqa_logits_cuda(q, (k, s), w, ks_, ke_), make, reps=30)
-    show(f"{name}, mqa_logits_cuda (default)", timed, **rates)
+    print(results.add(case, "default", bench.time_call(fp8.mqa_logits_cuda, make, reps=30), baseline=baseline, **rates))
     for version in table.versions:
-        if not runs_here(table, version, name):
+        if not runs_here(table, version, case):
             continue
         slow = version == 1
-        timed = bench.time_call(
-            lambda q, k, s, w, ks_, ke_, v=version: fp8.mqa_logits_cuda(q, (k, s), w, ks_, ke_, kernel=v),
-            make, warmup=1 if slow else 5, reps=3 if slow else 30)
-        show(f"{name}, kernel {version} ({table[version].summary})", timed, **rates)
+        timed = bench.time_call(lambda *args, v=version: fp8.mqa_logits_cuda(*args, kernel=v), make,
+                                warmup=1 if slow else 5, reps=3 if slow else 30)
+        print(results.add(case, "kernel", timed, version=version, baseline=baseline, **rates))
 
 
-# ----------------------------------------------------------------------------- paged_mqa_logits
-
-
-def paged_inputs(B: int, mean_context: int, next_n: int, seed: int = 0):
-    """A paged cache of B contexts of 0.7 to 1.3 x mean_context tokens (blocks shuffled; every entry of
-    block_table a valid block), random e4m3 keys with scales 2^-4, q, w and the schedule: the
-    arguments of paged_mqa_logits_cuda."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    lens = ((0.7 + 0.6 * torch.rand(B, generator=g, device="cuda")) * mean_context).int()
-    max_context_len = int(lens.max())
-    max_blocks = -(-max_context_len // 64)
-    num_blocks = B * max_blocks
-    kv_cache = paged.new_kv_cache(num_blocks, D, device="cuda")
-    flat = kv_cache.view(num_blocks, -1)  # a block: 64 D value bytes, then 64 float32 scales
-    for start in range(0, num_blocks, 4096):  # in slices, to bound the float32 temporaries
-        rows = slice(start, start + 4096)
-        values = torch.randn(flat[rows].shape[0], 64 * D, device="cuda", generator=g).to(torch.float8_e4m3fn)
-        flat[rows, : 64 * D] = values.view(torch.uint8)
-        flat[rows, 64 * D:] = torch.full((values.shape[0], 64), 2.0 ** -4, device="cuda").view(torch.uint8)
-    block_table = torch.randperm(num_blocks, device="cuda", generator=g).int().view(B, max_blocks)
-    q, _ = fp8.act_quant_cuda(torch.randn(B, next_n, H, D, device="cuda", generator=g).bfloat16())
-    w = torch.randn(B * next_n, H, device="cuda", generator=g)
-    schedule = paged.paged_mqa_logits_metadata(lens, 64, paged.schedule_size())
-    return q, kv_cache, w, lens, block_table, schedule, max_context_len
-
-
-def torch_paged_logits_bf16(q, kv_cache, w, context_lens, block_table, schedule, max_context_len, chunk=16):
-    """Baseline: gather each batch's blocks with torch, dequantise to bf16, einsum (every row computed to
-    the longest context, masks left out)."""
-    B, next_n, _, _ = q.shape
-    n_blocks = block_table.shape[1]
-    flat = kv_cache.view(kv_cache.shape[0], -1)
-    out = torch.empty(B * next_n, max_context_len, device=q.device)
-    for start in range(0, B, chunk):
-        blocks = flat[block_table[start:start + chunk, :n_blocks].long()]  # [c, n_blocks, 8448]
-        values = blocks[..., : 64 * D].reshape(blocks.shape[0], -1, D).view(torch.float8_e4m3fn)
-        scales = blocks[..., 64 * D:].contiguous().view(torch.float32).reshape(blocks.shape[0], -1)
-        k = (values.to(torch.bfloat16) * scales.unsqueeze(-1).to(torch.bfloat16))  # [c, L, D]
-        scores = torch.einsum("bjhd,bld->bjhl", q[start:start + chunk].to(torch.bfloat16), k).relu_()
-        rows = slice(start * next_n, (start + scores.shape[0]) * next_n)
-        logits = torch.einsum("bjh,bjhl->bjl", w[rows].view(-1, next_n, H).to(torch.bfloat16), scores)
-        out[rows] = logits.reshape(-1, logits.shape[-1])[:, :max_context_len].float()
-    return out
-
-
-def bench_paged(ceilings, B: int, mean_context: int, next_n: int):
+def bench_paged(results, B: int, mean_context: int, next_n: int):
     make = lambda: paged_inputs(B, mean_context, next_n)  # noqa: E731
     q, kv_cache, w, lens, block_table, schedule, max_context_len = make()
     tokens = float(lens.long().sum())
     del kv_cache  # make() gives each timing its own copy
     # the cache read, the logits written (every row to max_context_len) and q, w read
-    nbytes = tokens * (D + 4) + B * next_n * max_context_len * 4 + B * next_n * H * (D + 4)
-    flops = 2.0 * next_n * tokens * H * D
-    name = f"paged_mqa_logits B={B} contexts ~{mean_context // 1024}K next_n={next_n}"
-    baseline = bench.benchmark(torch_paged_logits_bf16, make, warmup=1, reps=3)
-    print(bench.report(f"{name}, torch bf16", baseline, nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps))
-    rates = dict(nbytes=nbytes, ceiling_tbps=ceilings.copy_tbps, flops=flops, ceiling_tflops=ceilings.fp8_tflops,
-                 baseline=baseline)
+    rates = dict(nbytes=tokens * (D + 4) + B * next_n * max_context_len * 4 + B * next_n * H * (D + 4),
+                 flops=2.0 * next_n * tokens * H * D, ceiling="copy")
+    case = f"B={B}, contexts ~{mean_context // 1024}K, next_n={next_n}"
+    baseline = bench.benchmark(lambda q, c, w, lens, bt, _, m: baselines.paged_mqa_logits_torch(q, c, w, lens, bt, m),
+                               make, warmup=1, reps=3)
+    print(results.add(case, "baseline", baseline, label="torch bf16 gather + GEMM", **rates))
     table = paged.PAGED_MQA_LOGITS_KERNELS
-    show(f"{name}, paged_mqa_logits_cuda (default)", bench.time_call(paged.paged_mqa_logits_cuda, make, reps=30),
-         **rates)
+    timed = bench.time_call(paged.paged_mqa_logits_cuda, make, reps=30)
+    print(results.add(case, "default", timed, baseline=baseline, **rates))
     num_sms = paged.schedule_size()
     timed = bench.time_call(  # a decode step computes its schedule too: metadata (torch ops) + logits
         lambda q_, c, w_, lens_, bt, _, m: paged.paged_mqa_logits_cuda(
             q_, c, w_, lens_, bt, paged.paged_mqa_logits_metadata(lens_, 64, num_sms), m), make, reps=30)
-    show(f"{name}, paged_mqa_logits_metadata + paged_mqa_logits_cuda", timed, **rates)
+    print(f"{case} | paged_mqa_logits_metadata + paged_mqa_logits_cuda: {timed}")
     for version in table.versions:
-        if not runs_here(table, version, name):
+        if not runs_here(table, version, case):
             continue
         timed = bench.time_call(lambda *args, v=version: paged.paged_mqa_logits_cuda(*args, kernel=v), make, reps=30)
-        show(f"{name}, kernel {version} ({table[version].summary})", timed, **rates)
+        print(results.add(case, "kernel", timed, version=version, baseline=baseline, **rates))
 
 
 def main() -> None:
@@ -187,10 +105,14 @@ def main() -> None:
     ceilings = bench.measure_ceilings()
     print(ceilings)
     bench_act_quant(ceilings)
-    bench_mqa_logits(ceilings, 8192, 8192)
-    bench_mqa_logits(ceilings, 2048, 8192)
-    bench_paged(ceilings, 128, 32768, 1)
-    bench_paged(ceilings, 256, 8192, 2)
+    results = bench.Results("mqa_logits", ceilings)
+    bench_mqa_logits(results, 8192, 8192)
+    bench_mqa_logits(results, 2048, 8192)
+    print("wrote", results.write())
+    results = bench.Results("paged_mqa_logits", ceilings)
+    bench_paged(results, 128, 32768, 1)
+    bench_paged(results, 256, 8192, 2)
+    print("wrote", results.write())
 
 
 if __name__ == "__main__":

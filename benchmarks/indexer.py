@@ -14,7 +14,9 @@ Cases (one `bench.report` line each; FLOPs count a multiply-add as two):
   torch computation);
 * every version (1 to 5) at T = S = 2048 (a sixteenth of the work: kernels 1 and 2 take seconds at
   8192), to show the progression.
-Every rate is quoted against the bf16 GEMM ceiling measured in the same run (torch.matmul 8192^3).
+Every rate is quoted against the bf16 GEMM ceiling measured in the same run (torch.matmul 8192^3);
+the torch baseline is dsa_tutorial.baselines.index_scores_torch. Every line is also written to
+book/data/kernels/index_scores.json (bench.Results) for chapter 4's figure.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench  # noqa: E402
+from dsa_tutorial import baselines, bench  # noqa: E402
 from dsa_tutorial.cost import causal_pairs  # noqa: E402
 from dsa_tutorial.indexer import INDEX_SCORES_KERNELS, index_scores_cuda  # noqa: E402
 
@@ -42,47 +44,39 @@ def make_inputs(T: int, S: int):
     return make
 
 
-def torch_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Equation 1 in eager torch, bf16 GEMMs, 1024 queries at a time (a [1024, 64, S] bf16 buffer)."""
-    T, S = q.shape[0], k.shape[0]
-    out = torch.empty(T, S, dtype=torch.float32, device=q.device)
-    for t0 in range(0, T, chunk):
-        qc = q[t0:t0 + chunk]  # [c, H, D]
-        logits = (qc.reshape(-1, D) @ k.T).view(qc.shape[0], H, S)  # [c, H, S] bf16
-        out[t0:t0 + chunk] = torch.einsum("chs,ch->cs", logits.relu().float(), w[t0:t0 + chunk])
-    return out
+def moved(T: int, S: int) -> int:
+    """Bytes every kernel must move at least: q, w and k read once, the float32 scores written."""
+    return T * H * D * 2 + T * H * 4 + S * D * 2 + T * S * 4
 
 
 def main() -> None:
     torch.manual_seed(0)
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    gemm = dict(ceiling_tflops=ceilings.bf16_tflops)
+    results = bench.Results("index_scores", ceilings)
     T = S = 8192
     full, causal = 2 * T * S * H * D, 2 * causal_pairs(T) * H * D
-    base = bench.benchmark(torch_scores, make_inputs(T, S), warmup=1, reps=5)
-    print(bench.report(f"torch bf16 chunks            T=S={T} full  ", base, flops=full, **gemm))
+    base = bench.benchmark(baselines.index_scores_torch, make_inputs(T, S), warmup=1, reps=5)
     for is_causal, flops in ((False, full), (True, causal)):
-        label = "causal" if is_causal else "full  "
+        case = f"T=S={T} {'causal' if is_causal else 'full'}"
+        rates = dict(flops=flops, nbytes=moved(T, S), ceiling="bf16")
+        print(results.add(case, "baseline", base, label="torch bf16 chunks (full)", **rates))
         timed = bench.time_call(lambda q, w, k, c=is_causal: index_scores_cuda(q, w, k, causal=c), make_inputs(T, S),
                                 warmup=3, reps=20)
-        print(bench.report(f"index_scores_cuda (default)  T=S={T} {label}", timed.call, flops=flops, baseline=base,
-                           **gemm))
-        print(f"    {timed}")
+        print(results.add(case, "default", timed, baseline=base, **rates))
         for v in TENSOR_CORES:
             timing = bench.benchmark(lambda q, w, k, v=v, c=is_causal: index_scores_cuda(q, w, k, causal=c, kernel=v),
                                      make_inputs(T, S), warmup=3, reps=20)
-            print(bench.report(f"kernel {v} {INDEX_SCORES_KERNELS[v].entry:<22}  T=S={T} {label}", timing,
-                               flops=flops, baseline=base, **gemm))
+            print(results.add(case, "kernel", timing, version=v, baseline=base, **rates))
     small = 2048
-    small_flops = 2 * small * small * H * D
-    small_base = bench.benchmark(torch_scores, make_inputs(small, small), warmup=1, reps=5)
-    print(bench.report(f"torch bf16 chunks            T=S={small} full  ", small_base, flops=small_flops, **gemm))
+    case, rates = f"T=S={small} full", dict(flops=2 * small * small * H * D, nbytes=moved(small, small), ceiling="bf16")
+    small_base = bench.benchmark(baselines.index_scores_torch, make_inputs(small, small), warmup=1, reps=5)
+    print(results.add(case, "baseline", small_base, label="torch bf16 chunks", **rates))
     for v in INDEX_SCORES_KERNELS.versions:
         timing = bench.benchmark(lambda q, w, k, v=v: index_scores_cuda(q, w, k, kernel=v),
                                  make_inputs(small, small), warmup=1, reps=5)
-        print(bench.report(f"kernel {v} {INDEX_SCORES_KERNELS[v].entry:<22}  T=S={small} full  ", timing,
-                           flops=small_flops, baseline=small_base, **gemm))
+        print(results.add(case, "kernel", timing, version=v, baseline=small_base, **rates))
+    print("wrote", results.write())
 
 
 if __name__ == "__main__":

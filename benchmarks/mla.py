@@ -5,8 +5,9 @@
 Every line times the PUBLIC call as a user makes it (`bench.time_call`: default arguments, data
 checks off as by default, the Python around the kernel included) and prints the launch alone beside
 it; first with kernel=None (what a caller gets), then every version of the operation's kernel table
-(kernel=v), then the torch baseline. The ceilings (copy bandwidth, bf16 GEMM) are measured in the
-same run. Bytes are what the kernel must move at least.
+(kernel=v), then the torch baseline (dsa_tutorial.baselines). The ceilings (copy bandwidth, bf16
+GEMM) are measured in the same run. Bytes are what the kernel must move at least. Every line is also
+written to book/data/kernels/<operation>.json (bench.Results), which the chapters' figures read.
 
 * rms_norm: 16384 rows of the 7168-wide hidden state, bf16 and float32 (chapter 0). Bytes = read
   + write of x.
@@ -31,64 +32,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench, mla, norm, rope  # noqa: E402
+from dsa_tutorial import baselines, bench, mla, norm, rope  # noqa: E402
 from dsa_tutorial.config import ModelArgs  # noqa: E402
 
 ARGS = ModelArgs()
 
 
-def torch_compress(kv: torch.Tensor, weight: torch.Tensor, positions=None, freqs_cis=None) -> torch.Tensor:
-    """The official code's eager torch path: split, RMSNorm in float32, optional interleaved RoPE, concat."""
-    d_c = ARGS.kv_lora_rank
-    c, k_pe = kv[:, :d_c].float(), kv[:, d_c:]
-    c_kv = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + ARGS.norm_eps) * weight).to(kv.dtype)
-    if positions is not None:
-        k = torch.view_as_complex(k_pe.float().reshape(-1, k_pe.shape[-1] // 2, 2)) * freqs_cis[positions]
-        k_pe = torch.view_as_real(k).flatten(-2).to(kv.dtype)
-    return torch.cat([c_kv, k_pe], dim=-1)
-
-
-def torch_rope(x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The official `apply_rotary_emb` (x [T, H, d]), both layouts."""
-    shape = x.shape
-    if not interleaved:
-        x = x.view(*shape[:-1], 2, -1).transpose(-1, -2).contiguous()
-    z = torch.view_as_complex(x.float().reshape(*shape[:-1], -1, 2))
-    y = torch.view_as_real(z * freqs_cis[positions][:, None, :]).flatten(-2)
-    if not interleaved:
-        y = torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
-    return y.to(x.dtype)
-
-
-def torch_scores(q_abs, q_rope, latent):
-    """The official MQA decode scores: two einsums over the cache (float32: no TF32)."""
-    d_c = ARGS.kv_lora_rank
-    return (torch.einsum("bthc,bsc->bths", q_abs, latent[..., :d_c])
-            + torch.einsum("bthr,bsr->bths", q_rope, latent[..., d_c:])) * ARGS.softmax_scale
-
-
-def torch_scores_bf16(q_abs, q_rope, latent):
-    """One bf16 batched GEMM over the 576-dim latent (cuBLAS tensor cores), scores returned in float32."""
-    q = torch.cat([q_abs, q_rope], dim=-1).flatten(1, 2)  # [B, T n_h, 576]
-    return (torch.matmul(q, latent.transpose(1, 2)).float() * ARGS.softmax_scale).view(
-        q_abs.shape[0], q_abs.shape[1], q_abs.shape[2], -1)
-
-
-def show(tag: str, timing: bench.CallTiming, **rates) -> None:
-    """The public call's line (rates, ceiling, baseline ratio), then the launch alone and the overhead."""
-    print(f"{bench.report(tag, timing.call, **rates)}  | launch alone {timing.launch.median_us:.1f} us, "
-          f"overhead {timing.overhead_us:+.1f} us")
-
-
-def versions(table, tag: str, call, make, skip=(), timer: dict | None = None, **rates) -> None:
+def versions(results: bench.Results, table, case: str, call, make, skip=(), timer: dict | None = None,
+             **rates) -> None:
     """kernel=None (the default a caller gets), then every version of `table` but those in `skip`
-    (built for another dtype): the public call and the launch alone."""
+    (built for another dtype): the public call, with the launch alone beside it; printed and recorded."""
     timer = timer or {}
-    show(f"{tag} default  ", bench.time_call(call, make, **timer), **rates)
+    print(results.add(case, "default", bench.time_call(call, make, **timer), **rates))
     for version in table.versions:
         if version not in skip:
-            show(f"{tag} kernel {version}", bench.time_call(lambda *a, v=version: call(*a, kernel=v), make, **timer),
-                 **rates)
+            timed = bench.time_call(lambda *a, v=version: call(*a, kernel=v), make, **timer)
+            print(results.add(case, "kernel", timed, version=version, **rates))
 
 
 def main() -> None:
@@ -96,12 +55,12 @@ def main() -> None:
     dev = "cuda"
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    copy = dict(ceiling_tbps=ceilings.copy_tbps)
     rope.cos_sin_table(ARGS, dev)  # built once, outside the timings
     freqs_cis = rope.precompute_freqs_cis(ARGS).to(torch.complex64).to(dev)
 
     # ---------------------------------------------------------------- rms_norm, 16384 x 7168
     rows, width = 16384, ARGS.dim
+    results = bench.Results("rms_norm", ceilings)
     for dtype in (torch.bfloat16, torch.float32):
         nbytes = 2 * rows * width * torch.finfo(dtype).bits // 8
 
@@ -109,14 +68,17 @@ def main() -> None:
             return (torch.randn(rows, width, device=dev).to(dtype),
                     (1 + 0.1 * torch.randn(width, device=dev)).to(dtype))
         base = bench.benchmark(lambda x, g: torch.nn.functional.rms_norm(x, (width,), g, 1e-6), make)
-        tag = f"rms_norm {str(dtype)[6:]:8s} {rows} x {width}"
-        print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
-        versions(norm.RMS_NORM_KERNELS, tag, lambda x, g, **k: norm.rms_norm_cuda(x, g, **k), make,
-                 skip=(2,) if dtype == torch.float32 else (), nbytes=nbytes, baseline=base, **copy)
+        case = f"{str(dtype)[6:]} {rows} x {width}"
+        rates = dict(nbytes=nbytes, ceiling="copy")
+        print(results.add(case, "baseline", base, label="torch rms_norm", **rates))
+        versions(results, norm.RMS_NORM_KERNELS, case, lambda x, g, **k: norm.rms_norm_cuda(x, g, **k), make,
+                 skip=(2,) if dtype == torch.float32 else (), baseline=base, **rates)
+    print("wrote", results.write())
 
     # ---------------------------------------------------------------- kv_compress, T = 131072
     n_tokens, width = 131072, ARGS.latent_dim
     weight = torch.rand(ARGS.kv_lora_rank, device=dev) + 0.5
+    results = bench.Results("kv_compress", ceilings)
     for dtype in (torch.float32, torch.bfloat16):
         nbytes = 2 * n_tokens * width * torch.finfo(dtype).bits // 8
         for with_rope in (False, True):
@@ -124,29 +86,36 @@ def main() -> None:
                 kv = torch.randn(n_tokens, width, device=dev).to(dtype)
                 positions = torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev) if with_rope else None
                 return kv, positions
-            base = bench.benchmark(lambda kv, p: torch_compress(kv, weight, p, freqs_cis), make)
-            tag = f"kv_compress{'+rope' if with_rope else '     '} {str(dtype)[6:]:8s} T={n_tokens}"
-            print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
-            versions(mla.KV_COMPRESS_KERNELS, tag, lambda kv, p, **k: mla.kv_compress_cuda(kv, weight, ARGS, p, **k),
-                     make, nbytes=nbytes, baseline=base, **copy)
+            base = bench.benchmark(lambda kv, p: baselines.kv_compress_torch(kv, weight, ARGS, p, freqs_cis), make)
+            case = f"{'with RoPE' if with_rope else 'no RoPE'} {str(dtype)[6:]} T={n_tokens}"
+            rates = dict(nbytes=nbytes, ceiling="copy")
+            print(results.add(case, "baseline", base, label="torch (official eager path)", **rates))
+            versions(results, mla.KV_COMPRESS_KERNELS, case,
+                     lambda kv, p, **k: mla.kv_compress_cuda(kv, weight, ARGS, p, **k), make, baseline=base, **rates)
+    print("wrote", results.write())
 
     # ---------------------------------------------------------------- apply_rope on q^R, 16384 x 128 x 64
     n_tokens, n_heads = 16384, ARGS.n_heads
+    results = bench.Results("apply_rope", ceilings)
     for dtype in (torch.float32, torch.bfloat16):
         nbytes = 2 * n_tokens * n_heads * ARGS.qk_rope_head_dim * torch.finfo(dtype).bits // 8
         for layout in rope.LAYOUTS:
             def make(dtype=dtype):
                 return (torch.randn(n_tokens, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
                         torch.randint(0, ARGS.max_seq_len, (n_tokens,), device=dev))
-            base = bench.benchmark(lambda x, p: torch_rope(x, p, freqs_cis, layout == "interleaved"), make)
-            tag = f"apply_rope {layout:11s} {str(dtype)[6:]:8s} T={n_tokens} H={n_heads}"
-            print(bench.report(f"{tag} torch   ", base, nbytes=nbytes, **copy))
-            versions(rope.APPLY_ROPE_KERNELS, tag,
+            base = bench.benchmark(lambda x, p: baselines.apply_rope_torch(x, p, freqs_cis, layout == "interleaved"),
+                                   make)
+            case = f"{layout} {str(dtype)[6:]} T={n_tokens} H={n_heads}"
+            rates = dict(nbytes=nbytes, ceiling="copy")
+            print(results.add(case, "baseline", base, label="torch (official apply_rotary_emb)", **rates))
+            versions(results, rope.APPLY_ROPE_KERNELS, case,
                      lambda x, p, layout=layout, **k: rope.apply_rope_cuda(x, p, layout, ARGS, **k),
-                     make, nbytes=nbytes, baseline=base, **copy)
+                     make, baseline=base, **rates)
+    print("wrote", results.write())
 
     # ---------------------------------------------------------------- latent_scores, B 64, S 8192, n_h 128
     table, width, n_keys, n_q = mla.LATENT_SCORES_KERNELS, ARGS.latent_dim, 8192, 1
+    results = bench.Results("latent_scores", ceilings)
     for batch in (64, 8):
         flops = 2 * batch * n_q * n_heads * n_keys * width
         for dtype in (torch.float32, torch.bfloat16):
@@ -158,16 +127,19 @@ def main() -> None:
                 return (torch.randn(batch, n_q, n_heads, ARGS.kv_lora_rank, device=dev).to(dtype),
                         torch.randn(batch, n_q, n_heads, ARGS.qk_rope_head_dim, device=dev).to(dtype),
                         torch.randn(batch, n_keys, width, device=dev).to(dtype))
-            baseline = torch_scores if dtype == torch.float32 else torch_scores_bf16
-            base = bench.benchmark(baseline, make, warmup=3, reps=20)
-            rates = dict(flops=flops, nbytes=nbytes, ceiling_tflops=ceilings.bf16_tflops if size == 2 else None, **copy)
-            tag = f"latent_scores {str(dtype)[6:]:8s} B={batch} S={n_keys} n_h={n_heads}"
-            print(bench.report(f"{tag} torch   ", base, **rates))
+            base = bench.benchmark(lambda q, r, c: baselines.latent_scores_torch(q, r, c, ARGS.softmax_scale), make,
+                                   warmup=3, reps=20)
+            # bf16: quoted against the bf16 GEMM ceiling; float32 (CUDA cores, no TF32): against the copy
+            rates = dict(flops=flops, nbytes=nbytes, ceiling="bf16" if size == 2 else "copy")
+            case = f"{str(dtype)[6:]} B={batch} S={n_keys} n_h={n_heads}"
+            label = "torch einsums" if dtype == torch.float32 else "torch bf16 batched GEMM"
+            print(results.add(case, "baseline", base, label=label, **rates))
             skip = {v for v in table.versions if (dtype == torch.bfloat16) != ("bf16" in table[v].entry)}
             if batch == 64:
                 skip.add(1)  # the naive kernel runs at B = 8 only
-            versions(table, tag, lambda q, r, c, **k: mla.latent_scores_cuda(q, r, c, ARGS, **k), make, skip=skip,
-                     timer=dict(warmup=3, reps=20), baseline=base, **rates)
+            versions(results, table, case, lambda q, r, c, **k: mla.latent_scores_cuda(q, r, c, ARGS, **k), make,
+                     skip=skip, timer=dict(warmup=3, reps=20), baseline=base, **rates)
+    print("wrote", results.write())
 
 
 if __name__ == "__main__":

@@ -18,85 +18,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench, checks, fp8, paged  # noqa: E402
-from dsa_tutorial.config import ModelArgs  # noqa: E402
+from cases import D, H, mqa_inputs, paged_inputs, sparse_inputs  # noqa: E402  (benchmarks/cases.py)
+from dsa_tutorial import baselines, bench, checks, fp8, paged  # noqa: E402
 from dsa_tutorial.sparse_attention import sparse_mla_attention_cuda  # noqa: E402
 from dsa_tutorial.topk import select_topk_cuda  # noqa: E402
 
-V32 = ModelArgs()
-H, D = 64, 128
-
-
-def paged_inputs(B: int, mean_context: int, next_n: int, seed: int = 0):
-    """A paged indexer-key cache holding B contexts of 0.7-1.3 x mean_context tokens, blocks shuffled."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    lens = ((0.7 + 0.6 * torch.rand(B, generator=g, device="cuda")) * mean_context).int()
-    max_context_len = int(lens.max())
-    max_blocks = -(-max_context_len // 64)
-    num_blocks = B * max_blocks
-    block_table = torch.randperm(num_blocks, device="cuda", generator=g).int().view(B, max_blocks)
-    values = torch.randn(num_blocks * 64, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    scales = torch.rand(num_blocks * 64, device="cuda", generator=g) + 0.5
-    kv_cache = torch.cat([values.view(torch.uint8).view(num_blocks, 64 * D),
-                          scales.view(torch.uint8).view(num_blocks, 256)], 1).view(num_blocks, 64, 1, D + 4)
-    q = torch.randn(B, next_n, H, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    weights = torch.randn(B * next_n, H, device="cuda", generator=g)
-    schedule = paged.paged_mqa_logits_metadata(lens, 64, paged.schedule_size())
-    return (q, kv_cache, weights, lens, block_table, schedule, max_context_len)
-
 
 def paged_torch(q, kv_cache, weights, lens, block_table, schedule, max_context_len):
-    """The same logits with torch: gather every sequence's blocks, dequantise to bf16, one batched product."""
-    B, next_n = q.shape[:2]
-    blocks = kv_cache.view(kv_cache.shape[0], -1)[block_table.long()]  # [B, max_blocks, 64 (D + 4)]
-    k = blocks[..., : 64 * D].reshape(B, -1, D).view(torch.float8_e4m3fn).to(torch.bfloat16)  # [B, L, D]
-    k_scale = blocks[..., 64 * D:].contiguous().view(torch.float32).reshape(B, -1)  # [B, L]
-    scores = torch.einsum("bnhd,bld->bnhl", q.to(torch.bfloat16), k).float().relu_()  # [B, next_n, H, L]
-    logits = torch.einsum("bnhl,bnh->bnl", scores, weights.view(B, next_n, H)) * k_scale[:, None]
-    position = torch.arange(logits.shape[-1], device=q.device)
-    limit = lens[:, None, None] - next_n + torch.arange(next_n, device=q.device)[None, :, None]
-    return logits.masked_fill(position > limit, float("-inf"))[..., :max_context_len]
-
-
-def mqa_inputs(S_q: int, S_k: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(S_q, H, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    k = torch.randn(S_k, D, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    k_scale = torch.rand(S_k, device="cuda", generator=g) + 0.5
-    weights = torch.randn(S_q, H, device="cuda", generator=g)
-    ks = torch.zeros(S_q, dtype=torch.int32, device="cuda")
-    ke = torch.arange(S_k - S_q + 1, S_k + 1, dtype=torch.int32, device="cuda")  # the last S_q tokens, causal
-    return (q, (k, k_scale), weights, ks, ke)
-
-
-def mqa_torch(q, kv, weights, ks, ke, chunk=1024):
-    k, k_scale = kv
-    k = k.to(torch.bfloat16)
-    out = torch.empty(q.shape[0], k.shape[0], device=q.device)
-    position = torch.arange(k.shape[0], device=q.device)
-    for start in range(0, q.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        scores = torch.einsum("thd,sd->ths", q[rows].to(torch.bfloat16), k).float().relu_()
-        logits = torch.einsum("ths,th->ts", scores, weights[rows]) * k_scale
-        out[rows] = logits.masked_fill((position < ks[rows, None]) | (position >= ke[rows, None]), float("-inf"))
-    return out
-
-
-def sparse_inputs(B=64, S=32768, k=2048, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q_abs = torch.randn(B, 128, 512, device="cuda", generator=g).bfloat16()
-    q_rope = torch.randn(B, 128, 64, device="cuda", generator=g).bfloat16()
-    kv = torch.randn(B, S, 576, device="cuda", generator=g).bfloat16()
-    indices = torch.argsort(torch.rand(B, S, device="cuda", generator=g), dim=-1)[:, :k].int()
-    return (q_abs, q_rope, kv, indices, V32.softmax_scale)
+    return baselines.paged_mqa_logits_torch(q, kv_cache, weights, lens, block_table, max_context_len)
 
 
 def sparse_torch(q_abs, q_rope, kv, indices, softmax_scale):
-    """Gather the selected latents, then two batched products and a softmax (bf16 operands)."""
-    chosen = torch.gather(kv, 1, indices.long()[..., None].expand(-1, -1, kv.shape[-1]))  # [B, k, 576]
-    q = torch.cat([q_abs, q_rope], dim=-1)  # [B, n_h, 576]
-    p = torch.softmax((q @ chosen.transpose(1, 2)).float() * softmax_scale, dim=-1)  # [B, n_h, k]
-    return p.to(torch.bfloat16) @ chosen[..., :512]
+    return baselines.sparse_attention_gathered_torch(torch.cat([q_abs, q_rope], dim=-1), kv, indices, softmax_scale)
 
 
 def row(name, timed: bench.CallTiming, baseline: bench.Timing, *, flops=None, nbytes=None, ceiling=None, unit=""):
@@ -133,7 +66,7 @@ def main() -> None:
         make = lambda S_q=S_q, S_k=S_k: mqa_inputs(S_q, S_k)  # noqa: E731
         causal_pairs = S_q * S_k - S_q * (S_q - 1) / 2
         timed = bench.time_call(fp8.mqa_logits_cuda, make, reps=30)
-        base = bench.benchmark(mqa_torch, make, reps=5, warmup=1)
+        base = bench.benchmark(baselines.mqa_logits_torch, make, reps=5, warmup=1)
         print(row(f"mqa_logits_cuda {S_q} x {S_k} causal H={H}", timed, base, flops=2 * H * D * causal_pairs,
                   ceiling=ceilings.fp8_tflops, unit="FP8 GEMM"))
     rows, length, k = 128, 131072, 2048

@@ -14,6 +14,8 @@ tokens (bf16 latent cache [B, S, 576]). Timed:
   costs) and gathered torch attention (gather the 2048 selected latents, then the same over them).
 FLOPs are those of the sparse work, 2 B n_h k (576 + 512), quoted against the bf16 ceiling; bytes
 are the selected latents read once plus q and the float32 output, against the copy bandwidth.
+Speed-ups are against the gathered baseline (the dense one is printed for scale). Both baselines are
+in dsa_tutorial.baselines; every line is also written to book/data/kernels/sparse_mla_attention.json.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import bench, checks, compare  # noqa: E402
+from dsa_tutorial import baselines, bench, checks, compare  # noqa: E402
 from dsa_tutorial.config import ModelArgs  # noqa: E402
 from dsa_tutorial.sparse_attention import (SPARSE_MLA_ATTENTION_KERNELS, sparse_mla_attention,  # noqa: E402
                                            sparse_mla_attention_cuda)
@@ -56,18 +58,6 @@ def make_torch_inputs():
     return q, kv, indices, mask
 
 
-def dense_masked(q, kv, indices, mask):
-    scores = torch.bmm(q, kv.transpose(1, 2)).float() * SCALE + mask  # [B, n_h, S]
-    p = torch.softmax(scores, dim=-1).to(torch.bfloat16)
-    return torch.bmm(p, kv[..., :512])  # [B, n_h, 512]
-
-
-def gathered(q, kv, indices, mask):
-    selected = torch.gather(kv, 1, indices.long()[..., None].expand(-1, -1, 576))  # [B, k, 576]
-    p = torch.softmax(torch.bmm(q, selected.transpose(1, 2)).float() * SCALE, dim=-1).to(torch.bfloat16)
-    return torch.bmm(p, selected[..., :512])
-
-
 def public_call(q_abs, q_rope, kv, indices):
     return sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, SCALE)
 
@@ -84,31 +74,36 @@ def check_once() -> None:
         print(f"kernel {v} vs float32 reference: {result} {result.measured()}")
 
 
+def dense_masked(q, kv, indices, mask):
+    return baselines.sparse_attention_dense_torch(q, kv, mask, SCALE)
+
+
+def gathered(q, kv, indices, mask):
+    return baselines.sparse_attention_gathered_torch(q, kv, indices, SCALE)
+
+
 def main() -> None:
     torch.manual_seed(0)
     checks.set_data_checks(False)  # what a user gets by default, whatever DSA_CHECK says: no indices read back
     check_once()
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    rates = dict(flops=2 * B * N_H * K * (576 + 512), ceiling_tflops=ceilings.bf16_tflops,
-                 nbytes=B * K * 576 * 2 + B * N_H * 576 * 2 + B * N_H * 512 * 4, ceiling_tbps=ceilings.copy_tbps)
-    label = f"B={B} n_h={N_H} k={K} S={S}"
+    results = bench.Results("sparse_mla_attention", ceilings)
+    rates = dict(flops=2 * B * N_H * K * (576 + 512), ceiling="bf16",
+                 nbytes=B * K * 576 * 2 + B * N_H * 576 * 2 + B * N_H * 512 * 4)
+    case = f"B={B} n_h={N_H} k={K} S={S}"
     dense = bench.benchmark(dense_masked, make_torch_inputs, warmup=2, reps=10)
     gather = bench.benchmark(gathered, make_torch_inputs, warmup=2, reps=10)
     timed = bench.time_call(public_call, make_kernel_inputs, warmup=2, reps=30)
-    print(bench.report(f"torch dense masked                      {label}", dense, **rates))
-    print(bench.report(f"torch gathered                          {label}", gather, baseline=dense, **rates))
-    print(bench.report(f"sparse_mla_attention_cuda (default)     {label}", timed.call, baseline=dense, **rates))
-    print(f"    {timed}")
-    print(bench.report("sparse_mla_attention_cuda vs gathered torch", timed.call, baseline=gather))
+    print(results.add(case, "baseline", dense, label="torch dense masked", **rates))
+    print(results.add(case, "baseline", gather, label="torch gathered", baseline=dense, **rates))
+    print(results.add(case, "default", timed, baseline=gather, **rates))
     for v in SPARSE_MLA_ATTENTION_KERNELS.versions:
         timing = bench.benchmark(lambda q_abs, q_rope, kv, indices, v=v:
                                  sparse_mla_attention_cuda(q_abs, q_rope, kv, indices, SCALE, kernel=v),
                                  make_kernel_inputs, warmup=2, reps=10)
-        print(bench.report(f"kernel {v} {SPARSE_MLA_ATTENTION_KERNELS[v].entry:<30} {label}", timing, baseline=dense,
-                           **rates))
-        print(bench.report(f"kernel {v} vs gathered torch", timing, baseline=gather))
-
+        print(results.add(case, "kernel", timing, version=v, baseline=gather, **rates))
+    print("wrote", results.write())
 
 if __name__ == "__main__":
     main()

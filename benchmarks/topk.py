@@ -16,7 +16,8 @@ then every version of SELECT_TOPK_KERNELS (kernel=1, 2) through the same call wi
 the baseline torch.topk(sorted=False) (the faster of its two modes; sorted=True is printed too;
 torch.topk has no visibility or NaN rule, so it does strictly less). The bytes are one read of the
 scores plus the indices written: the least any top-k must move, quoted against the copy bandwidth
-measured in the same run.
+measured in the same run. Every line is also written to book/data/kernels/select_topk.json
+(bench.Results) for chapter 5's figure.
 """
 from __future__ import annotations
 
@@ -38,28 +39,27 @@ def main() -> None:
     checks.set_data_checks(False)  # what a user gets by default, whatever DSA_CHECK says: no positions read back
     ceilings = bench.measure_ceilings()
     print(ceilings)
+    results = bench.Results("select_topk", ceilings)
     for rows, length in ((128, 131072), (8192, 8192), (2048, 65536)):
 
         def make(rows=rows, length=length):
             return (torch.randn(rows, length, device="cuda"),)
 
         last = torch.full((rows,), length - 1, device="cuda")  # every position visible
-        copy = dict(nbytes=rows * length * 4 + rows * K * 4, ceiling_tbps=ceilings.copy_tbps)
+        rates = dict(nbytes=rows * length * 4 + rows * K * 4, ceiling="copy")
         sorted_base = bench.benchmark(lambda s: s.topk(K, dim=-1), make)
         base = bench.benchmark(lambda s: s.topk(K, dim=-1, sorted=False), make)
-        label = f"{rows:5d} x {length:6d}"
-        print(bench.report(f"torch.topk sorted                     {label}", sorted_base, **copy))
-        print(bench.report(f"torch.topk unsorted                   {label}", base, **copy))
-        for name, call in (("select_topk_cuda (default, causal)", lambda s: select_topk_cuda(s, K)),
-                           ("select_topk_cuda (positions S - 1)", lambda s, p=last: select_topk_cuda(s, K, p))):
-            timed = bench.time_call(call, make)
-            print(bench.report(f"{name:<37} {label}", timed.call, baseline=base, **copy))
-            print(f"    {timed}")
+        case = f"{rows} x {length}"
+        print(results.add(case, "baseline", sorted_base, label="torch.topk sorted", **rates))
+        print(results.add(case, "baseline", base, label="torch.topk unsorted", **rates))
+        timed = bench.time_call(lambda s: select_topk_cuda(s, K), make)
+        print(results.add(case, "default", timed, label="default, causal positions", baseline=base, **rates))
+        timed = bench.time_call(lambda s, p=last: select_topk_cuda(s, K, p), make)
+        print(results.add(case, "default", timed, label="default, positions S - 1", baseline=base, **rates))
         for v in SELECT_TOPK_KERNELS.versions:
             timing = bench.benchmark(lambda s, v=v, p=last: select_topk_cuda(s, K, p, kernel=v), make)
-            print(bench.report(f"kernel {v} {SELECT_TOPK_KERNELS[v].entry:<28} {label}", timing, baseline=base,
-                               **copy))
-
+            print(results.add(case, "kernel", timing, version=v, baseline=base, **rates))
+    print("wrote", results.write())
 
 if __name__ == "__main__":
     main()

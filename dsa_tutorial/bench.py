@@ -10,17 +10,25 @@ these, measured in the same process.
 """
 from __future__ import annotations
 
+import json
 import math
+import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .kernels import recording_launches, require_gpu
 
-__all__ = ["Timing", "benchmark", "CallTiming", "time_call", "Ceilings", "measure_ceilings", "report"]
+__all__ = ["Timing", "benchmark", "CallTiming", "time_call", "Ceilings", "measure_ceilings", "report", "Results",
+           "RESULTS_DIR"]
+
+#: Where the benchmarks write what they measured, one JSON file per operation, for the chapters' figures.
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "data" / "kernels"
 
 
 @dataclass(frozen=True)
@@ -63,18 +71,15 @@ def benchmark(
     warmup: int = 5,
     reps: int = 50,
     max_input_bytes: int = 8 << 30,
-    input_sets: Sequence[tuple] | None = None,
 ) -> Timing:
     """Time ``fn(*inputs)`` on the current CUDA stream.
 
     `make_inputs()` returns one fresh tuple of arguments (random data, never zeros); it is
     called as often as needed to hold more than 2x the L2 cache (at most `max_input_bytes`),
-    and the calls cycle through those copies (or through `input_sets`, when given).
+    and the calls cycle through those copies.
     """
     require_gpu()
-    if input_sets is None:
-        input_sets = _input_sets(make_inputs, reps, max_input_bytes)
-    return _interleaved([(fn, input_sets)], warmup, reps)[0]
+    return _interleaved([(fn, _input_sets(make_inputs, reps, max_input_bytes))], warmup, reps)[0]
 
 
 def _interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[tuple]]], warmup: int, reps: int) -> list[Timing]:
@@ -231,3 +236,64 @@ def report(
     if baseline is not None:
         parts.append(f"{baseline.median_us / timing.median_us:5.2f}x vs baseline")
     return ", ".join(parts)
+
+
+@dataclass
+class Results:
+    """What one benchmark measured for one operation, written as JSON for the chapters' figures.
+
+    ``add`` records one timed line of a case (the torch baseline, the public call with its default
+    arguments, or one kernel version), with the work it did (FLOPs, bytes) and the ceiling its rate
+    is quoted against ("copy", "bf16" or "fp8", measured in the same run); ``write`` stores them with
+    the ceilings and the environment in RESULTS_DIR/<operation>.json.
+    """
+
+    operation: str
+    ceilings: Ceilings
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, case: str, role: str, timing: Timing | CallTiming, *, version: int | None = None, label: str = "",
+            flops: float | None = None, nbytes: float | None = None, ceiling: str | None = None,
+            baseline: Timing | None = None) -> str:
+        """Record one line; return it as :func:`report` prints it (plus the launch alone of a public call)."""
+        if role not in ("baseline", "default", "kernel"):
+            raise ValueError(f"role must be 'baseline', 'default' or 'kernel', got {role!r}")
+        if ceiling not in (None, "copy", "bf16", "fp8"):
+            raise ValueError(f"ceiling must be None, 'copy', 'bf16' or 'fp8', got {ceiling!r}")
+        call = timing.call if isinstance(timing, CallTiming) else timing
+        self.rows.append({
+            "case": case, "role": role, "version": version, "label": label or (f"kernel {version}" if version else role),
+            "us": round(call.median_us, 3), "p20_us": round(call.p20_us, 3), "p80_us": round(call.p80_us, 3),
+            "launch_us": round(timing.launch.median_us, 3) if isinstance(timing, CallTiming) else None,
+            "flops": flops, "bytes": nbytes, "ceiling": ceiling,
+        })
+        tflops = {"bf16": self.ceilings.bf16_tflops, "fp8": self.ceilings.fp8_tflops}.get(ceiling)
+        line = report(f"{case} | {self.rows[-1]['label']}", call, flops=flops, nbytes=nbytes, ceiling_tflops=tflops,
+                      ceiling_tbps=self.ceilings.copy_tbps if nbytes is not None else None, baseline=baseline)
+        if isinstance(timing, CallTiming):
+            line += f"\n    {timing}"
+        return line
+
+    def write(self, directory: Path | None = None) -> Path:
+        import torch as _torch
+
+        directory = Path(directory or RESULTS_DIR)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            import cupy
+
+            cupy_version = cupy.__version__
+        except ImportError:  # pragma: no cover - the benchmarks need CuPy anyway
+            cupy_version = None
+        payload = {
+            "operation": self.operation,
+            "ceilings": {"copy_tbps": round(self.ceilings.copy_tbps, 4), "bf16_tflops": round(self.ceilings.bf16_tflops, 2),
+                         "fp8_tflops": round(self.ceilings.fp8_tflops, 2)},
+            "environment": {"device": self.ceilings.device, "torch": _torch.__version__, "cuda": _torch.version.cuda,
+                            "cupy": cupy_version, "python": platform.python_version(),
+                            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")},
+            "rows": self.rows,
+        }
+        path = directory / f"{self.operation}.json"
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        return path

@@ -1,0 +1,146 @@
+"""The chapters' performance figures, drawn from what the benchmarks measured on the GPU.
+
+Each ``benchmarks/*.py`` writes one JSON file per operation into ``book/data/kernels/`` (see
+:class:`dsa_tutorial.bench.Results`): the ceilings of the chip measured in that run, and one row per
+timed line (the torch baseline, the public call with its default arguments, every kernel version),
+each with the work it did. The figures read those files, so they render anywhere, GPU or not:
+
+    kernel_results("index_scores")       the JSON of one operation
+    progression("index_scores")          kernels 1..N of one operation against baseline and ceiling
+    roofline()                           every operation's default kernel on the chip's roofline
+
+Rates are quoted against the ceiling each row names: "copy" (bytes moved per second against the
+device-to-device copy), "bf16" or "fp8" (FLOP/s against the dense GEMM of that type).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "roofline"]
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "data" / "kernels"
+
+#: Every operation with a kernel table, in the order of the chapters.
+OPERATIONS = ("rms_norm", "kv_compress", "latent_scores", "apply_rope", "index_scores", "select_topk",
+              "sparse_mla_attention", "act_quant", "mqa_logits", "paged_mqa_logits")
+
+_CEILING_NAMES = {"copy": "copy bandwidth", "bf16": "bf16 GEMM", "fp8": "FP8 GEMM"}
+
+
+def kernel_results(operation: str, directory: Path | None = None) -> dict:
+    """The measurements of one operation, as the benchmark wrote them."""
+    path = Path(directory or RESULTS_DIR) / f"{operation}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no measurements for {operation!r} at {path}: run the benchmark that writes it "
+                                f"on a GPU (see its module docstring)")
+    return json.loads(path.read_text())
+
+
+def rate(row: dict, ceilings: dict) -> tuple[float, float]:
+    """(achieved rate, its fraction of the row's ceiling): TB/s against "copy", TFLOP/s against
+    "bf16"/"fp8"."""
+    seconds = row["us"] * 1e-6
+    if row["ceiling"] == "copy":
+        achieved = row["bytes"] / seconds / 1e12
+        return achieved, achieved / ceilings["copy_tbps"]
+    achieved = row["flops"] / seconds / 1e12
+    return achieved, achieved / ceilings[f"{row['ceiling']}_tflops"]
+
+
+def _label(row: dict) -> str:
+    if row["role"] == "default":
+        return row["label"] if row["label"] != "default" else "public call, defaults"
+    return row["label"]
+
+
+def progression(operation: str, cases: list[str] | None = None, directory: Path | None = None):
+    """One panel per case: the baseline(s), the public call with its defaults and every kernel
+    version, as bars of the fraction of the ceiling they reached (log scale), each labelled with its
+    time. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    data = kernel_results(operation, directory)
+    ceilings = data["ceilings"]
+    names = list(dict.fromkeys(row["case"] for row in data["rows"]))
+    if cases is not None:
+        unknown = [c for c in cases if c not in names]
+        if unknown:
+            raise KeyError(f"{operation} has no case {unknown}; its cases: {names}")
+        names = list(cases)
+    heights = [sum(row["case"] == name for row in data["rows"]) for name in names]
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 0.8 + 0.34 * sum(heights) + 0.5 * len(names)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colors = {"baseline": "#9a9a9a", "default": "#4c7a00", "kernel": "#3b75af"}
+    for ax, name in zip(axes[:, 0], names):
+        rows = [row for row in data["rows"] if row["case"] == name]
+        fractions = [100 * rate(row, ceilings)[1] for row in rows]
+        y = range(len(rows))[::-1]
+        ax.barh(list(y), fractions, color=[colors[row["role"]] for row in rows], height=0.7)
+        ax.set_yticks(list(y), [_label(row) for row in rows], fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(min(fractions) / 3, 400)
+        ticks = [t for t in (0.01, 0.1, 1, 3, 10, 30, 100) if t >= min(fractions) / 3]
+        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.axvline(100, color="black", lw=1, ls="--")
+        for yi, fraction, row in zip(y, fractions, rows):
+            ax.text(fraction * 1.08, yi, f"{row['us']:,.0f} µs  ({fraction:.1f}%)", va="center", fontsize=7,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+        ceiling = _CEILING_NAMES[rows[0]["ceiling"]]
+        ax.set_title(f"{name}: % of the {ceiling} ceiling", fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    env = data["environment"]
+    fig.suptitle(f"{operation} on {env['device']} (torch {env['torch']}, {env['date']}); dashed line: the ceiling "
+                 f"measured in the same run", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def roofline(operations: tuple[str, ...] = OPERATIONS, directory: Path | None = None):
+    """Left: the public call (default arguments) of every operation that does arithmetic, at its
+    arithmetic intensity (FLOP per byte it must move) and the rate it reached, under the roofs of the
+    chip (copy bandwidth times intensity, capped by the bf16 and FP8 GEMM rates; the median of the
+    ceilings measured in the runs; each point's own fraction is against its own run's). Right: the memory-bound operations as a fraction of the
+    copy bandwidth. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    loaded = {op: kernel_results(op, directory) for op in operations}
+    copy, bf16, fp8 = (statistics.median(d["ceilings"][key] for d in loaded.values())
+                       for key in ("copy_tbps", "bf16_tflops", "fp8_tflops"))
+    n_bars = sum(row["role"] == "default" and not (row["flops"] and row["bytes"])
+                 for d in loaded.values() for row in d["rows"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(4.2, 1.2 + 0.22 * n_bars)),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    points = [row["flops"] / row["bytes"] for d in loaded.values() for row in d["rows"] if row["flops"] and row["bytes"]]
+    low, high = min(points + [fp8 / copy]) / 4, max(points + [fp8 / copy]) * 4
+    intensity = [low * (high / low) ** (i / 99) for i in range(100)]
+    left.plot(intensity, [min(copy * x, fp8) for x in intensity], color="black", lw=1, label=f"FP8 roof ({fp8:.0f})")
+    left.plot(intensity, [min(copy * x, bf16) for x in intensity], color="black", lw=1, ls="--",
+              label=f"bf16 roof ({bf16:.0f}); slope: copy {copy:.2f} TB/s")
+    markers = iter("o^sDvP*Xh<>")
+    bars = []
+    for op, data in loaded.items():
+        rows = [row for row in data["rows"] if row["role"] == "default"]
+        if all(row["flops"] and row["bytes"] for row in rows):
+            achieved = [row["flops"] / (row["us"] * 1e-6) / 1e12 for row in rows]
+            ai = [row["flops"] / row["bytes"] for row in rows]
+            left.scatter(ai, achieved, marker=next(markers), s=30, label=op, zorder=3)
+        else:
+            for row in rows:
+                label = row["case"] + ("" if row["label"] == "default" else f", {row['label'].removeprefix('default, ')}")
+                bars.append((f"{op}: {label}", 100 * rate(row, data["ceilings"])[1]))
+    left.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte moved)", ylabel="TFLOP/s",
+             title="compute: public calls on the roofline")
+    left.legend(fontsize=6, loc="lower right")
+    right.barh(range(len(bars))[::-1], [b[1] for b in bars], color="#4c7a00")
+    right.set_yticks(list(range(len(bars))[::-1]), [b[0] for b in bars], fontsize=7)
+    right.axvline(100, color="black", lw=1, ls="--")
+    right.set(xlim=(0, 110), xlabel="% of copy bandwidth", title="memory-bound: public calls")
+    for i, (_, value) in enumerate(bars):
+        right.text(value + 1, len(bars) - 1 - i, f"{value:.0f}%", va="center", fontsize=6)
+    devices = sorted({d["environment"]["device"] for d in loaded.values()})
+    fig.suptitle(f"Every operation's public call on {', '.join(devices)}", fontsize=9)
+    fig.tight_layout()
+    return fig

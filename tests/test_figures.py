@@ -1,0 +1,69 @@
+"""bench.Results writes what figures read; the figures draw from it without a GPU."""
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from dsa_tutorial import bench, figures  # noqa: E402
+
+CEILINGS = bench.Ceilings(copy_tbps=4.0, bf16_tflops=800.0, fp8_tflops=1600.0, device="a test GPU")
+
+
+def timing(us: float) -> bench.Timing:
+    return bench.Timing(us, us * 0.9, us * 1.1, 10, 2)
+
+
+def write_results(tmp_path, operation, *, flops, nbytes, ceiling):
+    results = bench.Results(operation, CEILINGS)
+    base = timing(1000.0)
+    results.add("small", "baseline", base, label="torch", flops=flops, nbytes=nbytes, ceiling=ceiling)
+    call = bench.CallTiming(timing(250.0), timing(248.0), 1, 30.0)
+    line = results.add("small", "default", call, flops=flops, nbytes=nbytes, ceiling=ceiling, baseline=base)
+    for version, us in ((1, 4000.0), (2, 250.0)):
+        results.add("small", "kernel", timing(us), version=version, flops=flops, nbytes=nbytes, ceiling=ceiling)
+    return results.write(tmp_path), line
+
+
+def test_results_round_trip_and_rates(tmp_path):
+    path, line = write_results(tmp_path, "index_scores", flops=2e12, nbytes=1e9, ceiling="bf16")
+    assert "4.00x vs baseline" in line and "launch alone 248.0 us" in line
+    data = json.loads(path.read_text())
+    assert data["ceilings"]["bf16_tflops"] == 800.0 and data["environment"]["device"] == "a test GPU"
+    default = [row for row in data["rows"] if row["role"] == "default"][0]
+    assert default["us"] == 250.0 and default["launch_us"] == 248.0
+    achieved, fraction = figures.rate(default, data["ceilings"])
+    assert achieved == pytest.approx(8000.0) and fraction == pytest.approx(10.0)  # 2e12 FLOP in 250 us
+    copy_row = dict(default, ceiling="copy")
+    assert figures.rate(copy_row, data["ceilings"]) == pytest.approx((4.0, 1.0))  # 1e9 B in 250 us = 4 TB/s
+
+
+def test_results_refuse_unknown_roles_and_ceilings():
+    results = bench.Results("x", CEILINGS)
+    with pytest.raises(ValueError, match="role"):
+        results.add("c", "fast", timing(1.0))
+    with pytest.raises(ValueError, match="ceiling"):
+        results.add("c", "kernel", timing(1.0), version=1, ceiling="tf32")
+
+
+def test_figures_draw_from_the_files(tmp_path):
+    write_results(tmp_path, "index_scores", flops=2e12, nbytes=1e9, ceiling="bf16")
+    write_results(tmp_path, "select_topk", flops=None, nbytes=1e9, ceiling="copy")
+    fig = figures.progression("index_scores", directory=tmp_path)
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 4  # baseline, default, kernels 1 and 2
+    with pytest.raises(KeyError, match="its cases"):
+        figures.progression("index_scores", cases=["large"], directory=tmp_path)
+    fig = figures.roofline(("index_scores", "select_topk"), directory=tmp_path)
+    left, right = fig.axes
+    assert len(left.collections) == 1 and len(right.patches) == 1  # one compute point set, one memory bar
+    with pytest.raises(FileNotFoundError, match="run the benchmark"):
+        figures.kernel_results("paged_mqa_logits", directory=tmp_path)
+
+
+def test_every_operation_with_a_kernel_table_has_a_name_in_the_figures():
+    from dsa_tutorial import kernels
+
+    assert sorted(figures.OPERATIONS) == sorted(kernels.kernel_names())
