@@ -3,6 +3,7 @@
 
     python3 dev.py book            build the rendered book into _build/html
     python3 dev.py check-book      read the built book in headless Chromium (math, overflow, links, images)
+    python3 dev.py jupyter [--gpu] open the chapters in JupyterLab (--gpu: with CuPy, to run GPU cells)
     python3 dev.py test            run every test: pytest over tests/ and strict nbval over book/
     python3 dev.py gpu             the GPU suite: the same, with GPU tests and GPU cells required
     python3 dev.py refresh [NB..]  re-execute chapters in place, refreshing their stored outputs
@@ -126,6 +127,14 @@ def cmd_check_book(args) -> None:
     print(f"screenshots of every page: {ROOT / '_build' / 'screenshots'}")
 
 
+def cmd_jupyter(args) -> None:
+    """JupyterLab on book/, in .venv with the package (CPU torch unless one is there), its `jupyter`
+    extra and, with --gpu, the `gpu` extra (CuPy and NVRTC) so the cells tagged `gpu` run too."""
+    python = _python("jupyter,gpu" if args.gpu else "jupyter", args.system)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    _run([python, "-m", "jupyter", "lab", f"--notebook-dir={ROOT / 'book'}", *args.pytest_args])
+
+
 def cmd_compile_check(args) -> None:
     sys.path.insert(0, str(ROOT))
     from dsa_tutorial import kernels
@@ -213,6 +222,10 @@ def main() -> None:
     p = sub.add_parser("check-book", help="read the built book in headless Chromium (after `book`)")
     p.add_argument("--system", action="store_true", help="use this interpreter; install nothing in .venv")
     p.set_defaults(func=cmd_check_book, takes_pytest_args=True)
+    p = sub.add_parser("jupyter", help="open the chapters in JupyterLab (installs the jupyter extra in .venv)")
+    p.add_argument("--gpu", action="store_true", help="also install the gpu extra (CuPy) to run the GPU cells")
+    p.add_argument("--system", action="store_true", help="use this interpreter; install nothing")
+    p.set_defaults(func=cmd_jupyter, takes_pytest_args=True)  # anything else goes to `jupyter lab`
     p = sub.add_parser("gpu", help="run the whole suite with GPU tests and cells required (this interpreter)")
     p.set_defaults(func=cmd_gpu, takes_pytest_args=True)
     p = sub.add_parser("refresh", help="re-execute chapters in place")
@@ -227,7 +240,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if extra and not getattr(args, "takes_pytest_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.pytest_args = extra  # `test` and `gpu` pass anything else on to pytest, e.g. -k indexer -x
+    args.pytest_args = extra  # `test` and `gpu` pass anything else on to pytest (-k indexer -x), `jupyter` to lab
     args.func(args)
 
 
