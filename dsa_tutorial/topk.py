@@ -170,9 +170,11 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
     args = (scores, positions_arg, n_queries, out, n_keys, k)
     if chosen.version == 1:
         SELECT_TOPK_KERNELS.launch(1, rows, limits["TOPK_THREADS"], args)
-    else:
+    elif chosen.version == 2:
         # the list never holds more entries than a row has scores; longer lists fall back to kernel 1
         capacity = min(n_keys, limits["TOPK_LIST_MAX"])
         SELECT_TOPK_KERNELS.launch(2, rows, limits["TOPK_THREADS"], args + (capacity,),
                                    shared_mem=limits["TOPK_LIST_ENTRY_BYTES"] * capacity)
+    else:  # a version added to the table needs its own launch here
+        raise NotImplementedError(f"select_topk_cuda has no launch for kernel {chosen.version}")
     return out
