@@ -14,7 +14,7 @@ from .config import ModelArgs
 
 __all__ = ["kv_compress_torch", "apply_rope_torch", "latent_scores_torch", "index_scores_torch",
            "sparse_attention_dense_torch", "sparse_attention_gathered_torch", "mqa_logits_torch",
-           "paged_mqa_logits_torch"]
+           "paged_mqa_logits_torch", "sparse_mla_decode_fp8_torch"]
 
 
 def kv_compress_torch(kv: torch.Tensor, weight: torch.Tensor, args: ModelArgs, positions: torch.Tensor | None = None,
@@ -125,3 +125,19 @@ def paged_mqa_logits_torch(q: torch.Tensor, kv_cache: torch.Tensor, weights: tor
         logits = logits.masked_fill(position > limit, float("-inf"))[..., :max_context_len]
         out[start * next_n:(start + c) * next_n] = logits.reshape(c * next_n, -1)
     return out
+
+
+def sparse_mla_decode_fp8_torch(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                                softmax_scale: float) -> torch.Tensor:
+    """Sparse decode over the FP8 latent cache in eager torch: gather the selected 656-byte rows
+    (indices [B, s_q, k] into the flattened cache, all valid), dequantise them to bf16
+    (latent_cache.dequantize), bf16 GEMMs with a float32 softmax. q [B, s_q, h, 576] bf16;
+    returns out [B, s_q, h, 512] bf16."""
+    from .latent_cache import D_NOPE, TOKEN_BYTES, dequantize
+
+    B, s_q, h, d_qk = q.shape
+    k = indices.shape[-1]
+    rows = kv_cache.view(torch.uint8).reshape(-1, TOKEN_BYTES)[indices.reshape(-1).long()]  # [B s_q k, 656]
+    kv = dequantize(rows.view(torch.float8_e4m3fn).view(-1, 1, 1, TOKEN_BYTES)).view(B * s_q, k, d_qk)
+    p = torch.softmax(torch.bmm(q.reshape(B * s_q, h, d_qk), kv.transpose(1, 2)).float() * softmax_scale, dim=-1)
+    return torch.bmm(p.to(kv.dtype), kv[..., :D_NOPE]).view(B, s_q, h, D_NOPE)

@@ -23,6 +23,8 @@ Interface used by the other chapters (the indexer and DSA):
       .query_latent(h)            h [B, T, dim] -> c_q [B, T, q_lora_rank]
       .queries(c_q, positions)    -> (q_nope [B, T, n_h, d_h], q_rope [B, T, n_h, d_R])
       .latents(h, positions)      -> (c_kv [B, T, d_c], k_rope [B, T, d_R]), kv_norm and RoPE applied
+                                  (with MLA(args, latent_cache_fp8=True): as read back from an FP8 latent
+                                  cache, c^KV in e4m3 with a scale per 128 values, k^R in bf16)
       .absorb_query(q_nope)       -> q_abs [B, T, n_h, d_c]
       .latent_scores(q_abs, q_rope, c_kv, k_rope) -> [B, T, n_h, S], times args.softmax_scale
       .latent_output(o_latent)    o_latent [B, T, n_h, d_c] -> [B, T, dim]
@@ -272,12 +274,18 @@ class RMSNorm(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention with DeepSeek's parameter names; see the module docstring."""
 
-    def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None,
+                 latent_cache_fp8: bool = False):
         super().__init__()
         check_args(args)
         if dtype not in FLOATS:
             raise TypeError(f"MLA parameters must be float32 or float64, got {dtype}")
+        if not isinstance(latent_cache_fp8, bool):
+            raise TypeError(f"latent_cache_fp8 must be True or False, got {latent_cache_fp8!r}")
         self.args = args
+        # latent_cache_fp8: the latents pass through the FP8 cache format (latent_cache.latent_round_trip)
+        # before attention reads them, as the official V3.2 inference model simulates its FP8 cache
+        self.latent_cache_fp8 = latent_cache_fp8
         n_h, d_c = args.n_heads, args.kv_lora_rank
         linear = dict(bias=False, dtype=dtype, device=device)
         self.wq_a = nn.Linear(args.dim, args.q_lora_rank, **linear)  # W^DQ
@@ -314,7 +322,13 @@ class MLA(nn.Module):
     def latents(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_h(h)
         c_kv, k_pe = kv_compress(h, self.wkv_a.weight, self.kv_norm.weight, self.args)
-        return c_kv, rotary_key(k_pe, positions, self.args)
+        k_rope = rotary_key(k_pe, positions, self.args)
+        if self.latent_cache_fp8:  # as an FP8 cache gives them back: c^KV in e4m3, k^R in bf16
+            # imported here: latent_cache imports sparse_attention, which imports this module
+            from .latent_cache import latent_round_trip
+
+            c_kv, k_rope = latent_round_trip(c_kv, k_rope)
+        return c_kv, k_rope
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         return absorb_query(q_nope, self.wkv_b.weight, self.args)

@@ -16,8 +16,10 @@ Interface (used by chapters 6, 8 and 9):
 
     sparse_mla_attention(q_abs [B,T,n_h,d_c], q_rope [B,T,n_h,d_R], c_kv [B,S,d_c], k_rope [B,S,d_R],
                          indices int32 [B,T,k], softmax_scale) -> o_latent [B,T,n_h,d_c]
-    DSAttention(args, indexer_fp8=False)  nn.Module holding .mla (mla.MLA) and .indexer (indexer.Indexer,
-                                  in FP8 as the official model runs it with indexer_fp8=True)
+    DSAttention(args, indexer_fp8=False, latent_cache_fp8=False)  nn.Module holding .mla (mla.MLA) and
+                                  .indexer (indexer.Indexer, in FP8 as the official model runs it with
+                                  indexer_fp8=True); latent_cache_fp8=True: MLA reads its latents as an FP8
+                                  cache returns them (latent_cache.latent_round_trip)
       .forward(h, positions=None, cache=None, topk=None, return_aux=False, detach_indexer_input=False)
     DSACache(args, batch_size)    .latent (mla.LatentCache) and .index (indexer.IndexerCache)
 
@@ -129,13 +131,16 @@ class DSAttention(nn.Module):
     `detach_indexer_input` cuts the gradient from the indexer into h and c^Q (sparse training stage).
     `indexer_fp8=True` (constructor) runs the indexer's step 5 as the official model does: q^I and
     k^I rounded to FP8 e4m3 with one power-of-two scale per block (indexer.Indexer(fp8=True)).
+    `latent_cache_fp8=True` (constructor) makes the attention read [c^KV | k^R] as DeepSeek-V3.2's FP8
+    latent cache stores them: c^KV in e4m3 with a power-of-two scale per 128 values, k^R in bf16
+    (mla.MLA(latent_cache_fp8=True), latent_cache.latent_round_trip).
     """
 
     def __init__(self, args: ModelArgs = ModelArgs(), dtype: torch.dtype = torch.float32, device=None,
-                 indexer_fp8: bool = False):
+                 indexer_fp8: bool = False, latent_cache_fp8: bool = False):
         super().__init__()
         self.args = args
-        self.mla = MLA(args, dtype=dtype, device=device)
+        self.mla = MLA(args, dtype=dtype, device=device, latent_cache_fp8=latent_cache_fp8)
         # indexer_fp8: q^I and k^I rounded to e4m3 with block scales, as the official model always runs it
         self.indexer = Indexer(args, dtype=dtype, device=device, fp8=indexer_fp8)
 

@@ -115,3 +115,21 @@ def test_paged_mqa_logits_torch(next_n):
     finite = want.isfinite()
     compare.assert_close(got[finite], want[finite], atol=1e-2 * want[finite].abs().max().item(), rtol=1e-2,
                          name="paged_mqa_logits_torch")
+
+
+def test_sparse_mla_decode_fp8_torch():
+    from dsa_tutorial import latent_cache
+
+    g = torch.Generator().manual_seed(7)
+    num_blocks, block_size, B, s_q, h, k = 6, 16, 2, 2, 4, 10
+    kv = torch.randn(num_blocks, block_size, 1, 576, generator=g).bfloat16()
+    cache = latent_cache.quantize(kv)
+    indices = torch.stack([torch.randperm(num_blocks * block_size, generator=g)[:k] for _ in range(B * s_q)])
+    indices = indices.view(B, s_q, k).int()
+    q = torch.randn(B, s_q, h, 576, generator=g).bfloat16()
+    want, _ = latent_cache.sparse_mla_decode_fp8(q, cache, indices, 0.1)
+    got = baselines.sparse_mla_decode_fp8_torch(q, cache, indices, 0.1)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    # bf16 scores and probabilities: a few 2^-8 of the output's scale
+    compare.assert_close(got.float(), want, atol=3e-2 * want.abs().max().item(), rtol=3e-2,
+                         name="sparse_mla_decode_fp8_torch")

@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 
-from dsa_tutorial import checks, compare, fp8, paged
+from dsa_tutorial import checks, compare, fp8, latent_cache, paged
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.indexer import index_scores_cuda
 from dsa_tutorial.mla import kv_compress_cuda, latent_scores_cuda
@@ -115,6 +115,12 @@ def public_calls():
     indices = torch.stack([torch.randperm(8192, device="cuda", generator=g)[:2048] for _ in range(16)]).int()
     calls.append(("sparse_mla_attention_cuda",
                   lambda: sparse_mla_attention_cuda(q_abs, q_rope, cache, indices, V32.softmax_scale)))
+    # sparse decode over the FP8 latent cache: 2 draft tokens, 64-token pages, one split per SM row
+    fp8_cache = latent_cache.quantize(randn(16 * 128, 64, 1, 576, dtype=torch.bfloat16))
+    q_fp8 = randn(16, 2, 128, 576, dtype=torch.bfloat16)
+    fp8_indices = torch.randint(0, 16 * 128 * 64, (16, 2, 2048), device="cuda", generator=g, dtype=torch.int32)
+    calls.append(("sparse_mla_decode_fp8_cuda",
+                  lambda: latent_cache.sparse_mla_decode_fp8_cuda(q_fp8, fp8_cache, fp8_indices, V32.softmax_scale)))
     return calls
 
 

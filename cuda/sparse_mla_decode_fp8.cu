@@ -1,0 +1,544 @@
+// Sparse MLA decoding over the FP8 latent cache: DeepSeek-V3.2's attention step as deployed, in MQA
+// mode over latents that are stored in 656 bytes a token (FlashMLA's "V3.2 FP8 sparse" layout).
+// Checked against dsa_tutorial.latent_cache.sparse_mla_decode_fp8 (float32); launched by
+// sparse_mla_decode_fp8_cuda (its table SPARSE_MLA_DECODE_FP8_KERNELS).
+//
+// One token of the cache, 656 bytes (latent_cache.quantize writes it):
+//
+//   byte 0                              512          528                               656
+//        | c^KV as 512 e4m3 values      | 4 float32  | k^R as 64 bf16 values           |
+//        | tile 0 | tile 1 | tile 2 | t3| s0 s1 s2 s3|  (not quantised)                |
+//   value d < 512 of the latent = e4m3 byte d * s_(d / 128); value 512 + d = bf16 d of k^R.
+//
+//   q        bfloat16 [rows, h, 576]    rows = B * s_q query tokens, h heads each (64 or 128)
+//   kv_cache bytes    [num_blocks][block_size][656], block b at kv_cache + b * block_stride (any stride
+//                                       >= block_size * 656: the cache may be a slice of a bigger buffer)
+//   indices  int32    [rows, k]         token i lives in block i / block_size, row i % block_size;
+//                                       -1, or anything outside [0, num_blocks * block_size) = unused:
+//                                       never read, whatever its value
+//   out      bfloat16 [rows, h, 512]    o = sum_j p_j kv_j[:512]  (the c^KV part: MLA's latent output)
+//   lse      float32  [rows, h]         ln sum_j exp(score_j)
+//
+//   score_j = softmax_scale * q . kv_j  (576 wide),  p_j = exp(score_j - lse)
+//
+// A row with no valid index gets out = 0 and lse = +inf (FlashMLA's convention), never NaN.
+//
+//   kernel 1  sparse_mla_decode_fp8_simt  the specification in CUDA. A block serves 32 heads of one
+//             query row (grid: rows x h / 32). It walks the k slots in chunks of 32: one thread per slot
+//             finds its token's address and 4 scales, then the block dequantises the 32 latents into
+//             shared memory as float32 (e4m3 * scale, bf16 k^R; byte by byte, so any alignment works),
+//             computes the 32 x 32 scores (one slot per lane, float32 dot products), and updates each
+//             head's running max, sum and 512 outputs (8 threads a head) with the online softmax.
+//             Everything is float32 until the final bf16 store. What it leaves on the table: CUDA-core
+//             math, and h / 32 blocks per row that each gather and dequantise the same tokens.
+//
+//   kernel 2  sparse_mla_decode_fp8_mma  tensor cores, the pattern of cuda/sparse_mla_attention.cu's
+//             kernel 2 (mma.sync m16n8k16 bf16, float32 accumulation: 64 heads a block share each
+//             latent, MQA over the latent) on FP8 tokens. Per tile of 64 slots:
+//               1. cp.async gathers the 64 tokens' 656-byte rows (41 x 16 bytes, 4 threads a token,
+//                  zeros for unused slots) into a raw stage; the next tile's gather is in flight while
+//                  this tile is computed (two raw stages);
+//               2. the block dequantises the raw stage into one bf16 tile [64][576] in the XOR-swizzled
+//                  layout ldmatrix reads: e4m3 -> f16 (exact) -> float32 * scale -> bf16. Exact for a
+//                  power-of-two scale: an e4m3 value has 4 significant bits, bf16 8, and the scale only
+//                  moves the exponent (quantize's scales are >= 2^-22, so even the smallest e4m3 subnormal
+//                  times a scale, 2^-31, is a normal bf16);
+//               3. S = Q K^T, the online softmax (the two warps of a head tile swap row maxima), P in
+//                  bf16, O += P V, exactly as in sparse_mla_attention_mma (its header has the details).
+//             The consumed raw stage holds P and the row-max exchange, so shared memory is Q 72 KiB +
+//             2 raw stages x 41 KiB + the bf16 tile 72 KiB + valid flags 0.5 KiB = 226.5 KiB (one block an
+//             SM, the H200 allows 227). P is rounded to bf16 before P V, as in sparse_mla_attention_mma:
+//             ~1e-3 of max|out|.
+//             Split: when rows x h / 64 blocks fill less than half the SMs (decode at a small batch), the
+//             k slots are cut into splits of >= SPLIT_MIN_TILES tiles, as many as fit the SMs in one wave
+//             (chosen on the host from the shapes alone: latent_cache.decode_splits), a block each. Every
+//             split writes its normalised partial output and its lse (-inf when it saw no valid slot) to
+//             a float32 workspace, and sparse_mla_decode_fp8_combine merges them, one warp a (row, head):
+//             lse = ln sum_s exp(lse_s), out = sum_s exp(lse_s - lse) o_s, in bf16 (0 and +inf when every
+//             split was empty).
+//             What it leaves on the table: wgmma (FlashMLA's sm90 kernel uses it, its dequantisation done
+//             by a producer warpgroup from global memory through registers, with no raw stage), and the 2
+//             blocks of a row at h = 128 each gathering and dequantising the same tokens (FlashMLA's
+//             h = 128 kernel runs them as a 2-block cluster, each dequantising half a tile for both).
+//
+// Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
+// num_blocks (so i < num_blocks * block_size, without overflow); every read of the cache is then
+// inside block i / block_size; unused slots read nothing (cp.async with 0 source bytes, or no load).
+// All addresses are computed in 64 bits. The host passes num_blocks >= 1 (an empty cache is
+// answered without a launch).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_bf16_16816_free, e4m3x4_to_f16x4
+
+#define D_NOPE 512                          // c^KV: quantised
+#define D_ROPE 64                           // k^R: bf16
+#define D_QK (D_NOPE + D_ROPE)              // 576: the width of q . kv
+#define QUANT_TILE 128                      // c^KV values per scale
+#define N_SCALES (D_NOPE / QUANT_TILE)      // 4
+#define SCALES_AT D_NOPE                    // byte 512: the float32 scales
+#define ROPE_AT (SCALES_AT + 4 * N_SCALES)  // byte 528: k^R
+#define TOKEN_BYTES (ROPE_AT + 2 * D_ROPE)  // 656 bytes a token
+#define MAX_HEADS 128                       // the heads a query row may have (a multiple of MMA_HEADS)
+#define POS_INF (__int_as_float(0x7f800000))
+#define LN2 0.6931471805599453f
+
+// The address of token s's row, or nullptr when s is not in [0, num_blocks * block_size).
+__device__ __forceinline__ const unsigned char* token_row(const unsigned char* kv_cache, int s,
+                                                          int num_blocks, int block_size,
+                                                          long long block_stride) {
+    if (s < 0 || s / block_size >= num_blocks) return nullptr;
+    return kv_cache + (long long)(s / block_size) * block_stride + (long long)(s % block_size) * TOKEN_BYTES;
+}
+
+// ------------------------------------------------------------------------------------ kernel 1
+
+#define SIMT_HEADS 32                             // heads per block
+#define SIMT_CHUNK 32                             // slots per step
+#define SIMT_THREADS 256
+#define SIMT_ROW (D_QK + 1)                       // float32 per shared row: 577, an odd stride, so 32 lanes
+                                                  // reading 32 rows at one column hit 32 different banks
+#define SIMT_PARTS (SIMT_THREADS / SIMT_HEADS)    // 8 threads share a head's 512 outputs
+#define SIMT_VALUES (D_NOPE / SIMT_PARTS)         // 64 output values a thread: part + 8 i
+// kernel 1's dynamic shared memory: queries and latents [.][SIMT_ROW] f32, scores [HEADS][CHUNK] f32, then
+// per slot its row's byte offset (8 bytes, -1 unused) and its 4 scales: 149 KiB
+#define SIMT_FLOATS ((SIMT_HEADS + SIMT_CHUNK) * SIMT_ROW + SIMT_HEADS * SIMT_CHUNK)
+#define SIMT_SMEM_BYTES (SIMT_FLOATS * 4 + SIMT_CHUNK * (8 + 4 * N_SCALES))
+
+// One e4m3 byte as a float (exact: every e4m3 value is an f16 value).
+__device__ __forceinline__ float e4m3_to_float(unsigned char byte) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)byte, __NV_E4M3)));
+}
+
+// Four bytes at any address, little end first, as the float32 they encode.
+__device__ __forceinline__ float float_from_bytes(const unsigned char* p) {
+    return __uint_as_float((unsigned)p[0] | ((unsigned)p[1] << 8) | ((unsigned)p[2] << 16) |
+                           ((unsigned)p[3] << 24));
+}
+
+// Two bytes at any address, little end first, as the bf16 they encode, as a float (exact).
+__device__ __forceinline__ float bf16_from_bytes(const unsigned char* p) {
+    return __uint_as_float(((unsigned)p[0] << 16) | ((unsigned)p[1] << 24));
+}
+
+extern "C" __global__ void __launch_bounds__(SIMT_THREADS)
+sparse_mla_decode_fp8_simt(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                           const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,
+                           float* __restrict__ lse, int n_heads, int k, int num_blocks, int block_size,
+                           long long block_stride, float softmax_scale) {
+    extern __shared__ __align__(16) unsigned char simt_smem[];
+    float* q_s = reinterpret_cast<float*>(simt_smem);                                   // [HEADS][SIMT_ROW]
+    float* kv_s = q_s + SIMT_HEADS * SIMT_ROW;                                          // [CHUNK][SIMT_ROW]
+    float* score_s = kv_s + SIMT_CHUNK * SIMT_ROW;                                      // [HEADS][CHUNK]
+    long long* at_s = reinterpret_cast<long long*>(score_s + SIMT_HEADS * SIMT_CHUNK);  // [CHUNK]
+    float* scale_s = reinterpret_cast<float*>(at_s + SIMT_CHUNK);                       // [CHUNK][N_SCALES]
+
+    const int row = blockIdx.x, h0 = blockIdx.y * SIMT_HEADS;  // row = b * s_q + t
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int* index_row = indices + (size_t)row * k;
+
+    // the block's 32 queries as float32, zeros for heads past n_h
+    for (int i = tid; i < SIMT_HEADS * D_QK; i += SIMT_THREADS) {
+        const int hh = i / D_QK, d = i % D_QK;
+        q_s[hh * SIMT_ROW + d] =
+            h0 + hh < n_heads ? __bfloat162float(q[((size_t)row * n_heads + h0 + hh) * D_QK + d]) : 0.f;
+    }
+
+    // this thread's share of the output: head `head`, values part + 8 i
+    const int head = tid / SIMT_PARTS, part = tid % SIMT_PARTS;
+    float o[SIMT_VALUES];
+#pragma unroll
+    for (int i = 0; i < SIMT_VALUES; ++i) o[i] = 0.f;
+    float running_max = NEG_INF, running_sum = 0.f;
+
+    for (int j0 = 0; j0 < k; j0 += SIMT_CHUNK) {
+        __syncthreads();  // the previous chunk is fully used (and q_s is written, the first time)
+        if (tid < SIMT_CHUNK) {  // slot j0 + tid: its token's byte offset (-1: unused) and its 4 scales
+            const int s = j0 + tid < k ? index_row[j0 + tid] : -1;
+            const unsigned char* token = token_row(kv_cache, s, num_blocks, block_size, block_stride);
+            at_s[tid] = token ? (long long)(token - kv_cache) : -1;
+#pragma unroll
+            for (int c = 0; c < N_SCALES; ++c)
+                scale_s[tid * N_SCALES + c] = token ? float_from_bytes(token + SCALES_AT + 4 * c) : 0.f;
+        }
+        __syncthreads();
+        // the chunk's latents, dequantised: kv[d] = e4m3[d] * s_(d / 128) for d < 512, k^R[d - 512] after;
+        // zeros for unused slots
+        for (int i = tid; i < SIMT_CHUNK * D_QK; i += SIMT_THREADS) {
+            const int jj = i / D_QK, d = i % D_QK;
+            const long long at = at_s[jj];
+            float v = 0.f;
+            if (at >= 0) {
+                const unsigned char* token = kv_cache + at;
+                v = d < D_NOPE ? e4m3_to_float(token[d]) * scale_s[jj * N_SCALES + d / QUANT_TILE]
+                               : bf16_from_bytes(token + ROPE_AT + 2 * (d - D_NOPE));
+            }
+            kv_s[jj * SIMT_ROW + d] = v;
+        }
+        __syncthreads();
+        // scores: warp w takes heads 4w .. 4w + 3, lane jj takes slot jj of the chunk
+        {
+            float dot[SIMT_HEADS / 8] = {0.f, 0.f, 0.f, 0.f};
+            const float* kv_row = kv_s + lane * SIMT_ROW;
+            for (int d = 0; d < D_QK; ++d) {
+                const float c = kv_row[d];
+#pragma unroll
+                for (int x = 0; x < SIMT_HEADS / 8; ++x)
+                    dot[x] += q_s[(warp * (SIMT_HEADS / 8) + x) * SIMT_ROW + d] * c;
+            }
+#pragma unroll
+            for (int x = 0; x < SIMT_HEADS / 8; ++x)  // score = softmax_scale q . kv; -inf for unused slots
+                score_s[(warp * (SIMT_HEADS / 8) + x) * SIMT_CHUNK + lane] =
+                    at_s[lane] >= 0 ? dot[x] * softmax_scale : NEG_INF;
+        }
+        __syncthreads();
+        // online softmax for this thread's head (its 8 threads do the same arithmetic)
+        float chunk_max = NEG_INF;
+        for (int jj = 0; jj < SIMT_CHUNK; ++jj) chunk_max = fmaxf(chunk_max, score_s[head * SIMT_CHUNK + jj]);
+        const float new_max = fmaxf(running_max, chunk_max);
+        if (new_max == NEG_INF) continue;  // nothing valid yet for this head: o and the sum stay 0
+        const float alpha = expf(running_max - new_max);  // rescale what was summed under the old max
+        running_sum *= alpha;
+#pragma unroll
+        for (int i = 0; i < SIMT_VALUES; ++i) o[i] *= alpha;
+        for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
+            const float p = expf(score_s[head * SIMT_CHUNK + jj] - new_max);  // 0 for unused slots
+            running_sum += p;
+            const float* kv_row = kv_s + jj * SIMT_ROW + part;
+#pragma unroll
+            for (int i = 0; i < SIMT_VALUES; ++i) o[i] += p * kv_row[SIMT_PARTS * i];  // o += p kv[:512]
+        }
+        running_max = new_max;
+    }
+    // out = o / sum_j p_j (0 when nothing was selected); lse = max + ln sum (+inf when nothing was)
+    if (h0 + head < n_heads) {
+        const size_t pair = (size_t)row * n_heads + h0 + head;
+        const float inv_sum = running_sum > 0.f ? 1.f / running_sum : 0.f;
+        __nv_bfloat16* out_row = out + pair * D_NOPE + part;
+#pragma unroll
+        for (int i = 0; i < SIMT_VALUES; ++i) out_row[SIMT_PARTS * i] = __float2bfloat16(o[i] * inv_sum);
+        if (part == 0) lse[pair] = running_sum > 0.f ? running_max + logf(running_sum) : POS_INF;
+    }
+}
+
+// ------------------------------------------------------------------------------------ kernel 2
+//
+// Fragment layouts and ldmatrix: as in cuda/sparse_mla_attention.cu (and cuda/common.cuh). Shared rows
+// are 16-byte chunks; chunk c of row r sits at position c ^ (r % 8) (an XOR swizzle), so the 8 rows one
+// ldmatrix phase reads at the same logical chunk fall in 8 different bank groups.
+
+#define MMA_HEADS 64                               // heads per block: 4 head tiles of 16
+#define MMA_TILE 64                                // slots per tile
+#define MMA_THREADS 256                            // 8 warps: 4 head tiles x 2 halves
+#define L_CHUNKS (D_QK / 8)                        // 72 chunks of 8 bf16 in a dequantised latent (or a query)
+#define NOPE_CHUNKS (D_NOPE / 8)                   // the first 64 come from e4m3 bytes; the last 8 are k^R
+#define RAW_CHUNKS (TOKEN_BYTES / 16)              // 41 chunks of 16 bytes in a token's row
+#define LOADERS (MMA_THREADS / MMA_TILE)           // 4 threads gather one token
+#define P_CHUNKS (MMA_TILE / 8)                    // 8 chunks in a 64-value row of P
+#define Q_SMEM_BYTES (MMA_HEADS * D_QK * 2)        // 72 KiB
+#define RAW_STAGE_BYTES (MMA_TILE * TOKEN_BYTES)   // 41 KiB: a tile's rows as gathered
+#define KV_SMEM_BYTES (MMA_TILE * D_QK * 2)        // 72 KiB: the tile dequantised
+#define P_BYTES (MMA_HEADS * MMA_TILE * 2)         // P in bf16, kept in the consumed raw stage, then
+                                                   // the row-max exchange [2][MMA_HEADS] f32 after it
+// kernel 2's dynamic shared memory: Q, 2 raw stages, the bf16 tile, valid flags [2][MMA_TILE] i32: 226.5 KiB
+#define MMA_SMEM_BYTES (Q_SMEM_BYTES + 2 * RAW_STAGE_BYTES + KV_SMEM_BYTES + 2 * MMA_TILE * 4)
+#define SPLIT_MIN_TILES 2                          // a split takes at least 2 tiles (128 slots): below
+                                                   // that, its partial output (128 KiB) outweighs its reads
+#define COMBINE_WARPS 4                            // combine kernel: one warp a (row, head)
+#define COMBINE_THREADS (32 * COMBINE_WARPS)
+
+// ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed (as in
+// sparse_mla_attention.cu).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+
+// bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row (as in
+// sparse_mla_attention.cu)
+__device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {
+    return (row * chunks + (chunk ^ (row & 7))) * 8;
+}
+
+// Eight e4m3 values (8 bytes, the lowest address in the low byte of lo) times `scale`, as 8 bf16 (16 bytes,
+// in order): e4m3 -> f16 is exact, f16 -> float32 is exact, the product is one float32 rounding (none for a
+// power-of-two scale), then round to nearest bf16 (exact again for a power-of-two scale).
+__device__ __forceinline__ uint4 dequantize8(uint2 bytes, float scale) {
+    unsigned h[4], w[4];
+    e4m3x4_to_f16x4(bytes.x, h[0], h[1]);
+    e4m3x4_to_f16x4(bytes.y, h[2], h[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+        const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+        w[j] = *reinterpret_cast<const unsigned*>(&b);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
+sparse_mla_decode_fp8_mma(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                          const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,
+                          float* __restrict__ lse, float* __restrict__ o_partial,
+                          float* __restrict__ lse_partial, int n_heads, int k, int num_blocks, int block_size,
+                          long long block_stride, int tiles_per_split, float softmax_scale) {
+    extern __shared__ __align__(16) unsigned char decode_smem[];
+    __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(decode_smem);                  // [HEADS][576] swz.
+    unsigned char* raw_s = decode_smem + Q_SMEM_BYTES;                                    // [2][TILE][656]
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(raw_s + 2 * RAW_STAGE_BYTES);  // [TILE][576] swz.
+    int* valid_s = reinterpret_cast<int*>(kv_s + MMA_TILE * D_QK);                        // [2 stages][TILE]
+
+    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
+    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int mt = warp % 4, half = warp / 4;  // head tile (heads h0 + 16 mt ..) and key / output half
+    const int g = lane / 4, t = lane % 4;      // the fragment coordinates of this lane
+    const int* index_row = indices + (size_t)row * k;
+
+    // the block's 64 queries [576], zeros for heads past n_h
+    for (int i = tid; i < MMA_HEADS * L_CHUNKS; i += MMA_THREADS) {
+        const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+        const bool inside = h0 + r < n_heads;
+        const __nv_bfloat16* src = q + ((size_t)row * n_heads + (inside ? h0 + r : 0)) * D_QK + c * 8;
+        cp_async_16(q_s + swizzled(r, c, L_CHUNKS), src, inside ? 16 : 0);
+    }
+    // gather tile `tile` into raw stage `stage`: thread (r, part) copies chunks part, part + 4, .. of slot
+    // r's token (zeros when unused); valid_s records which slots hold a token
+    auto load_tile = [&](int tile, int stage) {
+        const int r = tid / LOADERS, part = tid % LOADERS;
+        const int j = tile * MMA_TILE + r;
+        const unsigned char* token =
+            token_row(kv_cache, j < k ? __ldg(index_row + j) : -1, num_blocks, block_size, block_stride);
+        const unsigned char* src = token ? token : kv_cache;  // unused: 0 bytes read, at an in-bounds address
+        unsigned char* dst = raw_s + stage * RAW_STAGE_BYTES + r * TOKEN_BYTES;
+        for (int c = part; c < RAW_CHUNKS; c += LOADERS)
+            cp_async_16(dst + 16 * c, src + 16 * c, token ? 16 : 0);
+        if (part == 0) valid_s[stage * MMA_TILE + r] = token != nullptr;
+    };
+    // raw stage `stage` -> kv_s: chunk c < 64 of a row = 8 e4m3 bytes times their tile's scale; chunks
+    // 64 .. 71 = k^R's 16-byte chunks as they are
+    auto dequantize_tile = [&](int stage) {
+        const unsigned char* raw = raw_s + stage * RAW_STAGE_BYTES;
+        for (int i = tid; i < MMA_TILE * L_CHUNKS; i += MMA_THREADS) {
+            const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+            const unsigned char* token = raw + r * TOKEN_BYTES;
+            const float* scales = reinterpret_cast<const float*>(token + SCALES_AT);
+            const uint4 values =
+                c < NOPE_CHUNKS
+                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c), scales[8 * c / QUANT_TILE])
+                    : *reinterpret_cast<const uint4*>(token + ROPE_AT + 16 * (c - NOPE_CHUNKS));
+            *reinterpret_cast<uint4*>(kv_s + swizzled(r, c, L_CHUNKS)) = values;
+        }
+    };
+
+    // this warp's output: heads 16 mt + g (c0, c1) and + 8 (c2, c3), values 256 half + 8 n + 2t, +1
+    float o[32][4];
+#pragma unroll
+    for (int n = 0; n < 32; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    // running max and (this warp's partial) sum of rows g and g + 8, in the base-2 domain
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+    const float scale_log2 = softmax_scale * 1.4426950408889634f;  // exp(x) = 2^(x log2 e)
+
+    // this split's tiles [first, last) of the row's ceil(k / 64)
+    const int n_tiles = (k + MMA_TILE - 1) / MMA_TILE;
+    const int first = split * tiles_per_split, last = min(first + tiles_per_split, n_tiles);
+    if (first < last) load_tile(first, 0);
+    cp_async_commit();  // the queries and the first tile
+    for (int tile = first; tile < last; ++tile) {
+        const int stage = (tile - first) % 2;
+        cp_async_wait<0>();
+        __syncthreads();  // (A) the tile is in raw stage `stage`; every warp is done with the previous tile
+        if (tile + 1 < last) load_tile(tile + 1, stage ^ 1);  // in flight during everything below
+        cp_async_commit();
+        dequantize_tile(stage);
+        __syncthreads();  // (D) kv_s holds the tile in bf16; raw stage `stage` is free: P and row_s go there
+        unsigned char* free_stage = raw_s + stage * RAW_STAGE_BYTES;
+        __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(free_stage);  // [HEADS][TILE] swizzled
+        float* row_s = reinterpret_cast<float*>(free_stage + P_BYTES);      // [2 halves][HEADS]
+
+        // 1. score = Q K^T for heads 16 mt .. +16, keys 32 half .. +32 of the tile: [16, 32]
+        float acc[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < D_QK / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, q_s + swizzled(16 * mt + lane % 16, 2 * kk + lane / 16, L_CHUNKS));
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {  // two n-tiles of 8 keys per ldmatrix
+                unsigned kb[4];
+                ldmatrix_x4(kb, kv_s + swizzled(32 * half + 16 * np + lane % 8 + 8 * (lane / 16),
+                                                2 * kk + (lane / 8) % 2, L_CHUNKS));
+                mma_bf16_16816_free(acc[2 * np], a, kb[0], kb[1]);
+                mma_bf16_16816_free(acc[2 * np + 1], a, kb[2], kb[3]);
+            }
+        }
+        // score_j,i = softmax_scale (q_i . kv_j) (times log2 e), -inf for unused slots; row maxima
+        const int* valid = valid_s + stage * MMA_TILE + 32 * half;
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[n][e] = valid[8 * n + 2 * t + e % 2] ? acc[n][e] * scale_log2 : NEG_INF;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], acc[n][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        }
+        if (t == 0) {
+            row_s[half * MMA_HEADS + 16 * mt + g] = tile_max[0];
+            row_s[half * MMA_HEADS + 16 * mt + g + 8] = tile_max[1];
+        }
+        __syncthreads();  // (B) both halves' maxima are in row_s
+
+        // 2. m_new = max(m_old, max over all 64 keys); the partner warp computes the same value
+        float m_use[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float other = row_s[(half ^ 1) * MMA_HEADS + 16 * mt + g + 8 * r];
+            const float new_max = fmaxf(row_max[r], fmaxf(tile_max[r], other));
+            m_use[r] = new_max == NEG_INF ? 0.f : new_max;  // nothing valid yet: p = 0, not NaN
+            alpha[r] = exp2f(row_max[r] - m_use[r]);      // exp(m_old - m_new): 0 the first time
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+        // 3. p_j,i = exp(score - m_new), rounded to bf16 (the A operand of P V); the sums add the same values
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+            const __nv_bfloat162 top =
+                __floats2bfloat162_rn(exp2f(acc[n][0] - m_use[0]), exp2f(acc[n][1] - m_use[0]));
+            const __nv_bfloat162 bottom =
+                __floats2bfloat162_rn(exp2f(acc[n][2] - m_use[1]), exp2f(acc[n][3] - m_use[1]));
+            const float2 top_f = __bfloat1622float2(top), bottom_f = __bfloat1622float2(bottom);
+            row_sum[0] += top_f.x + top_f.y;
+            row_sum[1] += bottom_f.x + bottom_f.y;
+            const int prow = 16 * mt + g, chunk = 4 * half + n;  // keys 32 half + 8 n + 2t, +1
+            *reinterpret_cast<__nv_bfloat162*>(p_s + swizzled(prow, chunk, P_CHUNKS) + 2 * t) = top;
+            *reinterpret_cast<__nv_bfloat162*>(p_s + swizzled(prow + 8, chunk, P_CHUNKS) + 2 * t) = bottom;
+        }
+#pragma unroll
+        for (int n = 0; n < 32; ++n) {  // rescale what was accumulated under the old max
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        __syncthreads();  // (C) the whole 64 x 64 P is in p_s
+
+        // 4. o += P V: [16, 64] x [64, 256], V = the c^KV part of the tile's latents, values 256 half ..
+#pragma unroll
+        for (int kk = 0; kk < MMA_TILE / 16; ++kk) {
+            unsigned a[4];
+            ldmatrix_x4(a, p_s + swizzled(16 * mt + lane % 16, 2 * kk + lane / 16, P_CHUNKS));
+#pragma unroll
+            for (int np = 0; np < 16; ++np) {  // two n-tiles of 8 output values per ldmatrix
+                unsigned vb[4];
+                ldmatrix_x4_trans(vb, kv_s + swizzled(16 * kk + lane % 8 + 8 * ((lane / 8) % 2),
+                                                      32 * half + 2 * np + lane / 16, L_CHUNKS));
+                mma_bf16_16816_free(o[2 * np], a, vb[0], vb[1]);
+                mma_bf16_16816_free(o[2 * np + 1], a, vb[2], vb[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();  // only the queries (no tile at all) or empty groups can be left in flight
+    __syncthreads();     // every warp is done with the last tile: kv_s is free for the row sums
+
+    // sum_j p_j over all 64 keys of every tile: this lane's columns, its quad's, then the partner warp's
+    float* sum_s = reinterpret_cast<float*>(kv_s);  // [2 halves][MMA_HEADS]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    }
+    if (t == 0) {
+        sum_s[half * MMA_HEADS + 16 * mt + g] = row_sum[0];
+        sum_s[half * MMA_HEADS + 16 * mt + g + 8] = row_sum[1];
+    }
+    __syncthreads();
+    // out = o / sum (0 when nothing was selected); lse = ln 2 (m + log2 sum): +inf (final) or -inf (a split's
+    // partial, so that it weighs nothing in the combine) when nothing was selected
+    const bool whole = gridDim.z == 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int head = h0 + 16 * mt + g + 8 * r;
+        const float total = row_sum[r] + sum_s[(half ^ 1) * MMA_HEADS + 16 * mt + g + 8 * r];
+        const float inv_sum = total > 0.f ? 1.f / total : 0.f;
+        const float row_lse = total > 0.f ? (row_max[r] + log2f(total)) * LN2 : whole ? POS_INF : NEG_INF;
+        if (head < n_heads) {
+            const size_t pair = (size_t)row * n_heads + head;
+            if (whole) {
+                __nv_bfloat16* out_row = out + pair * D_NOPE + 256 * half + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 32; ++n)
+                    *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * n) =
+                        __floats2bfloat162_rn(o[n][2 * r] * inv_sum, o[n][2 * r + 1] * inv_sum);
+                if (half == 0 && t == 0) lse[pair] = row_lse;
+            } else {
+                const size_t slot = (size_t)split * n_rows * n_heads + pair;  // [split][row][head]
+                float* o_row = o_partial + slot * D_NOPE + 256 * half + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 32; ++n)
+                    *reinterpret_cast<float2*>(o_row + 8 * n) =
+                        make_float2(o[n][2 * r] * inv_sum, o[n][2 * r + 1] * inv_sum);
+                if (half == 0 && t == 0) lse_partial[slot] = row_lse;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------ combine
+//
+// After a split kernel 2: for each (row, head) pair, the splits' normalised outputs o_s [512] and lse_s
+// (-inf for a split that saw nothing), merged as
+//   lse = ln sum_s exp(lse_s) = m + ln sum_s exp(lse_s - m),  m = max_s lse_s
+//   out = sum_s exp(lse_s - lse) o_s                          (each o_s is its split's softmax average)
+// and +inf, 0 when every split was empty. One warp a pair; lane l owns values 4 l + 128 c (c < 4).
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
+sparse_mla_decode_fp8_combine(const float* __restrict__ o_partial, const float* __restrict__ lse_partial,
+                              __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int n_pairs,
+                              int n_splits) {
+    const int lane = threadIdx.x % 32;
+    const int pair = blockIdx.x * COMBINE_WARPS + threadIdx.x / 32;  // row * n_heads + head
+    if (pair >= n_pairs) return;
+    float m = NEG_INF;
+    for (int s = lane; s < n_splits; s += 32) m = fmaxf(m, lse_partial[(size_t)s * n_pairs + pair]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    __nv_bfloat16* out_row = out + (size_t)pair * D_NOPE + 4 * lane;
+    if (m == NEG_INF) {  // no split saw a valid slot
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            *reinterpret_cast<__nv_bfloat162*>(out_row + 128 * c) = __floats2bfloat162_rn(0.f, 0.f);
+            *reinterpret_cast<__nv_bfloat162*>(out_row + 128 * c + 2) = __floats2bfloat162_rn(0.f, 0.f);
+        }
+        if (lane == 0) lse[pair] = POS_INF;
+        return;
+    }
+    float sum = 0.f;
+    for (int s = lane; s < n_splits; s += 32) sum += expf(lse_partial[(size_t)s * n_pairs + pair] - m);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const float total_lse = m + logf(sum);
+    float acc[4][4] = {};
+    for (int s = 0; s < n_splits; ++s) {
+        const float w = expf(lse_partial[(size_t)s * n_pairs + pair] - total_lse);  // 0 for an empty split
+        const float* o_row = o_partial + ((size_t)s * n_pairs + pair) * D_NOPE + 4 * lane;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float4 v = *reinterpret_cast<const float4*>(o_row + 128 * c);
+            acc[c][0] += w * v.x, acc[c][1] += w * v.y, acc[c][2] += w * v.z, acc[c][3] += w * v.w;
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        __nv_bfloat162* pair_out = reinterpret_cast<__nv_bfloat162*>(out_row + 128 * c);
+        pair_out[0] = __floats2bfloat162_rn(acc[c][0], acc[c][1]);
+        pair_out[1] = __floats2bfloat162_rn(acc[c][2], acc[c][3]);
+    }
+    if (lane == 0) lse[pair] = total_lse;
+}

@@ -1,0 +1,898 @@
+"""The FP8 latent cache (FlashMLA's DeepSeek-V3.2 layout), the MLA switch that simulates it, and sparse
+MLA decoding over it: the reference, the host side of the CUDA call, kernel 2 emulated on the CPU, and
+every kernel on the GPU."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from dsa_tutorial import checks, compare, kernels
+from dsa_tutorial import latent_cache as lc
+from dsa_tutorial.config import ModelArgs
+from dsa_tutorial.latent_cache import (SPARSE_MLA_DECODE_FP8_KERNELS, dequantize, latent_round_trip, quantize,
+                                       sparse_mla_decode_fp8, sparse_mla_decode_fp8_cuda)
+from dsa_tutorial.mla import MLA, causal_mask, kv_compress, rotary_key
+from dsa_tutorial.sparse_attention import DSAttention, sparse_mla_attention
+
+TINY = ModelArgs.tiny()
+SCALE = ModelArgs().softmax_scale
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+TABLE = SPARSE_MLA_DECODE_FP8_KERNELS
+
+
+def random_latents(num_blocks, block_size, seed=0, device="cpu"):
+    """bf16 latents [num_blocks, block_size, 1, 576]: N(0, 1) values, each token's c^KV times its own power of
+    two (2^-3 .. 2^3), so that the tiles' scales differ from token to token."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kv = torch.randn(num_blocks, block_size, 1, 576, generator=gen, device=device)
+    spread = 2.0 ** torch.randint(-3, 4, (num_blocks, block_size, 1, 1), generator=gen, device=device)
+    kv[..., :512] *= spread
+    return kv.bfloat16()
+
+
+def strided(cache, extra_rows=3, offset_blocks=1):
+    """The same cache inside a bigger buffer: blocks (block_size + extra_rows) * 656 bytes apart, starting
+    offset_blocks blocks in (FlashMLA's tests allocate their cache this way). The gaps hold NaN bytes."""
+    num_blocks, block_size = cache.shape[:2]
+    shape = (num_blocks + offset_blocks, block_size + extra_rows, 1, 656)
+    buffer = torch.full(shape, 0xFF, dtype=torch.uint8, device=cache.device).view(torch.float8_e4m3fn)
+    view = buffer[offset_blocks:, :block_size]
+    view.copy_(cache)
+    assert view.stride(0) == (block_size + extra_rows) * 656 and not view.is_contiguous()
+    return view
+
+
+# ----------------------------------------------------------------------------- the format
+
+def test_format_constants_agree_with_the_kernels():
+    d = TABLE.defines()
+    for name in ("D_NOPE", "D_ROPE", "D_QK", "QUANT_TILE", "SCALES_AT", "ROPE_AT", "TOKEN_BYTES"):
+        assert getattr(lc, name) == d[name], name
+    assert (lc.SCALES_AT, lc.ROPE_AT, lc.TOKEN_BYTES) == (512, 528, 656)
+    # shared memory: kernel 1 float32 queries and latents (577-word rows), scores, slot offsets and scales;
+    # kernel 2 Q, two raw stages, the bf16 tile and two rows of valid flags, within the H200's 227 KiB a block
+    assert d["SIMT_SMEM_BYTES"] == (32 + 32) * 577 * 4 + 32 * 32 * 4 + 32 * (8 + 16) == 149 * 1024
+    assert d["MMA_SMEM_BYTES"] == 64 * 576 * 2 + 2 * 64 * 656 + 64 * 576 * 2 + 2 * 64 * 4 == 231936
+    assert d["MMA_SMEM_BYTES"] <= 227 * 1024
+    assert d["P_BYTES"] + 2 * 64 * 4 <= d["RAW_STAGE_BYTES"]  # P and the row maxima fit a consumed stage
+    assert "149 KiB" in TABLE[1].needs and "226.5 of the 227 KiB" in TABLE[2].needs
+
+
+def test_the_table_and_its_entry_points():
+    assert TABLE.versions == (1, 2)
+    assert [k.entry for k in TABLE] == ["sparse_mla_decode_fp8_simt", "sparse_mla_decode_fp8_mma"]
+    compiled = kernels.compile_source("sparse_mla_decode_fp8")  # NVRTC, no GPU needed
+    assert set(compiled.entry_points()) == {*TABLE.entry_points(), lc.COMBINE_ENTRY}
+
+
+def test_quantize_layout_and_round_trip():
+    kv = random_latents(3, 5, seed=1)
+    cache = quantize(kv)
+    assert cache.shape == (3, 5, 1, 656) and cache.dtype == torch.float8_e4m3fn and cache.is_contiguous()
+    token = cache.view(torch.uint8)
+    scales = token[..., 512:528].contiguous().view(torch.float32)  # [3, 5, 1, 4]
+    # every scale is a power of two: the smallest with amax / s <= 448 (amax floored at 1e-4), here in float64
+    amax = kv[..., :512].double().unflatten(-1, (4, 128)).abs().amax(-1)
+    mantissa, _ = torch.frexp(scales)
+    assert bool((mantissa == 0.5).all())
+    expected = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-4) / 448)))
+    assert torch.equal(scales.double(), expected)
+    # dequantize(quantize(x)) is x up to e4m3 rounding: half an ulp of 3 mantissa bits (2^-4 relative) for
+    # normal values, half the subnormal step 2^-9 s below 2^-6 s
+    back = dequantize(cache)
+    assert back.shape == (3, 5, 1, 576) and back.dtype == torch.bfloat16
+    err = (back.double() - kv.double())[..., :512]
+    tile_scale = scales.double().repeat_interleave(128, -1)
+    bound = torch.maximum(kv[..., :512].double().abs() * 2**-4, tile_scale * 2**-10)
+    assert bool((err.abs() <= bound).all())
+    assert err.abs().max() > 0  # it does round
+    assert torch.equal(back[..., 512:], kv[..., 512:])  # k^R is stored as it was
+    # the e4m3 bytes are e4m3(x / s), in float32
+    x_q = (kv[..., :512].float() / scales.repeat_interleave(128, -1)).to(torch.float8_e4m3fn)
+    assert torch.equal(token[..., :512], x_q.view(torch.uint8))
+
+
+def test_a_hand_built_token_byte_by_byte():
+    kv = torch.zeros(1, 1, 1, 576)
+    kv[..., :4] = torch.tensor([3.0, -1.0, 0.3, 0.001])  # tile 0: amax 3 -> s = 2^ceil(log2(3 / 448)) = 2^-7
+    kv[..., 128:256] = 1.0  # tile 1: s = 2^ceil(log2(1 / 448)) = 2^-8, every value 256 s
+    # tile 2 stays zero: amax floored at 1e-4, s = 2^ceil(log2(1e-4 / 448)) = 2^-22 (FlashMLA's helper: 2^-13)
+    kv[..., 384] = -1000.0  # tile 3: s = 2^ceil(log2(1000 / 448)) = 4; -1000 / 4 = -250 -> e4m3 -256
+    kv[..., 512:] = torch.arange(64) * 0.5 - 16
+    kv = kv.bfloat16()
+    row = quantize(kv).view(torch.uint8).flatten().tolist()
+    # e4m3 = sign | 4 exponent bits (bias 7) | 3 mantissa bits
+    #   3 / 2^-7 = 384 = 1.5 * 2^8                   -> 0 1111 100 = 0x7C
+    #   -1 / 2^-7 = -128 = -1.0 * 2^7                -> 1 1110 000 = 0xF0
+    #   bf16(0.3) / 2^-7 = 38.5 -> 40 = 1.25 * 2^5   -> 0 1100 010 = 0x62
+    #   bf16(0.001) / 2^-7 = 0.1279 -> 0.125 = 2^-3 -> 0 0100 000 = 0x20
+    #   1 / 2^-8 = 256 = 1.0 * 2^8                   -> 0 1111 000 = 0x78
+    #   -250 -> -256 = -1.0 * 2^8                     -> 1 1111 000 = 0xF8
+    expected = [0x7C, 0xF0, 0x62, 0x20] + [0] * 124 + [0x78] * 128 + [0] * 128 + [0xF8] + [0] * 127
+    expected += list(struct.pack("<4f", 2.0**-7, 2.0**-8, 2.0**-22, 4.0))  # the scales, float32 little-endian
+    expected += list(kv[0, 0, 0, 512:].contiguous().view(torch.uint8).tolist())  # k^R's bf16 bytes
+    assert row == expected
+    back = dequantize(quantize(kv)).float().flatten()
+    assert back[:4].tolist() == [3.0, -1.0, 0.3125, 0.0009765625] and back[384].item() == -1024.0
+
+
+def test_rotary_bytes_are_copied_exactly():
+    # every bf16 bit pattern k^R can hold comes back: -0, subnormals, the largest finite values, inf, NaN
+    patterns = torch.tensor([0x8000, 0x0001, 0x807F, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC1, 0x3F80, 0x1234],
+                            dtype=torch.int32).to(torch.int16)
+    kv = random_latents(2, 3, seed=2)
+    rope = torch.randint(-32768, 32768, (2, 3, 1, 64), dtype=torch.int32).to(torch.int16)
+    rope[0, 0, 0, :10] = patterns
+    kv[..., 512:] = rope.view(torch.bfloat16)
+    cache = quantize(kv)
+    assert torch.equal(cache.view(torch.uint8)[..., 528:].contiguous().view(torch.int16), rope)
+    assert torch.equal(dequantize(cache)[..., 512:].view(torch.int16), rope)
+
+
+def test_strided_blocks_read_like_contiguous_ones():
+    kv = random_latents(4, 16, seed=3)
+    cache = quantize(kv)
+    view = strided(cache, extra_rows=5)
+    assert torch.equal(dequantize(view).view(torch.int16), dequantize(cache).view(torch.int16))
+    q = torch.randn(2, 2, 64, 576).bfloat16()
+    indices = torch.stack([torch.randperm(64)[:20] for _ in range(4)]).int().view(2, 2, 20)
+    from_view = sparse_mla_decode_fp8(q, view, indices, SCALE)
+    from_cache = sparse_mla_decode_fp8(q, cache, indices, SCALE)
+    assert all(torch.equal(a, b) for a, b in zip(from_view, from_cache))
+    assert lc.check_cache(view) == {"num_blocks": 4, "block_size": 16, "block_stride": 21 * 656}
+
+
+def test_latent_round_trip_is_the_cache_round_trip():
+    kv = random_latents(2, 7, seed=4)
+    c_kv, k_rope = latent_round_trip(kv[..., :512].float(), kv[..., 512:].float())
+    assert c_kv.dtype == torch.float32 and k_rope.dtype == torch.float32
+    assert torch.equal(torch.cat([c_kv, k_rope], -1).bfloat16(), dequantize(quantize(kv)))
+    # float32 inputs are rounded to bf16 first (the official model holds its latents in bf16)
+    x = torch.randn(3, 512, dtype=torch.float64)
+    c, k = latent_round_trip(x, x[:, :64])
+    assert c.dtype == torch.float64 and torch.equal(k, x[:, :64].bfloat16().double())
+    assert torch.equal(c, latent_round_trip(x.bfloat16().double(), x[:, :64])[0])
+    assert torch.equal(latent_round_trip(c, k)[0], c)  # a second trip changes nothing
+    # the tiny model's 16 values are one tile
+    small, _ = latent_round_trip(torch.randn(5, 16), torch.randn(5, 8))
+    assert small.shape == (5, 16)
+    with pytest.raises(ValueError, match="below 128 or a multiple of it"):
+        latent_round_trip(torch.randn(5, 200), torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: quantize(torch.randn(2, 4, 1, 576)), TypeError, "kv must be bfloat16"),
+    (lambda: quantize(torch.randn(2, 4, 1, 575).bfloat16()), ValueError,
+     r"kv must have shape \[\?, \?, 1, 576\]"),
+    (lambda: quantize(torch.randn(2, 4, 2, 576).bfloat16()), ValueError, r"\[\?, \?, 1, 576\]"),
+    (lambda: quantize(torch.randn(8, 576).bfloat16()), ValueError, "kv must have 4 dims"),
+    (lambda: dequantize(torch.zeros(2, 4, 1, 656, dtype=torch.uint8)), TypeError,
+     "kv_cache must be float8_e4m3fn"),
+    (lambda: dequantize(torch.zeros(2, 4, 1, 576, dtype=torch.float8_e4m3fn)), ValueError, "656"),
+    (lambda: dequantize(torch.zeros(8, 656, dtype=torch.float8_e4m3fn)), ValueError, "must have 4 dims"),
+    # blocks that overlap (an expanded cache), tokens of a block not 656 bytes apart
+    (lambda: dequantize(torch.zeros(1, 4, 1, 656, dtype=torch.float8_e4m3fn).expand(3, 4, 1, 656)),
+     ValueError, "blocks overlap: block stride 0 bytes, less than block_size \\* 656 = 2624"),
+    (lambda: dequantize(torch.zeros(2, 8, 1, 656, dtype=torch.float8_e4m3fn)[:, ::2]), ValueError,
+     "tokens of a block must be contiguous"),
+    (lambda: dequantize(torch.zeros(656, 2, 4, 1, dtype=torch.float8_e4m3fn).permute(1, 2, 3, 0)), ValueError,
+     r"the 656 bytes of a token .* must be contiguous .* got \[4, 1, 1, 8\]"),
+])
+def test_bad_cache_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_one_block_and_one_row_blocks_have_no_stride_rule():
+    # a stride along a dimension of size 1 means nothing: a single block, or blocks of one token, are accepted
+    # whatever torch reports for it
+    one = quantize(random_latents(1, 4, seed=5))
+    assert lc.check_cache(one.as_strided(one.shape, (7, 656, 656, 1)))["block_stride"] == 4 * 656
+    rows = quantize(random_latents(5, 1, seed=5))
+    assert lc.check_cache(rows.as_strided(rows.shape, (656, 3, 656, 1)))["block_stride"] == 656
+
+
+# ----------------------------------------------------------------------------- the MLA switch
+
+def _layers(cls, seed):
+    torch.manual_seed(seed)
+    plain, fp8 = cls(TINY), cls(TINY, latent_cache_fp8=True)
+    fp8.load_state_dict(plain.state_dict())
+    return plain, fp8
+
+
+@pytest.mark.parametrize("cls", [MLA, DSAttention])
+def test_the_fp8_latent_cache_moves_the_layer_output_a_little(cls):
+    """How much reading the latents through the FP8 cache moves the output of the tiny layer (T = 40, k = 8
+    for DSA), relative in the Frobenius norm: measured 2.96 % (MLA) and 3.33 % (DSA) for these weights and
+    inputs, 2.9-3.4 % over four random draws. That is e4m3's 3 mantissa bits (relative rounding up to 2^-4,
+    about 3.6 % rms over a binade), averaged over the heads."""
+    plain, fp8 = _layers(cls, seed=7)
+    assert fp8.mla.latent_cache_fp8 if cls is DSAttention else fp8.latent_cache_fp8
+    h = torch.randn(2, 40, TINY.dim)
+    with torch.no_grad():
+        out, out_fp8 = plain(h), fp8(h)
+    relative = ((out_fp8 - out).norm() / out.norm()).item()
+    assert 0.005 < relative < 0.08, f"{cls.__name__}: the FP8 cache moved the output by {relative:.4f}"
+
+
+def test_the_default_is_unchanged_and_the_switch_is_the_round_trip_by_hand():
+    plain, fp8 = _layers(MLA, seed=8)
+    default = MLA(TINY, latent_cache_fp8=False)
+    default.load_state_dict(plain.state_dict())
+    h, T = torch.randn(2, 12, TINY.dim), 12
+    positions = torch.arange(T)
+    with torch.no_grad():
+        assert torch.equal(default(h), plain(h))
+        # off (the default), the latents are kv_compress and RoPE's, bit for bit: nothing rounds them
+        c_kv, k_rope = plain.latents(h, positions)
+        c_ref, k_pe = kv_compress(h, plain.wkv_a.weight, plain.kv_norm.weight, TINY)
+        assert torch.equal(c_kv, c_ref) and torch.equal(k_rope, rotary_key(k_pe, positions, TINY))
+        c_fp8, k_fp8 = fp8.latents(h, positions)
+        assert torch.equal(c_fp8, latent_round_trip(c_kv, k_rope)[0])
+        assert torch.equal(k_fp8, k_rope.bfloat16().float())
+        # MQA-mode MLA written out with the round-tripped latents
+        q_nope, q_rope = plain.queries(plain.query_latent(h), positions)
+        q_abs = plain.absorb_query(q_nope)
+        scores = plain.latent_scores(q_abs, q_rope, c_fp8, k_fp8) + causal_mask(T, T)[:, None, :]
+        p = torch.softmax(scores, dim=-1)
+        expected = plain.latent_output(torch.einsum("bths,bsc->bthc", p, c_fp8))
+        compare.assert_close(fp8(h), expected, atol=1e-6, rtol=1e-5, name="MLA(latent_cache_fp8=True)")
+        # the cache holds what the attention read
+        from dsa_tutorial.mla import LatentCache
+
+        cache = LatentCache(TINY, 2)
+        fp8(h, cache=cache)
+        assert torch.equal(cache.c_kv, c_fp8)
+    with pytest.raises(TypeError, match="latent_cache_fp8 must be True or False"):
+        MLA(TINY, latent_cache_fp8=1)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def _reference_by_loops(q, cache, indices, scale):
+    """sparse_mla_decode_fp8 spelled out in float64 over the whole dequantised cache, head by head."""
+    kv = dequantize(cache).double().flatten(0, 2)  # [tokens, 576]
+    B, s_q, h, _ = q.shape
+    out = torch.zeros(B, s_q, h, 512, dtype=torch.float64)
+    lse = torch.full((B, s_q, h), math.inf, dtype=torch.float64)
+    for b in range(B):
+        for t in range(s_q):
+            chosen = [i for i in indices[b, t].tolist() if 0 <= i < kv.shape[0]]
+            if not chosen:
+                continue
+            for i in range(h):
+                scores = torch.stack([q[b, t, i].double() @ kv[j] for j in chosen]) * scale
+                lse[b, t, i] = torch.logsumexp(scores, 0)
+                out[b, t, i] = torch.exp(scores - lse[b, t, i]) @ kv[chosen, :512]
+    return out, lse
+
+
+def test_reference_equals_the_formula_spelled_out():
+    cache = quantize(random_latents(5, 16, seed=9))
+    q = torch.randn(2, 2, 3, 576).bfloat16()
+    indices = torch.stack([torch.randperm(80)[:13] for _ in range(4)]).int().view(2, 2, 13)
+    indices[0, 0, 3:6] = -1
+    indices[1, 1] = -1  # a row with nothing selected
+    out, lse = sparse_mla_decode_fp8(q, cache, indices, SCALE)
+    assert out.shape == (2, 2, 3, 512) and out.dtype == torch.float32 and lse.shape == (2, 2, 3)
+    ref_out, ref_lse = _reference_by_loops(q, cache, indices, SCALE)
+    compare.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    compare.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6)
+    assert bool((out[1, 1] == 0).all()) and bool(torch.isposinf(lse[1, 1]).all())
+    # lse is a natural log: one selected token gives lse = its score, and p = 1
+    one = torch.full((1, 1, 13), -1, dtype=torch.int32)
+    one[0, 0, 7] = 42
+    out1, lse1 = sparse_mla_decode_fp8(q[:1, :1], cache, one, SCALE)
+    kv42 = dequantize(cache).float().flatten(0, 2)[42]
+    compare.assert_close(lse1[0, 0], (q[0, 0].float() @ kv42) * SCALE, atol=1e-5, rtol=1e-6)
+    compare.assert_close(out1[0, 0], kv42[:512].expand(3, 512), atol=0, rtol=0)
+
+
+def test_reference_is_sparse_mla_attention_on_the_dequantised_cache():
+    # chapter 6's sparse attention over the same (dequantised) latents, with q = [q_abs | q_rope]
+    cache = quantize(random_latents(6, 64, seed=10))  # 384 tokens, one sequence
+    q = torch.randn(1, 2, 64, 576).bfloat16()
+    indices = torch.stack([torch.randperm(384)[:100] for _ in range(2)]).int()[None]
+    indices[0, 1, -9:] = -1
+    out, _ = sparse_mla_decode_fp8(q, cache, indices, SCALE)
+    kv = dequantize(cache).float().flatten(0, 2)[None]  # [1, S, 576]
+    q_abs, q_rope = q.float().split([512, 64], dim=-1)
+    o = sparse_mla_attention(q_abs, q_rope, kv[..., :512], kv[..., 512:], indices, SCALE)
+    # both float32, summing in other orders: scores up to ~30 agree to ~1e-5, p and out to ~1e-4 of max|out|
+    tolerance = dict(atol=2e-4 * o.abs().max().item(), rtol=1e-4, max_calc_diff=1e-10)
+    compare.assert_close(out, o, **tolerance)
+    # and the slot order does not matter
+    shuffled = indices[..., torch.randperm(100)]
+    compare.assert_close(sparse_mla_decode_fp8(q, cache, shuffled, SCALE)[0], out, **tolerance)
+    assert sparse_mla_decode_fp8(q, cache, indices, SCALE, d_v=576)[0].shape == (1, 2, 64, 576)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(indices=torch.tensor([[[0, 80]]], dtype=torch.int32)), ValueError, "indices must be <= 79"),
+    (dict(indices=torch.tensor([[[0, -2]]], dtype=torch.int32)), ValueError, ">= -1"),
+    (dict(indices=torch.tensor([[[5, 5]]], dtype=torch.int32)), ValueError, "repeat"),
+    (dict(indices=torch.tensor([[[0, 1]]])), TypeError, "int32"),
+    (dict(indices=torch.zeros(2, 1, 2, dtype=torch.int32)), ValueError, "B = 2"),
+    (dict(q=torch.randn(1, 1, 4, 512).bfloat16()), ValueError, "576"),
+    (dict(q=torch.randn(1, 1, 4, 576, dtype=torch.float64)), TypeError, "bfloat16 or float32"),
+    (dict(softmax_scale=-1.0), ValueError, "positive"),
+    (dict(d_v=0), ValueError, "d_v must be an int in"),
+    (dict(kv_cache=torch.zeros(5, 16, 1, 656, dtype=torch.uint8)), TypeError, "float8_e4m3fn"),
+    (dict(kv_cache=torch.zeros(5, 16, 1, 656, dtype=torch.float8_e4m3fn, device="meta")), ValueError,
+     "kv_cache must be on cpu"),
+])
+def test_reference_bad_input(bad, error, match):
+    args = dict(q=torch.randn(1, 1, 4, 576).bfloat16(), kv_cache=quantize(random_latents(5, 16)),
+                indices=torch.tensor([[[0, 1]]], dtype=torch.int32), softmax_scale=SCALE)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        sparse_mla_decode_fp8(**args)
+
+
+def test_an_empty_cache_or_selection_gives_zero_and_plus_inf():
+    q = torch.randn(1, 2, 4, 576).bfloat16()
+    empty = torch.zeros(0, 64, 1, 656, dtype=torch.float8_e4m3fn)
+    out, lse = sparse_mla_decode_fp8(q, empty, torch.full((1, 2, 3), -1, dtype=torch.int32), SCALE)
+    assert bool((out == 0).all()) and bool(torch.isposinf(lse).all())
+    nothing = torch.zeros(1, 2, 0, dtype=torch.int32)
+    out, lse = sparse_mla_decode_fp8(q, quantize(random_latents(2, 4)), nothing, SCALE)
+    assert out.shape == (1, 2, 4, 512) and bool((out == 0).all()) and bool(torch.isposinf(lse).all())
+
+
+# ----------------------------------------------------------------------------- the CUDA call's host side
+
+def _host_inputs(h=64, k=130, block_size=16, num_blocks=20):
+    q = torch.randn(2, 2, h, 576).bfloat16()
+    cache = quantize(random_latents(num_blocks, block_size, seed=11))
+    indices = torch.stack([torch.randperm(num_blocks * block_size)[:k] for _ in range(4)]).int().view(2, 2, k)
+    return q, cache, indices
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(h=96), ValueError, r"the kernels serve h in \[64, 128\] heads .*got h = 96"),
+    (dict(h=256), ValueError, "got h = 256"),
+    (dict(h=32), ValueError, "got h = 32"),
+])
+def test_cuda_host_checks_refuse_unsupported_heads(change, error, match):
+    q, cache, indices = _host_inputs(**change)
+    with pytest.raises(error, match=match):
+        lc.check_decode_inputs(q, cache, indices, SCALE, for_kernels=True)
+    lc.check_decode_inputs(q, cache, indices, SCALE)  # the reference takes any h
+
+
+def test_cuda_host_checks_on_the_cpu():
+    q, cache, indices = _host_inputs()
+    dims = lc.check_decode_inputs(q, cache, indices, SCALE, for_kernels=True)
+    assert dims == dict(B=2, s_q=2, h=64, k=130, num_blocks=20, block_size=16, block_stride=16 * 656)
+    with pytest.raises(TypeError, match="q must be bfloat16"):
+        lc.check_decode_inputs(q.float(), cache, indices, SCALE, for_kernels=True)
+    strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        lc.check_decode_inputs(strided_q, cache, indices, SCALE, for_kernels=True)
+    strided_indices = indices.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="indices must be contiguous"):
+        lc.check_decode_inputs(q, cache, strided_indices, SCALE, for_kernels=True)
+    with pytest.raises(ValueError, match="q must be on a CUDA device"):
+        lc.check_decode_inputs(q, cache, indices, SCALE, for_kernels=True, cuda=True)
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
+    # outputs: made when not given, checked when given
+    out, lse = lc._outputs(dims, None, None, "cpu")
+    assert out.shape == (2, 2, 64, 512) and out.dtype == torch.bfloat16 and lse.shape == (2, 2, 64)
+    with pytest.raises(ValueError, match=r"out must have shape \[2, 2, 64, 512\]"):
+        lc._outputs(dims, torch.empty(2, 2, 64, 576, dtype=torch.bfloat16), None, "cpu")
+    with pytest.raises(TypeError, match="out must be bfloat16"):
+        lc._outputs(dims, torch.empty(2, 2, 64, 512), None, "cpu")
+    with pytest.raises(TypeError, match="lse must be float32"):
+        lc._outputs(dims, None, torch.empty(2, 2, 64, dtype=torch.float64), "cpu")
+    with pytest.raises(ValueError, match="lse must be contiguous"):
+        lc._outputs(dims, None, torch.empty(2, 64, 2).transpose(1, 2), "cpu")
+
+
+def test_kernel_choice_and_its_reasons():
+    q, cache, indices = _host_inputs()
+    out = torch.empty(2, 2, 64, 512, dtype=torch.bfloat16)
+    assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None}
+    assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 2
+    # a cache 8 bytes past a 16-byte boundary, a block stride that is not a multiple of 16: kernel 1 only
+    buffer = torch.zeros(20 * 16 * 656 + 8, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    shifted = buffer[8:].view(20, 16, 1, 656)
+    why = lc._why_not(q, shifted, out, 16 * 656, 227 * 1024)
+    assert "kv_cache must start on a 16-byte boundary" in why[2] and why[1] is None
+    assert TABLE.choose(None, why).version == 1
+    with pytest.raises(ValueError, match="kernel 2 of cuda/sparse_mla_decode_fp8.cu .* 16-byte boundary"):
+        TABLE.choose(2, why)
+    odd_stride = torch.zeros(3, 16 * 656 + 4, dtype=torch.uint8).view(torch.float8_e4m3fn)[:, :16 * 656]
+    odd_stride = odd_stride.view(3, 16, 1, 656)
+    assert lc.check_cache(odd_stride)["block_stride"] == 16 * 656 + 4
+    assert "multiple of 16" in lc._why_not(q, odd_stride, out, 16 * 656 + 4, 227 * 1024)[2]
+    small = lc._why_not(q, cache, out, 16 * 656, 100 * 1024)  # a GPU with 100 KiB a block
+    assert "shared memory" in small[1] and "shared memory" in small[2]
+    with pytest.raises(ValueError, match="no kernel of cuda/sparse_mla_decode_fp8.cu runs these inputs"):
+        TABLE.choose(None, small)
+
+
+@pytest.mark.parametrize("n_rows, n_heads, k, n_sms, expected", [
+    (256, 128, 2048, 132, (1, 32)),  # the benchmark: 512 blocks already fill the SMs
+    (64, 128, 2048, 132, (1, 32)),   # 128 blocks: one wave already (2 splits would make two)
+    (33, 128, 2048, 132, (2, 16)),   # 66 blocks: 2 splits fill one wave
+    (1, 128, 2048, 132, (16, 2)),    # 2 blocks: 16 splits of 2 tiles (66 would fit)
+    (4, 128, 2048, 132, (16, 2)),    # 8 blocks: 16 splits fit
+    (6, 128, 2048, 132, (11, 3)),    # 12 blocks: 11 fit, 3 tiles each
+    (1, 64, 700, 132, (4, 3)),       # 11 tiles (the last ragged): at most 5 splits of 2, so 3 tiles a split
+    (1, 64, 128, 132, (1, 2)),       # 2 tiles: too few to split
+    (1, 64, 64, 132, (1, 1)),
+    (1, 64, 0, 132, (1, 1)),
+])
+def test_split_count_from_the_shapes(n_rows, n_heads, k, n_sms, expected):
+    n_splits, per_split = lc.decode_splits(n_rows, n_heads, k, n_sms)
+    assert (n_splits, per_split) == expected
+    n_tiles = max(1, math.ceil(k / 64))
+    assert (n_splits - 1) * per_split < n_tiles <= n_splits * per_split  # every split has a tile
+    assert n_splits == 1 or (per_split >= TABLE.defines()["SPLIT_MIN_TILES"]
+                             and n_splits * n_rows * n_heads // 64 <= n_sms)  # one wave
+
+
+def _recorded(monkeypatch) -> list:
+    launches = []
+    def record(source, entry, grid, block, args, shared_mem=0):
+        launches.append((source, entry, grid if isinstance(grid, int) else tuple(grid), block, tuple(args),
+                         shared_mem))
+
+    monkeypatch.setattr(kernels, "launch", record)
+    return launches
+
+
+def test_launch_geometry_and_arguments(monkeypatch):
+    launches = _recorded(monkeypatch)
+    q, cache, indices = _host_inputs(h=128, k=700, num_blocks=50)
+    view = strided(cache, extra_rows=2)
+    out, lse = torch.empty(2, 2, 128, 512, dtype=torch.bfloat16), torch.empty(2, 2, 128)
+    d = TABLE.defines()
+    lc._launch(1, q, view, indices, SCALE, out, lse, 132, view.stride(0))
+    (source, entry, grid, block, args, smem), = launches
+    assert (source, entry) == ("sparse_mla_decode_fp8", "sparse_mla_decode_fp8_simt")
+    assert (grid, block, smem) == ((4, 4), 256, d["SIMT_SMEM_BYTES"])
+    assert args[1] == view.data_ptr() and args[1] != cache.data_ptr()  # the strided cache by its address
+    assert args[5:10] == (128, 700, 50, 16, 18 * 656) and args[2] is indices and args[3] is out
+    launches.clear()
+    # kernel 2 at 4 rows x 2 head groups = 8 blocks: split (11 tiles: 4 splits of <= 3), then the combine
+    lc._launch(2, q, view, indices, SCALE, out, lse, 132, view.stride(0))
+    (_, entry, grid, block, args, smem), (_, combine, c_grid, c_block, c_args, c_smem) = launches
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_mma", (4, 2, 4), 256, d["MMA_SMEM_BYTES"])
+    o_partial, lse_partial = args[5], args[6]
+    assert o_partial.shape == (4, 4, 128, 512) and lse_partial.shape == (4, 4, 128)
+    assert args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
+    assert (combine, c_grid, c_block, c_smem) == (lc.COMBINE_ENTRY, 4 * 128 // 4, 128, 0)
+    assert c_args[0] is o_partial and c_args[1] is lse_partial and c_args[2:] == (out, lse, 4 * 128, 4)
+    launches.clear()
+    # no split at 132 blocks or more: one launch, straight into out and lse
+    lc._launch(2, q, view, indices, SCALE, out, lse, 8, view.stride(0))
+    (_, entry, grid, _, args, _), = launches
+    assert grid == (4, 2, 1) and args[3] is out and args[4] is lse and args[12] == 11
+    assert args[5] == args[6] == 0  # no workspace
+
+
+def test_cuda_call_checks_before_any_launch(monkeypatch):
+    launches = _recorded(monkeypatch)
+    q, cache, indices = _host_inputs()
+    with pytest.raises(ValueError):
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
+    with pytest.raises(ValueError):
+        sparse_mla_decode_fp8_cuda(q[:, :, :32].contiguous(), cache, indices, SCALE)
+    assert launches == []
+
+
+# ----------------------------------------------------------------------------- kernel 2 on the CPU
+# A numpy emulation of sparse_mla_decode_fp8_mma (cuda/sparse_mla_decode_fp8.cu, kernel 2) and of the combine
+# kernel: its shared memory as one byte array laid out as the .cu carves it (Q, two raw stages, the bf16 tile,
+# the valid flags), the cp.async gather of 656-byte rows by 4 threads a token from a strided cache, the
+# dequantisation into the swizzled bf16 tile, P and the row-max exchange written into the consumed raw stage,
+# the sums in the bf16 tile after the loop, and the split writes. Phases run warp by warp between the kernel's
+# barriers; memory that the kernel considers free is poisoned (0xFF bytes: NaN as bf16 and float32), so a read
+# of anything not written in the right phase shows as NaN. The mma fragments, ldmatrix addressing and swizzle
+# helpers are those of the emulation of sparse_mla_attention_mma (tests/test_sparse_attention.py), whose
+# expressions kernel 2 shares.
+
+from tests.test_sparse_attention import _G, _LANE, _T, _bf16, _ldmatrix_x4, _mma, _swizzled  # noqa: E402
+
+D = TABLE.defines()
+
+
+def _as(smem, offset, count, dtype):
+    """count values of `dtype` at byte `offset` of the shared-memory bytes, as float64 numpy (a copy)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return smem[offset:offset + count * size].view(dtype).double().numpy()
+
+
+def _put(smem, offset, values, dtype):
+    """Write float values as `dtype` at byte `offset`."""
+    data = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(dtype).view(torch.uint8)
+    smem[offset:offset + data.numel()] = data
+
+
+def _token_row(s, num_blocks, block_size, block_stride):
+    """cuda: token_row, as a byte offset into the cache (None for an unused slot)."""
+    if s < 0 or s // block_size >= num_blocks:
+        return None
+    return (s // block_size) * block_stride + (s % block_size) * 656
+
+
+def _emulate_mma_block(q_rows, cache_bytes, num_blocks, block_size, block_stride, index_row, split,
+                       tiles_per_split, n_splits, scale):
+    """One block of kernel 2 (one query row, 64 heads, one split): returns (o [64, 512], lse [64]) as it
+    writes them, o rounded to bf16 when n_splits == 1 (then into out), float32 otherwise (into o_partial)."""
+    Q, RAW, KV = D["Q_SMEM_BYTES"], D["RAW_STAGE_BYTES"], D["KV_SMEM_BYTES"]
+    LC, P_BYTES, TILE, HEADS = D["L_CHUNKS"], D["P_BYTES"], D["MMA_TILE"], D["MMA_HEADS"]
+    raw_at, kv_at, valid_at = Q, Q + 2 * RAW, Q + 2 * RAW + KV
+    smem = torch.full((D["MMA_SMEM_BYTES"],), 0xFF, dtype=torch.uint8)  # never-written memory reads as NaN
+    k = len(index_row)
+    for r in range(HEADS):  # the queries, swizzled (all 64 heads exist: h is a multiple of 64)
+        for c in range(LC):
+            _put(smem, 2 * _swizzled(r, c, LC), q_rows[r, 8 * c:8 * c + 8], torch.bfloat16)
+
+    def load_tile(tile, stage):
+        for tid in range(D["MMA_THREADS"]):
+            r, part = tid // D["LOADERS"], tid % D["LOADERS"]
+            j = tile * TILE + r
+            token = _token_row(index_row[j] if j < k else -1, num_blocks, block_size, block_stride)
+            dst = raw_at + stage * RAW + r * 656
+            for c in range(part, D["RAW_CHUNKS"], D["LOADERS"]):
+                smem[dst + 16 * c:dst + 16 * c + 16] = (cache_bytes[token + 16 * c:token + 16 * c + 16]
+                                                        if token is not None else 0)
+            if part == 0:
+                _put(smem, valid_at + 4 * (stage * TILE + r), [token is not None], torch.int32)
+
+    def dequantize_tile(stage):
+        for i in range(TILE * LC):
+            r, c = i // LC, i % LC
+            token = raw_at + stage * RAW + r * 656
+            if c < D["NOPE_CHUNKS"]:
+                values = smem[token + 8 * c:token + 8 * c + 8].view(torch.float8_e4m3fn).float()
+                scale_c = smem[token + 512 + 4 * (8 * c // 128):][:4].view(torch.float32)
+                chunk = (values * scale_c).bfloat16().view(torch.uint8)
+            else:
+                chunk = smem[token + 528 + 16 * (c - 64):][:16].clone()
+            smem[kv_at + 2 * _swizzled(r, c, LC):][:16] = chunk
+
+    o = np.zeros((8, 32, 32, 4))
+    row_max, row_sum = np.full((8, 32, 2), -np.inf), np.zeros((8, 32, 2))
+    scale_log2 = np.float32(scale) * np.float32(1.4426950408889634)
+    n_tiles = (k + TILE - 1) // TILE
+    first, last = split * tiles_per_split, min(split * tiles_per_split + tiles_per_split, n_tiles)
+    if first < last:
+        load_tile(first, 0)
+    for tile in range(first, last):
+        stage = (tile - first) % 2
+        if tile + 1 < last:
+            load_tile(tile + 1, stage ^ 1)
+        smem[kv_at:kv_at + KV] = 0xFF  # overwritten whole by the dequantisation
+        dequantize_tile(stage)
+        smem[raw_at + stage * RAW:raw_at + (stage + 1) * RAW] = 0xFF  # (D): the consumed stage is free
+        p_at, row_at = raw_at + stage * RAW, raw_at + stage * RAW + P_BYTES
+        q_mem = _as(smem, 0, HEADS * 576, torch.bfloat16)
+        kv_mem = _as(smem, kv_at, TILE * 576, torch.bfloat16)
+        valid = _as(smem, valid_at + 4 * stage * TILE, TILE, torch.int32)
+        scores, tile_max = np.zeros((8, 4, 32, 4)), np.full((8, 32, 2), -np.inf)
+        for warp in range(8):  # 1. scores and the row maxima into row_s, up to (B)
+            mt, half = warp % 4, warp // 4
+            for kk in range(576 // 16):
+                a = _ldmatrix_x4(q_mem, _swizzled(16 * mt + _LANE % 16, 2 * kk + _LANE // 16, LC))
+                for n_pair in range(2):
+                    key_rows = 32 * half + 16 * n_pair + _LANE % 8 + 8 * (_LANE // 16)
+                    kb = _ldmatrix_x4(kv_mem, _swizzled(key_rows, 2 * kk + (_LANE // 8) % 2, LC))
+                    _mma(scores[warp, 2 * n_pair], a, kb[0], kb[1])
+                    _mma(scores[warp, 2 * n_pair + 1], a, kb[2], kb[3])
+            for n in range(4):
+                for e in range(4):
+                    used = valid[32 * half + 8 * n + 2 * _T + e % 2] != 0
+                    scores[warp, n, :, e] = np.where(used, scores[warp, n, :, e] * scale_log2, -np.inf)
+                    tile_max[warp, :, e // 2] = np.maximum(tile_max[warp, :, e // 2], scores[warp, n, :, e])
+            tile_max[warp] = tile_max[warp].reshape(8, 4, 2).max(1).repeat(4, 0)  # the quad's shuffles
+            for r in range(2):
+                for lane in range(0, 32, 4):  # t == 0
+                    at = row_at + 4 * (half * HEADS + 16 * mt + _G[lane] + 8 * r)
+                    _put(smem, at, [tile_max[warp, lane, r]], torch.float32)
+        for warp in range(8):  # 2, 3. the shared max, P in bf16, up to (C)
+            mt, half = warp % 4, warp // 4
+            m_use = np.zeros((32, 2))
+            for r in range(2):
+                other = _as(smem, row_at + 4 * ((half ^ 1) * HEADS + 16 * mt + 8 * r), 8, torch.float32)[_G]
+                assert not np.isnan(other).any(), "row_s read before it was written"
+                new_max = np.maximum(row_max[warp, :, r], np.maximum(tile_max[warp, :, r], other))
+                m_use[:, r] = np.where(new_max == -np.inf, 0.0, new_max)
+                alpha = np.exp2(row_max[warp, :, r] - m_use[:, r])
+                row_max[warp, :, r] = new_max
+                row_sum[warp, :, r] *= alpha
+                o[warp, :, :, 2 * r:2 * r + 2] *= alpha[None, :, None]
+            for n in range(4):
+                p = _bf16(np.exp2(scores[warp, n] - m_use[:, [0, 0, 1, 1]]))  # [32, 4]
+                row_sum[warp] += p.reshape(32, 2, 2).sum(-1)
+                for r in range(2):
+                    for lane in range(32):
+                        at = _swizzled(16 * mt + _G[lane] + 8 * r, 4 * half + n, D["P_CHUNKS"]) + 2 * _T[lane]
+                        _put(smem, p_at + 2 * at, p[lane, 2 * r:2 * r + 2], torch.bfloat16)
+        p_mem = _as(smem, p_at, HEADS * TILE, torch.bfloat16)
+        assert not np.isnan(p_mem).any(), "P not fully written"
+        for warp in range(8):  # 4. o += P V
+            mt, half = warp % 4, warp // 4
+            for kk in range(TILE // 16):
+                a = _ldmatrix_x4(p_mem, _swizzled(16 * mt + _LANE % 16, 2 * kk + _LANE // 16, D["P_CHUNKS"]))
+                for n_pair in range(16):
+                    vb = _ldmatrix_x4(kv_mem, _swizzled(16 * kk + _LANE % 8 + 8 * ((_LANE // 8) % 2),
+                                                        32 * half + 2 * n_pair + _LANE // 16, LC), trans=True)
+                    _mma(o[warp, 2 * n_pair], a, vb[0], vb[1])
+                    _mma(o[warp, 2 * n_pair + 1], a, vb[2], vb[3])
+    # after the loop: the sums exchanged through the bf16 tile's memory
+    smem[kv_at:kv_at + KV] = 0xFF
+    quad = row_sum.reshape(8, 8, 4, 2).sum(2).repeat(4, 1)  # [warp, lane, 2]
+    for warp in range(8):
+        mt, half = warp % 4, warp // 4
+        for r in range(2):
+            for lane in range(0, 32, 4):
+                at = kv_at + 4 * (half * HEADS + 16 * mt + _G[lane] + 8 * r)
+                _put(smem, at, [quad[warp, lane, r]], torch.float32)
+    out, lse = np.full((HEADS, 512), np.nan), np.full(HEADS, np.nan)
+    whole = n_splits == 1
+    for warp in range(8):
+        mt, half = warp % 4, warp // 4
+        for r in range(2):
+            total = quad[warp, :, r] + _as(smem, kv_at + 4 * ((half ^ 1) * HEADS + 16 * mt + 8 * r), 8,
+                                           torch.float32)[_G]
+            inv_sum = np.where(total > 0, 1 / np.where(total > 0, total, 1), 0.0)
+            log2_total = np.log2(np.where(total > 0, total, 1))
+            row_lse = np.where(total > 0, (row_max[warp, :, r] + log2_total) * math.log(2),
+                               np.inf if whole else -np.inf)
+            for lane in range(32):
+                head = 16 * mt + _G[lane] + 8 * r
+                values = o[warp, :, lane, 2 * r:2 * r + 2] * inv_sum[lane]  # [32 n, 2]
+                columns = 256 * half + 8 * np.arange(32)[:, None] + 2 * _T[lane] + np.arange(2)
+                assert np.isnan(out[head, columns]).all(), "written twice"
+                out[head, columns] = _bf16(values) if whole else values
+                if half == 0 and _T[lane] == 0:
+                    lse[head] = row_lse[lane]
+    return out, lse
+
+
+def _emulate_combine(o_partial, lse_partial):
+    """sparse_mla_decode_fp8_combine for one (row, head): o_partial [n_splits, 512], lse_partial [splits]."""
+    m = lse_partial.max()
+    if m == -np.inf:
+        return np.zeros(512), np.inf
+    total_lse = m + np.log(np.exp(lse_partial - m).sum())
+    return _bf16((np.exp(lse_partial - total_lse)[:, None] * o_partial).sum(0)), total_lse
+
+
+def test_mma_kernel_emulated_on_the_cpu():
+    """Kernel 2's gather from a strided cache, dequantisation, shared-memory plan, lse and split + combine,
+    emulated: equal to the reference to the kernel's tolerance (P in bf16, out in bf16)."""
+    gen = torch.Generator().manual_seed(12)
+    num_blocks, block_size, k = 9, 16, 150  # 144 tokens; 3 tiles, the last ragged (22 slots)
+    cache = strided(quantize(random_latents(num_blocks, block_size, seed=13)), extra_rows=3)
+    cache_bytes = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())[cache.storage_offset():]
+    q = torch.randn(1, 1, 64, 576, generator=gen).bfloat16()
+    indices = torch.randperm(144, generator=gen)[:k].int()
+    indices[:40] = -1  # the first tile's first 40 slots unused
+    indices[-3] = -1
+    wild = indices.clone()  # unused slots written as values outside [0, 144): ignored like -1
+    wild[:5] = torch.tensor([144, 10**6, INT32_MAX, INT32_MIN, -7], dtype=torch.int32)
+    ref_out, ref_lse = sparse_mla_decode_fp8(q, cache, indices[None, None], SCALE)
+    ref_out, ref_lse = ref_out[0, 0], ref_lse[0, 0]
+    q_rows = q[0, 0].float().numpy()
+    args = (q_rows, cache_bytes, num_blocks, block_size, cache.stride(0))
+    tolerance = dict(atol=1e-2 * ref_out.abs().max().item(), rtol=1e-2, max_calc_diff=1e-5)
+    whole_out, whole_lse = _emulate_mma_block(*args, wild.tolist(), 0, 3, 1, SCALE)
+    compare.assert_close(torch.from_numpy(whole_out), ref_out, **tolerance, name="emulated kernel 2")
+    compare.assert_close(torch.from_numpy(whole_lse), ref_lse, atol=4e-3, name="emulated kernel 2 lse")
+    # two splits ([0, 2) and [2, 3) of the 3 tiles), merged by the combine
+    parts = [_emulate_mma_block(*args, wild.tolist(), s, 2, 2, SCALE) for s in range(2)]
+    o_partial, lse_partial = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+    merged = [_emulate_combine(o_partial[:, i], lse_partial[:, i]) for i in range(64)]
+    merged_out = torch.tensor(np.stack([m[0] for m in merged]))
+    merged_lse = torch.tensor([m[1] for m in merged])
+    compare.assert_close(merged_out, ref_out, **tolerance, name="split + combine")
+    compare.assert_close(merged_lse, ref_lse, atol=4e-3, name="split + combine lse")
+    # a split whose slots are all unused: o = 0, lse = -inf (no weight in the combine); all empty: 0, +inf
+    empty = [-1] * 64 + wild.tolist()[64:]
+    o0, lse0 = _emulate_mma_block(*args, empty, 0, 1, 3, SCALE)
+    assert (o0 == 0).all() and np.isneginf(lse0).all()
+    assert _emulate_combine(np.zeros((3, 512)), np.full(3, -np.inf))[1] == np.inf
+    none_out, none_lse = _emulate_mma_block(*args, [-1] * 70, 0, 2, 1, SCALE)
+    assert (none_out == 0).all() and np.isposinf(none_lse).all()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _case(B, s_q, h, k, block_size, *, stride=False, seed=0):
+    """q, the FP8 cache (strided when asked) and distinct random indices: the last 3 slots of row 0 unused,
+    row 1 (when there is one) with nothing selected, row 2 with its first slots unused (a whole tile, and
+    for k = 2048 whole splits, of -1)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_tokens = max(2 * k, 300)
+    num_blocks = -(-n_tokens // block_size)
+    cache = quantize(random_latents(num_blocks, block_size, seed=seed, device="cuda"))
+    if stride:
+        cache = strided(cache, extra_rows=3)
+    q = torch.randn(B, s_q, h, 576, generator=gen, device="cuda").bfloat16()
+    rows = B * s_q
+    indices = torch.rand(rows, num_blocks * block_size, generator=gen, device="cuda").argsort(-1)[:, :k].int()
+    indices[0, -3:] = -1
+    if rows > 1:
+        indices[1] = -1
+    if rows > 2:
+        indices[2, :min(k - 4, 1100)] = -1
+    return q, cache, indices.view(B, s_q, k).contiguous()
+
+
+def _reference(q, cache, indices):
+    """The float32 reference on the same device (the suite's data checks: indices in range, distinct)."""
+    return sparse_mla_decode_fp8(q, cache, indices, SCALE)
+
+
+# Tolerances, against the float32 reference on the same FP8 cache (dequantisation is exact in both):
+# * kernel 1 is float32 throughout (576-term dots, online softmax in another order: ~1e-6 relative), then
+#   rounds out to bf16 (relative error <= 2^-9 of each value): rtol 2^-8, atol 1e-4 of max|ref|. lse stays
+#   float32: atol 1e-4 (lse ~ 10, float32 sums of up to 2048 terms).
+# * kernel 2 computes the scores like kernel 1 (float32 accumulation of exact bf16 products) but rounds
+#   p = exp(score - max) to bf16 before P V and sums the rounded values (as sparse_mla_attention_mma, whose
+#   test explains the bound): out within 1e-2 of max|ref| (plus calc_diff <= 1e-5 against a systematic
+#   error); each p off by <= 2^-9 relative moves the sum, and lse, by at most 2^-9 ~ 2e-3: atol 4e-3. The
+#   combine adds float32 work only.
+def _tolerances(version, ref_out):
+    scale = ref_out.abs().max().item()
+    if version == 1:
+        return dict(atol=1e-4 * scale, rtol=2**-8), dict(atol=1e-4, rtol=1e-5)
+    return dict(atol=1e-2 * scale, rtol=1e-2, max_calc_diff=1e-5), dict(atol=4e-3, rtol=0)
+
+
+def _check(version, out, lse, ref_out, ref_lse, name):
+    out_tol, lse_tol = _tolerances(version, ref_out)
+    compare.assert_close(out.float(), ref_out.to(out.device), **out_tol, name=f"{name}: out")
+    compare.assert_close(lse, ref_lse.to(lse.device), **lse_tol, name=f"{name}: lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", TABLE.versions)
+@pytest.mark.parametrize("block_size", [64, 16])
+@pytest.mark.parametrize("k", [64, 128, 2048])
+@pytest.mark.parametrize("h", [64, 128])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("B", [1, 3])
+def test_sparse_mla_decode_fp8_cuda(B, s_q, h, k, block_size, kernel):
+    stride = block_size == 16 or B == 3
+    seed = B * 1000 + s_q * 100 + h + k + block_size
+    q, cache, indices = _case(B, s_q, h, k, block_size, stride=stride, seed=seed)
+    out = compare.poisoned((B, s_q, h, 512), torch.bfloat16)
+    lse = compare.poisoned((B, s_q, h), torch.float32)
+    got = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=kernel, out=out, lse=lse)
+    assert got[0] is out and got[1] is lse
+    ref_out, ref_lse = _reference(q, cache, indices)
+    _check(kernel, out, lse, ref_out, ref_lse, f"kernel {kernel} B={B} s_q={s_q} h={h} k={k} bs={block_size}")
+    if B * s_q > 1:  # the row with nothing selected
+        assert bool((out.view(-1, h, 512)[1] == 0).all()) and bool(torch.isposinf(lse.view(-1, h)[1]).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", TABLE.versions)
+@pytest.mark.parametrize("B, s_q, h, k, block_size", [(1, 1, 128, 700, 64), (2, 2, 64, 1000, 1),
+                                                      (1, 3, 64, 100, 7), (5, 1, 128, 33, 64)])
+def test_ragged_selections_and_odd_block_sizes(B, s_q, h, k, block_size, kernel):
+    # k not a multiple of the 64-slot tile, block_size 1 and 7, s_q = 3; (1, 1, 128, 700) runs kernel 2 split
+    q, cache, indices = _case(B, s_q, h, k, block_size, stride=True, seed=k + block_size)
+    out = compare.poisoned((B, s_q, h, 512), torch.bfloat16)
+    lse = compare.poisoned((B, s_q, h), torch.float32)
+    sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=kernel, out=out, lse=lse)
+    _check(kernel, out, lse, *_reference(q, cache, indices), f"kernel {kernel} k={k} block_size={block_size}")
+
+
+@pytest.mark.gpu
+def test_the_split_path_is_taken_and_the_default_is_kernel_2():
+    q, cache, indices = _case(1, 2, 128, 2048, 64, seed=3)
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    assert lc.decode_splits(2, 128, 2048, n_sms)[0] > 1  # this shape runs kernel 2 split, then the combine
+    with kernels.recording_launches() as launches:
+        default = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
+    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_mma", lc.COMBINE_ENTRY]
+    explicit = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=2)
+    assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])  # deterministic
+    _check(2, *default, *_reference(q, cache, indices), "default call, split")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", TABLE.versions)
+@pytest.mark.parametrize("k", [128, 2048])
+def test_wild_indices_with_data_checks_off_are_never_read(kernel, k):
+    """Data checks off (the default): indices outside [0, num_blocks * block_size) reach the kernels unchecked
+    and must count as unused slots: the result equals the reference with those slots set to -1.
+    compute-sanitizer runs benchmarks/sanitize_latent_cache.py with such values too."""
+    q, cache, indices = _case(3, 2, 64, k, 16, stride=True, seed=k)
+    n_tokens = cache.shape[0] * cache.shape[1]
+    ref_out, ref_lse = _reference(q, cache, indices)
+    wild = indices.clone().view(6, k)
+    wild[0, -3:] = torch.tensor([n_tokens, n_tokens + 10**6, INT32_MAX], dtype=torch.int32)
+    wild[1, ::2] = INT32_MIN  # the row with nothing selected
+    wild[1, 1::2] = -7
+    wild[2, :64] = n_tokens  # a whole tile of the row whose first slots are unused
+    wild = wild.view_as(indices)
+    with checks.data_checks(False):
+        out, lse = sparse_mla_decode_fp8_cuda(q, cache, wild, SCALE, kernel=kernel)
+        # the reference with checks off on the GPU drops the same slots
+        gpu_out, gpu_lse = sparse_mla_decode_fp8(q, cache, wild, SCALE)
+    _check(kernel, out, lse, ref_out, ref_lse, f"kernel {kernel}, wild indices")
+    compare.assert_close(gpu_out.cpu(), ref_out, atol=1e-4 * ref_out.abs().max().item(), rtol=1e-4,
+                         name="reference on the GPU, unchecked wild indices")
+    with checks.data_checks(True), pytest.raises(ValueError, match="indices must be"):
+        sparse_mla_decode_fp8_cuda(q, cache, wild, SCALE, kernel=kernel)
+
+
+@pytest.mark.gpu
+def test_gpu_bad_input_and_fallback():
+    q, cache, indices = _case(2, 1, 64, 64, 64, seed=4)
+    with pytest.raises(ValueError, match="h in \\[64, 128\\]"):
+        sparse_mla_decode_fp8_cuda(q[:, :, :32].contiguous(), cache, indices, SCALE)
+    with pytest.raises(ValueError, match="CUDA"):
+        sparse_mla_decode_fp8_cuda(q, cache, indices.cpu(), SCALE)
+    with pytest.raises(ValueError, match="kernel must be None or a version of cuda/sparse_mla_decode_fp8.cu"):
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+    with pytest.raises(ValueError, match="out must have shape"):
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, out=torch.empty(2, 1, 64, 511, device="cuda"))
+    # a cache 8 bytes past a 16-byte boundary: kernel 2 refuses it, None falls back to kernel 1
+    buffer = torch.empty(cache.numel() + 8, dtype=torch.uint8, device="cuda")
+    shifted = buffer[8:].view(cache.shape).view(torch.float8_e4m3fn)
+    shifted.copy_(cache)
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE, kernel=2)
+    with kernels.recording_launches() as launches:
+        out, lse = sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE)
+    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_simt"]
+    _check(1, out, lse, *_reference(q, cache, indices), "kernel 1 on an unaligned cache")
+    # nothing selectable: zeros and +inf without a launch
+    with kernels.recording_launches() as launches:
+        out, lse = sparse_mla_decode_fp8_cuda(q, cache, indices[..., :0].contiguous(), SCALE)
+    assert launches == [] and bool((out == 0).all()) and bool(torch.isposinf(lse).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [None, 1, 2])
+@pytest.mark.parametrize("B", [1, 64])  # kernel 2 split (1 row) and whole (64 rows)
+def test_no_host_synchronisation(kernel, B):
+    q, cache, indices = _case(B, 2, 128, 2048, 64, seed=5)
+    sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=kernel)  # compile and load first
+    torch.cuda.synchronize()
+    with checks.data_checks(False):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, lse = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=kernel)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _check(2 if kernel != 1 else 1, out, lse, *_reference(q, cache, indices), f"kernel {kernel}, no sync")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 64])
+def test_a_cuda_graph_replays_the_call(B):
+    q, cache, indices = _case(B, 2, 128, 2048, 64, stride=True, seed=6)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)  # warm-up: compile, load, size the pools
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with checks.data_checks(False), torch.cuda.graph(graph):
+        graph_out, graph_lse = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
+    for seed in (7, 8):  # new data in the same buffers
+        fresh_q, fresh_cache, fresh_indices = _case(B, 2, 128, 2048, 64, stride=True, seed=seed)
+        q.copy_(fresh_q)
+        cache.copy_(fresh_cache)
+        indices.copy_(fresh_indices)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_out, eager_lse = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
+        assert torch.equal(graph_out, eager_out) and torch.equal(graph_lse, eager_lse)
+        _check(2, graph_out, graph_lse, *_reference(q, cache, indices), f"graph replay, inputs {seed}")
