@@ -8,6 +8,7 @@ each with the work it did. The figures read those files, so they render anywhere
     kernel_results("index_scores")       the JSON of one operation
     progression("index_scores")          kernels 1..N of one operation against baseline and ceiling
     roofline()                           every operation's default kernel on the chip's roofline
+    layer_cost()                         dense against DSA attention per token, 4K to 128K (layer.json)
 
 Rates are quoted against the ceiling each row names: "copy" (bytes moved per second against the
 device-to-device copy), "bf16" or "fp8" (FLOP/s against the dense GEMM of that type).
@@ -18,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "roofline"]
+__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "roofline", "layer_results", "layer_cost"]
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "data" / "kernels"
 
@@ -142,5 +143,49 @@ def roofline(operations: tuple[str, ...] = OPERATIONS, directory: Path | None = 
         right.text(value + 1, len(bars) - 1 - i, f"{value:.0f}%", va="center", fontsize=6)
     devices = sorted({d["environment"]["device"] for d in loaded.values()})
     fig.suptitle(f"Every operation's public call on {', '.join(devices)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def layer_results(directory: Path | None = None) -> dict:
+    """What benchmarks/layer.py measured: book/data/layer.json."""
+    path = Path(directory or RESULTS_DIR.parent) / "layer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no layer measurements at {path}: run benchmarks/layer.py on a GPU")
+    return json.loads(path.read_text())
+
+
+def layer_cost(directory: Path | None = None):
+    """Time per token against context length, prefill and decode side by side: dense attention as a
+    line, DSA as stacked components (indexer, top-k, sparse attention), and the chained DSA call as
+    a dashed line (the components timed alone do not include what chaining them costs or saves).
+    Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    data = layer_results(directory)
+    rows = data["lengths"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"indexer": "#3b75af", "topk": "#8fb8de", "attention": "#4c7a00"}
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        per = [row["L"] if phase == "prefill" else data["decode_batch"] for row in rows]
+        have = [row for row in rows if "dsa" in row[phase]]
+        lengths = [row["L"] for row in rows]
+        ax.plot(lengths, [row[phase]["dense"]["total_us"] / n for row, n in zip(rows, per)], "o-", color="black",
+                label="dense")
+        if have:
+            x = [row["L"] for row in have]
+            n = [row["L"] if phase == "prefill" else data["decode_batch"] for row in have]
+            parts = [[row[phase]["dsa"][f"{part}_us"] / m for row, m in zip(have, n)] for part in colors]
+            ax.stackplot(x, *parts, colors=list(colors.values()), labels=[f"DSA: {p}" for p in colors], alpha=0.85)
+            ax.plot(x, [row[phase]["dsa"]["total_us"] / m for row, m in zip(have, n)], "k--", lw=1,
+                    label="DSA, chained")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{L // 1024}K" for L in lengths])
+        unit = "per token" if phase == "prefill" else f"per token (batch {data['decode_batch']})"
+        ax.set(xlabel="context length L", ylabel=f"µs {unit}", title=phase)
+        ax.legend(fontsize=7, loc="upper left")
+    env = data["environment"]
+    fig.suptitle(f"Attention of one V3.2 layer, k = {data['topk']}: {env['device']}, torch {env['torch']}, "
+                 f"{env['date']}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -67,3 +67,25 @@ def test_every_operation_with_a_kernel_table_has_a_name_in_the_figures():
     from dsa_tutorial import kernels
 
     assert sorted(figures.OPERATIONS) == sorted(kernels.kernel_names())
+
+
+def test_layer_cost_draws_dense_and_stacked_dsa(tmp_path):
+    def phase(L, dsa=True):
+        parts = {"dense": {"total_us": 4.0 * L, "peak_bytes": 1}}
+        if dsa:
+            parts["dsa"] = {"indexer_us": 1.0 * L, "topk_us": 0.5 * L, "attention_us": 1.5 * L, "total_us": 3.2 * L,
+                            "peak_bytes": 1}
+        return parts
+
+    rows = [{"L": L, "prefill": phase(L, dsa=L > 4096), "decode": phase(L)} for L in (4096, 8192, 16384)]
+    payload = {"decode_batch": 32, "topk": 2048, "environment": {"device": "a test GPU", "torch": "x", "date": "d"},
+               "lengths": rows}
+    (tmp_path / "layer.json").write_text(json.dumps(payload))
+    fig = figures.layer_cost(directory=tmp_path)
+    prefill, decode = fig.axes
+    assert len(prefill.collections) == 3 and len(decode.collections) == 3  # indexer, top-k, attention
+    dense = prefill.lines[0]
+    assert list(dense.get_ydata()) == [4.0, 4.0, 4.0]  # per token: total / L
+    assert list(decode.lines[0].get_ydata()) == [4.0 * L / 32 for L in (4096, 8192, 16384)]  # per token of a batch
+    with pytest.raises(FileNotFoundError, match="layer.py"):
+        figures.layer_results(directory=tmp_path / "nothing")
