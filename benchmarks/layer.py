@@ -20,7 +20,13 @@ the time per token of
     (paged.paged_mqa_logits_metadata + paged_mqa_logits_cuda), top-k with each sequence's last
     position, the positions turned into cache slots through the block table (one torch gather),
     and sparse MLA decode over the FP8 latent cache (latent_cache.sparse_mla_decode_fp8_cuda);
-and the peak GPU memory of each (torch.cuda.max_memory_allocated, inputs included).
+  both decode steps (and DSA's components) are timed as CUDA-graph replays, as an engine runs a
+  decode step (a step's GPU work is a few hundred microseconds, less than the Python that launches
+  it eagerly); the eager call is recorded beside it as eager_us;
+and the peak GPU memory of each (torch.cuda.max_memory_allocated, inputs included). Beside the
+measured dense times, bound_us is what dense attention would cost at this run's ceilings (prefill:
+its FLOPs at the bf16 GEMM rate; decode: the bf16 cache read once at the copy bandwidth), since
+torch's dense decode is far from its bound (it writes and re-reads float32 scores).
 
 Only the attention is timed: the projections (wq_a, wq_b, wkv_a, wkv_b, wo, the indexer's own
 projections) cost the same per token in both and are left out. The paper's Figure 3 prices the
@@ -56,6 +62,22 @@ OUT = Path(__file__).resolve().parent.parent / "book" / "data" / "layer.json"
 def timed(fn, reps: int) -> float:
     """Median microseconds of fn() over `reps` calls after one warm-up (bench.benchmark, no inputs)."""
     return bench.benchmark(fn, lambda: (), warmup=1, reps=reps).median_us
+
+
+def graph_timed(fn, reps: int) -> float:
+    """Median microseconds of one replay of fn() captured as a CUDA graph: what an engine that
+    replays its decode step pays, without the Python of the calls (every call here is capturable:
+    none waits for the GPU)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench.benchmark(graph.replay, lambda: (), warmup=2, reps=reps).median_us
 
 
 def peak_bytes(fn) -> int:
@@ -132,7 +154,7 @@ def dense_decode(L: int, reps: int) -> dict:
         p = torch.softmax(torch.bmm(q, latent.transpose(1, 2)).float() * V32.softmax_scale, dim=-1)
         return torch.bmm(p.bfloat16(), latent[..., :512])
 
-    result = {"total_us": timed(run, reps), "peak_bytes": peak_bytes(run)}
+    result = {"total_us": graph_timed(run, reps), "eager_us": timed(run, reps), "peak_bytes": peak_bytes(run)}
     return result
 
 
@@ -170,12 +192,13 @@ def dsa_decode(L: int, reps: int) -> dict:
     selected = select_topk_cuda(logits, TOPK, last)
     slots = (block_table[rows, selected // paged.BLOCK_KV] * paged.BLOCK_KV + selected % paged.BLOCK_KV).int()[:, None]
     result = {
-        "indexer_us": timed(lambda: paged.paged_mqa_logits_cuda(q_idx, index_cache, weights, lens, block_table,
-                                                                 schedule, L), reps),
-        "topk_us": timed(lambda: select_topk_cuda(logits, TOPK, last), reps),
-        "attention_us": timed(lambda: latent_cache.sparse_mla_decode_fp8_cuda(q, cache, slots, V32.softmax_scale),
-                              reps),
-        "total_us": timed(step, reps),
+        "indexer_us": graph_timed(lambda: paged.paged_mqa_logits_cuda(q_idx, index_cache, weights, lens,
+                                                                       block_table, schedule, L), reps),
+        "topk_us": graph_timed(lambda: select_topk_cuda(logits, TOPK, last), reps),
+        "attention_us": graph_timed(lambda: latent_cache.sparse_mla_decode_fp8_cuda(q, cache, slots,
+                                                                                     V32.softmax_scale), reps),
+        "total_us": graph_timed(step, reps),
+        "eager_us": timed(step, reps),
         "peak_bytes": peak_bytes(step),
     }
     return result
@@ -195,10 +218,15 @@ def main() -> None:
     for L in LENGTHS:
         reps = 3 if L >= 65536 else 5
         row = {"L": L, "prefill": {"dense": dense_prefill(L, reps)}, "decode": {}}
+        # what dense attention would cost at the ceilings of this run: the prefill's MHA FLOPs (q k^T over
+        # 192 dims, p v over 128, causal pairs) at the bf16 GEMM rate; the decode's bf16 cache read once
+        pairs = L * (L + 1) / 2
+        row["prefill"]["dense"]["bound_us"] = 2 * pairs * N_H * (D_QK + D_V) / (ceilings.bf16_tflops * 1e12) * 1e6
         if sparse_mla_prefill_cuda is not None:
             row["prefill"]["dsa"] = dsa_prefill(L, reps, sparse_mla_prefill_cuda)
         torch.cuda.empty_cache()
         row["decode"]["dense"] = dense_decode(L, reps)
+        row["decode"]["dense"]["bound_us"] = DECODE_BATCH * L * D_LATENT * 2 / (ceilings.copy_tbps * 1e12) * 1e6
         torch.cuda.empty_cache()
         row["decode"]["dsa"] = dsa_decode(L, reps)
         torch.cuda.empty_cache()

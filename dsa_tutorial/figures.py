@@ -157,8 +157,9 @@ def layer_results(directory: Path | None = None) -> dict:
 
 def layer_cost(directory: Path | None = None):
     """Time per token against context length, prefill and decode side by side: dense attention as a
-    line, DSA as stacked components (indexer, top-k, sparse attention), and the chained DSA call as
-    a dashed line (the components timed alone do not include what chaining them costs or saves).
+    line (and, dotted, what it would cost at the run's ceilings), DSA as stacked components (indexer,
+    top-k, sparse attention), and the chained DSA call as a dashed line (the components timed alone
+    do not include what chaining them costs or saves).
     Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
@@ -171,7 +172,10 @@ def layer_cost(directory: Path | None = None):
         have = [row for row in rows if "dsa" in row[phase]]
         lengths = [row["L"] for row in rows]
         ax.plot(lengths, [row[phase]["dense"]["total_us"] / n for row, n in zip(rows, per)], "o-", color="black",
-                label="dense")
+                label="dense, measured")
+        if all("bound_us" in row[phase]["dense"] for row in rows):
+            ax.plot(lengths, [row[phase]["dense"]["bound_us"] / n for row, n in zip(rows, per)], ":", color="black",
+                    label="dense at the ceiling")
         if have:
             x = [row["L"] for row in have]
             n = [row["L"] if phase == "prefill" else data["decode_batch"] for row in have]
