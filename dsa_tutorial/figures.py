@@ -25,7 +25,8 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "data" / "kernel
 
 #: Every operation with a kernel table, in the order of the chapters.
 OPERATIONS = ("rms_norm", "kv_compress", "latent_scores", "apply_rope", "index_scores", "select_topk",
-              "sparse_mla_attention", "act_quant", "mqa_logits", "paged_mqa_logits", "sparse_mla_decode_fp8")
+              "sparse_mla_attention", "act_quant", "mqa_logits", "paged_mqa_logits", "sparse_mla_decode_fp8",
+              "sparse_mla_prefill")
 
 _CEILING_NAMES = {"copy": "copy bandwidth", "bf16": "bf16 GEMM", "fp8": "FP8 GEMM"}
 

@@ -27,6 +27,7 @@ from dsa_tutorial.mla import kv_compress_cuda, latent_scores_cuda
 from dsa_tutorial.norm import rms_norm_cuda
 from dsa_tutorial.rope import apply_rope_cuda
 from dsa_tutorial.sparse_attention import sparse_mla_attention, sparse_mla_attention_cuda
+from dsa_tutorial.sparse_prefill import sparse_mla_prefill_cuda
 from dsa_tutorial.topk import select_topk, select_topk_cuda
 
 V32 = ModelArgs()
@@ -121,6 +122,12 @@ def public_calls():
     fp8_indices = torch.randint(0, 16 * 128 * 64, (16, 2, 2048), device="cuda", generator=g, dtype=torch.int32)
     calls.append(("sparse_mla_decode_fp8_cuda",
                   lambda: latent_cache.sparse_mla_decode_fp8_cuda(q_fp8, fp8_cache, fp8_indices, V32.softmax_scale)))
+    # sparse prefill: 512 tokens of one sequence, each its own 2048 of the 8192 cached
+    q_prefill = randn(512, 128, 576, dtype=torch.bfloat16)
+    kv_prefill = randn(8192, 1, 576, dtype=torch.bfloat16)
+    prefill_indices = torch.randint(0, 8192, (512, 1, 2048), device="cuda", generator=g, dtype=torch.int32)
+    calls.append(("sparse_mla_prefill_cuda",
+                  lambda: sparse_mla_prefill_cuda(q_prefill, kv_prefill, prefill_indices, V32.softmax_scale)))
     return calls
 
 
