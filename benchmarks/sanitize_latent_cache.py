@@ -5,11 +5,12 @@ the target for compute-sanitizer.
     compute-sanitizer --tool memcheck  python benchmarks/sanitize_latent_cache.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_latent_cache.py
 
-Every version of SPARSE_MLA_DECODE_FP8_KERNELS is launched, and kernel 2 both whole and split (then the
-combine kernel runs too). Sizes are ragged on purpose: k is not a multiple of the 64-slot tile, block_size is
-64, 16, 7 or 1, s_q is 1, 2 or 3; the caches are slices of bigger buffers (blocks farther apart than
-block_size * 656 bytes, the gaps filled with NaN bytes), one of them 8 bytes past a 16-byte boundary (kernel 1
-only). Rows hold -1 slots, a row selects nothing, a row's first tiles (and for the split case whole splits)
+Every version of SPARSE_MLA_DECODE_FP8_KERNELS is launched (kernel 3, wgmma, where the GPU has it: compute
+capability 9.0), and kernels 2 and 3 both whole and split (then the combine kernel runs too). Sizes are ragged
+on purpose: k is not a multiple of the 64-slot tile, block_size is 64, 16, 7 or 1, s_q is 1, 2 or 3; the
+caches are slices of bigger buffers (blocks farther apart than block_size * 656 bytes, the gaps filled with
+NaN bytes), one of them 8 bytes past a 16-byte boundary (kernel 1 only: kernels 2 and 3 refuse it, which is
+checked). Rows hold -1 slots, a row selects nothing, a row's first tiles (and for the split case whole splits)
 are unused. With the data checks off nothing reads the indices back, so the kernels get them as they are:
 indices outside [0, num_blocks * block_size) (the count itself, far past it, below -1, the int32 limits) must
 be skipped like -1, never read. memcheck reports any access outside the tensors. Prints one line per launch
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsa_tutorial import checks, compare, kernels  # noqa: E402
+from dsa_tutorial import checks, compare, fp8, kernels  # noqa: E402
 from dsa_tutorial import latent_cache  # noqa: E402
 
 TABLE, COMBINE_ENTRY = latent_cache.SPARSE_MLA_DECODE_FP8_KERNELS, latent_cache.COMBINE_ENTRY
@@ -67,6 +68,10 @@ def selection(B: int, s_q: int, k: int, n_tokens: int):
 
 def check_decode() -> None:
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    no_wgmma = fp8.wgmma_why_not(torch.device("cuda"))
+    if no_wgmma:
+        print(f"kernel 3 skipped: {no_wgmma}")
+    versions = [v for v in TABLE.versions if not (v == 3 and no_wgmma)]
     # (B, s_q, h, k, block_size, extra rows between blocks, bytes past a 16-byte boundary)
     for B, s_q, h, k, block_size, extra, shift in [(3, 1, 128, 700, 16, 3, 0), (3, 2, 64, 70, 1, 2, 0),
                                                    (2, 3, 64, 130, 7, 1, 0), (2, 1, 128, 64, 64, 1, 0),
@@ -78,10 +83,15 @@ def check_decode() -> None:
         ref_out, ref_lse = latent_cache.sparse_mla_decode_fp8(q, cache, indices, SCALE)
         scale = ref_out.abs().max().item()
         splits = latent_cache.decode_splits(B * s_q, h, k, n_sms)[0]
-        for v in TABLE.versions:
-            if v == 2 and shift % 16:
-                continue  # kernel 2 refuses a cache off a 16-byte boundary (kernel 1 reads bytes: any)
-            # kernel 2 rounds p to bf16 before P V (see tests/test_latent_cache.py for the tolerances)
+        for v in versions:
+            if v in (2, 3) and shift % 16:  # refused (kernel 1 reads bytes: any alignment)
+                try:
+                    latent_cache.sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=v)
+                except ValueError as refusal:
+                    assert "16-byte boundary" in str(refusal), refusal
+                    continue
+                raise AssertionError(f"kernel {v} ran on a cache off a 16-byte boundary")
+            # kernels 2 and 3 round p to bf16 before P V (see tests/test_latent_cache.py for the tolerances)
             out_tol = dict(atol=1e-4 * scale, rtol=2**-8) if v == 1 else dict(atol=1e-2 * scale, rtol=1e-2)
             lse_tol = dict(atol=1e-4, rtol=1e-5) if v == 1 else dict(atol=4e-3)
             for name, chosen in (("", indices), (", wild indices", wild)):
@@ -91,13 +101,13 @@ def check_decode() -> None:
                     decode = latent_cache.sparse_mla_decode_fp8_cuda
                     decode(q, cache, chosen, SCALE, kernel=v, out=out, lse=lse)
                 expected = [TABLE[v].entry]
-                expected += [COMBINE_ENTRY] if v == 2 and splits > 1 else []
+                expected += [COMBINE_ENTRY] if v in (2, 3) and splits > 1 else []
                 assert [launch.kernel for launch in launches] == expected, launches
                 compare.assert_close(out.float(), ref_out, **out_tol, name=f"kernel {v}{name}: out")
                 compare.assert_close(lse, ref_lse, **lse_tol, name=f"kernel {v}{name}: lse")
                 empty = out.view(-1, h, 512)[B * s_q - 1]
                 assert B * s_q == 1 or bool((empty == 0).all()), f"kernel {v}{name}: an empty row must give 0"
-            split = f", {splits} splits + combine" if v == 2 and splits > 1 else ""
+            split = f", {splits} splits + combine" if v in (2, 3) and splits > 1 else ""
             print(f"sparse_mla_decode_fp8 kernel {v} B={B} s_q={s_q} h={h} k={k} block_size={block_size} "
                   f"stride={cache.stride(0)} shift={shift}{split} (and wild indices): OK")
 

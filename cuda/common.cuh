@@ -12,7 +12,7 @@
 //   smem_address                    a generic pointer to shared memory -> its 32-bit shared address
 //   cp_async_16, cp_async_commit,   asynchronous 16-byte global -> shared copies, and how to wait
 //   cp_async_wait<N>                for them
-//   ldmatrix_x4                     four 8 x 8 matrices of 16-bit values from shared memory
+//   ldmatrix_x4 (and _trans)        four 8 x 8 matrices of 16-bit values from shared memory (transposed)
 //   mma_bf16_16816 (and _free),     one warp-wide tensor-core product: bf16, f16 or e4m3 inputs,
 //   mma_f16_16816, mma_e4m3_16832   float32 accumulators
 //   e4m3x4_to_f16x4                 four FP8 e4m3 values -> four f16 values (exact)
@@ -110,6 +110,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // 16 x 16 tile one ldmatrix.x4 gives a whole A fragment, or the B fragments of two n-tiles.
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(row_address)));
+}
+// The same with .trans: each 8x8 matrix arrives transposed (lane 4g + t gets rows 2t, 2t + 1 of column
+// g): the B fragments of P V from value rows stored key by key.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_address(row_address)));
 }

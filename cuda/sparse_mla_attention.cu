@@ -49,7 +49,7 @@
 //             per warp per tile against 272 mma.
 #include <cuda_bf16.h>
 
-#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_bf16_16816_free
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4 (and _trans), mma_bf16_16816_free
 
 #define D_C 512                // kv_lora_rank: the latent c_kv
 #define D_R 64                 // qk_rope_head_dim: the shared rotary key k_rope
@@ -205,13 +205,6 @@ sparse_mla_attention_simt(const __nv_bfloat16* __restrict__ q_abs, const __nv_bf
 // kernel 2's dynamic shared memory: Q [MMA_HEADS][576] + 2 stages x [MMA_TILE][576] + P [MMA_HEADS][MMA_TILE]
 // bf16, then the row exchange [2][MMA_HEADS] f32 and the valid flags [2][MMA_TILE] i32: 225 KiB
 #define MMA_SMEM_BYTES ((MMA_HEADS + 2 * MMA_TILE) * D_L * 2 + MMA_HEADS * MMA_TILE * 2 + 2 * (MMA_HEADS + MMA_TILE) * 4)
-
-// ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed.
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(row_address)));
-}
 
 // bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row
 __device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {

@@ -61,6 +61,20 @@
 //             blocks of a row at h = 128 each gathering and dequantising the same tokens (FlashMLA's
 //             h = 128 kernel runs them as a 2-block cluster, each dequantising half a tile for both).
 //
+//   kernel 3  sparse_mla_decode_fp8_wgmma  kernel 2's gather, dequantisation and split with Hopper's
+//             warpgroup mma (sm_90a only: a trap elsewhere, never launched there), the compute steps of
+//             cuda/sparse_mla_prefill.cu's kernel 2: two warpgroups, the tile dequantised into the
+//             column-blocked, 128B-swizzled bf16 layout wgmma reads (K-major for S = Q K^T, the same tile
+//             N-major for P V); warpgroup w computes S for its 32 keys (wgmma m64n32k16), the row maxima
+//             are swapped, P goes to shared memory in bf16, and warpgroup w accumulates O for its 256
+//             output values (wgmma m64n256k16). Shared memory: Q 72 KiB + the bf16 tile 72 KiB + 2 raw
+//             stages x 41 KiB + 1 KiB to align the base to 1024 bytes = 227 KiB (P and the row exchange in
+//             the consumed raw stage; no valid flags: each thread re-reads its keys' indices). Split and
+//             combine as kernel 2 (the same workspace, the same combine kernel). The row sums add the
+//             float32 p (as the prefill kernel; kernel 2 adds the bf16-rounded p): lse as accurate as
+//             float32 allows, out within ~1e-3 of max|out|.
+//             The default where it runs (compute capability 9.0).
+//
 // Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
 // num_blocks (so i < num_blocks * block_size, without overflow); every read of the cache is then
 // inside block i / block_size; unused slots read nothing (cp.async with 0 source bytes, or no load).
@@ -70,7 +84,9 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_bf16_16816_free, e4m3x4_to_f16x4
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4 (and _trans), mma_bf16_16816_free,
+                       // e4m3x4_to_f16x4, quad_sum
+#include "wgmma.cuh"   // WGMMA_AVAILABLE, blocked, wgmma_desc (and _n_major), the bf16 wgmma, fences (kernel 3)
 
 #define D_NOPE 512                          // c^KV: quantised
 #define D_ROPE 64                           // k^R: bf16
@@ -247,14 +263,6 @@ sparse_mla_decode_fp8_simt(const __nv_bfloat16* __restrict__ q, const unsigned c
                                                    // that, its partial output (128 KiB) outweighs its reads
 #define COMBINE_WARPS 4                            // combine kernel: one warp a (row, head)
 #define COMBINE_THREADS (32 * COMBINE_WARPS)
-
-// ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed (as in
-// sparse_mla_attention.cu).
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(row_address)));
-}
 
 // bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row (as in
 // sparse_mla_attention.cu)
@@ -489,6 +497,259 @@ sparse_mla_decode_fp8_mma(const __nv_bfloat16* __restrict__ q, const unsigned ch
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------ kernel 3
+//
+// Kernel 2's gather, dequantisation and split with the compute steps of sparse_mla_prefill_wgmma
+// (cuda/sparse_mla_prefill.cu, kernel 2, whose header explains the tiles, descriptors and fragments).
+// Two warpgroups, one query row and 64 heads a block, tiles of 64 slots:
+//   1. cp.async gathers the next tile's 656-byte rows into a raw stage while this tile is computed;
+//   2. the block dequantises the raw stage into the bf16 tile [64][576], column-blocked and 128B-swizzled
+//      (blocked() of cuda/wgmma.cuh: 9 blocks of 64 values), the layout wgmma reads K-major for
+//      S = Q K^T and N-major (transposed) for P V; Q is in the same layout;
+//   3. warpgroup w: S_w = Q K_w^T for its 32 keys (36 wgmma m64n32k16), row maxima swapped between the
+//      warpgroups, P_w = exp(S_w - m) in bf16 into its 32 columns of the 64 x 64 P tile;
+//   4. warpgroup w: O_w += P V[:, 256 w ..] (4 wgmma m64n256k16, V N-major from the bf16 tile).
+// Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside: Q 72 KiB, the bf16 tile 72 KiB, 2 raw stages x 41 KiB
+// (41 KiB = 41 x 1024: both start 1024-byte aligned); P (8 KiB) and the row exchange [2][64] f32 go into
+// the consumed raw stage (as in kernel 2). 226 KiB + the 1 KiB alignment slack = 227 KiB, the H200's
+// limit: there is no room for kernel 2's valid flags, so each thread tests its own 8 keys' indices (read
+// again, from L1) while the tensor cores compute S. Precision as in the prefill kernel: scores are exact
+// bf16 products summed in float32, p rounded to bf16 for P V, the row sums add the float32 p.
+// Ordering as in the prefill kernel: generic-proxy writes (cp.async of Q, the dequantised tile, P) are
+// fenced (fence.proxy.async) by each writer, then a barrier precedes the wgmma that reads them; the tile,
+// P and a raw stage are rewritten only after every warpgroup has waited for the products that read them
+// (wgmma_wait<0>) and passed a barrier.
+
+#define WGMMA_THREADS 256                           // two warpgroups
+// kernel 3's carve: Q, the bf16 tile, 2 raw stages (P and the row exchange in the consumed one): 226 KiB
+#define WGMMA_CARVE_BYTES (Q_SMEM_BYTES + KV_SMEM_BYTES + 2 * RAW_STAGE_BYTES)
+// what the launch asks for: the carve plus the slack to round the base up to WGMMA_SMEM_ALIGN: 227 KiB
+#define WGMMA_DYNAMIC_SMEM (WGMMA_SMEM_ALIGN + WGMMA_CARVE_BYTES)
+static_assert(MMA_TILE * 128 == WGMMA_BLOCK_BYTES && MMA_HEADS == MMA_TILE, "64-row tiles, P square");
+static_assert(WGMMA_THREADS == MMA_THREADS, "4 threads gather a token (LOADERS), as in kernel 2");
+static_assert(Q_SMEM_BYTES % WGMMA_SMEM_ALIGN == 0 && KV_SMEM_BYTES % WGMMA_SMEM_ALIGN == 0 &&
+                  RAW_STAGE_BYTES % WGMMA_SMEM_ALIGN == 0, "every tile, and P, starts 1024-byte aligned");
+static_assert(P_BYTES + 2 * MMA_HEADS * 4 <= RAW_STAGE_BYTES, "P and the row exchange fit a raw stage");
+static_assert(WGMMA_DYNAMIC_SMEM <= 227 * 1024, "one block an SM on an H100 / H200");
+
+extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
+sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                            const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,
+                            float* __restrict__ lse, float* __restrict__ o_partial,
+                            float* __restrict__ lse_partial, int n_heads, int k, int num_blocks, int block_size,
+                            long long block_stride, int tiles_per_split, float softmax_scale) {
+#if WGMMA_AVAILABLE
+    extern __shared__ unsigned char wgmma_smem_raw[];
+    unsigned char* q_s = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(wgmma_smem_raw) + WGMMA_SMEM_ALIGN - 1) & ~size_t(WGMMA_SMEM_ALIGN - 1));
+    unsigned char* kv_s = q_s + Q_SMEM_BYTES;     // the bf16 tile [64][576], column-blocked
+    unsigned char* raw_s = kv_s + KV_SMEM_BYTES;  // [2][TILE][656] as gathered
+
+    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
+    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int* index_row = indices + (size_t)row * k;
+    // slot j is used when 0 <= s and s / block_size < num_blocks, i.e. s < num_blocks * block_size (what
+    // token_row tests, without its division)
+    const long long n_tokens = (long long)num_blocks * block_size;
+
+    // the block's 64 queries [576], column-blocked; zeros for heads past n_h
+    for (int i = tid; i < MMA_HEADS * L_CHUNKS; i += WGMMA_THREADS) {
+        const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+        const bool inside = h0 + r < n_heads;
+        const __nv_bfloat16* src = q + ((size_t)row * n_heads + (inside ? h0 + r : 0)) * D_QK + c * 8;
+        cp_async_16(q_s + blocked(r, c), src, inside ? 16 : 0);
+    }
+    // gather tile `tile` into raw stage `stage`, as kernel 2 does (zeros for unused slots)
+    auto load_tile = [&](int tile, int stage) {
+        const int r = tid / LOADERS, part = tid % LOADERS;
+        const int j = tile * MMA_TILE + r;
+        const unsigned char* token =
+            token_row(kv_cache, j < k ? __ldg(index_row + j) : -1, num_blocks, block_size, block_stride);
+        const unsigned char* src = token ? token : kv_cache;  // unused: 0 bytes read, at an in-bounds address
+        unsigned char* dst = raw_s + stage * RAW_STAGE_BYTES + r * TOKEN_BYTES;
+        for (int c = part; c < RAW_CHUNKS; c += LOADERS)
+            cp_async_16(dst + 16 * c, src + 16 * c, token ? 16 : 0);
+    };
+    // raw stage `stage` -> kv_s (as kernel 2, into the column-blocked layout)
+    auto dequantize_tile = [&](int stage) {
+        const unsigned char* raw = raw_s + stage * RAW_STAGE_BYTES;
+        for (int i = tid; i < MMA_TILE * L_CHUNKS; i += WGMMA_THREADS) {
+            const int r = i / L_CHUNKS, c = i % L_CHUNKS;
+            const unsigned char* token = raw + r * TOKEN_BYTES;
+            const float* scales = reinterpret_cast<const float*>(token + SCALES_AT);
+            const uint4 values =
+                c < NOPE_CHUNKS
+                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c), scales[8 * c / QUANT_TILE])
+                    : *reinterpret_cast<const uint4*>(token + ROPE_AT + 16 * (c - NOPE_CHUNKS));
+            *reinterpret_cast<uint4*>(kv_s + blocked(r, c)) = values;
+        }
+    };
+
+    // this thread's output: heads 16 warp + g (o[4c], o[4c + 1]) and + 8 (o[4c + 2, 3]), values
+    // 256 wg + 8c + 2t, +1 (c < 32)
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};  // base-2 domain, this thread's part
+    const float scale_log2 = softmax_scale * 1.4426950408889634f;     // exp(x) = 2^(x log2 e)
+    const unsigned q_address = smem_address(q_s), kv_address = smem_address(kv_s);
+    const unsigned raw_address = smem_address(raw_s);
+
+    // this split's tiles [first, last) of the row's ceil(k / 64)
+    const int n_tiles = (k + MMA_TILE - 1) / MMA_TILE;
+    const int first = split * tiles_per_split, last = min(first + tiles_per_split, n_tiles);
+    if (first < last) load_tile(first, 0);
+    cp_async_commit();  // the queries and the first tile
+    for (int tile = first; tile < last; ++tile) {
+        const int stage = (tile - first) % 2;
+        cp_async_wait<0>();
+        fence_proxy_async();  // this thread's copies of Q -> visible to the tensor cores' reads
+        __syncthreads();      // (A) the tile is in raw stage `stage`; every warpgroup is done with the last tile
+        if (tile + 1 < last) load_tile(tile + 1, stage ^ 1);  // in flight during everything below
+        cp_async_commit();
+        dequantize_tile(stage);
+        fence_proxy_async();  // this thread's part of the bf16 tile -> visible to the tensor cores' reads
+        __syncthreads();      // (D) kv_s holds the tile; raw stage `stage` is free: P and row_s go there
+        unsigned char* p_s = raw_s + stage * RAW_STAGE_BYTES;        // [64 heads][64 keys] bf16, one block
+        float* row_s = reinterpret_cast<float*>(p_s + P_BYTES);      // [2 warpgroups][64]
+        const unsigned p_address = raw_address + stage * RAW_STAGE_BYTES;
+
+        // 1. S_wg = Q K^T for the 64 heads x keys 32 wg .. 32 wg + 31 of the tile: 36 k-steps of 16
+        float acc[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        const unsigned keys_address = kv_address + 32 * wg * 128;  // row 32 wg: 4 whole atoms on
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < D_QK / 16; ++s) {
+            const unsigned step = (s / 4) * WGMMA_BLOCK_BYTES + (s % 4) * 32;
+            wgmma_m64n32k16_bf16(acc, wgmma_desc(q_address + step), wgmma_desc(keys_address + step), s);
+        }
+        wgmma_commit();
+        // meanwhile: which of this thread's 8 keys (32 wg + 8 c + 2t + e, c < 4, e < 2) hold a token
+        bool used[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = tile * MMA_TILE + 32 * wg + 8 * (u / 2) + 2 * t + u % 2;
+            const int s = j < k ? __ldg(index_row + j) : -1;
+            used[u] = s >= 0 && (long long)s < n_tokens;
+        }
+        wgmma_wait<0>();
+        fence_operands(acc);
+
+        // score (times log2 e), -inf for unused slots; this warpgroup's row maxima over its 32 keys
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {  // acc[i]: head 16 warp + g + 8 (i / 2 % 2), key 8 (i / 4) + 2t + i%2
+            acc[i] = used[2 * (i / 4) + i % 2] ? acc[i] * scale_log2 : NEG_INF;
+            tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], acc[i]);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        }
+        if (t == 0) {
+            row_s[wg * MMA_HEADS + 16 * warp + g] = tile_max[0];
+            row_s[wg * MMA_HEADS + 16 * warp + g + 8] = tile_max[1];
+        }
+        __syncthreads();  // (B) both warpgroups' maxima are in row_s
+
+        // 2. m_new = max(m_old, max over all 64 keys): the same value in both warpgroups
+        float m_use[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float other = row_s[(wg ^ 1) * MMA_HEADS + 16 * warp + g + 8 * r];
+            const float new_max = fmaxf(row_max[r], fmaxf(tile_max[r], other));
+            m_use[r] = new_max == NEG_INF ? 0.f : new_max;  // nothing valid yet: p = 0, not NaN
+            alpha[r] = exp2f(row_max[r] - m_use[r]);
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+        // 3. p = exp(score - m_new): float32 into the sums, bf16 into P's columns 32 wg .. 32 wg + 31
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float p0 = exp2f(acc[4 * c] - m_use[0]), p1 = exp2f(acc[4 * c + 1] - m_use[0]);
+            const float p2 = exp2f(acc[4 * c + 2] - m_use[1]), p3 = exp2f(acc[4 * c + 3] - m_use[1]);
+            row_sum[0] += p0 + p1;
+            row_sum[1] += p2 + p3;
+            const int head = 16 * warp + g, chunk = 4 * wg + c;  // keys 32 wg + 8c + 2t, +1: bytes 4t, +1
+            *reinterpret_cast<__nv_bfloat162*>(p_s + blocked(head, chunk) + 4 * t) =
+                __floats2bfloat162_rn(p0, p1);
+            *reinterpret_cast<__nv_bfloat162*>(p_s + blocked(head + 8, chunk) + 4 * t) =
+                __floats2bfloat162_rn(p2, p3);
+        }
+        fence_proxy_async();  // this thread's P -> visible to the tensor cores' reads (after barrier C)
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // rescale, unless 1 everywhere
+#pragma unroll
+            for (int c = 0; c < 32; ++c) {
+                o[4 * c] *= alpha[0];
+                o[4 * c + 1] *= alpha[0];
+                o[4 * c + 2] *= alpha[1];
+                o[4 * c + 3] *= alpha[1];
+            }
+        }
+        __syncthreads();  // (C) the whole 64 x 64 P is in p_s
+
+        // 4. O_wg += P V[:, 256 wg ..]: 4 k-steps of 16 keys; P K-major, V N-major from block 4 wg
+        const unsigned values_address = kv_address + 4 * wg * WGMMA_BLOCK_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < MMA_TILE / 16; ++kk)
+            wgmma_m64n256k16_bf16_nb(o, wgmma_desc(p_address + 32 * kk),
+                                     wgmma_desc_n_major(values_address + 2048 * kk));
+        wgmma_commit();
+        wgmma_wait<0>();  // P and the tile are read before anybody passes barrier (A) again
+        fence_operands(o);
+    }
+    cp_async_wait<0>();  // only the queries (no tile at all) or empty groups can be left in flight
+    __syncthreads();     // every warpgroup is done with the last tile: kv_s is free for the row sums
+
+    // the sums: the quad's lanes (this warpgroup's 32 keys of every tile), then the other warpgroup's
+    float* sum_s = reinterpret_cast<float*>(kv_s);  // [2 warpgroups][MMA_HEADS]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = quad_sum(row_sum[r]);
+    if (t == 0) {
+        sum_s[wg * MMA_HEADS + 16 * warp + g] = row_sum[0];
+        sum_s[wg * MMA_HEADS + 16 * warp + g + 8] = row_sum[1];
+    }
+    __syncthreads();
+    // out = o / sum (0 when nothing was selected); lse = ln 2 (m + log2 sum): +inf (final) or -inf (a split's
+    // partial, so that it weighs nothing in the combine) when nothing was selected
+    const bool whole = gridDim.z == 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int head = 16 * warp + g + 8 * r;
+        const float total = row_sum[r] + sum_s[(wg ^ 1) * MMA_HEADS + head];  // the same in both
+        const float inv_sum = total > 0.f ? 1.f / total : 0.f;
+        const float row_lse = total > 0.f ? (row_max[r] + log2f(total)) * LN2 : whole ? POS_INF : NEG_INF;
+        if (h0 + head < n_heads) {
+            const size_t pair = (size_t)row * n_heads + h0 + head;
+            if (whole) {
+                __nv_bfloat16* out_row = out + pair * D_NOPE + 256 * wg + 2 * t;
+#pragma unroll
+                for (int c = 0; c < 32; ++c)
+                    *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * c) =
+                        __floats2bfloat162_rn(o[4 * c + 2 * r] * inv_sum, o[4 * c + 2 * r + 1] * inv_sum);
+                if (wg == 0 && t == 0) lse[pair] = row_lse;
+            } else {
+                const size_t slot = (size_t)split * n_rows * n_heads + pair;  // [split][row][head]
+                float* o_row = o_partial + slot * D_NOPE + 256 * wg + 2 * t;
+#pragma unroll
+                for (int c = 0; c < 32; ++c)
+                    *reinterpret_cast<float2*>(o_row + 8 * c) =
+                        make_float2(o[4 * c + 2 * r] * inv_sum, o[4 * c + 2 * r + 1] * inv_sum);
+                if (wg == 0 && t == 0) lse_partial[slot] = row_lse;
+            }
+        }
+    }
+#else
+    __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
 }
 
 // ------------------------------------------------------------------------------------ combine

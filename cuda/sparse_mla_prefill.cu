@@ -48,7 +48,7 @@
 //             and gives the gather to a third); with N = 32 each warpgroup reads all of Q for its half of
 //             the keys (Q is read twice a tile); P goes through shared memory even for the warpgroup
 //             that computed it (wgmma's register-A form would spare that read).
-//             Marked experimental in the table until it has been checked on an H200 (not the default).
+//             The default where it runs (compute capability 9.0).
 //
 // Precision (both): scores are exact bf16 products summed in float32; p is rounded to bf16 for P V
 // (as FlashMLA does), the row sums add the unrounded float32 p, so lse is float32-accurate and out
@@ -61,8 +61,8 @@
 // computed in size_t.
 #include <cuda_bf16.h>
 
-#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4, mma_bf16_16816_free, quad_sum
-#include "wgmma.cuh"   // WGMMA_AVAILABLE, wgmma_desc, wgmma_fence / _commit / _wait, fence_*, ...
+#include "common.cuh"  // NEG_INF, smem_address, cp_async_*, ldmatrix_x4 (and _trans), mma_bf16_16816_free, quad_sum
+#include "wgmma.cuh"   // WGMMA_AVAILABLE, wgmma_desc (and _n_major), blocked, the bf16 wgmma, fences, ...
 
 #define D_C 512                  // kv_lora_rank: the latent c_kv, and d_v
 #define D_R 64                   // qk_rope_head_dim: the shared rotary key k_rope
@@ -96,13 +96,6 @@
 #define EXCHANGE_BYTES (2 * PREFILL_HEADS * 4 + 2 * PREFILL_TILE * 4)
 #define MMA_SMEM_BYTES (3 * TILE_BYTES + P_BYTES + EXCHANGE_BYTES)
 static_assert(PREFILL_HEADS == PREFILL_TILE, "Q takes one tile's room, P is square");
-
-// ldmatrix_x4 (cuda/common.cuh) with .trans: each 8x8 matrix arrives transposed.
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row_address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(row_address)));
-}
 
 // bf16 offset of chunk `chunk` of row `row` in a swizzled array of `chunks` chunks a row
 __device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {
@@ -336,63 +329,13 @@ sparse_mla_prefill_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
 // the products that read them and passed a barrier.
 
 #define WGMMA_THREADS 256                          // two warpgroups
-#define WGMMA_BLOCK_BYTES (PREFILL_TILE * 128)     // one 64-value column block of a 64-row tile: 8 KiB
-#define WGMMA_SMEM_ALIGN 1024                      // swizzle atoms start on 1024-byte boundaries
+// WGMMA_BLOCK_BYTES (a 64-value column block of a 64-row tile, 8 KiB) and WGMMA_SMEM_ALIGN (1024: swizzle
+// atoms start on 1024-byte boundaries) come from cuda/wgmma.cuh, with blocked(), the descriptors and the
+// bf16 wgmma wrappers this kernel uses
+static_assert(PREFILL_TILE * 128 == WGMMA_BLOCK_BYTES, "a column block holds 64 rows of the tile");
 // what the launch asks for: kernel 1's carve plus the slack to round the base up to WGMMA_SMEM_ALIGN
 #define WGMMA_DYNAMIC_SMEM (WGMMA_SMEM_ALIGN + MMA_SMEM_BYTES)
 
-#if WGMMA_AVAILABLE
-
-// Byte offset of 16-byte chunk `chunk` (0..71) of row `row` (0..63) in a column-blocked tile.
-__device__ __forceinline__ unsigned blocked(int row, int chunk) {
-    return (chunk / 8) * WGMMA_BLOCK_BYTES + row * 128 + (((chunk % 8) ^ (row % 8)) * 16);
-}
-
-// The N-major descriptor of a 128B-swizzled operand: LBO = 8192 (next 64 values), SBO = 1024 (next 8
-// keys), swizzle mode 1. (The K-major one is wgmma_desc of cuda/wgmma.cuh: LBO 1, SBO 1024, mode 1.)
-__device__ __forceinline__ unsigned long long wgmma_desc_n_major(unsigned address) {
-    return (unsigned long long)((address & 0x3FFFF) >> 4) |
-           ((unsigned long long)(WGMMA_BLOCK_BYTES >> 4) << 16) | ((unsigned long long)(1024 >> 4) << 32) |
-           (1ull << 62);
-}
-
-// D[64 x 32] (+)= A[64 x 16] B[16 x 32], bf16 from two K-major descriptors (imm-trans-a = imm-trans-b = 0).
-__device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], unsigned long long desc_a,
-                                                     unsigned long long desc_b, int accumulate) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-        "%16, %17, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// D[64 x 256] += A[64 x 16] B[16 x 256], A K-major, B N-major (imm-trans-b = 1): 128 accumulators a thread.
-#define ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                "+f"(d[i + 6]), "+f"(d[i + 7])
-__device__ __forceinline__ void wgmma_m64n256k16_bf16_nb(float (&d)[128], unsigned long long desc_a,
-                                                         unsigned long long desc_b) {
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-        "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
-        "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-        "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "
-        "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "
-        "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "
-        "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "
-        "%123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, 1;\n}\n"
-        : ACC8(0), ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56), ACC8(64), ACC8(72),
-          ACC8(80), ACC8(88), ACC8(96), ACC8(104), ACC8(112), ACC8(120)
-        : "l"(desc_a), "l"(desc_b), "r"(1));  // accumulate: O += P V always (O starts at 0)
-}
-#undef ACC8
-
-#endif  // WGMMA_AVAILABLE
 
 extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
 sparse_mla_prefill_wgmma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,

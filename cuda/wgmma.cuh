@@ -1,5 +1,6 @@
-// Hopper warpgroup matrix multiply (wgmma), FP8 e4m3 operands from shared memory: the pieces that
-// kernel 4 of cuda/mqa_logits.cu and of cuda/paged_mqa_logits.cu share.
+// Hopper warpgroup matrix multiply (wgmma) from shared memory: FP8 e4m3 operands (the pieces that kernel 4
+// of cuda/mqa_logits.cu and of cuda/paged_mqa_logits.cu share) and bf16 operands in column-blocked tiles
+// (kernel 2 of cuda/sparse_mla_prefill.cu, kernel 3 of cuda/sparse_mla_decode_fp8.cu).
 //
 // wgmma exists only on the arch-specific target sm_90a (H100 / H200, compute capability 9.0
 // exactly); dsa_tutorial.kernels compiles for sm_90a on such a GPU. Everything below is defined
@@ -22,6 +23,11 @@
 //   wgmma_m64n{32,64,128}k32_e4m3     the instruction, N = 32, 64, 128 (wgmma_m64k32_e4m3<N>: either)
 //   weighted_relu_head_sums  the indexer epilogue sum_h w[h] ReLU(D[row, (q, h)]) on the accumulators
 //   sum_for_lane             which of those sums a lane stores
+//   blocked, WGMMA_BLOCK_BYTES, WGMMA_SMEM_ALIGN   the column-blocked bf16 tile [64 rows][576 values]:
+//                            9 blocks of 64 values (128-byte rows, 8 KiB), each 128B-swizzled
+//   wgmma_desc_n_major       the descriptor of such a tile read N-major (transposed, V in P V)
+//   wgmma_m64n32k16_bf16, wgmma_m64n256k16_bf16_nb   the bf16 instructions (B K-major; B N-major)
+// (cuda/sparse_mla_prefill.cu's kernel 2 header explains the bf16 layouts and descriptors in full.)
 #pragma once
 
 #include "common.cuh"  // smem_address, add_weighted_relu, quad_sum
@@ -31,6 +37,11 @@
 #else
 #define WGMMA_AVAILABLE 0
 #endif
+
+// bf16 column-blocked tiles (below): a 64-value column block of a 64-row tile, and the alignment of every
+// tile (the 128-byte swizzle's atoms start on 1024-byte boundaries: descriptor base offset 0)
+#define WGMMA_BLOCK_BYTES (64 * 128)
+#define WGMMA_SMEM_ALIGN 1024
 
 #if WGMMA_AVAILABLE
 
@@ -191,5 +202,59 @@ __device__ __forceinline__ float sum_for_lane(const float (&sums)[NQ][2], int v)
             if (2 * q + r == v) sum = sums[q][r];
     return sum;
 }
+
+// --------------------------------------------------------------------------- bf16 operands
+// A bf16 tile of 64 rows x 576 values (Q, latents, or P with its 64 values) in 9 column blocks: block b
+// holds values 64 b .. 64 b + 63 of every row, 128 bytes a row, WGMMA_BLOCK_BYTES apart, each block
+// 128B-swizzled as above (so the K-major descriptor is wgmma_desc with k-step s at 8192 (s / 4) + 32 (s % 4)).
+
+// Byte offset of 16-byte chunk `chunk` (0..71) of row `row` (0..63) in a column-blocked tile.
+__device__ __forceinline__ unsigned blocked(int row, int chunk) {
+    return (chunk / 8) * WGMMA_BLOCK_BYTES + row * 128 + (((chunk % 8) ^ (row % 8)) * 16);
+}
+
+// The N-major descriptor of a 128B-swizzled operand: LBO = 8192 (next 64 values), SBO = 1024 (next 8
+// keys), swizzle mode 1. (The K-major one is wgmma_desc above: LBO 1, SBO 1024, mode 1.)
+__device__ __forceinline__ unsigned long long wgmma_desc_n_major(unsigned address) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4) |
+           ((unsigned long long)(WGMMA_BLOCK_BYTES >> 4) << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+// D[64 x 32] (+)= A[64 x 16] B[16 x 32], bf16 from two K-major descriptors (imm-trans-a = imm-trans-b = 0).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], unsigned long long desc_a,
+                                                     unsigned long long desc_b, int accumulate) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 256] += A[64 x 16] B[16 x 256], A K-major, B N-major (imm-trans-b = 1): 128 accumulators a thread.
+#define ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                "+f"(d[i + 6]), "+f"(d[i + 7])
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_nb(float (&d)[128], unsigned long long desc_a,
+                                                         unsigned long long desc_b) {
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+        "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+        "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "
+        "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "
+        "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "
+        "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "
+        "%123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, 1;\n}\n"
+        : ACC8(0), ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56), ACC8(64), ACC8(72),
+          ACC8(80), ACC8(88), ACC8(96), ACC8(104), ACC8(112), ACC8(120)
+        : "l"(desc_a), "l"(desc_b), "r"(1));  // accumulate: O += P V always (O starts at 0)
+}
+#undef ACC8
 
 #endif  // WGMMA_AVAILABLE

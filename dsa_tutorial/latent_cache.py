@@ -45,8 +45,10 @@ Which function runs where:
 * `quantize`, `dequantize`, `latent_round_trip` and `sparse_mla_decode_fp8` are the specification:
   pure torch, any device, float32 arithmetic.
 * `sparse_mla_decode_fp8_cuda` runs `cuda/sparse_mla_decode_fp8.cu`; SPARSE_MLA_DECODE_FP8_KERNELS
-  lists its kernels: 1, float32 CUDA cores; 2, tensor cores with the selection split over several
-  blocks when the batch is too small to fill the GPU (the default). No host synchronisation.
+  lists its kernels: 1, float32 CUDA cores; 2, tensor cores (mma.sync) with the selection split over
+  several blocks when the batch is too small to fill the GPU; 3, the same with Hopper's wgmma (compute
+  capability 9.0 only; the default there, kernel 2 elsewhere).
+  No host synchronisation.
 
 Index values are device data: the reference checks them (in [-1, num_blocks * block_size), no
 repeats) where checks.data_checks_wanted (always on the CPU); unchecked, any index outside
@@ -220,16 +222,21 @@ SPARSE_MLA_DECODE_FP8_KERNELS = KernelTable("sparse_mla_decode_fp8", [
            "several blocks (then merged by a combine kernel) when the batch leaves SMs idle",
            needs="16-byte aligned q, kv_cache and out, a block stride a multiple of 16 bytes; 226.5 of the "
                  "227 KiB of shared memory a block"),
-])
+    Kernel(3, "sparse_mla_decode_fp8_wgmma", "Hopper's warpgroup MMA (wgmma bf16, both operands in shared "
+           "memory): kernel 2's gather, dequantisation and split, two warpgroups of 32 keys each for Q K^T "
+           "and 256 output values each for P V",
+           needs="compute capability 9.0 (sm_90a); 16-byte aligned q, kv_cache and out, a block stride a "
+                 "multiple of 16 bytes; all 227 KiB of shared memory a block"),
+], best_first=(3, 2, 1))  # wgmma where it runs (compute capability 9.0), else mma.sync
 
-#: The combine kernel of the same file: merges kernel 2's partial results (not a version of the table).
+#: The combine kernel of the same file: merges kernel 2's or 3's partial results (not a version of the table).
 COMBINE_ENTRY = "sparse_mla_decode_fp8_combine"
 
 
 def decode_splits(n_rows: int, n_heads: int, k: int, n_sms: int) -> tuple[int, int]:
-    """(n_splits, tiles_per_split) for kernel 2, from shapes only: n_rows = B * s_q query rows of
+    """(n_splits, tiles_per_split) for kernels 2 and 3, from shapes only: n_rows = B * s_q query rows of
     n_heads heads, k selected slots, n_sms SMs. Kernel 2 runs n_rows * n_heads / MMA_HEADS blocks of
-    one per SM; when there are fewer than half as many blocks as SMs, each row's ceil(k / MMA_TILE)
+    one per SM (kernel 3 the same); when there are fewer than half as many blocks as SMs, each row's ceil(k / MMA_TILE)
     tiles are cut into splits of at least SPLIT_MIN_TILES tiles, each split a block of its own: as many
     splits as fit the SMs in one wave (n_sms // blocks; more would make a second wave, which costs as
     much as it saves)."""
@@ -254,21 +261,27 @@ def _why_not(q, kv_cache, out, block_stride: int, smem_limit: int) -> dict[int, 
     """For SPARSE_MLA_DECODE_FP8_KERNELS.choose: why each version cannot run these inputs (None: it can)."""
     d = SPARSE_MLA_DECODE_FP8_KERNELS.defines()
     misaligned = [name for name, x in (("q", q), ("kv_cache", kv_cache), ("out", out)) if x.data_ptr() % 16]
+
+    def tensor_cores(smem: int) -> str | None:  # kernels 2 and 3: cp.async of 16-byte rows, `smem` bytes
+        return (f"{', '.join(misaligned)} must start on a 16-byte boundary (cp.async and 16-byte rows)"
+                if misaligned else
+                f"the cache's block stride ({block_stride} bytes) must be a multiple of 16 (cp.async rows)"
+                if block_stride % 16 else
+                f"needs {smem} bytes of shared memory a block, this GPU allows {smem_limit}"
+                if smem_limit < smem else None)
+
     return {
         1: (f"needs {d['SIMT_SMEM_BYTES']} bytes of shared memory a block, this GPU allows {smem_limit}"
             if smem_limit < d["SIMT_SMEM_BYTES"] else None),
-        2: (f"{', '.join(misaligned)} must start on a 16-byte boundary (cp.async and 16-byte rows)"
-            if misaligned else
-            f"the cache's block stride ({block_stride} bytes) must be a multiple of 16 (cp.async rows)"
-            if block_stride % 16 else
-            f"needs {d['MMA_SMEM_BYTES']} bytes of shared memory a block, this GPU allows {smem_limit}"
-            if smem_limit < d["MMA_SMEM_BYTES"] else None),
+        2: tensor_cores(d["MMA_SMEM_BYTES"]),
+        # sm_90a first: the reason that matters most
+        3: fp8.wgmma_why_not(q.device) or tensor_cores(d["WGMMA_DYNAMIC_SMEM"]),
     }
 
 
 def _launch(version: int, q, kv_cache, indices, softmax_scale: float, out, lse, n_sms: int,
             block_stride: int) -> None:
-    """The launches of kernel `version` (and of the combine kernel after a split kernel 2).
+    """The launches of kernel `version` (and of the combine kernel after a split kernel 2 or 3).
     Kernels read the cache through its address and block stride (it need not be contiguous)."""
     d = SPARSE_MLA_DECODE_FP8_KERNELS.defines()
     batch, s_q, n_heads, _ = q.shape
@@ -290,7 +303,9 @@ def _launch(version: int, q, kv_cache, indices, softmax_scale: float, out, lse, 
     args = (q, cache, indices, out, lse, o_partial, lse_partial, n_heads, k, *common, tiles_per_split,
             float(softmax_scale))
     grid = (n_rows, n_heads // d["MMA_HEADS"], n_splits)
-    SPARSE_MLA_DECODE_FP8_KERNELS.launch(2, grid, d["MMA_THREADS"], args, shared_mem=d["MMA_SMEM_BYTES"])
+    threads, smem = ((d["MMA_THREADS"], d["MMA_SMEM_BYTES"]) if version == 2 else
+                     (d["WGMMA_THREADS"], d["WGMMA_DYNAMIC_SMEM"]))
+    SPARSE_MLA_DECODE_FP8_KERNELS.launch(version, grid, threads, args, shared_mem=smem)
     if n_splits > 1:
         pairs = n_rows * n_heads
         kernels.launch(SPARSE_MLA_DECODE_FP8_KERNELS.source, COMBINE_ENTRY, -(-pairs // d["COMBINE_WARPS"]),
@@ -321,7 +336,8 @@ def sparse_mla_decode_fp8_cuda(q: torch.Tensor, kv_cache: torch.Tensor, indices:
     of the .cu); any s_q; kv_cache float8_e4m3fn [num_blocks, block_size, 1, 656] (any block_size,
     blocks may be strided); indices int32 [B, s_q, k], contiguous, any k >= 0 (a ragged last tile
     is padded with unused slots). `kernel`: a version of SPARSE_MLA_DECODE_FP8_KERNELS (1 float32
-    CUDA cores; 2 tensor cores); None takes kernel 2 where it applies, else 1.
+    CUDA cores; 2 tensor cores, mma.sync; 3 tensor cores, wgmma, compute capability 9.0 only); None
+    takes kernel 3 where it applies (compute capability 9.0), else 2, else 1.
 
     No host synchronisation (CUDA-graph capturable): shapes, dtypes, strides and alignment are
     checked always; the index values only with data checks on (checks.set_data_checks, DSA_CHECK=1).

@@ -1,16 +1,19 @@
 """The FP8 latent cache (FlashMLA's DeepSeek-V3.2 layout), the MLA switch that simulates it, and sparse
-MLA decoding over it: the reference, the host side of the CUDA call, kernel 2 emulated on the CPU, and
-every kernel on the GPU."""
+MLA decoding over it: the reference, the host side of the CUDA call, kernels 2 and 3 emulated on the CPU,
+and every kernel on the GPU."""
 from __future__ import annotations
 
+import json
 import math
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from dsa_tutorial import checks, compare, kernels
+from dsa_tutorial import checks, compare, fp8, kernels
 from dsa_tutorial import latent_cache as lc
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.latent_cache import (SPARSE_MLA_DECODE_FP8_KERNELS, dequantize, latent_round_trip, quantize,
@@ -22,6 +25,7 @@ TINY = ModelArgs.tiny()
 SCALE = ModelArgs().softmax_scale
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 TABLE = SPARSE_MLA_DECODE_FP8_KERNELS
+WGMMA = 3  # the version that needs compute capability 9.0
 
 
 def random_latents(num_blocks, block_size, seed=0, device="cpu"):
@@ -59,12 +63,21 @@ def test_format_constants_agree_with_the_kernels():
     assert d["MMA_SMEM_BYTES"] == 64 * 576 * 2 + 2 * 64 * 656 + 64 * 576 * 2 + 2 * 64 * 4 == 231936
     assert d["MMA_SMEM_BYTES"] <= 227 * 1024
     assert d["P_BYTES"] + 2 * 64 * 4 <= d["RAW_STAGE_BYTES"]  # P and the row maxima fit a consumed stage
+    # kernel 3: Q, the bf16 tile, two raw stages (no flags), 1024-byte aligned inside: exactly the 227 KiB
+    assert d["WGMMA_CARVE_BYTES"] == 64 * 576 * 2 + 64 * 576 * 2 + 2 * 64 * 656 == 226 * 1024
+    assert d["WGMMA_DYNAMIC_SMEM"] == d["WGMMA_SMEM_ALIGN"] + d["WGMMA_CARVE_BYTES"] == 227 * 1024
+    assert d["RAW_STAGE_BYTES"] % d["WGMMA_SMEM_ALIGN"] == 0  # P, in a consumed raw stage, starts aligned
+    assert d["Q_SMEM_BYTES"] == d["KV_SMEM_BYTES"] == 9 * d["WGMMA_BLOCK_BYTES"]  # 9 column blocks of 64 values
+    assert d["WGMMA_THREADS"] == d["MMA_THREADS"] == 256
     assert "149 KiB" in TABLE[1].needs and "226.5 of the 227 KiB" in TABLE[2].needs
+    assert "compute capability 9.0" in TABLE[3].needs and "227 KiB" in TABLE[3].needs
 
 
 def test_the_table_and_its_entry_points():
-    assert TABLE.versions == (1, 2)
-    assert [k.entry for k in TABLE] == ["sparse_mla_decode_fp8_simt", "sparse_mla_decode_fp8_mma"]
+    assert TABLE.versions == (1, 2, 3)
+    assert [k.entry for k in TABLE] == ["sparse_mla_decode_fp8_simt", "sparse_mla_decode_fp8_mma",
+                                        "sparse_mla_decode_fp8_wgmma"]
+    assert TABLE.best_first == (3, 2, 1)  # kernel 3 (wgmma) where it runs, else kernel 2
     compiled = kernels.compile_source("sparse_mla_decode_fp8")  # NVRTC, no GPU needed
     assert set(compiled.entry_points()) == {*TABLE.entry_points(), lc.COMBINE_ENTRY}
 
@@ -397,8 +410,12 @@ def test_cuda_host_checks_on_the_cpu():
 def test_kernel_choice_and_its_reasons():
     q, cache, indices = _host_inputs()
     out = torch.empty(2, 2, 64, 512, dtype=torch.bfloat16)
-    assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None}
-    assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 2
+    why = lc._why_not(q, cache, out, 16 * 656, 227 * 1024)
+    assert why[1] is None and why[2] is None
+    assert why[3] == fp8.wgmma_why_not(q.device) and "compute capability 9.0" in why[3]  # on the CPU
+    assert TABLE.choose(None, why).version == 2
+    with pytest.raises(ValueError, match="kernel 3 of cuda/sparse_mla_decode_fp8.cu .* compute capability 9.0"):
+        TABLE.choose(3, why)
     # a cache 8 bytes past a 16-byte boundary, a block stride that is not a multiple of 16: kernel 1 only
     buffer = torch.zeros(20 * 16 * 656 + 8, dtype=torch.uint8).view(torch.float8_e4m3fn)
     shifted = buffer[8:].view(20, 16, 1, 656)
@@ -415,6 +432,22 @@ def test_kernel_choice_and_its_reasons():
     assert "shared memory" in small[1] and "shared memory" in small[2]
     with pytest.raises(ValueError, match="no kernel of cuda/sparse_mla_decode_fp8.cu runs these inputs"):
         TABLE.choose(None, small)
+
+
+def test_kernel_3_refusals_where_wgmma_runs(monkeypatch):
+    """Kernel 3's other reasons, as they read on a GPU with wgmma (fp8.wgmma_why_not answering None)."""
+    monkeypatch.setattr(fp8, "wgmma_why_not", lambda device: None)
+    q, cache, indices = _host_inputs()
+    out = torch.empty(2, 2, 64, 512, dtype=torch.bfloat16)
+    d = TABLE.defines()
+    assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None, 3: None}
+    assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 3  # the default
+    shifted = torch.zeros(20 * 16 * 656 + 8, dtype=torch.uint8).view(torch.float8_e4m3fn)[8:].view(20, 16, 1, 656)
+    assert "kv_cache must start on a 16-byte boundary" in lc._why_not(q, shifted, out, 16 * 656, 227 * 1024)[3]
+    assert "multiple of 16" in lc._why_not(q, cache, out, 16 * 656 + 4, 227 * 1024)[3]
+    # a GPU that allows kernel 2's 226.5 KiB but not kernel 3's 227
+    tight = lc._why_not(q, cache, out, 16 * 656, d["MMA_SMEM_BYTES"])
+    assert tight[2] is None and f"needs {d['WGMMA_DYNAMIC_SMEM']} bytes of shared memory" in tight[3]
 
 
 @pytest.mark.parametrize("n_rows, n_heads, k, n_sms, expected", [
@@ -476,6 +509,31 @@ def test_launch_geometry_and_arguments(monkeypatch):
     (_, entry, grid, _, args, _), = launches
     assert grid == (4, 2, 1) and args[3] is out and args[4] is lse and args[12] == 11
     assert args[5] == args[6] == 0  # no workspace
+    launches.clear()
+    # kernel 3: the same arguments, grid, split and combine; its own threads and shared memory
+    lc._launch(3, q, view, indices, SCALE, out, lse, 132, view.stride(0))
+    (_, entry, grid, block, args, smem), (_, combine, c_grid, _, c_args, _) = launches
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_wgmma", (4, 2, 4), 256, d["WGMMA_DYNAMIC_SMEM"])
+    assert args[5].shape == (4, 4, 128, 512) and args[6].shape == (4, 4, 128)
+    assert args[1] == view.data_ptr() and args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
+    assert combine == lc.COMBINE_ENTRY and c_args[0] is args[5] and c_args[2:] == (out, lse, 4 * 128, 4)
+    launches.clear()
+    lc._launch(3, q, view, indices, SCALE, out, lse, 8, view.stride(0))
+    (_, entry, grid, _, args, _), = launches
+    assert entry == "sparse_mla_decode_fp8_wgmma" and grid == (4, 2, 1) and args[5] == args[6] == 0
+
+
+def test_the_wgmma_kernel_compiles_to_a_trap_elsewhere():
+    # sm_90 (no "a"): no wgmma; the file still builds with every entry point, kernel 3 a trap
+    code = ("import json; from dsa_tutorial import kernels; c = kernels.compile_source('sparse_mla_decode_fp8', "
+            "'sm_90', use_cache=False); print(json.dumps([c.entry_points(), c.log]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode and "GPUUnavailableError" in done.stderr:
+        pytest.skip("no CUDA headers for NVRTC here")
+    assert done.returncode == 0, done.stderr
+    entries, log = json.loads(done.stdout)
+    assert {*TABLE.entry_points(), lc.COMBINE_ENTRY} <= set(entries)
+    assert "warning" not in log.lower()
 
 
 def test_cuda_call_checks_before_any_launch(monkeypatch):
@@ -706,6 +764,196 @@ def test_mma_kernel_emulated_on_the_cpu():
     assert (none_out == 0).all() and np.isposinf(none_lse).all()
 
 
+# ----------------------------------------------------------------------------- kernel 3 on the CPU
+# A numpy emulation of sparse_mla_decode_fp8_wgmma (kernel 3) on the byte-exact shared-memory model of the
+# prefill wgmma kernel's emulation (tests/test_sparse_prefill.py: a base that is NOT 1024-byte aligned,
+# descriptors decoded from the PTX ISA's canonical 128B-swizzle layouts, the wgmma accumulator fragment):
+# the carve (Q, the bf16 tile, two raw stages), the gather of 656-byte rows from a strided cache, the
+# dequantisation into the column-blocked tile, P and the row exchange in the consumed raw stage, every
+# descriptor as the kernel builds it, each thread's validity test on the indices (not the loader's), the
+# sums in the bf16 tile after the loop, and the split writes. Memory the kernel considers free is poisoned
+# (0xFF: NaN as bf16 and float32).
+
+from tests.test_sparse_prefill import (_RAW_BASE, _Smem, _blocked, _fragment, _k_major_desc,  # noqa: E402
+                                       _n_major_desc, _operand)
+
+
+def _emulate_wgmma_block(q_rows, cache_bytes, num_blocks, block_size, block_stride, index_row, split,
+                         tiles_per_split, n_splits, scale):
+    """One block of kernel 3 (one query row, 64 heads, one split): (o [64, 512], lse [64]) as it writes them,
+    o rounded to bf16 when n_splits == 1 (into out), float32 otherwise (into o_partial); NaN where unwritten."""
+    Q, RAW, KV, P_BYTES, TILE, HEADS = (D["Q_SMEM_BYTES"], D["RAW_STAGE_BYTES"], D["KV_SMEM_BYTES"], D["P_BYTES"],
+                                        D["MMA_TILE"], D["MMA_HEADS"])
+    BLOCK = D["WGMMA_BLOCK_BYTES"]
+    k = len(index_row)
+    cache_np = cache_bytes.numpy()
+    smem = _Smem(D["WGMMA_DYNAMIC_SMEM"])
+    base = (_RAW_BASE + D["WGMMA_SMEM_ALIGN"] - 1) & ~(D["WGMMA_SMEM_ALIGN"] - 1)
+    q_s, kv_s = base, base + Q
+    raw_s = kv_s + KV
+    assert raw_s + 2 * RAW <= _RAW_BASE + D["WGMMA_DYNAMIC_SMEM"], "the carve overflows the launch's bytes"
+    assert (raw_s + RAW) % 1024 == 0 and raw_s % 1024 == 0, "P (in either raw stage) starts aligned"
+    rows, chunks, eight = np.arange(HEADS)[:, None, None], np.arange(72)[None, :, None], np.arange(8)
+    smem.write_bf16(q_s + _blocked(rows, chunks) + 2 * eight, q_rows.reshape(HEADS, 72, 8))  # the queries
+    assert not np.isnan(smem.read_bf16(q_s + 2 * np.arange(Q // 2))).any(), "the query copies leave a hole"
+
+    def load_tile(tile, stage):  # thread (r, part) copies chunks part, part + 4, .. of slot r's token
+        dst0 = raw_s + stage * RAW - _RAW_BASE
+        smem.bytes[dst0:dst0 + RAW] = 0xFF  # the stage's previous content is dead
+        for tid in range(D["WGMMA_THREADS"]):
+            r, part = tid // D["LOADERS"], tid % D["LOADERS"]
+            j = tile * TILE + r
+            token = _token_row(index_row[j] if j < k else -1, num_blocks, block_size, block_stride)
+            for c in range(part, D["RAW_CHUNKS"], D["LOADERS"]):
+                at = dst0 + r * 656 + 16 * c
+                smem.bytes[at:at + 16] = cache_np[token + 16 * c:token + 16 * c + 16] if token is not None else 0
+
+    def dequantize_tile(stage):  # row r: 64 chunks of 8 e4m3 values times their scale, then k^R's 8 chunks
+        start = kv_s - _RAW_BASE
+        smem.bytes[start:start + KV] = 0xFF  # overwritten whole
+        for r in range(TILE):
+            at = raw_s + stage * RAW + r * 656 - _RAW_BASE
+            token = torch.from_numpy(smem.bytes[at:at + 656].copy())
+            scales = token[512:528].view(torch.float32).repeat_interleave(128)
+            c_kv = (token[:512].view(torch.float8_e4m3fn).float() * scales).bfloat16().view(torch.uint8)
+            row_bytes = torch.cat([c_kv, token[528:]]).numpy().reshape(72, 16)
+            for c in range(72):
+                offset = kv_s + _blocked(r, c) - _RAW_BASE
+                smem.bytes[offset:offset + 16] = row_bytes[c]
+
+    rows16, cols16 = _fragment(32)  # S_wg: [128 threads, 16 registers]
+    rows128, cols128 = _fragment(256)  # O_wg: [128 threads, 128 registers]
+    thread = np.arange(128)
+    warp, g, t = thread // 32, (thread % 32) // 4, thread % 4
+    o = np.zeros((2, 128, 128))
+    row_max, row_sum = np.full((2, 128, 2), -np.inf), np.zeros((2, 128, 2))
+    scale_log2 = np.float32(scale) * np.float32(1.4426950408889634)
+    n_tokens = num_blocks * block_size
+    n_tiles = (k + TILE - 1) // TILE
+    first, last = split * tiles_per_split, min(split * tiles_per_split + tiles_per_split, n_tiles)
+    if first < last:
+        load_tile(first, 0)
+    for tile in range(first, last):
+        stage = (tile - first) % 2
+        if tile + 1 < last:
+            load_tile(tile + 1, stage ^ 1)
+        dequantize_tile(stage)
+        p_s = raw_s + stage * RAW
+        row_s = p_s + P_BYTES
+        smem.bytes[p_s - _RAW_BASE:p_s - _RAW_BASE + RAW] = 0xFF  # (D): the consumed raw stage is free
+        acc, tile_max = np.zeros((2, 128, 16)), np.full((2, 128, 2), -np.inf)
+        for wg in range(2):  # 1. S_wg = Q K^T over 36 k-steps, both operands K-major
+            keys_address = kv_s + 32 * wg * 128
+            product = np.zeros((64, 32))
+            for s in range(36):
+                step = (s // 4) * BLOCK + (s % 4) * 32
+                a = _operand(smem, _k_major_desc(q_s + step), 64)  # [64 heads, 16]
+                b = _operand(smem, _k_major_desc(keys_address + step), 32)  # [32 keys, 16]
+                product = a @ b.T + (product if s > 0 else 0)
+            assert not np.isnan(product).any(), "S read memory that was not written"
+            acc[wg] = product[rows16, cols16]
+            # each thread's test of its 8 keys: s >= 0 and s < num_blocks * block_size
+            j = tile * TILE + 32 * wg + 8 * (np.arange(16) // 4)[None, :] + 2 * t[:, None] + np.arange(16)[None, :] % 2
+            s_j = np.array([[index_row[x] if x < k else -1 for x in line] for line in j])
+            used = (s_j >= 0) & (s_j < n_tokens)
+            acc[wg] = np.where(used, acc[wg] * scale_log2, -np.inf)
+            for r in range(2):
+                mine = acc[wg][:, (np.arange(16) // 2) % 2 == r].max(1)
+                tile_max[wg, :, r] = mine.reshape(32, 4).max(1).repeat(4)  # the quad's shuffles (per warp)
+            first_lane = t == 0
+            for r in range(2):
+                smem.write_u32(row_s + 4 * (wg * HEADS + 16 * warp[first_lane] + g[first_lane] + 8 * r),
+                               tile_max[wg, first_lane, r].astype(np.float32), np.float32)
+        for wg in range(2):  # 2, 3. the shared max, P's columns 32 wg .., float32 sums (barrier B .. C)
+            m_use = np.zeros((128, 2))
+            for r in range(2):
+                other = smem.read_u32(row_s + 4 * ((wg ^ 1) * HEADS + 16 * warp + g + 8 * r), np.float32)
+                assert not np.isnan(other).any(), "row_s read before it was written"
+                new_max = np.maximum(row_max[wg, :, r], np.maximum(tile_max[wg, :, r], other))
+                m_use[:, r] = np.where(new_max == -np.inf, 0.0, new_max)
+                alpha = np.exp2(row_max[wg, :, r] - m_use[:, r])
+                row_max[wg, :, r] = new_max
+                row_sum[wg, :, r] *= alpha
+                o[wg][:, (np.arange(128) // 2) % 2 == r] *= alpha[:, None]
+            for c in range(4):
+                p = np.exp2(acc[wg][:, 4 * c:4 * c + 4] - m_use[:, [0, 0, 1, 1]])  # [128, 4]
+                row_sum[wg] += p.reshape(128, 2, 2).sum(-1)
+                head, chunk = 16 * warp + g, 4 * wg + c
+                for r in range(2):
+                    for jj in range(2):
+                        smem.write_bf16(p_s + _blocked(head + 8 * r, chunk) + 4 * t + 2 * jj, p[:, 2 * r + jj])
+        for wg in range(2):  # 4. O_wg += P V[:, 256 wg ..], P K-major, V N-major from the bf16 tile
+            values_address = kv_s + 4 * wg * BLOCK
+            product = np.zeros((64, 256))
+            for kk in range(4):
+                a = _operand(smem, _k_major_desc(p_s + 32 * kk), 64)  # [64 heads, 16 keys]
+                b = _operand(smem, _n_major_desc(values_address + 2048 * kk), 256, n_major=True)  # [16, 256]
+                assert not np.isnan(a).any() and not np.isnan(b).any(), "P or V read before it is written"
+                product += a @ b
+            o[wg] += product[rows128, cols128]
+    # after the loop: the sums exchanged through the bf16 tile's memory
+    smem.bytes[kv_s - _RAW_BASE:kv_s - _RAW_BASE + KV] = 0xFF
+    total_own = row_sum.reshape(2, 32, 4, 2).sum(2).repeat(4, 1)  # quad sums: [wg, thread, 2]
+    first_lane = t == 0
+    for wg in range(2):
+        for r in range(2):
+            smem.write_u32(kv_s + 4 * (wg * HEADS + 16 * warp[first_lane] + g[first_lane] + 8 * r),
+                           total_own[wg, first_lane, r].astype(np.float32), np.float32)
+    out, lse = np.full((HEADS, 512), np.nan), np.full(HEADS, np.nan)
+    whole = n_splits == 1
+    for wg in range(2):
+        for r in range(2):
+            head = 16 * warp + g + 8 * r
+            total = total_own[wg, :, r] + smem.read_u32(kv_s + 4 * ((wg ^ 1) * HEADS + head), np.float32)
+            inv_sum = np.where(total > 0, 1 / np.where(total > 0, total, 1), 0.0)
+            row_lse = np.where(total > 0, (row_max[wg, :, r] + np.log2(np.where(total > 0, total, 1))) * math.log(2),
+                               np.inf if whole else -np.inf)
+            for c in range(32):
+                for jj in range(2):
+                    column = 256 * wg + 8 * c + 2 * t + jj
+                    assert np.isnan(out[head, column]).all(), "written twice"
+                    assert (rows128[:, 4 * c + 2 * r + jj] == head).all()  # the register holds that row ...
+                    assert (cols128[:, 4 * c + 2 * r + jj] == column - 256 * wg).all()  # ... and column
+                    values = o[wg][:, 4 * c + 2 * r + jj] * inv_sum
+                    out[head, column] = _bf16(values) if whole else values.astype(np.float32)
+            if wg == 0:
+                lse[head[first_lane]] = row_lse[first_lane]
+    return out, lse
+
+
+def test_wgmma_kernel_emulated_on_the_cpu():
+    """Kernel 3's carve, gather from a strided cache, dequantisation into the column-blocked tile, descriptors,
+    fragments, validity test and split + combine, emulated: equal to the reference to the kernel's tolerance."""
+    gen = torch.Generator().manual_seed(14)
+    num_blocks, block_size, k = 9, 16, 150  # 144 tokens; 3 tiles, the last ragged (22 slots)
+    cache = strided(quantize(random_latents(num_blocks, block_size, seed=15)), extra_rows=3)
+    cache_bytes = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())[cache.storage_offset():]
+    q = torch.randn(1, 1, 64, 576, generator=gen).bfloat16()
+    indices = torch.randperm(144, generator=gen)[:k].int()
+    indices[:40] = -1  # the first tile's first 40 slots unused
+    indices[-3] = -1
+    wild = indices.clone()  # unused slots written as values outside [0, 144): ignored like -1
+    wild[:5] = torch.tensor([144, 10**6, INT32_MAX, INT32_MIN, -7], dtype=torch.int32)
+    ref_out, ref_lse = sparse_mla_decode_fp8(q, cache, indices[None, None], SCALE)
+    ref_out, ref_lse = ref_out[0, 0], ref_lse[0, 0]
+    args = (q[0, 0].float().numpy(), cache_bytes, num_blocks, block_size, cache.stride(0))
+    tolerance = dict(atol=1e-2 * ref_out.abs().max().item(), rtol=1e-2, max_calc_diff=1e-5)
+    whole_out, whole_lse = _emulate_wgmma_block(*args, wild.tolist(), 0, 3, 1, SCALE)
+    compare.assert_close(torch.from_numpy(whole_out), ref_out, **tolerance, name="emulated kernel 3")
+    compare.assert_close(torch.from_numpy(whole_lse), ref_lse, atol=1e-4, rtol=1e-5, name="emulated kernel 3 lse")
+    parts = [_emulate_wgmma_block(*args, wild.tolist(), s, 2, 2, SCALE) for s in range(2)]  # 2 splits + combine
+    o_partial, lse_partial = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+    merged = [_emulate_combine(o_partial[:, i], lse_partial[:, i]) for i in range(64)]
+    compare.assert_close(torch.tensor(np.stack([m[0] for m in merged])), ref_out, **tolerance, name="kernel 3 split")
+    compare.assert_close(torch.tensor([m[1] for m in merged]), ref_lse, atol=1e-4, rtol=1e-5,
+                         name="kernel 3 split lse")
+    empty = [-1] * 64 + wild.tolist()[64:]  # a split whose slots are all unused: o = 0, lse = -inf
+    o0, lse0 = _emulate_wgmma_block(*args, empty, 0, 1, 3, SCALE)
+    assert (o0 == 0).all() and np.isneginf(lse0).all()
+    none_out, none_lse = _emulate_wgmma_block(*args, [-1, 144, INT32_MIN] * 20, 0, 1, 1, SCALE)
+    assert (none_out == 0).all() and np.isposinf(none_lse).all()
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def _case(B, s_q, h, k, block_size, *, stride=False, seed=0):
@@ -750,6 +998,11 @@ def _tolerances(version, ref_out):
     return dict(atol=1e-2 * scale, rtol=1e-2, max_calc_diff=1e-5), dict(atol=4e-3, rtol=0)
 
 
+def _skip_unless_available(kernel):
+    if kernel == WGMMA and fp8.wgmma_why_not(torch.device("cuda")) is not None:
+        pytest.skip(f"kernel 3 (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
+
+
 def _check(version, out, lse, ref_out, ref_lse, name):
     out_tol, lse_tol = _tolerances(version, ref_out)
     compare.assert_close(out.float(), ref_out.to(out.device), **out_tol, name=f"{name}: out")
@@ -764,6 +1017,7 @@ def _check(version, out, lse, ref_out, ref_lse, name):
 @pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("B", [1, 3])
 def test_sparse_mla_decode_fp8_cuda(B, s_q, h, k, block_size, kernel):
+    _skip_unless_available(kernel)
     stride = block_size == 16 or B == 3
     seed = B * 1000 + s_q * 100 + h + k + block_size
     q, cache, indices = _case(B, s_q, h, k, block_size, stride=stride, seed=seed)
@@ -782,7 +1036,8 @@ def test_sparse_mla_decode_fp8_cuda(B, s_q, h, k, block_size, kernel):
 @pytest.mark.parametrize("B, s_q, h, k, block_size", [(1, 1, 128, 700, 64), (2, 2, 64, 1000, 1),
                                                       (1, 3, 64, 100, 7), (5, 1, 128, 33, 64)])
 def test_ragged_selections_and_odd_block_sizes(B, s_q, h, k, block_size, kernel):
-    # k not a multiple of the 64-slot tile, block_size 1 and 7, s_q = 3; (1, 1, 128, 700) runs kernel 2 split
+    # k not a multiple of the 64-slot tile, block_size 1 and 7, s_q = 3; (1, 1, 128, 700) runs kernels 2, 3 split
+    _skip_unless_available(kernel)
     q, cache, indices = _case(B, s_q, h, k, block_size, stride=True, seed=k + block_size)
     out = compare.poisoned((B, s_q, h, 512), torch.bfloat16)
     lse = compare.poisoned((B, s_q, h), torch.float32)
@@ -791,16 +1046,39 @@ def test_ragged_selections_and_odd_block_sizes(B, s_q, h, k, block_size, kernel)
 
 
 @pytest.mark.gpu
-def test_the_split_path_is_taken_and_the_default_is_kernel_2():
+def test_the_split_path_is_taken_and_the_default_is_kernel_3():
     q, cache, indices = _case(1, 2, 128, 2048, 64, seed=3)
     n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    assert lc.decode_splits(2, 128, 2048, n_sms)[0] > 1  # this shape runs kernel 2 split, then the combine
+    assert lc.decode_splits(2, 128, 2048, n_sms)[0] > 1  # this shape runs kernel 3 split, then the combine
     with kernels.recording_launches() as launches:
         default = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
-    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_mma", lc.COMBINE_ENTRY]
-    explicit = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=2)
+    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_wgmma", lc.COMBINE_ENTRY]
+    explicit = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
     assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])  # deterministic
-    _check(2, *default, *_reference(q, cache, indices), "default call, split")
+    _check(3, *default, *_reference(q, cache, indices), "default call, split")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 64])  # split (then the combine) and whole
+def test_kernel_3_launches_and_agrees_with_kernel_2(B):
+    _skip_unless_available(WGMMA)
+    q, cache, indices = _case(B, 2, 128, 2048, 64, stride=True, seed=9)
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    split = lc.decode_splits(B * 2, 128, 2048, n_sms)[0] > 1
+    assert split == (B == 1)
+    with kernels.recording_launches() as launches:
+        out3, lse3 = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_wgmma"] + [lc.COMBINE_ENTRY] * split
+    out2, lse2 = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=2)
+    ref_out, ref_lse = _reference(q, cache, indices)
+    _check(3, out3, lse3, ref_out, ref_lse, f"kernel 3, B={B}")
+    # both within 1e-2 of max|ref| of the reference, so within 2e-2 of each other; lse: kernel 3 sums the
+    # float32 p, kernel 2 the bf16-rounded p (4e-3 each)
+    compare.assert_close(out3.float(), out2.float(), atol=2e-2 * ref_out.abs().max().item(), rtol=2e-2,
+                         name="kernel 3 vs kernel 2")
+    compare.assert_close(lse3, lse2, atol=8e-3, rtol=0, name="kernel 3 vs kernel 2: lse")
+    again = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+    assert torch.equal(again[0], out3) and torch.equal(again[1], lse3)  # deterministic
 
 
 @pytest.mark.gpu
@@ -810,6 +1088,7 @@ def test_wild_indices_with_data_checks_off_are_never_read(kernel, k):
     """Data checks off (the default): indices outside [0, num_blocks * block_size) reach the kernels unchecked
     and must count as unused slots: the result equals the reference with those slots set to -1.
     compute-sanitizer runs benchmarks/sanitize_latent_cache.py with such values too."""
+    _skip_unless_available(kernel)
     q, cache, indices = _case(3, 2, 64, k, 16, stride=True, seed=k)
     n_tokens = cache.shape[0] * cache.shape[1]
     ref_out, ref_lse = _reference(q, cache, indices)
@@ -838,15 +1117,16 @@ def test_gpu_bad_input_and_fallback():
     with pytest.raises(ValueError, match="CUDA"):
         sparse_mla_decode_fp8_cuda(q, cache, indices.cpu(), SCALE)
     with pytest.raises(ValueError, match="kernel must be None or a version of cuda/sparse_mla_decode_fp8.cu"):
-        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=4)
     with pytest.raises(ValueError, match="out must have shape"):
         sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, out=torch.empty(2, 1, 64, 511, device="cuda"))
     # a cache 8 bytes past a 16-byte boundary: kernel 2 refuses it, None falls back to kernel 1
     buffer = torch.empty(cache.numel() + 8, dtype=torch.uint8, device="cuda")
     shifted = buffer[8:].view(cache.shape).view(torch.float8_e4m3fn)
     shifted.copy_(cache)
-    with pytest.raises(ValueError, match="16-byte boundary"):
-        sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE, kernel=2)
+    for refused in (2, 3) if fp8.wgmma_why_not(q.device) is None else (2,):
+        with pytest.raises(ValueError, match="16-byte boundary"):
+            sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE, kernel=refused)
     with kernels.recording_launches() as launches:
         out, lse = sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE)
     assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_simt"]
@@ -858,9 +1138,10 @@ def test_gpu_bad_input_and_fallback():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [None, 1, 2])
-@pytest.mark.parametrize("B", [1, 64])  # kernel 2 split (1 row) and whole (64 rows)
+@pytest.mark.parametrize("kernel", [None, 1, 2, 3])
+@pytest.mark.parametrize("B", [1, 64])  # kernels 2, 3 split (1 row) and whole (64 rows)
 def test_no_host_synchronisation(kernel, B):
+    _skip_unless_available(kernel)
     q, cache, indices = _case(B, 2, 128, 2048, 64, seed=5)
     sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=kernel)  # compile and load first
     torch.cuda.synchronize()

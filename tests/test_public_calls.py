@@ -119,13 +119,15 @@ def public_calls():
     # sparse decode over the FP8 latent cache: 2 draft tokens, 64-token pages, one split per SM row
     fp8_cache = latent_cache.quantize(randn(16 * 128, 64, 1, 576, dtype=torch.bfloat16))
     q_fp8 = randn(16, 2, 128, 576, dtype=torch.bfloat16)
-    fp8_indices = torch.randint(0, 16 * 128 * 64, (16, 2, 2048), device="cuda", generator=g, dtype=torch.int32)
+    fp8_indices = torch.stack([torch.randperm(16 * 128 * 64, device="cuda", generator=g)[:2048]
+                               for _ in range(32)]).int().view(16, 2, 2048)  # distinct in each row
     calls.append(("sparse_mla_decode_fp8_cuda",
                   lambda: latent_cache.sparse_mla_decode_fp8_cuda(q_fp8, fp8_cache, fp8_indices, V32.softmax_scale)))
     # sparse prefill: 512 tokens of one sequence, each its own 2048 of the 8192 cached
     q_prefill = randn(512, 128, 576, dtype=torch.bfloat16)
     kv_prefill = randn(8192, 1, 576, dtype=torch.bfloat16)
-    prefill_indices = torch.randint(0, 8192, (512, 1, 2048), device="cuda", generator=g, dtype=torch.int32)
+    prefill_indices = torch.stack([torch.randperm(8192, device="cuda", generator=g)[:2048]
+                                   for _ in range(512)]).int().view(512, 1, 2048)  # distinct in each row
     calls.append(("sparse_mla_prefill_cuda",
                   lambda: sparse_mla_prefill_cuda(q_prefill, kv_prefill, prefill_indices, V32.softmax_scale)))
     return calls
