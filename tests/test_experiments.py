@@ -12,7 +12,7 @@ from dsa_tutorial.experiments.__main__ import main
 from dsa_tutorial.experiments.common import DATA_DIR, SMOKE, UniformWeights, make_model, mean_std
 from dsa_tutorial.experiments.leak import RepeatedSequence, half_accuracies
 
-FAST = ["warmup", "weights", "mha_vs_mla", "topk_length", "leak"]
+FAST = ["warmup", "weights", "mha_vs_mla", "topk_length", "leak", "selectors"]
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -30,6 +30,22 @@ def test_smoke_run_writes_a_complete_result(name, tmp_path):
 def test_slower_smoke_runs(name):
     payload = run(name, smoke=True, out_dir=None, seeds=(0,), progress=False)
     assert payload["results"]
+
+
+def test_selectors_indexer_row_is_the_topk_length_evaluation():
+    """The selectors experiment's indexer, through its own layer, gives exactly what topk_length measures
+    (same model, same sequences); the oracle recalls at least the indexer's mass; rates are rates."""
+    selectors = run("selectors", smoke=True, out_dir=None, seeds=(0,), progress=False)["results"]
+    lengths = run("topk_length", smoke=True, out_dir=None, seeds=(0,), progress=False)["results"]
+    for L in selectors["lengths"]:
+        grid, reference = selectors["per_seed"][0]["eval"][str(L)], lengths["per_seed"][0]["eval"][str(L)]
+        assert grid["dense"]["accuracy"] == reference["dense"]["accuracy"]
+        for k in (k for k in selectors["topks"] if k < L):
+            for metric in ("accuracy", "recall_answer"):
+                assert grid["indexer"][str(k)][metric] == reference[str(k)][metric], (L, k, metric)
+            assert grid["oracle"][str(k)]["recall_answer"] >= grid["indexer"][str(k)]["recall_answer"] - 1e-6
+            for rule in selectors["rules"]:
+                assert all(0 <= grid[rule][str(k)][m] <= 1 for m in ("accuracy", "hit_rate", "recall_answer"))
 
 
 def test_smoke_run_writes_nothing_by_default(tmp_path, monkeypatch):

@@ -11,8 +11,10 @@ versions and wall time):
     cost         (e) research question 4: indexer FLOPs and CPU time against length
     indexer_size (f) research question 5: indexer heads H_I and head dim d_I
     leak         the causal leak of top-k without re-masking, and what it does to the metric
+    selectors    the lightning indexer against simple selection rules at equal k: the oracle (top-k of the
+                 dense attention), a sliding window, sinks + window, random, whole blocks (experiments/selectors.py)
 
-`python -m dsa_tutorial.experiments all` runs them in this order (about 10-15 minutes on two
+`python -m dsa_tutorial.experiments all` runs them in this order (about 15 minutes on two
 shared CPU cores; trained models are cached, see `common`). `--smoke` runs the same code at a size
 of seconds and writes nothing unless `--out` is given. Importing this package computes nothing.
 """
@@ -34,6 +36,8 @@ EXPERIMENTS = {
     "indexer_size": ("indexer_size", "Research question 5: how do the indexer's heads and head dim change its "
                                      "accuracy and cost?"),
     "leak": ("leak", "What does top-k without re-applying the causal mask do to the metric?"),
+    "selectors": ("selector_comparison", "What does the indexer buy over simpler selectors at the same k? The "
+                                         "oracle, a sliding window, sinks + window, random and block top-k."),
 }
 
 

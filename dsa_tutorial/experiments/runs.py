@@ -20,8 +20,10 @@ from ..train import TinyLM, evaluate, pretrain_dense, progress_bar, sparse_train
 from .common import eval_batch, make_model, mean_std, model_args, task_of, warmed_model
 from .leak import RepeatedSequence, half_accuracies
 from .mha import MHADSAttention
+from .selectors import selector_comparison  # the selectors experiment, in its own file
 
-__all__ = ["warmup", "weights", "mha_vs_mla", "topk_length", "indexer_cost", "indexer_size", "leak"]
+__all__ = ["warmup", "weights", "mha_vs_mla", "topk_length", "indexer_cost", "indexer_size", "leak",
+           "selector_comparison"]
 
 
 def _key(k) -> str:
