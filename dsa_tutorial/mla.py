@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), formulas 1-4 of the guide plus the query path.
+"""Multi-head latent attention (MLA): compression, decompression, the rotary key, and the query path.
 
 One function per formula, in the paper's symbols (batch-first: B batch, T query tokens,
 S cached tokens, n_h heads):

@@ -17,7 +17,7 @@ The rules, the same in the reference (`select_topk`) and the kernel (`select_top
 The kernel ranks values through `order_key`, a map of float32 to uint32 that preserves order, the
 way a radix select needs it; the reference uses the same map so the two agree bit for bit.
 
-`topk_without_causal_mask` reproduces the research repository's leak: torch.topk
+`topk_without_causal_mask` reproduces the leak of a mask built from top-k alone: torch.topk
 on the masked scores, keeping whatever it returns, future positions included.
 
 CUDA: `select_topk_cuda` launches one of the kernels of cuda/select_topk.cu (SELECT_TOPK_KERNELS:

@@ -1,7 +1,7 @@
 """The causality guard: outputs before position t never move when tokens after t change.
 
 For dense attention, DSA prefill and DSA decode, on the book's DSA layer (MLA + indexer) and on
-the MHA variant of chapter 9; and the guard catches the research repository's leak (top-k without
+the MHA variant of chapter 9; and the guard catches chapter 5's leak (top-k without
 re-applying the causal mask), so it is a test that can fail.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The causal leak of top-k without re-masking, reproduced on purpose.
 
-The research repository behind the seed guide built the sparse attention mask from the top-k
-indices alone. In a causal prefill, row t has only t + 1 visible tokens; when t + 1 < k, torch.topk
-still returns k indices, filling the rest with masked (-inf) positions, i.e. future tokens, and
-nothing removed them again. Which future tokens depends on how torch.topk breaks ties among the
--inf scores (on this CPU build: mostly positions in the second half of the row).
+A sparse attention mask built from the top-k indices alone leaks. In a causal prefill, row t has
+only t + 1 visible tokens; when t + 1 < k, torch.topk still returns k indices, filling the rest
+with masked (-inf) positions, i.e. future tokens, and nothing removes them again. Which future
+tokens depends on how torch.topk breaks ties among the -inf scores (on this CPU build: mostly
+positions in the second half of the row).
 
 The task that shows it: `RepeatedSequence`, n random tokens followed by the same n tokens. In the
 first half the next token is unpredictable (accuracy 1/V at best, causally); in the second half it

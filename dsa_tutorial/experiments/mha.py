@@ -8,7 +8,7 @@ latent c^Q, so the indexer's query projection reads h itself (q_lora_rank = dim 
 The cache therefore holds n_h (d_h + d_R + d_v) values per token instead of MLA's d_c + d_R, and
 in sparse mode each selected token costs n_h separate key and value reads instead of one latent.
 
-`causal_after_topk=False` reproduces the research repository's leak: the
+`causal_after_topk=False` reproduces chapter 5's leak: the
 attention mask is built from the torch.topk indices alone, without re-applying the causal mask,
 so rows with fewer than k visible tokens attend to future ones.
 
