@@ -160,8 +160,9 @@ def layer_cost(directory: Path | None = None):
     """Time per token against context length, prefill and decode side by side: dense attention as a
     line (and, dotted, what it would cost at the run's ceilings), DSA as stacked components (indexer,
     top-k, sparse attention), and the chained DSA call as a dashed line (the components timed alone
-    do not include what chaining them costs or saves).
-    Returns the matplotlib figure."""
+    do not include what chaining them costs or saves). The decode panel has a log time axis (dense
+    decode grows 30-fold over the lengths): there the bands' edges are the cumulative sums, not their
+    heights. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
     data = layer_results(directory)
@@ -185,6 +186,8 @@ def layer_cost(directory: Path | None = None):
             ax.plot(x, [row[phase]["dsa"]["total_us"] / m for row, m in zip(have, n)], "k--", lw=1,
                     label="DSA, chained")
         ax.set_xscale("log", base=2)
+        if phase == "decode":  # dense decode grows 30-fold over the lengths: a log axis keeps DSA's parts visible
+            ax.set_yscale("log")
         ax.set_xticks(lengths, [f"{L // 1024}K" for L in lengths])
         unit = "per token" if phase == "prefill" else f"per token (batch {data['decode_batch']})"
         ax.set(xlabel="context length L", ylabel=f"µs {unit}", title=phase)
