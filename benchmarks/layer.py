@@ -56,7 +56,7 @@ N_H, D_QK, D_V, D_LATENT = V32.n_heads, V32.qk_nope_head_dim + V32.qk_rope_head_
 H_I, D_I = V32.index_n_heads, V32.index_head_dim
 CHUNK = 4096  # prefill queries per indexer call: the logits of a chunk are CHUNK x L float32
 DECODE_BATCH = 32
-OUT = Path(__file__).resolve().parent.parent / "book" / "data" / "layer.json"
+OUT = bench.RESULTS_DIR.parent / "layer.json"  # book/data/layer.json, where figures.layer_results reads it
 
 
 def timed(fn, reps: int) -> float:

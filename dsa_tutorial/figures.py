@@ -19,9 +19,10 @@ import json
 import statistics
 from pathlib import Path
 
+from .bench import RESULTS_DIR  # where the benchmarks write, and so where the figures read
+
 __all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "roofline", "layer_results", "layer_cost"]
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "data" / "kernels"
 
 #: Every operation with a kernel table, in the order of the chapters.
 OPERATIONS = ("rms_norm", "kv_compress", "latent_scores", "apply_rope", "index_scores", "select_topk",
