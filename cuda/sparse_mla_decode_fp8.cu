@@ -74,10 +74,23 @@
 //             float32 p (as the prefill kernel; kernel 2 adds the bf16-rounded p): lse as accurate as
 //             float32 allows, out within ~1e-3 of max|out|.
 //             The default where it runs (compute capability 9.0).
+//             What it leaves on the table: every tile passes serial stops (gather wait, dequantise, compute)
+//             with the other units idle; one 227 KiB block an SM has nobody else to overlap them with.
+//
+//   kernel 4  sparse_mla_decode_fp8_ws  kernel 3's math, warp-specialised (FlashMLA's structure for its sm90
+//             sparse FP8 kernel): three warpgroups; warpgroup 0, the producer, loads a tile's FP8 rows from
+//             global memory into registers, dequantises them and stores the bf16 tile into one of two
+//             buffers while warpgroups 1 and 2, the consumers, run kernel 3's S, softmax and P V on the other.
+//             The buffers change hands through mbarriers (full / empty); setmaxnreg gives the consumers the
+//             registers for O (224 a thread) and leaves the producer 56. Shared memory: Q + 2 bf16 buffers +
+//             P + exchanges and flags = 226 KiB (no raw stage: the rows pass through registers). Same
+//             arguments, split and combine as kernel 3, and the same results bit for bit (the same tile
+//             values, the same wgmma sequence, the same softmax arithmetic).
 //
 // Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
 // num_blocks (so i < num_blocks * block_size, without overflow); every read of the cache is then
-// inside block i / block_size; unused slots read nothing (cp.async with 0 source bytes, or no load).
+// inside block i / block_size; unused slots read nothing (cp.async with 0 source bytes, or no load, or no
+// prefetch).
 // All addresses are computed in 64 bits. The host passes num_blocks >= 1 (an empty cache is
 // answered without a launch).
 #include <cuda_bf16.h>
@@ -749,6 +762,390 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
     }
 #else
     __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
+}
+
+// ------------------------------------------------------------------------------------ kernel 4
+//
+// Kernel 3 with its stops overlapped: warp specialisation, FlashMLA's structure for its sm90 sparse FP8
+// decoding kernel (in our own code). Kernel 3's block runs, for every tile, wait for the gather, dequantise,
+// then compute, each step while the other units idle. Here the block has three warpgroups (384 threads)
+// with fixed jobs:
+//   warpgroup 0, the producer: for tile t, reads the 64 selected tokens' FP8 rows straight from global
+//     memory into registers (16-byte loads, no raw stage in shared memory), dequantises them and stores the
+//     bf16 latents [64][576] into one of two bf16 tiles ("buffers"), in the column-blocked, 128B-swizzled
+//     layout kernel 3's descriptors read; with a flag per slot (used or not) beside the buffer;
+//   warpgroups 1 and 2, the consumers: kernel 3's math on the buffer of tile t (consumer c = 0, 1 in the role
+//     of kernel 3's warpgroup w: S for keys 32 c .. 32 c + 31, the row maxima swapped, P in shared memory,
+//     O[:, 256 c ..] += P V) while the producer fills the other buffer with tile t + 1.
+// Each buffer has two mbarriers: "full" (the producer's 128 threads arrive when their part of the tile is
+// stored) and "empty" (the consumers' 256 threads arrive when their wgmmas that read it are complete). An
+// mbarrier rather than a named barrier (bar.sync / bar.arrive) for this hand-over because
+//   * the producer runs ahead without blocking: it arrives (non-blocking) and goes on to the other buffer,
+//     and waits only when it needs a buffer back; each wait names the phase it needs (its parity), so a
+//     party that is one phase behind cannot be confused with one that is on time;
+//   * mbarrier.arrive releases, and try_wait acquires, at CTA scope: the producer's stores (and its
+//     fence.proxy.async for the tensor cores) are ordered before the consumers' wgmma by the barrier itself.
+// The consumers' two exchanges inside a tile (row maxima; the whole of P before P V) involve both consumer
+// warpgroups symmetrically and nobody else, so they are named barriers (bar.sync, id 1 and 2, 256 threads):
+// __syncthreads() would wait for the producer, which is a tile ahead.
+//
+// Registers: O is 64 heads x 256 values float32 a consumer warpgroup, 128 a thread, plus S's 16 and the
+// softmax state; kernel 3 needs 206. The launch gives every thread the same count (__launch_bounds__(384, 1):
+// at most 65536 / 384 = 168), then setmaxnreg moves them: the producer gives back down to
+// WS_PRODUCER_REGS = 56 (it holds 4 tokens' 16-byte loads and their scales, and addresses), the consumers
+// take WS_CONSUMER_REGS = 224: 128 x (56 + 2 x 224) = 64512 <= 65536, the register file of an SM (ptxas
+// allocates each side's code within its count: no spill at 56 / 224; 40 spills the producer's loads, and
+// 48 / 232 would claim all 65536, no slack).
+//
+// Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside (every tile starts 1024-byte aligned):
+//   Q 72 KiB | buffer 0 72 KiB | buffer 1 72 KiB | P 8 KiB | row exchange [2][64] f32 | flags [2][64] i32 |
+//   mbarriers full[2], empty[2]
+// = 230432 bytes + the 1 KiB alignment slack = 231456 <= 232448 (227 KiB, the H200's opt-in a block). There is
+// no raw stage (the rows pass through registers), so the two bf16 buffers fit where kernel 3 had one.
+//
+// The producer (4 warps, each 16 of the 64 slots of a tile): warp pw takes rows 16 pw .. 16 pw + 15. For one
+// token the warp's 32 lanes load its 512 e4m3 bytes in one instruction (16 bytes a lane, a full 512-byte
+// run: 4 whole 128-byte lines) and each lane the float32 scale of its 16 values; lane l takes the 16 bytes
+// f(l) = (l / 2) % 4 + 4 (l % 2 + 2 (l / 8)) (a permutation of 0..31), whose 16 bf16 results are chunks
+// 2 f and 2 f + 1 of the row: the lane stores chunk 2 f + l % 2 first, then the other. Within each
+// quarter-warp (8 lanes, one phase of a 16-byte store) the first stores then land on chunk positions
+// 2 ((l / 2) % 4) + l % 2 = 0..7, all different before and after the row's XOR swizzle, so no bank conflict
+// (the plain f(l) = l would put two lanes on each of 4 positions). k^R's 128 bytes: lanes 8 u .. 8 u + 7
+// copy token u of a group of 4, one 16-byte chunk each. Unused slots (-1, past k, or any index outside
+// [0, num_blocks * block_size)) read nothing and store zeros; their flag is 0, and the consumers give them
+// the score -inf, exactly as kernel 3. A warp issues WS_TOKENS_IN_FLIGHT tokens' loads before it dequantises
+// the first (what 56 registers hold), so its 16 rows take 4 round trips; to make those round trips short, the
+// warp prefetches the next tile's 16 rows into L2 (prefetch.global.L2, no register held) before it starts on
+// this one.
+//
+// Ordering, per buffer (u = the how-many-th use of the buffer, u = tile index / 2):
+//   producer: wait empty (parity (u & 1) ^ 1: the use before was released; passes at once for u = 0), store
+//     the tile and flags, fence.proxy.async (the stores -> visible to the tensor cores), arrive on full;
+//   consumer: wait full (parity u & 1), wgmma S, flags, max exchange (bar 1), P (the other consumer's
+//     wgmma of the tile before, which read P, completed before it reached bar 1), fence.proxy.async, bar 2,
+//     wgmma P V, wait for it, arrive on empty.
+// Q is loaded by the consumers (cp.async, then their own barrier) while the producer gathers tile 0. The
+// result, split and combine are kernel 3's (the same arguments, workspace and combine kernel).
+
+#define WS_THREADS 384                               // producer warpgroup + two consumer warpgroups
+#define WS_PRODUCER_REGS 56                          // setmaxnreg: the producer's registers a thread
+#define WS_CONSUMER_REGS 224                         // the consumers' (O: 128 float32 a thread)
+#define WS_TOKENS_IN_FLIGHT 4                        // a producer warp's tokens loaded before dequantising
+#define WS_ROWS_PER_WARP (MMA_TILE / 4)              // 16 slots of a tile per producer warp
+#define WS_ROW_BYTES (2 * MMA_HEADS * 4)             // the row-max (then row-sum) exchange [2][64] f32
+#define WS_FLAG_BYTES (2 * MMA_TILE * 4)             // used flags [2 buffers][64] i32
+#define WS_BARRIER_BYTES (4 * 8)                     // mbarriers full[2], empty[2]
+// kernel 4's carve: Q, 2 bf16 buffers, P, the row exchange, the flags, the mbarriers: 230432 bytes
+#define WS_CARVE_BYTES (Q_SMEM_BYTES + 2 * KV_SMEM_BYTES + P_BYTES + WS_ROW_BYTES + WS_FLAG_BYTES + WS_BARRIER_BYTES)
+// what the launch asks for: the carve plus the slack to round the base up to WGMMA_SMEM_ALIGN: 231456 bytes
+#define WS_DYNAMIC_SMEM (WGMMA_SMEM_ALIGN + WS_CARVE_BYTES)
+#define WS_ROW_MAX_BAR 1                             // named barriers of the consumers (0 is __syncthreads)
+#define WS_P_READY_BAR 2
+#define WS_CONSUMER_THREADS (WS_THREADS - 128)       // 256
+static_assert(WS_DYNAMIC_SMEM <= 232448, "227 KiB: the most shared memory a block may ask for on an H100 / H200");
+static_assert(P_BYTES % WGMMA_SMEM_ALIGN == 0, "P starts 1024-byte aligned, after Q and the buffers");
+static_assert(WS_PRODUCER_REGS + 2 * WS_CONSUMER_REGS <= 65536 / 128, "the SM's 64K registers");
+static_assert(WS_PRODUCER_REGS % 8 == 0 && WS_CONSUMER_REGS % 8 == 0, "setmaxnreg takes multiples of 8");
+static_assert(WS_ROWS_PER_WARP % WS_TOKENS_IN_FLIGHT == 0 && WS_TOKENS_IN_FLIGHT % 4 == 0,
+              "whole groups of tokens, k^R copied 4 tokens an instruction");
+static_assert(D_NOPE == 32 * 16 && D_ROPE * 2 == 8 * 16, "a token: 32 lanes x 16 e4m3 bytes, 8 x 16 bytes of k^R");
+
+#if WGMMA_AVAILABLE
+// mbarrier (PTX "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit object in
+// shared memory counting arrivals; when `count` threads have arrived its phase completes and the next
+// begins (the phase's parity flips).
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// This thread's arrival (release semantics at CTA scope: its earlier writes are visible to whoever waits).
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (acquire semantics); for a barrier in phase 0 that
+// was never completed, parity 1 (the phase "before" it) passes at once.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// The warpgroup's registers a thread from here on (every warp of the warpgroup executes it).
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
+                         const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,
+                         float* __restrict__ lse, float* __restrict__ o_partial, float* __restrict__ lse_partial,
+                         int n_heads, int k, int num_blocks, int block_size, long long block_stride,
+                         int tiles_per_split, float softmax_scale) {
+#if WGMMA_AVAILABLE
+    extern __shared__ unsigned char ws_smem_raw[];
+    unsigned char* q_s = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(ws_smem_raw) + WGMMA_SMEM_ALIGN - 1) & ~size_t(WGMMA_SMEM_ALIGN - 1));
+    unsigned char* kv_s = q_s + Q_SMEM_BYTES;                               // [2 buffers][64][576] bf16, blocked
+    unsigned char* p_s = kv_s + 2 * KV_SMEM_BYTES;                          // [64 heads][64 keys] bf16, blocked
+    float* row_s = reinterpret_cast<float*>(p_s + P_BYTES);                 // [2 consumers][64]
+    int* used_s = reinterpret_cast<int*>(row_s + 2 * MMA_HEADS);            // [2 buffers][64]
+    const unsigned full_bar = smem_address(used_s + 2 * MMA_TILE);          // full[2], then empty[2]: 8 bytes each
+    const unsigned empty_bar = full_bar + 2 * 8;
+
+    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
+    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const int* index_row = indices + (size_t)row * k;
+    const int n_tiles = (k + MMA_TILE - 1) / MMA_TILE;  // this split's tiles [first, last) of ceil(k / 64)
+    const int first = split * tiles_per_split, last = min(first + tiles_per_split, n_tiles);
+
+    if (tid == 0) {
+        for (int b = 0; b < 2; ++b) {
+            mbarrier_init(full_bar + 8 * b, 128);                   // the producer's threads
+            mbarrier_init(empty_bar + 8 * b, WS_CONSUMER_THREADS);  // the consumers' threads
+        }
+    }
+    __syncthreads();  // the barriers are initialised before anybody uses them (the last block-wide barrier)
+
+    if (wg == 0) {
+        // ---------------------------------------------------------------- the producer
+        setmaxnreg_dec<WS_PRODUCER_REGS>();
+        const int f = (lane / 2) % 4 + 4 * (lane % 2 + 2 * (lane / 8));  // this lane's 16 e4m3 bytes: f-th 16
+        const int parity_lane = lane % 2;
+        // slot 16 warp + i of tile `tile` (lane i < 16 asks): its token's byte offset in the cache, -1 if unused
+        // (slot j is used when 0 <= s and s / block_size < num_blocks: token_row's test)
+        auto token_offset = [&](int tile) -> long long {
+            const int j = tile * MMA_TILE + WS_ROWS_PER_WARP * warp + lane;
+            const unsigned char* token =
+                token_row(kv_cache, j < k ? __ldg(index_row + j) : -1, num_blocks, block_size, block_stride);
+            return token ? (long long)(token - kv_cache) : -1;
+        };
+        // L2 prefetch of this warp's 16 rows of a tile (lane l: row l % 16, bytes 128 m + 128 (l / 16) of it,
+        // m < 3: every 128-byte line the 656 bytes touch): no registers held, the loads later hit L2
+        auto prefetch_rows = [&](long long offset) {
+            const long long at = __shfl_sync(0xffffffffu, offset, lane % WS_ROWS_PER_WARP);
+            if (at >= 0) {
+#pragma unroll
+                for (int m = 0; m < 3; ++m)
+                    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kv_cache + at + 256 * m + 128 * (lane / 16)));
+            }
+        };
+        long long my_offset = first < last && lane < WS_ROWS_PER_WARP ? token_offset(first) : -1;
+        prefetch_rows(my_offset);
+        for (int tile = first; tile < last; ++tile) {
+            const int b = (tile - first) % 2, use = (tile - first) / 2;
+            // the next tile's rows start their way to L2 while this one is loaded and dequantised
+            const long long next_offset = tile + 1 < last && lane < WS_ROWS_PER_WARP ? token_offset(tile + 1) : -1;
+            prefetch_rows(next_offset);
+            mbarrier_wait(empty_bar + 8 * b, (use & 1) ^ 1);  // the consumers are done with this buffer's last use
+            unsigned char* buffer = kv_s + b * KV_SMEM_BYTES;
+            if (lane < WS_ROWS_PER_WARP) used_s[b * MMA_TILE + WS_ROWS_PER_WARP * warp + lane] = my_offset >= 0;
+#pragma unroll 1
+            for (int i0 = 0; i0 < WS_ROWS_PER_WARP; i0 += WS_TOKENS_IN_FLIGHT) {
+                // the loads of WS_TOKENS_IN_FLIGHT tokens: e4m3 bytes and their scale (zeros when unused),
+                // and k^R of the same tokens (lanes 8 u .. 8 u + 7: token i0 + 4 g + u of the group g)
+                uint4 bytes[WS_TOKENS_IN_FLIGHT], rope[WS_TOKENS_IN_FLIGHT / 4];
+                float scale[WS_TOKENS_IN_FLIGHT];
+#pragma unroll
+                for (int u = 0; u < WS_TOKENS_IN_FLIGHT; ++u) {
+                    const long long at = __shfl_sync(0xffffffffu, my_offset, i0 + u);
+                    const unsigned char* token = kv_cache + (at >= 0 ? at : 0);
+                    bytes[u] = at >= 0 ? __ldg(reinterpret_cast<const uint4*>(token + 16 * f)) : make_uint4(0, 0, 0, 0);
+                    scale[u] = at >= 0 ? __ldg(reinterpret_cast<const float*>(token + SCALES_AT) + f / 8) : 0.f;
+                }
+#pragma unroll
+                for (int g4 = 0; g4 < WS_TOKENS_IN_FLIGHT / 4; ++g4) {
+                    const long long at = __shfl_sync(0xffffffffu, my_offset, i0 + 4 * g4 + lane / 8);
+                    rope[g4] = at >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv_cache + at + ROPE_AT) + lane % 8)
+                                       : make_uint4(0, 0, 0, 0);
+                }
+                // dequantise (kernel 2's dequantize8: exact for a power-of-two scale) and store, swizzled
+#pragma unroll
+                for (int u = 0; u < WS_TOKENS_IN_FLIGHT; ++u) {
+                    const int r = WS_ROWS_PER_WARP * warp + i0 + u;
+                    const uint4 lo = dequantize8(make_uint2(bytes[u].x, bytes[u].y), scale[u]);  // chunk 2 f
+                    const uint4 hi = dequantize8(make_uint2(bytes[u].z, bytes[u].w), scale[u]);  // chunk 2 f + 1
+                    *reinterpret_cast<uint4*>(buffer + blocked(r, 2 * f + parity_lane)) = parity_lane ? hi : lo;
+                    *reinterpret_cast<uint4*>(buffer + blocked(r, 2 * f + 1 - parity_lane)) = parity_lane ? lo : hi;
+                }
+#pragma unroll
+                for (int g4 = 0; g4 < WS_TOKENS_IN_FLIGHT / 4; ++g4) {
+                    const int r = WS_ROWS_PER_WARP * warp + i0 + 4 * g4 + lane / 8;
+                    *reinterpret_cast<uint4*>(buffer + blocked(r, NOPE_CHUNKS + lane % 8)) = rope[g4];
+                }
+            }
+            fence_proxy_async();                // this thread's stores -> visible to the tensor cores' reads
+            mbarrier_arrive(full_bar + 8 * b);  // (release: the flags and the tile) the buffer is full
+            my_offset = next_offset;
+        }
+        return;  // nothing waits for the producer (no block-wide barrier after the split)
+    }
+
+    // -------------------------------------------------------------------- the consumers
+    setmaxnreg_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1, ctid = tid - 128;  // consumer c plays kernel 3's warpgroup w = c
+    const int g = lane / 4, t = lane % 4;
+
+    // the block's 64 queries [576], column-blocked; zeros for heads past n_h (while the producer gathers)
+    for (int i = ctid; i < MMA_HEADS * L_CHUNKS; i += WS_CONSUMER_THREADS) {
+        const int r = i / L_CHUNKS, ch = i % L_CHUNKS;
+        const bool inside = h0 + r < n_heads;
+        const __nv_bfloat16* src = q + ((size_t)row * n_heads + (inside ? h0 + r : 0)) * D_QK + ch * 8;
+        cp_async_16(q_s + blocked(r, ch), src, inside ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();                                           // this thread's copies of Q -> tensor cores
+    named_barrier_sync(WS_ROW_MAX_BAR, WS_CONSUMER_THREADS);  // all of Q is in q_s
+
+    // this thread's output: heads 16 warp + g (o[4i], o[4i + 1]) and + 8 (o[4i + 2, 3]), values
+    // 256 c + 8i + 2t, +1 (i < 32)
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};  // base-2 domain, this thread's part
+    const float scale_log2 = softmax_scale * 1.4426950408889634f;     // exp(x) = 2^(x log2 e)
+    const unsigned q_address = smem_address(q_s), p_address = smem_address(p_s);
+
+    for (int tile = first; tile < last; ++tile) {
+        const int b = (tile - first) % 2, use = (tile - first) / 2;
+        const unsigned kv_address = smem_address(kv_s) + b * KV_SMEM_BYTES;
+        mbarrier_wait(full_bar + 8 * b, use & 1);  // (acquire) the producer stored this tile and its flags
+
+        // 1. S_c = Q K^T for the 64 heads x keys 32 c .. 32 c + 31 of the tile: 36 k-steps of 16
+        float acc[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        const unsigned keys_address = kv_address + 32 * c * 128;  // row 32 c: 4 whole atoms on
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < D_QK / 16; ++s) {
+            const unsigned step = (s / 4) * WGMMA_BLOCK_BYTES + (s % 4) * 32;
+            wgmma_m64n32k16_bf16(acc, wgmma_desc(q_address + step), wgmma_desc(keys_address + step), s);
+        }
+        wgmma_commit();
+        // meanwhile: which of this thread's 8 keys (32 c + 8 i + 2t + e, i < 4, e < 2) hold a token
+        bool used[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) used[u] = used_s[b * MMA_TILE + 32 * c + 8 * (u / 2) + 2 * t + u % 2] != 0;
+        wgmma_wait<0>();
+        fence_operands(acc);
+
+        // score (times log2 e), -inf for unused slots; this consumer's row maxima over its 32 keys
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {  // acc[i]: head 16 warp + g + 8 (i / 2 % 2), key 8 (i / 4) + 2t + i%2
+            acc[i] = used[2 * (i / 4) + i % 2] ? acc[i] * scale_log2 : NEG_INF;
+            tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], acc[i]);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad hold one row
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        }
+        if (t == 0) {
+            row_s[c * MMA_HEADS + 16 * warp + g] = tile_max[0];
+            row_s[c * MMA_HEADS + 16 * warp + g + 8] = tile_max[1];
+        }
+        // (B) both consumers' maxima are in row_s; and both finished the P V of the tile before (each waited
+        // for it before coming here), so P may be rewritten
+        named_barrier_sync(WS_ROW_MAX_BAR, WS_CONSUMER_THREADS);
+
+        // 2. m_new = max(m_old, max over all 64 keys): the same value in both consumers
+        float m_use[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float other = row_s[(c ^ 1) * MMA_HEADS + 16 * warp + g + 8 * r];
+            const float new_max = fmaxf(row_max[r], fmaxf(tile_max[r], other));
+            m_use[r] = new_max == NEG_INF ? 0.f : new_max;  // nothing valid yet: p = 0, not NaN
+            alpha[r] = exp2f(row_max[r] - m_use[r]);
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+        // 3. p = exp(score - m_new): float32 into the sums, bf16 into P's columns 32 c .. 32 c + 31
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float p0 = exp2f(acc[4 * i] - m_use[0]), p1 = exp2f(acc[4 * i + 1] - m_use[0]);
+            const float p2 = exp2f(acc[4 * i + 2] - m_use[1]), p3 = exp2f(acc[4 * i + 3] - m_use[1]);
+            row_sum[0] += p0 + p1;
+            row_sum[1] += p2 + p3;
+            const int head = 16 * warp + g, chunk = 4 * c + i;  // keys 32 c + 8i + 2t, +1: bytes 4t, +1
+            *reinterpret_cast<__nv_bfloat162*>(p_s + blocked(head, chunk) + 4 * t) = __floats2bfloat162_rn(p0, p1);
+            *reinterpret_cast<__nv_bfloat162*>(p_s + blocked(head + 8, chunk) + 4 * t) =
+                __floats2bfloat162_rn(p2, p3);
+        }
+        fence_proxy_async();  // this thread's P -> visible to the tensor cores' reads (after barrier C)
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // rescale, unless 1 everywhere
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                o[4 * i] *= alpha[0];
+                o[4 * i + 1] *= alpha[0];
+                o[4 * i + 2] *= alpha[1];
+                o[4 * i + 3] *= alpha[1];
+            }
+        }
+        // (C) the whole 64 x 64 P is in p_s; both consumers have read row_s (it may be rewritten next tile)
+        named_barrier_sync(WS_P_READY_BAR, WS_CONSUMER_THREADS);
+
+        // 4. O_c += P V[:, 256 c ..]: 4 k-steps of 16 keys; P K-major, V N-major from block 4 c
+        const unsigned values_address = kv_address + 4 * c * WGMMA_BLOCK_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < MMA_TILE / 16; ++kk)
+            wgmma_m64n256k16_bf16_nb(o, wgmma_desc(p_address + 32 * kk), wgmma_desc_n_major(values_address + 2048 * kk));
+        wgmma_commit();
+        wgmma_wait<0>();  // P and the buffer are read
+        fence_operands(o);
+        mbarrier_arrive(empty_bar + 8 * b);  // the producer may refill this buffer
+    }
+
+    // the sums: the quad's lanes (this consumer's 32 keys of every tile), then the other consumer's, through
+    // row_s (both consumers read the maxima of the last tile before barrier C, so it is free)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = quad_sum(row_sum[r]);
+    if (t == 0) {
+        row_s[c * MMA_HEADS + 16 * warp + g] = row_sum[0];
+        row_s[c * MMA_HEADS + 16 * warp + g + 8] = row_sum[1];
+    }
+    named_barrier_sync(WS_ROW_MAX_BAR, WS_CONSUMER_THREADS);
+    // out = o / sum (0 when nothing was selected); lse = ln 2 (m + log2 sum): +inf (final) or -inf (a split's
+    // partial, so that it weighs nothing in the combine) when nothing was selected
+    const bool whole = gridDim.z == 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int head = 16 * warp + g + 8 * r;
+        const float total = row_sum[r] + row_s[(c ^ 1) * MMA_HEADS + head];  // the same in both
+        const float inv_sum = total > 0.f ? 1.f / total : 0.f;
+        const float row_lse = total > 0.f ? (row_max[r] + log2f(total)) * LN2 : whole ? POS_INF : NEG_INF;
+        if (h0 + head < n_heads) {
+            const size_t pair = (size_t)row * n_heads + h0 + head;
+            if (whole) {
+                __nv_bfloat16* out_row = out + pair * D_NOPE + 256 * c + 2 * t;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * i) =
+                        __floats2bfloat162_rn(o[4 * i + 2 * r] * inv_sum, o[4 * i + 2 * r + 1] * inv_sum);
+                if (c == 0 && t == 0) lse[pair] = row_lse;
+            } else {
+                const size_t slot = (size_t)split * n_rows * n_heads + pair;  // [split][row][head]
+                float* o_row = o_partial + slot * D_NOPE + 256 * c + 2 * t;
+#pragma unroll
+                for (int i = 0; i < 32; ++i)
+                    *reinterpret_cast<float2*>(o_row + 8 * i) =
+                        make_float2(o[4 * i + 2 * r] * inv_sum, o[4 * i + 2 * r + 1] * inv_sum);
+                if (c == 0 && t == 0) lse_partial[slot] = row_lse;
+            }
+        }
+    }
+#else
+    __trap();  // wgmma and setmaxnreg need sm_90a; dsa_tutorial never launches this kernel elsewhere
 #endif
 }
 

@@ -47,7 +47,9 @@ Which function runs where:
 * `sparse_mla_decode_fp8_cuda` runs `cuda/sparse_mla_decode_fp8.cu`; SPARSE_MLA_DECODE_FP8_KERNELS
   lists its kernels: 1, float32 CUDA cores; 2, tensor cores (mma.sync) with the selection split over
   several blocks when the batch is too small to fill the GPU; 3, the same with Hopper's wgmma (compute
-  capability 9.0 only; the default there, kernel 2 elsewhere).
+  capability 9.0 only; the default there, kernel 2 elsewhere); 4, kernel 3's math warp-specialised (a
+  producer warpgroup gathers and dequantises the next tile while two consumer warpgroups compute this one;
+  compute capability 9.0 only).
   No host synchronisation.
 
 Index values are device data: the reference checks them (in [-1, num_blocks * block_size), no
@@ -227,16 +229,23 @@ SPARSE_MLA_DECODE_FP8_KERNELS = KernelTable("sparse_mla_decode_fp8", [
            "and 256 output values each for P V",
            needs="compute capability 9.0 (sm_90a); 16-byte aligned q, kv_cache and out, a block stride a "
                  "multiple of 16 bytes; all 227 KiB of shared memory a block"),
-], best_first=(3, 2, 1))  # wgmma where it runs (compute capability 9.0), else mma.sync
+    Kernel(4, "sparse_mla_decode_fp8_ws", "kernel 3's wgmma math, warp-specialised: a producer warpgroup "
+           "loads the next tile's FP8 rows into registers and dequantises them into one of two bf16 buffers "
+           "while two consumer warpgroups compute on the other (mbarrier hand-over, setmaxnreg); the same "
+           "split and combine",
+           needs="compute capability 9.0 (sm_90a); 16-byte aligned q, kv_cache and out, a block stride a "
+                 "multiple of 16 bytes; 226 of the 227 KiB of shared memory a block"),
+], best_first=(3, 4, 2, 1))  # wgmma where it runs (compute capability 9.0), else mma.sync; kernel 4
+# (the same requirements as kernel 3) is ranked after kernel 3 until it is measured faster on the H200
 
-#: The combine kernel of the same file: merges kernel 2's or 3's partial results (not a version of the table).
+#: The combine kernel of the same file: merges kernel 2's, 3's or 4's partial results (not a version of the table).
 COMBINE_ENTRY = "sparse_mla_decode_fp8_combine"
 
 
 def decode_splits(n_rows: int, n_heads: int, k: int, n_sms: int) -> tuple[int, int]:
-    """(n_splits, tiles_per_split) for kernels 2 and 3, from shapes only: n_rows = B * s_q query rows of
+    """(n_splits, tiles_per_split) for kernels 2, 3 and 4, from shapes only: n_rows = B * s_q query rows of
     n_heads heads, k selected slots, n_sms SMs. Kernel 2 runs n_rows * n_heads / MMA_HEADS blocks of
-    one per SM (kernel 3 the same); when there are fewer than half as many blocks as SMs, each row's ceil(k / MMA_TILE)
+    one per SM (kernels 3 and 4 the same); when there are fewer than half as many blocks as SMs, each row's ceil(k / MMA_TILE)
     tiles are cut into splits of at least SPLIT_MIN_TILES tiles, each split a block of its own: as many
     splits as fit the SMs in one wave (n_sms // blocks; more would make a second wave, which costs as
     much as it saves)."""
@@ -262,7 +271,7 @@ def _why_not(q, kv_cache, out, block_stride: int, smem_limit: int) -> dict[int, 
     d = SPARSE_MLA_DECODE_FP8_KERNELS.defines()
     misaligned = [name for name, x in (("q", q), ("kv_cache", kv_cache), ("out", out)) if x.data_ptr() % 16]
 
-    def tensor_cores(smem: int) -> str | None:  # kernels 2 and 3: cp.async of 16-byte rows, `smem` bytes
+    def tensor_cores(smem: int) -> str | None:  # kernels 2 to 4: 16-byte rows (cp.async, loads), `smem` bytes
         return (f"{', '.join(misaligned)} must start on a 16-byte boundary (cp.async and 16-byte rows)"
                 if misaligned else
                 f"the cache's block stride ({block_stride} bytes) must be a multiple of 16 (cp.async rows)"
@@ -276,12 +285,13 @@ def _why_not(q, kv_cache, out, block_stride: int, smem_limit: int) -> dict[int, 
         2: tensor_cores(d["MMA_SMEM_BYTES"]),
         # sm_90a first: the reason that matters most
         3: fp8.wgmma_why_not(q.device) or tensor_cores(d["WGMMA_DYNAMIC_SMEM"]),
+        4: fp8.wgmma_why_not(q.device) or tensor_cores(d["WS_DYNAMIC_SMEM"]),
     }
 
 
 def _launch(version: int, q, kv_cache, indices, softmax_scale: float, out, lse, n_sms: int,
             block_stride: int) -> None:
-    """The launches of kernel `version` (and of the combine kernel after a split kernel 2 or 3).
+    """The launches of kernel `version` (and of the combine kernel after a split kernel 2, 3 or 4).
     Kernels read the cache through its address and block stride (it need not be contiguous)."""
     d = SPARSE_MLA_DECODE_FP8_KERNELS.defines()
     batch, s_q, n_heads, _ = q.shape
@@ -303,8 +313,8 @@ def _launch(version: int, q, kv_cache, indices, softmax_scale: float, out, lse, 
     args = (q, cache, indices, out, lse, o_partial, lse_partial, n_heads, k, *common, tiles_per_split,
             float(softmax_scale))
     grid = (n_rows, n_heads // d["MMA_HEADS"], n_splits)
-    threads, smem = ((d["MMA_THREADS"], d["MMA_SMEM_BYTES"]) if version == 2 else
-                     (d["WGMMA_THREADS"], d["WGMMA_DYNAMIC_SMEM"]))
+    threads, smem = {2: (d["MMA_THREADS"], d["MMA_SMEM_BYTES"]), 3: (d["WGMMA_THREADS"], d["WGMMA_DYNAMIC_SMEM"]),
+                     4: (d["WS_THREADS"], d["WS_DYNAMIC_SMEM"])}[version]
     SPARSE_MLA_DECODE_FP8_KERNELS.launch(version, grid, threads, args, shared_mem=smem)
     if n_splits > 1:
         pairs = n_rows * n_heads
@@ -336,8 +346,9 @@ def sparse_mla_decode_fp8_cuda(q: torch.Tensor, kv_cache: torch.Tensor, indices:
     of the .cu); any s_q; kv_cache float8_e4m3fn [num_blocks, block_size, 1, 656] (any block_size,
     blocks may be strided); indices int32 [B, s_q, k], contiguous, any k >= 0 (a ragged last tile
     is padded with unused slots). `kernel`: a version of SPARSE_MLA_DECODE_FP8_KERNELS (1 float32
-    CUDA cores; 2 tensor cores, mma.sync; 3 tensor cores, wgmma, compute capability 9.0 only); None
-    takes kernel 3 where it applies (compute capability 9.0), else 2, else 1.
+    CUDA cores; 2 tensor cores, mma.sync; 3 tensor cores, wgmma, compute capability 9.0 only; 4 kernel 3
+    warp-specialised, compute capability 9.0 only); None takes kernel 3 where it applies (compute
+    capability 9.0), else 2, else 1.
 
     No host synchronisation (CUDA-graph capturable): shapes, dtypes, strides and alignment are
     checked always; the index values only with data checks on (checks.set_data_checks, DSA_CHECK=1).
