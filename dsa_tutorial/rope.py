@@ -82,6 +82,13 @@ def inv_freq(args: ModelArgs = ModelArgs()) -> torch.Tensor:
     return _inv_freq(check_args(args)).clone()
 
 
+@functools.lru_cache(maxsize=8)
+def _inv_freq_on(args: ModelArgs, device: torch.device) -> torch.Tensor:
+    """inv_freq on `device`, copied there once: a GPU caller then copies nothing from the host per call
+    (which also lets a CUDA graph capture it). Shared: never modified."""
+    return _inv_freq(args).to(device)
+
+
 def precompute_freqs_cis(args: ModelArgs = ModelArgs()) -> torch.Tensor:
     """e^{i m theta_i} for every position m < max_seq_len: complex128 [max_seq_len, d_R/2].
 
@@ -99,7 +106,7 @@ def rope_angles(positions: torch.Tensor, args: ModelArgs = ModelArgs()) -> torch
     0 <= m < max_seq_len is checked for CPU positions, and for GPU ones with data checks on."""
     check_tensor(positions, "positions", shape=("T",), dtype=torch.int64)
     check_range(positions, "positions", 0, args.max_seq_len - 1)  # device data: checks.data_checks_wanted
-    theta = inv_freq(args).to(positions.device)
+    theta = _inv_freq_on(args, positions.device)
     # m theta_i: [T, d_R/2]  (the same float64 product as precompute_freqs_cis's table entries)
     return positions.to(torch.float64)[:, None] * theta[None, :]
 
