@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,7 +36,8 @@ from ..train import KeyValueRetrieval, TinyLM, dense_warmup, pretrain_dense
 from .mha import MHADSAttention
 
 __all__ = ["CONFIG", "SEEDS", "SMOKE", "DATA_DIR", "UniformWeights", "make_model", "base_model", "warmed_model",
-           "mean_std", "save_result", "environment", "Settings"]
+           "mean_std", "t_quantile", "paired_difference", "format_mean_std", "save_result", "environment",
+           "Settings"]
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "book" / "data"
 SEEDS = (0, 1, 2)
@@ -173,17 +175,78 @@ def mean_std(values) -> dict:
                 n=len(values), values=values)
 
 
-def environment() -> dict:
-    return dict(python=sys.version.split()[0], torch=torch.__version__, platform=platform.platform(),
-                processor=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count())
+def t_quantile(probability: float, df: int) -> float:
+    """The quantile of Student's t distribution with `df` degrees of freedom (0.5 < probability < 1).
+
+    CDF(x) = 1/2 + integral_0^x f(u) du with f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2))
+    (1 + u^2/df)^(-(df+1)/2), integrated by Simpson's rule, inverted by bisection (error < 1e-9)."""
+    if not 0.5 < probability < 1 or df < 1:
+        raise ValueError(f"need 0.5 < probability < 1 and df >= 1, got {probability}, {df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, n: int = 4000) -> float:
+        f = lambda u: math.exp(log_c - (df + 1) / 2 * math.log1p(u * u / df))  # noqa: E731
+        h = x / n
+        inner = sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+        return 0.5 + h / 3 * (f(0.0) + inner + f(x))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        low, high = high, 2 * high
+    while high - low > 1e-10 * max(1.0, high):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def paired_difference(arm, reference, confidence: float = 0.95) -> dict:
+    """The paired difference arm - reference over matched runs (same seeds, same data): mean,
+    sample std, and the t-interval mean +- t_{(1+confidence)/2, n-1} std / sqrt(n). arm and
+    reference: equal-length lists of numbers, entry i of both from run i. With n = 1 the interval
+    is undefined (None)."""
+    arm, reference = [float(v) for v in arm], [float(v) for v in reference]
+    if len(arm) != len(reference) or not arm:
+        raise ValueError(f"need two non-empty lists of equal length (paired runs), got {len(arm)} and {len(reference)}")
+    summary = mean_std([a - r for a, r in zip(arm, reference)])
+    n = summary["n"]
+    half = t_quantile((1 + confidence) / 2, n - 1) * summary["std"] / math.sqrt(n) if n > 1 else None
+    return dict(summary, confidence=confidence,
+                ci=None if half is None else [summary["mean"] - half, summary["mean"] + half])
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """"mean +- std" with no more digits than the std supports: the std rounded to its leading
+    digit (two when that digit is 1, so 0.14 stays 0.14 rather than 0.1), the mean to the same
+    decimal place. format_mean_std(0.8347, 0.0213) == "0.83 +- 0.02"; a zero std prints the mean
+    to 3 significant digits."""
+    if not (math.isfinite(mean) and math.isfinite(std)) or std < 0:
+        raise ValueError(f"need a finite mean and a finite std >= 0, got {mean}, {std}")
+    if std == 0:
+        return f"{mean:.3g} +- 0"
+    place = math.floor(math.log10(std))  # the decimal place of the leading digit
+    if round(std / 10 ** place) == 1:
+        place -= 1
+    if round(std, -place) >= 10 ** (place + 1) and round(std / 10 ** (place + 1)) != 1:  # 0.096 -> 0.1
+        place += 1
+    decimals = max(0, -place)
+    return f"{round(mean, -place):.{decimals}f} +- {round(std, -place):.{decimals}f}"
+
+
+def environment(device: str = "cpu") -> dict:
+    """The machine, versions and device a result came from (the GPU's name when device is CUDA)."""
+    env = dict(python=sys.version.split()[0], torch=torch.__version__, platform=platform.platform(),
+               processor=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
+               cpu_count=os.cpu_count(), device=str(device))
+    if torch.device(device).type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda)
+    return env
 
 
 def save_result(name: str, question: str, config: dict, seeds, results: dict, started: float,
-                out_dir: Path | None) -> dict:
+                out_dir: Path | None, device: str = "cpu") -> dict:
     """The JSON of one experiment (returned; also written to out_dir/NAME.json unless out_dir is None)."""
     payload = dict(experiment=name, question=question, command=f"python -m dsa_tutorial.experiments {name}",
-                   seeds=list(seeds), config=config, environment=environment(),
+                   seeds=list(seeds), config=config, environment=environment(device),
                    seconds=round(time.perf_counter() - started, 1), results=results)
     if out_dir is not None:
         out_dir = Path(out_dir)
