@@ -1,6 +1,6 @@
 """The FP8 latent cache (FlashMLA's DeepSeek-V3.2 layout), the MLA switch that simulates it, and sparse
 MLA decoding over it: the reference, the host side of the CUDA call, kernels 2 and 3 emulated on the CPU,
-and every kernel on the GPU."""
+and every kernel on the GPU (kernel 4, warp-specialised, also bit for bit against kernel 3)."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,8 @@ TINY = ModelArgs.tiny()
 SCALE = ModelArgs().softmax_scale
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 TABLE = SPARSE_MLA_DECODE_FP8_KERNELS
-WGMMA = 3  # the version that needs compute capability 9.0
+WGMMA = 3  # the wgmma version of kernel 2's structure
+WGMMA_VERSIONS = (3, 4)  # the versions that need compute capability 9.0 (sm_90a: wgmma, setmaxnreg)
 
 
 def random_latents(num_blocks, block_size, seed=0, device="cpu"):
@@ -71,13 +72,22 @@ def test_format_constants_agree_with_the_kernels():
     assert d["WGMMA_THREADS"] == d["MMA_THREADS"] == 256
     assert "149 KiB" in TABLE[1].needs and "226.5 of the 227 KiB" in TABLE[2].needs
     assert "compute capability 9.0" in TABLE[3].needs and "227 KiB" in TABLE[3].needs
+    # kernel 4: Q, two bf16 buffers (no raw stage), P, the row exchange [2][64] f32, the flags [2][64] i32 and
+    # four 8-byte mbarriers, 1024-byte aligned inside: 226 KiB and change, under the 227 KiB a block
+    assert d["WS_CARVE_BYTES"] == 64 * 576 * 2 * 3 + 64 * 64 * 2 + 2 * 64 * 4 + 2 * 64 * 4 + 4 * 8 == 230432
+    assert d["WS_DYNAMIC_SMEM"] == d["WGMMA_SMEM_ALIGN"] + d["WS_CARVE_BYTES"] <= 227 * 1024
+    assert d["WS_THREADS"] == 3 * 128 and d["WS_CONSUMER_THREADS"] == 256  # a producer and two consumer warpgroups
+    # setmaxnreg: the three warpgroups' registers within the SM's 64K, from the 168 a thread the launch gives
+    assert d["WS_PRODUCER_REGS"] + 2 * d["WS_CONSUMER_REGS"] <= 65536 // 128
+    assert d["WS_CONSUMER_REGS"] >= 65536 // 384 // 8 * 8 >= d["WS_PRODUCER_REGS"]
+    assert "compute capability 9.0" in TABLE[4].needs and "226 of the 227 KiB" in TABLE[4].needs
 
 
 def test_the_table_and_its_entry_points():
-    assert TABLE.versions == (1, 2, 3)
+    assert TABLE.versions == (1, 2, 3, 4)
     assert [k.entry for k in TABLE] == ["sparse_mla_decode_fp8_simt", "sparse_mla_decode_fp8_mma",
-                                        "sparse_mla_decode_fp8_wgmma"]
-    assert TABLE.best_first == (3, 2, 1)  # kernel 3 (wgmma) where it runs, else kernel 2
+                                        "sparse_mla_decode_fp8_wgmma", "sparse_mla_decode_fp8_ws"]
+    assert TABLE.best_first == (3, 4, 2, 1)  # kernel 3 (wgmma) where it runs, else kernel 2
     compiled = kernels.compile_source("sparse_mla_decode_fp8")  # NVRTC, no GPU needed
     assert set(compiled.entry_points()) == {*TABLE.entry_points(), lc.COMBINE_ENTRY}
 
@@ -413,6 +423,9 @@ def test_kernel_choice_and_its_reasons():
     why = lc._why_not(q, cache, out, 16 * 656, 227 * 1024)
     assert why[1] is None and why[2] is None
     assert why[3] == fp8.wgmma_why_not(q.device) and "compute capability 9.0" in why[3]  # on the CPU
+    assert why[4] == why[3]
+    with pytest.raises(ValueError, match="kernel 4 of cuda/sparse_mla_decode_fp8.cu .* compute capability 9.0"):
+        TABLE.choose(4, why)
     assert TABLE.choose(None, why).version == 2
     with pytest.raises(ValueError, match="kernel 3 of cuda/sparse_mla_decode_fp8.cu .* compute capability 9.0"):
         TABLE.choose(3, why)
@@ -440,14 +453,18 @@ def test_kernel_3_refusals_where_wgmma_runs(monkeypatch):
     q, cache, indices = _host_inputs()
     out = torch.empty(2, 2, 64, 512, dtype=torch.bfloat16)
     d = TABLE.defines()
-    assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None, 3: None}
+    assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None, 3: None, 4: None}
     assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 3  # the default
     shifted = torch.zeros(20 * 16 * 656 + 8, dtype=torch.uint8).view(torch.float8_e4m3fn)[8:].view(20, 16, 1, 656)
-    assert "kv_cache must start on a 16-byte boundary" in lc._why_not(q, shifted, out, 16 * 656, 227 * 1024)[3]
-    assert "multiple of 16" in lc._why_not(q, cache, out, 16 * 656 + 4, 227 * 1024)[3]
-    # a GPU that allows kernel 2's 226.5 KiB but not kernel 3's 227
+    for version in WGMMA_VERSIONS:  # kernel 4 loads 16-byte rows as kernel 3 copies them: the same rules
+        assert "kv_cache must start on a 16-byte boundary" in lc._why_not(q, shifted, out, 16 * 656, 227 * 1024)[version]
+        assert "multiple of 16" in lc._why_not(q, cache, out, 16 * 656 + 4, 227 * 1024)[version]
+    # a GPU that allows kernel 2's 226.5 KiB but not kernel 3's 227; kernel 4 asks for 226 KiB
     tight = lc._why_not(q, cache, out, 16 * 656, d["MMA_SMEM_BYTES"])
     assert tight[2] is None and f"needs {d['WGMMA_DYNAMIC_SMEM']} bytes of shared memory" in tight[3]
+    assert tight[4] is None
+    tighter = lc._why_not(q, cache, out, 16 * 656, d["WS_DYNAMIC_SMEM"] - 16)
+    assert f"needs {d['WS_DYNAMIC_SMEM']} bytes of shared memory" in tighter[4]
 
 
 @pytest.mark.parametrize("n_rows, n_heads, k, n_sms, expected", [
@@ -521,6 +538,18 @@ def test_launch_geometry_and_arguments(monkeypatch):
     lc._launch(3, q, view, indices, SCALE, out, lse, 8, view.stride(0))
     (_, entry, grid, _, args, _), = launches
     assert entry == "sparse_mla_decode_fp8_wgmma" and grid == (4, 2, 1) and args[5] == args[6] == 0
+    launches.clear()
+    # kernel 4: kernel 3's arguments, grid, split and combine; three warpgroups and its own shared memory
+    lc._launch(4, q, view, indices, SCALE, out, lse, 132, view.stride(0))
+    (_, entry, grid, block, args, smem), (_, combine, c_grid, _, c_args, _) = launches
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_ws", (4, 2, 4), 384, d["WS_DYNAMIC_SMEM"])
+    assert args[5].shape == (4, 4, 128, 512) and args[6].shape == (4, 4, 128)
+    assert args[1] == view.data_ptr() and args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
+    assert combine == lc.COMBINE_ENTRY and c_args[0] is args[5] and c_args[2:] == (out, lse, 4 * 128, 4)
+    launches.clear()
+    lc._launch(4, q, view, indices, SCALE, out, lse, 8, view.stride(0))
+    (_, entry, grid, _, args, _), = launches
+    assert entry == "sparse_mla_decode_fp8_ws" and grid == (4, 2, 1) and args[5] == args[6] == 0
 
 
 def test_the_wgmma_kernel_compiles_to_a_trap_elsewhere():
@@ -999,8 +1028,8 @@ def _tolerances(version, ref_out):
 
 
 def _skip_unless_available(kernel):
-    if kernel == WGMMA and fp8.wgmma_why_not(torch.device("cuda")) is not None:
-        pytest.skip(f"kernel 3 (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
+    if kernel in WGMMA_VERSIONS and fp8.wgmma_why_not(torch.device("cuda")) is not None:
+        pytest.skip(f"kernel {kernel} (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
 
 
 def _check(version, out, lse, ref_out, ref_lse, name):
@@ -1082,6 +1111,30 @@ def test_kernel_3_launches_and_agrees_with_kernel_2(B):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B, s_q, h, k, block_size", [(1, 2, 128, 2048, 64), (64, 2, 128, 2048, 64),
+                                                      (3, 2, 64, 700, 7), (2, 3, 128, 130, 1), (1, 1, 64, 33, 16)])
+def test_kernel_4_equals_kernel_3_bit_for_bit(B, s_q, h, k, block_size):
+    """Kernel 4 (warp-specialised) computes exactly kernel 3's products in kernel 3's order: the same bf16 tile
+    values (dequantize8), the same wgmma sequence on the same layouts, the same softmax arithmetic. Its own
+    hand-over (mbarriers, two buffers, the producer's lane order) may change nothing: any wrong buffer, stale
+    tile or missed flag shows as a difference. Split (B = 1, then the combine) and whole (B = 64); ragged k,
+    odd block sizes, rows with unused and no slots."""
+    _skip_unless_available(4)
+    q, cache, indices = _case(B, s_q, h, k, block_size, stride=True, seed=11 + k)
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    split = lc.decode_splits(B * s_q, h, k, n_sms)[0] > 1
+    with kernels.recording_launches() as launches:
+        out4, lse4 = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=4)
+    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_ws"] + [lc.COMBINE_ENTRY] * split
+    out3, lse3 = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+    _check(4, out4, lse4, *_reference(q, cache, indices), f"kernel 4 B={B} s_q={s_q} h={h} k={k}")
+    assert torch.equal(out4, out3), f"kernel 4 differs from kernel 3: max |diff| {(out4.float() - out3.float()).abs().max()}"
+    assert torch.equal(lse4, lse3), f"kernel 4's lse differs from kernel 3's: max |diff| {(lse4 - lse3).abs().max()}"
+    again = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=4)
+    assert torch.equal(again[0], out4) and torch.equal(again[1], lse4)  # deterministic
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", TABLE.versions)
 @pytest.mark.parametrize("k", [128, 2048])
 def test_wild_indices_with_data_checks_off_are_never_read(kernel, k):
@@ -1117,14 +1170,14 @@ def test_gpu_bad_input_and_fallback():
     with pytest.raises(ValueError, match="CUDA"):
         sparse_mla_decode_fp8_cuda(q, cache, indices.cpu(), SCALE)
     with pytest.raises(ValueError, match="kernel must be None or a version of cuda/sparse_mla_decode_fp8.cu"):
-        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=4)
+        sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=max(TABLE.versions) + 1)
     with pytest.raises(ValueError, match="out must have shape"):
         sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, out=torch.empty(2, 1, 64, 511, device="cuda"))
     # a cache 8 bytes past a 16-byte boundary: kernel 2 refuses it, None falls back to kernel 1
     buffer = torch.empty(cache.numel() + 8, dtype=torch.uint8, device="cuda")
     shifted = buffer[8:].view(cache.shape).view(torch.float8_e4m3fn)
     shifted.copy_(cache)
-    for refused in (2, 3) if fp8.wgmma_why_not(q.device) is None else (2,):
+    for refused in (2, *WGMMA_VERSIONS) if fp8.wgmma_why_not(q.device) is None else (2,):
         with pytest.raises(ValueError, match="16-byte boundary"):
             sparse_mla_decode_fp8_cuda(q, shifted, indices, SCALE, kernel=refused)
     with kernels.recording_launches() as launches:
@@ -1138,7 +1191,7 @@ def test_gpu_bad_input_and_fallback():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [None, 1, 2, 3])
+@pytest.mark.parametrize("kernel", [None, 1, 2, 3, 4])
 @pytest.mark.parametrize("B", [1, 64])  # kernels 2, 3 split (1 row) and whole (64 rows)
 def test_no_host_synchronisation(kernel, B):
     _skip_unless_available(kernel)
