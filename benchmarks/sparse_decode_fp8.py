@@ -1,16 +1,17 @@
 """Benchmark sparse MLA decoding over the FP8 latent cache (cuda/sparse_mla_decode_fp8.cu) on an H200.
 
     python benchmarks/sparse_decode_fp8.py     (from the repository root, on a GPU; about a minute)
+    python benchmarks/sparse_decode_fp8.py --kernels 3 4   (some versions only: printed, not written)
 
 DeepSeek-V3.2's decode step as FlashMLA benchmarks it: batch 128, 128 heads, s_q query tokens a sequence
 (2, then 1), k = 2048 selected tokens a query, each sequence's context 32K tokens in pages of 64 tokens
 (blocks scattered over a cache of 128 x 512 blocks, 2.75 GB of FP8 latents), the selection random and
 distinct within each context. Timed:
 * the public call `sparse_mla_decode_fp8_cuda(q, kv_cache, indices, softmax_scale)` with its default
-  arguments (kernel=None: kernel 2; data checks off, the default), as a user calls it, with its launches
-  replayed alone beside it (bench.time_call);
-* every version of SPARSE_MLA_DECODE_FP8_KERNELS through the same call, each first checked against the
-  float32 reference on a few rows;
+  arguments (kernel=None: kernel 3 on an H200, kernel 2 elsewhere; data checks off, the default), as a user
+  calls it, with its launches replayed alone beside it (bench.time_call);
+* every version of SPARSE_MLA_DECODE_FP8_KERNELS (or those after --kernels) through the same call, each
+  first checked against the float32 reference on a few rows;
 * a torch baseline: gather the selected tokens' 656-byte rows, dequantise them to bf16, then bf16 attention
   over them (batched matmuls, float32 softmax).
 FLOPs are 2 h s_q k (576 + 512) a sequence (q . kv over 576 dims, p . v over 512), quoted against the bf16
@@ -21,6 +22,7 @@ every line is also written to book/data/kernels/sparse_mla_decode_fp8.json (benc
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -63,13 +65,13 @@ def torch_baseline(q, kv_cache, indices):
     return baselines.sparse_mla_decode_fp8_torch(q, kv_cache, indices, SCALE)
 
 
-def check_once(s_q: int) -> None:
-    """Every version and the baseline against the float32 reference on 2 full-size sequences."""
+def check_once(s_q: int, versions) -> None:
+    """The versions and the baseline against the float32 reference on 2 full-size sequences."""
     q, cache, indices = make_inputs(s_q)
     q, indices = q[:2].contiguous(), indices[:2].contiguous()
     ref_out, ref_lse = sparse_mla_decode_fp8(q, cache, indices, SCALE)
     scale = ref_out.abs().max().item()
-    for v in SPARSE_MLA_DECODE_FP8_KERNELS.versions:
+    for v in versions:
         out, lse = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=v)
         tol = dict(atol=1e-4 * scale, rtol=2**-8) if v == 1 else dict(atol=1e-2 * scale, rtol=1e-2)
         result = compare.assert_close(out.float(), ref_out, **tol, name=f"kernel {v}")
@@ -82,13 +84,19 @@ def check_once(s_q: int) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", type=int, nargs="+", choices=SPARSE_MLA_DECODE_FP8_KERNELS.versions,
+                        default=list(SPARSE_MLA_DECODE_FP8_KERNELS.versions),
+                        help="the versions to time (default: all, and the results are written)")
+    versions = parser.parse_args().kernels
+    every = sorted(versions) == list(SPARSE_MLA_DECODE_FP8_KERNELS.versions)
     torch.manual_seed(0)
     checks.set_data_checks(False)  # what a user gets by default, whatever DSA_CHECK says: no index read back
     ceilings = bench.measure_ceilings()
     print(ceilings)
     results = bench.Results("sparse_mla_decode_fp8", ceilings)
     for s_q in (2, 1):
-        check_once(s_q)
+        check_once(s_q, versions)
         flops = 2 * B * H * s_q * K * (576 + 512)
         rates = dict(flops=flops, ceiling="bf16", nbytes=B * s_q * K * 656 + B * s_q * H * 576 * 2 + B * s_q * H * 512 * 2)
         case = f"B={B} h={H} s_q={s_q} k={K}"
@@ -106,14 +114,17 @@ def main() -> None:
         rate = timed.call.tflops(flops)
         print(f"    {rate:.0f} TFLOP/s = {rate / FLASHMLA_TFLOPS:.2f} x FlashMLA's published "
               f"{FLASHMLA_TFLOPS:.0f} TFLOP/s (H800, s_q 2, k 2048)")
-        for v in SPARSE_MLA_DECODE_FP8_KERNELS.versions:
+        for v in versions:
             timing = bench.benchmark(lambda q, kv_cache, indices, v=v:
                                      sparse_mla_decode_fp8_cuda(q, kv_cache, indices, SCALE, kernel=v),
                                      inputs, warmup=2, reps=10 if v == 1 else 30)
             print(results.add(case, "kernel", timing, version=v, baseline=baseline, **rates))
             print(f"    {timing.tflops(flops) / FLASHMLA_TFLOPS:.2f} x FlashMLA's published "
                   f"{FLASHMLA_TFLOPS:.0f} TFLOP/s")
-    print("wrote", results.write())
+    if every:
+        print("wrote", results.write())
+    else:  # the stored results keep every version of one run
+        print(f"not written: only kernels {versions} were timed")
 
 if __name__ == "__main__":
     main()
