@@ -983,6 +983,109 @@ def test_wgmma_kernel_emulated_on_the_cpu():
     assert (none_out == 0).all() and np.isposinf(none_lse).all()
 
 
+# ----------------------------------------------------------------------------- kernel 4 on the CPU
+# Kernel 4's consumers run kernel 3's steps (emulated above) on the buffer the producer fills; what is its own
+# is the carve, the producer's lane mapping (which lane loads which 16 bytes of which token, where it stores
+# them) and its prefetch. Emulated here from the kernel's expressions: one tile, warp by warp, lane by lane.
+
+def _ws_producer_tile(cache_bytes, num_blocks, block_size, block_stride, index_row, tile):
+    """sparse_mla_decode_fp8_ws's producer for one tile: (the bf16 buffer as bytes [KV_SMEM_BYTES] (0xFF where
+    unwritten), the used flags [64], how many times each byte was stored, the 16-byte store addresses of every
+    store instruction [instruction][32 lanes])."""
+    TILE, ROWS, IN_FLIGHT = D["MMA_TILE"], D["WS_ROWS_PER_WARP"], D["WS_TOKENS_IN_FLIGHT"]
+    cache_np, k = cache_bytes.numpy(), len(index_row)
+    buffer = np.full(D["KV_SMEM_BYTES"], 0xFF, dtype=np.uint8)
+    stores = np.zeros(D["KV_SMEM_BYTES"], dtype=np.int64)
+    used = np.full(TILE, -1)
+    instructions = []
+    lane = np.arange(32)
+    f = (lane // 2) % 4 + 4 * (lane % 2 + 2 * (lane // 8))  # the kernel's lane -> 16 e4m3 bytes
+    parity = lane % 2
+
+    def store(addresses, data):  # one warp-wide 16-byte store: data [32, 16]
+        instructions.append(addresses)
+        for a, d in zip(addresses, data):
+            buffer[a:a + 16] = d
+            stores[a:a + 16] += 1
+
+    for warp in range(4):
+        offsets = []  # lane i < 16: token_offset(tile)
+        for i in range(ROWS):
+            j = tile * TILE + ROWS * warp + i
+            token = _token_row(index_row[j] if j < k else -1, num_blocks, block_size, block_stride)
+            offsets.append(-1 if token is None else token)
+            used[ROWS * warp + i] = token is not None
+        for i0 in range(0, ROWS, IN_FLIGHT):
+            for u in range(IN_FLIGHT):
+                at, r = offsets[i0 + u], ROWS * warp + i0 + u
+                rows = [cache_np[at + 16 * fl:at + 16 * fl + 16] if at >= 0 else np.zeros(16, np.uint8) for fl in f]
+                scale = np.array([cache_np[at + 512 + 4 * (fl // 8):][:4].view(np.float32)[0] if at >= 0 else 0.0
+                                  for fl in f], dtype=np.float32)
+                values = torch.from_numpy(np.stack(rows)).view(torch.float8_e4m3fn).float()  # [32 lanes, 16]
+                bf16 = (values * torch.from_numpy(scale)[:, None]).bfloat16().view(torch.uint8).numpy()  # [32, 32]
+                lo, hi = bf16[:, :16], bf16[:, 16:]  # chunks 2 f and 2 f + 1
+                store(_blocked(r, 2 * f + parity), np.where(parity[:, None] == 1, hi, lo))
+                store(_blocked(r, 2 * f + 1 - parity), np.where(parity[:, None] == 1, lo, hi))
+            for g4 in range(IN_FLIGHT // 4):
+                r = ROWS * warp + i0 + 4 * g4 + lane // 8
+                at = [offsets[i0 + 4 * g4 + l // 8] for l in lane]
+                data = [cache_np[a + 528 + 16 * (l % 8):][:16] if a >= 0 else np.zeros(16, np.uint8)
+                        for a, l in zip(at, lane)]
+                store(_blocked(r, 64 + lane % 8), np.stack(data))
+    return buffer, used, stores, instructions
+
+
+def test_ws_kernel_producer_emulated_on_the_cpu():
+    """Kernel 4's producer writes exactly kernel 3's dequantised tile (the layout its consumers' descriptors
+    read): every byte of the buffer once, zeros and flag 0 for unused slots, whatever the index; its 16-byte
+    stores are free of bank conflicts (8 lanes of a quarter-warp on 8 different 16-byte bank groups)."""
+    gen = torch.Generator().manual_seed(21)
+    num_blocks, block_size, k = 7, 16, 100  # 112 tokens; 2 tiles, the second ragged (36 slots)
+    cache = strided(quantize(random_latents(num_blocks, block_size, seed=22)), extra_rows=2)
+    cache_bytes = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())[cache.storage_offset():]
+    index_row = torch.randperm(112, generator=gen)[:k].int()
+    index_row[3], index_row[17], index_row[70] = -1, 112, INT32_MIN  # unused, whatever the value
+    index_row[80:90] = torch.tensor([INT32_MAX, -7, 10**6, 113, -1, -1, 200, 111 - 112, 500, 7 * 16],
+                                    dtype=torch.int32)
+    latents = dequantize(cache).view(-1, 576)  # what kernel 3's dequantisation makes of each token
+    for tile in range(2):
+        buffer, used, stores, instructions = _ws_producer_tile(cache_bytes, num_blocks, block_size,
+                                                               cache.stride(0), index_row.tolist(), tile)
+        assert (stores == 1).all(), "every byte of the buffer is stored exactly once"
+        slots = index_row[64 * tile:64 * tile + 64].tolist()
+        slots += [-1] * (64 - len(slots))
+        expected_used = [0 <= s < 112 for s in slots]
+        assert used.tolist() == expected_used
+        for r, s in enumerate(slots):
+            row = np.concatenate([buffer[_blocked(r, c):_blocked(r, c) + 16] for c in range(72)])
+            values = torch.from_numpy(row).view(torch.bfloat16)
+            expected = latents[s] if expected_used[r] else torch.zeros(576, dtype=torch.bfloat16)
+            assert torch.equal(values, expected), f"tile {tile} slot {r} (index {s})"
+        for addresses in instructions:  # a 16-byte store runs as 4 phases of 8 lanes
+            groups = (np.asarray(addresses) % 128) // 16  # the 16-byte group of the 32 banks
+            for phase in range(4):
+                assert len(set(groups[8 * phase:8 * phase + 8])) == 8, "a bank conflict"
+
+
+def test_ws_kernel_carve_and_prefetch_cover_what_they_must():
+    d = TABLE.defines()
+    Q, KV, P = d["Q_SMEM_BYTES"], d["KV_SMEM_BYTES"], d["P_BYTES"]
+    # the kernel's carve from a 1024-aligned base: Q, 2 buffers, P (1024-aligned: a wgmma operand), row
+    # exchange, flags, mbarriers (8-byte aligned), within the launch's bytes for any 16-byte aligned base
+    p_s = Q + 2 * KV
+    row_s = p_s + P
+    used_s = row_s + d["WS_ROW_BYTES"]
+    bars = used_s + d["WS_FLAG_BYTES"]
+    assert Q % 1024 == 0 and KV % 1024 == 0 and p_s % 1024 == 0 and bars % 8 == 0
+    assert bars + d["WS_BARRIER_BYTES"] == d["WS_CARVE_BYTES"]
+    assert d["WGMMA_SMEM_ALIGN"] - 16 + d["WS_CARVE_BYTES"] <= d["WS_DYNAMIC_SMEM"]
+    # the producer's prefetch: lane l touches bytes 256 m + 128 (l // 16) of row l % 16, m < 3: for any
+    # 16-byte aligned start, every 128-byte line of the 656 bytes, and nothing outside the row
+    touched = sorted({256 * m + 128 * (lane // 16) for m in range(3) for lane in range(32)})
+    assert max(touched) < 656
+    for start in range(0, 128, 16):
+        lines = {(start + b) // 128 for b in range(656)}
+        assert lines == {(start + b) // 128 for b in touched}, start
 # ----------------------------------------------------------------------------- GPU
 
 def _case(B, s_q, h, k, block_size, *, stride=False, seed=0):
