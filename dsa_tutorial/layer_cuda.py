@@ -9,8 +9,9 @@ inference engine does, on the same parameters (it wraps a `DSAttention` and shar
         FP8 rounding             fp8.act_quant_cuda                        q^I, k^I -> e4m3 + scales
         caches                   the latent cache (656-byte FP8 tokens) and the indexer's key cache,
                                  both paged with one block table
-        indexer logits           fp8.mqa_logits_cuda          I_t,s for s <= t           [T, T]
-        top-k                    topk.select_topk_cuda        S_t                        [T, k]
+        indexer logits           fp8.mqa_logits_cuda          I_t,s for s <= t           [chunk, T]
+        top-k                    topk.select_topk_cuda        S_t                        [chunk, k]
+                                 (QUERY_CHUNK queries at a time, so the logits never need T x T floats)
         sparse attention         sparse_prefill.sparse_mla_prefill_cuda over the latents read back
                                  from the FP8 cache (bf16, exact)                         [T, h, 512]
         output (torch)           wkv_b's value part, then wo                               [T, dim]
@@ -55,17 +56,19 @@ from .checks import check_range, check_tensor, data_checks_wanted
 from .config import ModelArgs, check_args
 from .indexer import index_weights
 from .mla import kv_compress, rotary_key
-from .sparse_attention import DSAttention
+from .sparse_attention import DSAttention, sparse_mla_attention
 from .sparse_prefill import HEADS, sparse_mla_prefill_cuda
 from .topk import select_topk_cuda
 
-__all__ = ["PagedDSACache", "DSAttentionCUDA", "TOLERANCE", "check_kernel_dims"]
+__all__ = ["PagedDSACache", "DSAttentionCUDA", "TOLERANCE", "check_kernel_dims", "reference_at", "check_selection",
+           "same_sets"]
 
 #: How far the GPU layer may be from the float32 reference layer (relative to the largest |output|,
 #: and DeepGEMM's calc_diff): bf16 q, bf16 P and a bf16 attention output (see the module docstring).
 TOLERANCE = {"atol_rel": 2e-2, "max_calc_diff": 1e-4}
 
 BLOCK_SIZE = paged.BLOCK_KV  # 64 tokens a block, in both caches (DeepGEMM's paged layout fixes it)
+QUERY_CHUNK = 4096  # prefill queries per indexer call: a chunk's logits are QUERY_CHUNK x T float32
 
 
 def check_kernel_dims(args: ModelArgs) -> None:
@@ -77,6 +80,48 @@ def check_kernel_dims(args: ModelArgs) -> None:
     if wrong or args.n_heads not in HEADS:
         raise ValueError(f"the GPU layer serves DeepSeek-V3.2's attention dimensions: {want} and n_heads in "
                          f"{HEADS}; got {dict(wrong, n_heads=args.n_heads)}")
+
+
+def reference_at(layer: DSAttention, h: torch.Tensor, rows: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The reference layer's output [len(rows), dim] at token rows `rows` of one sequence h [1, L, dim],
+    attending to a given selection `selected` [len(rows), k] of positions (-1 unused): the formula of
+    DSAttention with S_t given, so a GPU layer's output can be held to it at the selection it made."""
+    mla, L = layer.mla, h.shape[1]
+    positions = torch.arange(L, device=h.device)
+    q_nope, q_rope = mla.queries(mla.query_latent(h), positions)
+    c_kv, k_rope = mla.latents(h, positions)  # the FP8 round trip when layer.mla.latent_cache_fp8
+    q_abs = mla.absorb_query(q_nope)
+    o_latent = sparse_mla_attention(q_abs[:, rows], q_rope[:, rows], c_kv, k_rope, selected[None].int(),
+                                    layer.args.softmax_scale)
+    return mla.latent_output(o_latent)[0]
+
+
+def check_selection(selected: torch.Tensor, scores: torch.Tensor, k: int) -> None:
+    """Raise ValueError unless every row of `selected` [R, k'] (positions, -1 unused) is a top-k set of
+    the same row of `scores` [R, S] (-inf where invisible): min(k, visible) distinct visible positions,
+    no unselected score above a selected one by more than float32 rounding (1e-5 of the row's largest
+    |score|: the GPU and the reference sum the logits in different orders)."""
+    for r, (row, score) in enumerate(zip(selected.cpu(), scores.float().cpu())):
+        visible = torch.isfinite(score)
+        chosen = row[row >= 0].long()
+        if len(chosen) != min(k, int(visible.sum())) or len(set(chosen.tolist())) != len(chosen):
+            raise ValueError(f"row {r}: {len(chosen)} positions selected ({len(set(chosen.tolist()))} distinct), "
+                             f"want min(k, visible) = {min(k, int(visible.sum()))}")
+        if not bool(visible[chosen].all()):
+            raise ValueError(f"row {r}: selects a position it cannot see")
+        rest = visible.clone()
+        rest[chosen] = False
+        if rest.any() and len(chosen):
+            slack = 1e-5 * float(score[visible].abs().max())
+            if float(score[chosen].min()) < float(score[rest].max()) - slack:
+                raise ValueError(f"row {r}: an unselected score {float(score[rest].max()):.6g} beats a selected "
+                                 f"one {float(score[chosen].min()):.6g}")
+
+
+def same_sets(selected: torch.Tensor, other: torch.Tensor) -> float:
+    """The fraction of rows where two selections [R, k] hold the same set of positions (-1 ignored)."""
+    same = [set(a[a >= 0].tolist()) == set(b[b >= 0].tolist()) for a, b in zip(selected.cpu(), other.cpu())]
+    return sum(same) / max(len(same), 1)
 
 
 class PagedDSACache:
@@ -136,6 +181,16 @@ class PagedDSACache:
         self.latent.view(torch.uint8).view(-1, latent_cache.TOKEN_BYTES)[slots] = rows.view(-1, latent_cache.TOKEN_BYTES)
         paged.store_kv(self.index, k_fp8, k_scale, slots)
 
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        """Copies of what decode changes (both caches, context_lens), for `restore`."""
+        return tuple(t.clone() for t in (self.latent.view(torch.uint8), self.index, self.context_lens))
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Put back a `snapshot`, in place: the tensors keep their addresses (a captured graph still
+        reads and writes these very buffers)."""
+        for live, saved in zip((self.latent.view(torch.uint8), self.index, self.context_lens), state):
+            live.copy_(saved)
+
     def read_latents(self, slots: torch.Tensor) -> torch.Tensor:
         """The bf16 latents [N, 576] stored at `slots` [N] (latent_cache.dequantize: exact)."""
         rows = self.latent.view(torch.uint8).view(-1, latent_cache.TOKEN_BYTES)[slots]
@@ -152,7 +207,8 @@ class DSAttentionCUDA(nn.Module):
         T in {1, 2} new tokens for every sequence of the cache, at positions context_lens[b] + j;
         advances context_lens by T. No host synchronisation: capturable in a CUDA graph.
     return_aux=True also returns {"positions": the selected positions [n or B, T, k] int32 (-1 unused),
-    "index_logits": the indexer's logits (prefill: a list of [T, T]; decode: [B T, capacity])}.
+    "index_logits": the indexer's logits (prefill: a list, per sequence and chunk of QUERY_CHUNK
+    queries, of [chunk, T]; decode: [B T, capacity])}.
     topk: None takes args.index_topk; prefill keeps min(topk, T), decode keeps topk (fixed width).
     Outputs are in the layer's dtype (float32), computed from the kernels' bf16 attention output.
     """
@@ -229,16 +285,23 @@ class DSAttentionCUDA(nn.Module):
             x = self._project(h[i:i + 1], positions)
             slots = cache.slots(torch.full_like(positions, seq), positions)  # [T]
             cache.write(slots, x["c_kv"], x["k_rope"], x["k_fp8"], x["k_scale"])
-            # I_t,s over the sequence's own keys, s <= t: [T, T] float32 (-inf beyond)
-            logits = fp8.mqa_logits_cuda(x["q_fp8"], (x["k_fp8"], x["k_scale"]), x["w"], ks, ke)
-            # S_t: the k best positions <= t, -1 padded: [T, k]
-            selected = select_topk_cuda(logits, k, positions)
             # the latents as attention reads them: back from the FP8 cache, bf16: [T, 1, 576]
             kv = cache.read_latents(slots)[:, None]
-            o_latent, _, _ = sparse_mla_prefill_cuda(x["q"], kv, selected[:, None], args.softmax_scale)
+            selected = torch.empty(T, k, dtype=torch.int32, device=device)
+            o_latent = torch.empty(T, args.n_heads, latent_cache.D_NOPE, dtype=torch.bfloat16, device=device)
+            for a in range(0, T, QUERY_CHUNK):  # QUERY_CHUNK queries at a time: their logits are [chunk, T]
+                b = min(a + QUERY_CHUNK, T)
+                # I_t,s over the sequence's own keys, s <= t: [chunk, T] float32 (-inf beyond)
+                logits = fp8.mqa_logits_cuda(x["q_fp8"][a:b], (x["k_fp8"], x["k_scale"]), x["w"][a:b], ks[a:b],
+                                             ke[a:b])
+                # S_t: the k best positions <= t, -1 padded: [chunk, k]
+                select_topk_cuda(logits, k, positions[a:b], out=selected[a:b])
+                sparse_mla_prefill_cuda(x["q"][a:b], kv, selected[a:b, None], args.softmax_scale,
+                                        out=o_latent[a:b])
+                if return_aux:
+                    logits_all.append(logits)
             outs.append(self._output(o_latent[None])[0])  # [T, dim]
             selected_all.append(selected)
-            logits_all.append(logits)
         cache.context_lens[torch.tensor(seqs, device=device)] = T
         for s in seqs:
             cache.prefilled[s] = True
@@ -246,6 +309,27 @@ class DSAttentionCUDA(nn.Module):
         if not return_aux:
             return out
         return out, {"positions": torch.stack(selected_all), "index_logits": logits_all}
+
+    def capture_decode(self, h_static: torch.Tensor, cache: PagedDSACache, topk: int | None = None):
+        """Capture one decode step in a CUDA graph, as an engine does once: -> (graph, out_static).
+
+        `graph.replay()` then runs `decode(h_static, cache, topk)` on whatever h_static and the cache
+        hold at that moment (copy the next tokens into h_static first), writes out_static and advances
+        context_lens, with no Python in between. The warm-up call it needs first (outside the capture:
+        allocations, kernel loading) is undone, so the cache is left as it was. Data checks must be
+        off (their reads of device data cannot be captured)."""
+        state = cache.snapshot()
+        side = torch.cuda.Stream(device=h_static.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.decode(h_static, cache, topk)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.restore(state)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_static = self.decode(h_static, cache, topk)
+        cache.restore(state)  # capture runs nothing; kept for safety should that ever change
+        return graph, out_static
 
     # --------------------------------------------------------------------- decode
 

@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dsa_tutorial import checks, compare
+from dsa_tutorial import checks, compare, layer_cuda
 from dsa_tutorial.config import ModelArgs
-from dsa_tutorial.layer_cuda import TOLERANCE, DSAttentionCUDA, PagedDSACache, check_kernel_dims
-from dsa_tutorial.sparse_attention import DSAttention, sparse_mla_attention
+from dsa_tutorial.layer_cuda import (TOLERANCE, DSAttentionCUDA, PagedDSACache, check_kernel_dims, check_selection,
+                                     reference_at, same_sets)
+from dsa_tutorial.sparse_attention import DSAttention
 
 # V3.2's attention dimensions (what the kernels serve) around a small model width
 ARGS = ModelArgs(dim=512, q_lora_rank=256, index_topk=64)
@@ -80,47 +81,14 @@ def _layers(n_heads=128, seed=0):
     return reference, DSAttentionCUDA(reference)
 
 
-def _reference_with(reference, h_all, rows, selected):
-    """The reference layer's output at token rows `rows` of one sequence h_all [1, L, dim], attending to
-    the given selection (positions [len(rows), k], -1 unused): the formula, with the GPU's choice of S_t."""
-    mla, L = reference.mla, h_all.shape[1]
-    positions = torch.arange(L, device=h_all.device)
-    q_nope, q_rope = mla.queries(mla.query_latent(h_all), positions)
-    c_kv, k_rope = mla.latents(h_all, positions)  # through the FP8 round trip (latent_cache_fp8=True)
-    q_abs = mla.absorb_query(q_nope)
-    o = sparse_mla_attention(q_abs[:, rows], q_rope[:, rows], c_kv, k_rope, selected[None].int(),
-                             reference.args.softmax_scale)
-    return mla.latent_output(o)[0]  # [len(rows), dim]
-
-
-def _check_selection(selected, scores, k):
-    """selected [R, k] positions (-1 unused) is a top-k of scores [R, S] (-inf where invisible): as many
-    as visible up to k, distinct, visible, and no unselected score above a selected one (beyond float32
-    rounding of the logits). Returns the fraction of rows equal, as sets, to the reference's own top-k."""
-    for row, score in zip(selected.cpu(), scores.cpu()):
-        visible = torch.isfinite(score)
-        chosen = row[row >= 0].long()
-        assert len(chosen) == min(k, int(visible.sum())) and len(set(chosen.tolist())) == len(chosen)
-        assert bool(visible[chosen].all())
-        rest = visible.clone()
-        rest[chosen] = False
-        if rest.any() and len(chosen):
-            slack = 1e-5 * float(score[visible].abs().max())
-            assert float(score[chosen].min()) >= float(score[rest].max()) - slack
-    return selected
-
-
-def _same_sets(selected, reference_indices):
-    same = [set(a[a >= 0].tolist()) == set(b[b >= 0].tolist()) for a, b in zip(selected.cpu(), reference_indices.cpu())]
-    return sum(same) / len(same)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_heads", [128, 64])
-def test_prefill_then_decode_match_the_reference(n_heads):
+@pytest.mark.parametrize("n_heads, query_chunk", [(128, 4096), (64, 64)])
+def test_prefill_then_decode_match_the_reference(n_heads, query_chunk, monkeypatch):
     """Ragged prefills (T = 200, 77, 64) into a permuted block table, then decode steps (T = 1, then a
     draft pair T = 2): every output row against the reference at the same selection, every selection a
-    valid top-k of the reference's index scores and (almost always) the same set."""
+    valid top-k of the reference's index scores and (almost always) the same set. With query_chunk = 64
+    the prefills run their queries in chunks (200 = 64 + 64 + 64 + 8)."""
+    monkeypatch.setattr(layer_cuda, "QUERY_CHUNK", query_chunk)
     reference, gpu = _layers(n_heads)
     gen = torch.Generator(device="cuda").manual_seed(1)
     lengths, steps = [200, 77, 64], [1, 1, 2]
@@ -138,9 +106,9 @@ def test_prefill_then_decode_match_the_reference(n_heads):
         for b, L in enumerate(lengths):  # the prefills, one sequence each, in an order unlike the table's
             out, aux = gpu.prefill(tokens[b][:, :L], cache, seqs=[b], return_aux=True)
             ref_out, ref_aux = reference(tokens[b][:, :L], topk=k, return_aux=True)
-            _check_selection(aux["positions"][0], ref_aux["index_scores"][0], min(k, L))
-            same.append(_same_sets(aux["positions"][0], ref_aux["indices"][0]))
-            want = _reference_with(reference, tokens[b][:, :L], torch.arange(L), aux["positions"][0])
+            check_selection(aux["positions"][0], ref_aux["index_scores"][0], min(k, L))
+            same.append(same_sets(aux["positions"][0], ref_aux["indices"][0]))
+            want = reference_at(reference, tokens[b][:, :L], torch.arange(L), aux["positions"][0])
             compare.assert_close(out[0], want, atol=TOLERANCE["atol_rel"] * float(want.abs().max()),
                                  max_calc_diff=TOLERANCE["max_calc_diff"], name=f"prefill of sequence {b}")
             checked += L
@@ -153,9 +121,9 @@ def test_prefill_then_decode_match_the_reference(n_heads):
                 h_all = tokens[b][:, :done[b] + T]
                 rows = torch.arange(done[b], done[b] + T)
                 _, ref_aux = reference(h_all, topk=k, return_aux=True)
-                _check_selection(aux["positions"][b], ref_aux["index_scores"][0, rows], k)
-                same.append(_same_sets(aux["positions"][b], ref_aux["indices"][0, rows]))
-                want = _reference_with(reference, h_all, rows, aux["positions"][b])
+                check_selection(aux["positions"][b], ref_aux["index_scores"][0, rows], k)
+                same.append(same_sets(aux["positions"][b], ref_aux["indices"][0, rows]))
+                want = reference_at(reference, h_all, rows, aux["positions"][b])
                 compare.assert_close(out[b], want, atol=TOLERANCE["atol_rel"] * float(want.abs().max()),
                                      max_calc_diff=TOLERANCE["max_calc_diff"], name=f"decode of sequence {b}")
                 done[b] += T
@@ -179,7 +147,7 @@ def test_decode_output_equals_the_reference_layer():
         out, aux = gpu.decode(tokens[:, L:], cache, return_aux=True)
         for b in range(B):
             ref_out, ref_aux = reference(tokens[b:b + 1], topk=ARGS.index_topk, return_aux=True)
-            if _same_sets(aux["positions"][b], ref_aux["indices"][0, L:]) == 1.0:
+            if same_sets(aux["positions"][b], ref_aux["indices"][0, L:]) == 1.0:
                 compare.assert_close(out[b], ref_out[0, L:], atol=TOLERANCE["atol_rel"] * float(ref_out.abs().max()),
                                      max_calc_diff=TOLERANCE["max_calc_diff"], name=f"sequence {b}")
 
@@ -196,26 +164,13 @@ def test_decode_step_replays_from_a_cuda_graph():
     h_steps = [torch.randn(B, 1, ARGS.dim, device="cuda", generator=gen) for _ in range(2)]
     with torch.no_grad(), checks.data_checks(False):  # the fast path: no check reads device data
         gpu.prefill(h_prefill, cache)
-        state = [t.clone() for t in (cache.latent.view(torch.uint8), cache.index, cache.context_lens)]
-
-        def restore():
-            for saved, live in zip(state, (cache.latent.view(torch.uint8), cache.index, cache.context_lens)):
-                live.copy_(saved)
-
+        state = cache.snapshot()
         eager = [gpu.decode(h, cache).clone() for h in h_steps]
         lens_after = cache.context_lens.clone()
-        restore()
+        cache.restore(state)
         h_static = h_steps[0].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture (allocations, compilation)
-            gpu.decode(h_static, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        restore()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out_static = gpu.decode(h_static, cache)
-        restore()  # nothing ran during the capture; restore anyway
+        graph, out_static = gpu.capture_decode(h_static, cache)
+        assert torch.equal(cache.context_lens, state[2])  # the capture left the cache as it was
         replayed = []
         for h in h_steps:
             h_static.copy_(h)
@@ -255,3 +210,28 @@ def test_bad_inputs_are_refused_before_any_launch():
     with pytest.raises(ValueError, match="context_lens"):  # data checks on (the suite's DSA_CHECK=1)
         cache.context_lens.fill_(128)
         gpu.decode(h[:, :1], cache)
+
+
+def test_selection_checks_catch_wrong_selections():
+    """check_selection passes a true top-k and names each way a selection can be wrong."""
+    scores = torch.tensor([[3.0, 1.0, 2.0, float("-inf")], [0.5, 4.0, -1.0, 2.0]])
+    check_selection(torch.tensor([[0, 2, -1], [1, -1, 3]]), scores, 2)
+    with pytest.raises(ValueError, match="beats a selected"):
+        check_selection(torch.tensor([[0, 1, -1], [1, 3, -1]]), scores, 2)
+    with pytest.raises(ValueError, match="want min"):
+        check_selection(torch.tensor([[0, -1, -1], [1, 3, -1]]), scores, 2)
+    with pytest.raises(ValueError, match="cannot see"):
+        check_selection(torch.tensor([[0, 3, -1], [1, 3, -1]]), scores, 2)
+    with pytest.raises(ValueError, match="distinct"):
+        check_selection(torch.tensor([[0, 0, -1], [1, 3, -1]]), scores, 2)
+    assert same_sets(torch.tensor([[0, 2, -1], [1, 3, 0]]), torch.tensor([[2, -1, 0], [1, 3, 2]])) == 0.5
+
+
+def test_reference_at_is_the_reference_layer_at_its_own_selection():
+    """reference_at with the reference's own top-k reproduces DSAttention's output (tiny dims, CPU)."""
+    torch.manual_seed(0)
+    layer = DSAttention(ModelArgs.tiny(), latent_cache_fp8=True)
+    h = torch.randn(1, 40, 64)
+    out, aux = layer(h, topk=8, return_aux=True)
+    rows = torch.tensor([0, 7, 39])
+    assert torch.allclose(reference_at(layer, h, rows, aux["indices"][0, rows]), out[0, rows], atol=1e-6)
