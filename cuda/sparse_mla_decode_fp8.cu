@@ -82,7 +82,7 @@
 //             global memory into registers, dequantises them and stores the bf16 tile into one of two
 //             buffers while warpgroups 1 and 2, the consumers, run kernel 3's S, softmax and P V on the other.
 //             The buffers change hands through mbarriers (full / empty); setmaxnreg gives the consumers the
-//             registers for O (224 a thread) and leaves the producer 56. Shared memory: Q + 2 bf16 buffers +
+//             registers for O (216 a thread) and leaves the producer 72. Shared memory: Q + 2 bf16 buffers +
 //             P + exchanges and flags = 226 KiB (no raw stage: the rows pass through registers). Same
 //             arguments, split and combine as kernel 3, and the same results bit for bit (the same tile
 //             values, the same wgmma sequence, the same softmax arithmetic).
@@ -793,10 +793,10 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // Registers: O is 64 heads x 256 values float32 a consumer warpgroup, 128 a thread, plus S's 16 and the
 // softmax state; kernel 3 needs 206. The launch gives every thread the same count (__launch_bounds__(384, 1):
 // at most 65536 / 384 = 168), then setmaxnreg moves them: the producer gives back down to
-// WS_PRODUCER_REGS = 56 (it holds 4 tokens' 16-byte loads and their scales, and addresses), the consumers
-// take WS_CONSUMER_REGS = 224: 128 x (56 + 2 x 224) = 64512 <= 65536, the register file of an SM (ptxas
-// allocates each side's code within its count: no spill at 56 / 224; 40 spills the producer's loads, and
-// 48 / 232 would claim all 65536, no slack).
+// WS_PRODUCER_REGS = 72 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
+// consumers take WS_CONSUMER_REGS = 216: 128 x (72 + 2 x 216) = 64512 <= 65536, the register file of an SM.
+// ptxas allocates each side's code within its count (a producer at 40 registers spills its loads; with 4
+// tokens in flight it fits 56); kernel 3's math needs 206.
 //
 // Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside (every tile starts 1024-byte aligned):
 //   Q 72 KiB | buffer 0 72 KiB | buffer 1 72 KiB | P 8 KiB | row exchange [2][64] f32 | flags [2][64] i32 |
@@ -814,24 +814,26 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // (the plain f(l) = l would put two lanes on each of 4 positions). k^R's 128 bytes: lanes 8 u .. 8 u + 7
 // copy token u of a group of 4, one 16-byte chunk each. Unused slots (-1, past k, or any index outside
 // [0, num_blocks * block_size)) read nothing and store zeros; their flag is 0, and the consumers give them
-// the score -inf, exactly as kernel 3. A warp issues WS_TOKENS_IN_FLIGHT tokens' loads before it dequantises
-// the first (what 56 registers hold), so its 16 rows take 4 round trips; to make those round trips short, the
+// the score -inf, exactly as kernel 3. A warp issues WS_TOKENS_IN_FLIGHT = 8 tokens' loads before it
+// dequantises the first (what 72 registers hold), so its 16 rows take 2 round trips; to make those short, the
 // warp prefetches the next tile's 16 rows into L2 (prefetch.global.L2, no register held) before it starts on
 // this one.
 //
 // Ordering, per buffer (u = the how-many-th use of the buffer, u = tile index / 2):
 //   producer: wait empty (parity (u & 1) ^ 1: the use before was released; passes at once for u = 0), store
 //     the tile and flags, fence.proxy.async (the stores -> visible to the tensor cores), arrive on full;
-//   consumer: wait full (parity u & 1), wgmma S, flags, max exchange (bar 1), P (the other consumer's
-//     wgmma of the tile before, which read P, completed before it reached bar 1), fence.proxy.async, bar 2,
-//     wgmma P V, wait for it, arrive on empty.
+//   consumer: wait full (parity u & 1), issue S; wait for P V of the tile before (all wgmma groups but the
+//     newest), arrive on that tile's empty; wait for S, flags, max exchange (bar 1), P (the other consumer's
+//     P V of the tile before, which read P, completed before it reached bar 1), fence.proxy.async, bar 2,
+//     issue P V, then at once (after waiting full) S of the next tile: the tensor cores go from this P V to
+//     the next S without waiting for the warpgroup (kernel 3 drains P V before the next tile's barrier).
 // Q is loaded by the consumers (cp.async, then their own barrier) while the producer gathers tile 0. The
 // result, split and combine are kernel 3's (the same arguments, workspace and combine kernel).
 
 #define WS_THREADS 384                               // producer warpgroup + two consumer warpgroups
-#define WS_PRODUCER_REGS 56                          // setmaxnreg: the producer's registers a thread
-#define WS_CONSUMER_REGS 224                         // the consumers' (O: 128 float32 a thread)
-#define WS_TOKENS_IN_FLIGHT 4                        // a producer warp's tokens loaded before dequantising
+#define WS_PRODUCER_REGS 72                          // setmaxnreg: the producer's registers a thread
+#define WS_CONSUMER_REGS 216                         // the consumers' (O: 128 float32 a thread)
+#define WS_TOKENS_IN_FLIGHT 8                        // a producer warp's tokens loaded before dequantising
 #define WS_ROWS_PER_WARP (MMA_TILE / 4)              // 16 slots of a tile per producer warp
 #define WS_ROW_BYTES (2 * MMA_HEADS * 4)             // the row-max (then row-sum) exchange [2][64] f32
 #define WS_FLAG_BYTES (2 * MMA_TILE * 4)             // used flags [2 buffers][64] i32
@@ -950,7 +952,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
 #pragma unroll 1
             for (int i0 = 0; i0 < WS_ROWS_PER_WARP; i0 += WS_TOKENS_IN_FLIGHT) {
                 // the loads of WS_TOKENS_IN_FLIGHT tokens: e4m3 bytes and their scale (zeros when unused),
-                // and k^R of the same tokens (lanes 8 u .. 8 u + 7: token i0 + 4 g + u of the group g)
+                // and k^R of the same tokens (instruction g4: lanes 8 v .. 8 v + 7 copy token i0 + 4 g4 + v)
                 uint4 bytes[WS_TOKENS_IN_FLIGHT], rope[WS_TOKENS_IN_FLIGHT / 4];
                 float scale[WS_TOKENS_IN_FLIGHT];
 #pragma unroll
@@ -1014,16 +1016,15 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
     const float scale_log2 = softmax_scale * 1.4426950408889634f;     // exp(x) = 2^(x log2 e)
     const unsigned q_address = smem_address(q_s), p_address = smem_address(p_s);
 
-    for (int tile = first; tile < last; ++tile) {
-        const int b = (tile - first) % 2, use = (tile - first) / 2;
-        const unsigned kv_address = smem_address(kv_s) + b * KV_SMEM_BYTES;
-        mbarrier_wait(full_bar + 8 * b, use & 1);  // (acquire) the producer stored this tile and its flags
-
-        // 1. S_c = Q K^T for the 64 heads x keys 32 c .. 32 c + 31 of the tile: 36 k-steps of 16
-        float acc[16];
+    // 1. S_c = Q K^T for the 64 heads x keys 32 c .. 32 c + 31 of the tile in buffer b: 36 k-steps of 16,
+    // issued and committed (one wgmma group), not waited for. The first step overwrites acc (accumulate = 0):
+    // acc is not zeroed in between, as an ordinary write to it while P V is in flight would make ptxas
+    // serialise the wgmmas
+    float acc[16];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
-        const unsigned keys_address = kv_address + 32 * c * 128;  // row 32 c: 4 whole atoms on
+    for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+    auto issue_scores = [&](int b) {
+        const unsigned keys_address = smem_address(kv_s) + b * KV_SMEM_BYTES + 32 * c * 128;  // row 32 c
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < D_QK / 16; ++s) {
@@ -1031,11 +1032,27 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
             wgmma_m64n32k16_bf16(acc, wgmma_desc(q_address + step), wgmma_desc(keys_address + step), s);
         }
         wgmma_commit();
+    };
+    // The tiles: S of tile t + 1 is issued right behind P V of tile t, so the tensor cores go from one to the
+    // other without waiting for this warpgroup (the groups complete in order: waiting for all but the newest
+    // group is waiting for P V of the tile before).
+    for (int tile = first; tile < last; ++tile) {
+        const int b = (tile - first) % 2;
+        const unsigned kv_address = smem_address(kv_s) + b * KV_SMEM_BYTES;
+        if (tile == first) {
+            mbarrier_wait(full_bar, 0);  // (acquire) the producer stored the first tile and its flags
+            issue_scores(0);
+        }
         // meanwhile: which of this thread's 8 keys (32 c + 8 i + 2t + e, i < 4, e < 2) hold a token
         bool used[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) used[u] = used_s[b * MMA_TILE + 32 * c + 8 * (u / 2) + 2 * t + u % 2] != 0;
-        wgmma_wait<0>();
+        if (tile > first) {  // P V of the tile before is complete: its buffer goes back to the producer
+            wgmma_wait<1>();
+            fence_operands(o);
+            mbarrier_arrive(empty_bar + 8 * (b ^ 1));
+        }
+        wgmma_wait<0>();  // S of this tile
         fence_operands(acc);
 
         // score (times log2 e), -inf for unused slots; this consumer's row maxima over its 32 keys
@@ -1055,7 +1072,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
             row_s[c * MMA_HEADS + 16 * warp + g + 8] = tile_max[1];
         }
         // (B) both consumers' maxima are in row_s; and both finished the P V of the tile before (each waited
-        // for it before coming here), so P may be rewritten
+        // for it before coming here), so P may be rewritten and O rescaled
         named_barrier_sync(WS_ROW_MAX_BAR, WS_CONSUMER_THREADS);
 
         // 2. m_new = max(m_old, max over all 64 keys): the same value in both consumers
@@ -1101,10 +1118,14 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         for (int kk = 0; kk < MMA_TILE / 16; ++kk)
             wgmma_m64n256k16_bf16_nb(o, wgmma_desc(p_address + 32 * kk), wgmma_desc_n_major(values_address + 2048 * kk));
         wgmma_commit();
-        wgmma_wait<0>();  // P and the buffer are read
-        fence_operands(o);
-        mbarrier_arrive(empty_bar + 8 * b);  // the producer may refill this buffer
+        if (tile + 1 < last) {  // the next tile's S, queued behind this P V
+            const int next_use = (tile + 1 - first) / 2;
+            mbarrier_wait(full_bar + 8 * (b ^ 1), next_use & 1);  // (acquire) its tile and flags are stored
+            issue_scores(b ^ 1);
+        }
     }
+    wgmma_wait<0>();  // the last P V (its buffer is not handed back: the producer is done)
+    fence_operands(o);
 
     // the sums: the quad's lanes (this consumer's 32 keys of every tile), then the other consumer's, through
     // row_s (both consumers read the maxima of the last tile before barrier C, so it is free)
