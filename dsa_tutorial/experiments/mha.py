@@ -2,8 +2,15 @@
 
 Every head has its own key and value, projected from h (no compression), with the same decoupled
 RoPE layout as MLA's MHA mode, q_t,i = [q^C_t,i ; q^R_t,i] and k_s,i = [k^C_s,i ; k^R_s,i], except
-that k^R is per head here (classic RoPE), where MLA shares one k^R across heads. MHA has no query
-latent c^Q, so the indexer's query projection reads h itself (q_lora_rank = dim for the indexer).
+that k^R is per head here (classic RoPE), where MLA shares one k^R across heads. The attention's
+queries are read from h directly (W^Q h_t): the attention itself is classic MHA.
+
+The indexer reads a query latent, as MLA's does: c^Q_t = RMSNorm(W^DQ h_t) with d_c' = q_lora_rank
+(32 in `ModelArgs.tiny`, as MLA's), and q^I_t,j = W^IUQ_j c^Q_t as in `indexer.Indexer`. In MLA,
+W^DQ belongs to the main attention (its queries are read from c^Q) and the language-model loss
+trains it; here nothing in the attention reads c^Q, so W^DQ and the norm are the indexer's own
+parameters (`QueryLatentIndexer`, under the submodule `indexer`): L^I trains them with the rest of
+the indexer, and `detach_indexer_input` cuts them off from h like the rest of it.
 
 The cache therefore holds n_h (d_h + d_R + d_v) values per token instead of MLA's d_c + d_R, and
 in sparse mode each selected token costs n_h separate key and value reads instead of one latent.
@@ -19,28 +26,28 @@ indices [B, T, k], attn_probs [B, T, n_h, S] (the dense causal per-head probabil
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..causal import visible
 from ..checks import check_range, check_tensor
 from ..config import ModelArgs
 from ..indexer import Indexer, IndexerCache
+from ..mla import RMSNorm, query_latent
 from ..rope import apply_rope
 from ..topk import select_topk, topk_without_causal_mask
 
-__all__ = ["MHACache", "MHADSAttention", "selection_mask"]
+__all__ = ["MHACache", "MHADSAttention", "QueryLatentIndexer", "selection_mask"]
 
 
 class MHACache:
     """Per-head keys [B, S, n_h, d_h + d_R] and values [B, S, n_h, d_v], plus the indexer keys."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, dtype: torch.dtype = torch.float32):
-        self.k = torch.empty(batch_size, 0, args.n_heads, args.qk_head_dim, dtype=dtype)
-        self.v = torch.empty(batch_size, 0, args.n_heads, args.v_head_dim, dtype=dtype)
-        self.indexer = IndexerCache(replace(args, q_lora_rank=args.dim), batch_size, dtype)
+    def __init__(self, args: ModelArgs, batch_size: int, dtype: torch.dtype = torch.float32, device="cpu"):
+        self.k = torch.empty(batch_size, 0, args.n_heads, args.qk_head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(batch_size, 0, args.n_heads, args.v_head_dim, dtype=dtype, device=device)
+        self.indexer = IndexerCache(args, batch_size, dtype, device)
         self.max_seq_len = args.max_seq_len
 
     def __len__(self) -> int:
@@ -63,6 +70,29 @@ def selection_mask(indices: torch.Tensor, n_keys: int) -> torch.Tensor:
     return mask[..., :n_keys]
 
 
+class QueryLatentIndexer(Indexer):
+    """The lightning indexer with its own query latent: c^Q_t = RMSNorm(W^DQ h_t), then `Indexer`.
+
+    wq_a: [d_c', dim] (W^DQ, d_c' = q_lora_rank), q_norm: RMSNorm(d_c'), initialised as MLA's;
+    the rest as `indexer.Indexer`, whose query projection wq_b reads c^Q. forward(h, positions,
+    cache) -> index scores [B, T, S], as `Indexer.forward(h, c_q, positions, cache)`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)  # W^DQ
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        with torch.no_grad():
+            self.wq_a.weight.normal_(0.0, args.dim ** -0.5)
+
+    def query_latent(self, h: torch.Tensor) -> torch.Tensor:
+        """c^Q_t = RMSNorm(W^DQ h_t): [B, T, d_c']."""
+        return query_latent(h, self.wq_a.weight, self.q_norm.weight, self.args)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: IndexerCache | None = None) -> torch.Tensor:
+        return super().forward(h, self.query_latent(h), positions, cache)
+
+
 class MHADSAttention(nn.Module):
     """Multi-head attention with a lightning indexer and top-k selection (see the module docstring)."""
 
@@ -74,7 +104,7 @@ class MHADSAttention(nn.Module):
         self.wk = nn.Linear(args.dim, n_h * args.qk_head_dim, bias=False)
         self.wv = nn.Linear(args.dim, n_h * args.v_head_dim, bias=False)
         self.wo = nn.Linear(n_h * args.v_head_dim, args.dim, bias=False)
-        self.indexer = Indexer(replace(args, q_lora_rank=args.dim))
+        self.indexer = QueryLatentIndexer(args)
         with torch.no_grad():
             for layer in (self.wq, self.wk, self.wv, self.wo):
                 layer.weight.normal_(0.0, layer.in_features ** -0.5)
@@ -88,7 +118,7 @@ class MHADSAttention(nn.Module):
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: MHACache | None = None,
                 topk: int | None = None, return_aux: bool = False, detach_indexer_input: bool = False):
         args = self.args
-        check_tensor(h, "h", shape=("B", "T", args.dim), dtype=self.wq.weight.dtype)
+        check_tensor(h, "h", shape=("B", "T", args.dim), dtype=self.wq.weight.dtype, device=self.wq.weight.device)
         n_past = 0 if cache is None else len(cache)
         if positions is None:
             positions = torch.arange(n_past, n_past + h.shape[1], device=h.device)
@@ -98,11 +128,12 @@ class MHADSAttention(nn.Module):
         if cache is not None:
             cache.append(k, v)
             k, v = cache.k, cache.v  # [B, S, n_h, .]
+        # the indexer reads h and its own query latent c^Q(h); detached, its loss cannot reach the model
         h_idx = h.detach() if detach_indexer_input else h
-        index_scores = self.indexer(h_idx, h_idx, positions, None if cache is None else cache.indexer)  # [B, T, S]
+        index_scores = self.indexer(h_idx, positions, None if cache is None else cache.indexer)  # [B, T, S]
         n_keys = k.shape[1]
         # causal visibility: query t is slot S - T + t: [T, S]
-        causal = torch.arange(n_keys)[None, :] <= torch.arange(n_keys - h.shape[1], n_keys)[:, None]
+        causal = visible(h.shape[1], n_keys, h.device)
         # q_t,i . k_s,i * softmax_scale: [B, n_h, T, S]
         scores = torch.einsum("bthd,bshd->bhts", q, k) * args.softmax_scale
         dense_probs = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [B, n_h, T, S]
@@ -124,3 +155,4 @@ class MHADSAttention(nn.Module):
         if not return_aux:
             return out
         return out, dict(index_scores=index_scores, indices=indices, attn_probs=dense_probs.transpose(1, 2))
+

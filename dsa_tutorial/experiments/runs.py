@@ -16,9 +16,9 @@ from ..indexer import index_scores
 from ..mla import causal_mask
 from ..sparse_attention import sparse_mla_attention
 from ..topk import select_topk
-from ..train import TinyLM, evaluate, pretrain_dense, progress_bar, sparse_training
-from .common import eval_batch, make_model, mean_std, model_args, task_of, warmed_model
-from .leak import RepeatedSequence, half_accuracies
+from ..train import TinyLM, evaluate, indexer_parameters, pretrain_dense, progress_bar, sparse_training
+from .common import eval_batch, make_model, mean_std, model_args, paired_difference, task_of, warmed_model
+from .leak import RepeatedSequence, half_accuracies, record_lr, weights_digest
 from .mha import MHADSAttention
 from .selectors import selector_comparison  # the selectors experiment, in its own file
 
@@ -120,47 +120,106 @@ def _cache_values_per_token(args: ModelArgs, kind: str) -> int:
     return attention + args.index_head_dim
 
 
-SOLVED = 0.9  # a base model counts when its dense accuracy at the training length reaches this
+# Research question 2's design, fixed before its runs with seeds 0-4 (see mha_vs_mla's docstring).
+SPARSE_RATIO = 15  # sparse-stage steps per warm-up step: the report's 15,000 sparse after 1,000 warm-up steps
+SOLVED = 0.9  # the secondary subset: seeds whose dense models (both kinds) reach this accuracy at the training length
+PRIMARY = "sparse_gap_L256_k8"  # the primary comparison: its paired difference MLA - MHA
 
 
-def mha_vs_mla(config, seeds, progress=True, use_cache=True) -> dict:
-    """The same indexer, warm-up and top-k on MLA (the book's DSAttention) and on classic MHA.
+def _q2_metrics(arm: dict, lengths, topks) -> dict:
+    """One run's numbers by name: {stage}_accuracy_L{L}_k{k or dense}, {stage}_recall_L{L}_k{k} for the
+    stages warmup (the warmed model, its dense parent's accuracy as k = dense) and sparse (after the
+    sparse stage), sparse_gap_L{L}_k{k} = sparse-stage accuracy at k minus the dense parent's at L,
+    and the final indexer KL of each stage."""
+    out = dict(warmup_final_kl=arm["final_kl"], sparse_final_kl=arm["sparse"]["metrics"]["kl"][-1])
+    for stage in ("warmup", "sparse"):
+        grid = arm[f"eval_{stage}"]
+        for L in lengths:
+            for k in (k for k in topks if k is None or k < L):
+                out[f"{stage}_accuracy_L{L}_k{_key(k)}"] = grid[str(L)][_key(k)]["accuracy"]
+                if k is not None:
+                    out[f"{stage}_recall_L{L}_k{k}"] = grid[str(L)][str(k)]["recall_answer"]
+    for L in lengths:
+        for k in (k for k in topks if k is not None and k < L):
+            out[f"sparse_gap_L{L}_k{k}"] = (arm["eval_sparse"][str(L)][str(k)]["accuracy"]
+                                            - arm["eval_warmup"][str(L)]["dense"]["accuracy"])
+    return out
 
-    Comparing DSA against its dense parent needs a parent that solved the task: a seed whose dense
-    model reaches less than SOLVED accuracy at the training length is reported but left out of the
-    summary (the rule is applied to both kinds alike; default seeds 0-3 leave at least 3)."""
+
+def _q2_summary(per_seed: list[dict], lengths, topks) -> tuple[dict, dict]:
+    """Per kind mean_std of every metric, and the paired difference MLA - MHA (same seeds) of each."""
+    rows = {kind: [_q2_metrics(s[kind], lengths, topks) for s in per_seed] for kind in ("mla", "mha")}
+    names = list(rows["mla"][0])
+    summary = {kind: {name: mean_std([row[name] for row in rows[kind]]) for name in names} for kind in rows}
+    paired = {name: paired_difference([row[name] for row in rows["mla"]], [row[name] for row in rows["mha"]])
+              for name in names}
+    return summary, paired
+
+
+def mha_vs_mla(config, seeds, progress=True, use_cache=True, device="cpu") -> dict:
+    """The same indexer, warm-up, sparse stage and top-k on MLA (the book's DSAttention) and on classic
+    MHA (`mha.MHADSAttention`, whose indexer reads its own query latent c^Q as MLA's does).
+
+    The design, fixed before the runs with seeds 0-4:
+
+    * paired: run i of both kinds uses seed i for its initial weights and the same batches in the
+      same order at every stage (pre-training: seed i, warm-up: 100 + i, sparse stage: 200 + i,
+      evaluation: config eval seed); the paired difference MLA - MHA over seeds carries the
+      comparison, with its 95% t-interval (`common.paired_difference`);
+    * the stages: dense pre-training and dense warm-up as every experiment (`common.warmed_model`),
+      then a sparse stage of SPARSE_RATIO x the warm-up's steps (3000 at full size) at k =
+      index_topk, `train.sparse_training`'s learning rates; the report trains 15,000 sparse steps
+      after 1,000 warm-up steps, and 15 : 1 here lets the main model adapt to its selection;
+    * evaluated after the warm-up (the dense parent and its DSA) and after the sparse stage, at
+      T = 64, 256, 1024 and k = 2, 8, 32 (`_q2_metrics` names every number);
+    * primary comparison: PRIMARY, the accuracy DSA keeps against its own dense parent after the
+      sparse stage at T = 256, k = 8 (so that the two kinds' different dense models do not enter
+      it), its paired difference MLA - MHA;
+    * every seed is reported and summarised: no seed is left out. Secondary, also fixed now: the same
+      summary over the seeds whose dense models of both kinds reach SOLVED (0.9) accuracy at the
+      training length (None when fewer than 3 seeds qualify).
+    """
     lengths, topks = _lengths(config, (64, 256, 1024)), (None, 2, 8, 32)
-    train_length = str(config["pretrain"]["length"])
+    train_length = config["pretrain"]["length"]
+    warm = config["warmup"]
+    sparse = dict(steps=SPARSE_RATIO * warm["steps"], length=warm["length"], batch=warm["batch"],
+                  topk=config["args"]["index_topk"])
     per_seed = []
     for seed in seeds:
         entry = dict(seed=seed)
         for kind in ("mla", "mha"):
-            model, base_hist, hist = warmed_model(kind, config, seed, use_cache=use_cache, progress=progress)
-            grid = _evaluate_grid(model, config, sorted(set(lengths) | {int(train_length)}), topks)
-            entry[kind] = dict(pretrain_seconds=base_hist["seconds"], warmup_seconds=hist["seconds"],
-                               final_kl=hist["metrics"]["kl"][-1], eval=grid,
-                               solved=grid[train_length]["dense"]["accuracy"] >= SOLVED)
+            model, base_hist, warm_hist = warmed_model(kind, config, seed, use_cache=use_cache, progress=progress)
+            model = model.to(device)
+            after_warmup = _evaluate_grid(model, config, sorted(set(lengths) | {train_length}), topks)
+            sparse_hist = sparse_training(model, task_of(config), seed=200 + seed, progress=progress,
+                                          log_every=max(1, sparse["steps"] // 60), **sparse).as_dict()
+            entry[kind] = dict(
+                data_seeds=dict(pretrain=base_hist["settings"]["seed"], warmup=warm_hist["settings"]["seed"],
+                                sparse=sparse_hist["settings"]["seed"], eval=config["eval"]["seed"]),
+                pretrain_seconds=base_hist["seconds"], warmup_seconds=warm_hist["seconds"],
+                sparse_seconds=sparse_hist["seconds"], final_kl=warm_hist["metrics"]["kl"][-1],
+                sparse=dict(steps=sparse_hist["steps"], metrics=sparse_hist["metrics"]),
+                eval_warmup=after_warmup, eval_sparse=_evaluate_grid(model, config, lengths, topks),
+                solved=after_warmup[str(train_length)]["dense"]["accuracy"] >= SOLVED)
+        if entry["mla"]["data_seeds"] != entry["mha"]["data_seeds"]:
+            raise AssertionError(f"seed {seed}: the two kinds saw different data {entry['mla']['data_seeds']}, "
+                                 f"{entry['mha']['data_seeds']}")
         per_seed.append(entry)
     args = model_args(config)
     models = {kind: make_model(kind, config, 0) for kind in ("mla", "mha")}
     structure = {kind: dict(parameters=sum(p.numel() for p in m.parameters()),
+                            indexer_parameters=sum(p.numel() for p in indexer_parameters(m)),
                             cache_values_per_token_tiny=_cache_values_per_token(args, kind),
                             cache_values_per_token_v32=_cache_values_per_token(ModelArgs(), kind))
                  for kind, m in models.items()}
-    summary, counted = {}, {}
-    for kind in ("mla", "mha"):
-        solved = [s for s in per_seed if s[kind]["solved"]]
-        counted[kind] = [s["seed"] for s in solved]
-        if not solved:  # possible at smoke size: nothing to summarise
-            summary[kind] = None
-            continue
-        summary[kind] = {f"accuracy_L{L}_k{_key(k)}": _summary(solved, (kind, "eval", str(L), _key(k), "accuracy"))
-                         for L in lengths for k in topks if k is None or k < L}
-        summary[kind]["final_kl"] = mean_std([s[kind]["final_kl"] for s in solved])
-        summary[kind].update({f"recall_L{L}_k{k}": _summary(solved, (kind, "eval", str(L), str(k), "recall_answer"))
-                              for L in lengths for k in topks if k is not None and k < L})
-    return dict(lengths=list(lengths), topks=[_key(k) for k in topks], structure=structure, solved_threshold=SOLVED,
-                summarised_seeds=counted, per_seed=per_seed, summary=summary)
+    summary, paired = _q2_summary(per_seed, lengths, topks)
+    solved_seeds = [s["seed"] for s in per_seed if s["mla"]["solved"] and s["mha"]["solved"]]
+    summary_solved, paired_solved = (_q2_summary([s for s in per_seed if s["seed"] in solved_seeds], lengths, topks)
+                                     if len(solved_seeds) >= 3 else (None, None))
+    return dict(lengths=list(lengths), topks=[_key(k) for k in topks], sparse_stage=dict(sparse, ratio=SPARSE_RATIO),
+                structure=structure, primary=PRIMARY, solved_threshold=SOLVED, per_seed=per_seed,
+                summary=summary, paired=paired, solved_seeds=solved_seeds, summary_solved=summary_solved,
+                paired_solved=paired_solved)
 
 
 # ----------------------------------------------------------------------------- (d) k against length
@@ -270,38 +329,56 @@ def indexer_size(config, seeds, progress=True, use_cache=True) -> dict:
 # ----------------------------------------------------------------------------- the leak
 
 LEAK = dict(vocab=16, length=64, topk=32, steps=200, batch=16, lr=1e-2)
+LEAK_ARMS = ("dense", "dense_constant", "dsa", "dsa_leaky")
+# paired differences (first arm - second, same seeds) reported for every half
+LEAK_PAIRS = (("dsa_leaky", "dsa"), ("dsa", "dense"), ("dsa", "dense_constant"), ("dense_constant", "dense"))
 
 
-def leak(config, seeds, progress=True, use_cache=True, sizes: dict | None = None) -> dict:
-    """Dense, DSA and DSA without re-masking, trained on `RepeatedSequence`; next-token accuracy per half."""
+def leak(config, seeds, progress=True, use_cache=True, sizes: dict | None = None, device="cpu") -> dict:
+    """Four arms trained on `RepeatedSequence` from the same initial weights (seeded) on the same batches;
+    next-token accuracy per half.
+
+    dense: `pretrain_dense` (AdamW, learning rate decayed to 0 along a cosine); dense_constant: dense
+    attention (k = T) trained by `sparse_training`, the DSA arms' optimiser and constant learning rate (the
+    schedule control); dsa and dsa_leaky (top-k without re-masking): `sparse_training` at k = topk. Each
+    arm logs its main parameters' learning rate at every step (lr_main) and its initial weights'
+    fingerprint; the summary holds mean_std per arm and half and the paired differences LEAK_PAIRS."""
     sizes = dict(LEAK, **(sizes or {}))
-    task = RepeatedSequence(sizes["vocab"])
+    task = RepeatedSequence(sizes["vocab"], device=str(device))  # batches on the device, the same data anywhere
     args = ModelArgs.tiny(max_seq_len=sizes["length"], original_seq_len=sizes["length"], index_topk=sizes["topk"])
+    tokens, targets, _ = task.sample(64, sizes["length"], torch.Generator().manual_seed(999))
     per_seed = []
     for seed in seeds:
         entry = dict(seed=seed)
-        for variant in ("dense", "dsa", "dsa_leaky"):
+        for arm in LEAK_ARMS:
             torch.manual_seed(seed)
-            model = TinyLM(args, task.vocab_size, 1, lambda a: MHADSAttention(a, causal_after_topk=variant != "dsa_leaky"))
+            model = TinyLM(args, task.vocab_size, 1,
+                           lambda a: MHADSAttention(a, causal_after_topk=arm != "dsa_leaky")).to(device)
+            initial = weights_digest(model)
             common = dict(steps=sizes["steps"], length=sizes["length"], batch=sizes["batch"], seed=seed,
                           progress=progress)
-            if variant == "dense":
-                hist = pretrain_dense(model, task, lr=sizes["lr"], **common)
-                topk = None
-            else:
-                hist = sparse_training(model, task, topk=sizes["topk"], lr_main=sizes["lr"], **common)
-                topk = sizes["topk"]
-            tokens, targets, _ = task.sample(64, sizes["length"], torch.Generator().manual_seed(999))
+            with record_lr() as lrs:
+                if arm == "dense":
+                    hist = pretrain_dense(model, task, lr=sizes["lr"], **common)
+                else:  # k = T selects every visible token: dense attention under sparse_training's schedule
+                    train_topk = sizes["length"] if arm == "dense_constant" else sizes["topk"]
+                    hist = sparse_training(model, task, topk=train_topk, lr_main=sizes["lr"], **common)
+            topk = None if arm.startswith("dense") else sizes["topk"]
             with torch.no_grad():
                 model.eval()
-                entry[variant] = dict(accuracy=half_accuracies(model(tokens, topk=topk)[0], targets),
-                                      seconds=hist.seconds)
-                if variant == "dsa_leaky":  # the same weights, evaluated with the causal mask restored
+                entry[arm] = dict(accuracy=half_accuracies(model(tokens, topk=topk)[0], targets),
+                                  seconds=hist.seconds, initial_weights=initial, data_seed=hist.settings["seed"],
+                                  lr_main=[step[0] for step in lrs])
+                if arm == "dsa_leaky":  # the same weights, evaluated with the causal mask restored
                     model.layers[0].attn.causal_after_topk = True
-                    entry[variant]["accuracy_remasked"] = half_accuracies(model(tokens, topk=topk)[0], targets)
+                    entry[arm]["accuracy_remasked"] = half_accuracies(model(tokens, topk=topk)[0], targets)
         per_seed.append(entry)
-    summary = {f"{variant}_{half}": _summary(per_seed, (variant, "accuracy", half))
-               for variant in ("dense", "dsa", "dsa_leaky") for half in ("first_half", "second_half", "all")}
+    halves = ("first_half", "second_half", "all")
+    summary = {f"{arm}_{half}": _summary(per_seed, (arm, "accuracy", half)) for arm in LEAK_ARMS for half in halves}
     summary.update({f"dsa_leaky_remasked_{half}": _summary(per_seed, ("dsa_leaky", "accuracy_remasked", half))
-                    for half in ("first_half", "second_half", "all")})
-    return dict(sizes=sizes, chance=1 / sizes["vocab"], per_seed=per_seed, summary=summary)
+                    for half in halves})
+    paired = {f"{a}_minus_{b}_{half}": paired_difference([s[a]["accuracy"][half] for s in per_seed],
+                                                         [s[b]["accuracy"][half] for s in per_seed])
+              for a, b in LEAK_PAIRS for half in halves}
+    return dict(sizes=sizes, chance=1 / sizes["vocab"], arms=list(LEAK_ARMS), per_seed=per_seed, summary=summary,
+                paired=paired)
