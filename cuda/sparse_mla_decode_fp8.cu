@@ -767,8 +767,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 
 // ------------------------------------------------------------------------------------ kernel 4
 //
-// Kernel 3 with its stops overlapped: warp specialisation, FlashMLA's structure for its sm90 sparse FP8
-// decoding kernel (in our own code). Kernel 3's block runs, for every tile, wait for the gather, dequantise,
+// Kernel 3 with its stops overlapped: warp specialisation, the structure of FlashMLA's sm90 sparse FP8
+// decoding kernel. Kernel 3's block runs, for every tile, wait for the gather, dequantise,
 // then compute, each step while the other units idle. Here the block has three warpgroups (384 threads)
 // with fixed jobs:
 //   warpgroup 0, the producer: for tile t, reads the 64 selected tokens' FP8 rows straight from global
@@ -796,7 +796,7 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // WS_PRODUCER_REGS = 72 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
 // consumers take WS_CONSUMER_REGS = 216: 128 x (72 + 2 x 216) = 64512 <= 65536, the register file of an SM.
 // ptxas allocates each side's code within its count (a producer at 40 registers spills its loads; with 4
-// tokens in flight it fits 56); kernel 3's math needs 206.
+// tokens in flight it fits 56).
 //
 // Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside (every tile starts 1024-byte aligned):
 //   Q 72 KiB | buffer 0 72 KiB | buffer 1 72 KiB | P 8 KiB | row exchange [2][64] f32 | flags [2][64] i32 |
@@ -805,8 +805,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // no raw stage (the rows pass through registers), so the two bf16 buffers fit where kernel 3 had one.
 //
 // The producer (4 warps, each 16 of the 64 slots of a tile): warp pw takes rows 16 pw .. 16 pw + 15. For one
-// token the warp's 32 lanes load its 512 e4m3 bytes in one instruction (16 bytes a lane, a full 512-byte
-// run: 4 whole 128-byte lines) and each lane the float32 scale of its 16 values; lane l takes the 16 bytes
+// token the warp's 32 lanes load its 512 e4m3 bytes in one instruction (16 bytes a lane, one 512-byte run:
+// 4 or 5 128-byte lines) and each lane the float32 scale of its 16 values; lane l takes the 16 bytes
 // f(l) = (l / 2) % 4 + 4 (l % 2 + 2 (l / 8)) (a permutation of 0..31), whose 16 bf16 results are chunks
 // 2 f and 2 f + 1 of the row: the lane stores chunk 2 f + l % 2 first, then the other. Within each
 // quarter-warp (8 lanes, one phase of a 16-byte store) the first stores then land on chunk positions
