@@ -778,8 +778,9 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 //   warpgroups 1 and 2, the consumers: kernel 3's math on the buffer of tile t (consumer c = 0, 1 in the role
 //     of kernel 3's warpgroup w: S for keys 32 c .. 32 c + 31, the row maxima swapped, P in shared memory,
 //     O[:, 256 c ..] += P V) while the producer fills the other buffer with tile t + 1.
-// Each buffer has two mbarriers: "full" (the producer's 128 threads arrive when their part of the tile is
-// stored) and "empty" (the consumers' 256 threads arrive when their wgmmas that read it are complete). An
+// Each buffer has two mbarriers: "full" (each producer warp arrives, through its lane 0 after __syncwarp,
+// when its 16 rows are stored) and "empty" (each consumer warp arrives when the wgmmas that read the buffer
+// are complete): 4 and 8 arrivals a phase rather than 128 and 256 shared-memory atomics a tile. An
 // mbarrier rather than a named barrier (bar.sync / bar.arrive) for this hand-over because
 //   * the producer runs ahead without blocking: it arrives (non-blocking) and goes on to the other buffer,
 //     and waits only when it needs a buffer back; each wait names the phase it needs (its parity), so a
@@ -838,6 +839,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 #define WS_ROW_BYTES (2 * MMA_HEADS * 4)             // the row-max (then row-sum) exchange [2][64] f32
 #define WS_FLAG_BYTES (2 * MMA_TILE * 4)             // used flags [2 buffers][64] i32
 #define WS_BARRIER_BYTES (4 * 8)                     // mbarriers full[2], empty[2]
+#define WS_FULL_ARRIVALS 4                           // a buffer is full when the 4 producer warps arrived
+#define WS_EMPTY_ARRIVALS 8                          // empty when the 8 consumer warps arrived
 // kernel 4's carve: Q, 2 bf16 buffers, P, the row exchange, the flags, the mbarriers: 230432 bytes
 #define WS_CARVE_BYTES (Q_SMEM_BYTES + 2 * KV_SMEM_BYTES + P_BYTES + WS_ROW_BYTES + WS_FLAG_BYTES + WS_BARRIER_BYTES)
 // what the launch asks for: the carve plus the slack to round the base up to WGMMA_SMEM_ALIGN: 231456 bytes
@@ -910,8 +913,8 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
 
     if (tid == 0) {
         for (int b = 0; b < 2; ++b) {
-            mbarrier_init(full_bar + 8 * b, 128);                   // the producer's threads
-            mbarrier_init(empty_bar + 8 * b, WS_CONSUMER_THREADS);  // the consumers' threads
+            mbarrier_init(full_bar + 8 * b, WS_FULL_ARRIVALS);    // one arrival a producer warp
+            mbarrier_init(empty_bar + 8 * b, WS_EMPTY_ARRIVALS);  // one arrival a consumer warp
         }
     }
     __syncthreads();  // the barriers are initialised before anybody uses them (the last block-wide barrier)
@@ -983,8 +986,9 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
                     *reinterpret_cast<uint4*>(buffer + blocked(r, NOPE_CHUNKS + lane % 8)) = rope[g4];
                 }
             }
-            fence_proxy_async();                // this thread's stores -> visible to the tensor cores' reads
-            mbarrier_arrive(full_bar + 8 * b);  // (release: the flags and the tile) the buffer is full
+            fence_proxy_async();  // this thread's stores -> visible to the tensor cores' reads
+            __syncwarp();         // the warp's stores (and fences) before its lane 0 arrives
+            if (lane == 0) mbarrier_arrive(full_bar + 8 * b);  // (release) the warp's 16 rows and flags are in
             my_offset = next_offset;
         }
         return;  // nothing waits for the producer (no block-wide barrier after the split)
@@ -1050,7 +1054,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         if (tile > first) {  // P V of the tile before is complete: its buffer goes back to the producer
             wgmma_wait<1>();
             fence_operands(o);
-            mbarrier_arrive(empty_bar + 8 * (b ^ 1));
+            if (lane == 0) mbarrier_arrive(empty_bar + 8 * (b ^ 1));  // (wgmma_wait is warp-wide: the warp's done)
         }
         wgmma_wait<0>();  // S of this tile
         fence_operands(acc);
