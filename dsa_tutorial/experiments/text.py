@@ -396,16 +396,18 @@ def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device
         untrained = evaluate(make_text_model(config, seed, device=device))
         base, base_history = _base_model(config, corpus, seed, device, use_cache, progress)
         entry = dict(seed=seed, pretrain=base_history, untrained=untrained, warmup={}, eval={})
+        warmed = {}
         for weights in ("learned", "uniform"):
-            model, history = _warmed_model(config, corpus, base, seed, weights, device, use_cache, progress)
-            entry["warmup"][weights] = history
-            entry["eval"][weights] = evaluate(model)
-            if weights == "learned" and config["sparse"]["steps"] > 0:
-                sparse = copy.deepcopy(model)
-                entry["sparse"] = sparse_training(
-                    sparse, ByteStream(corpus.train, str(device)), seed=200 + seed, progress=progress,
-                    log_every=max(1, config["sparse"]["steps"] // 20), **config["sparse"]).as_dict()
-                entry["eval"]["sparse"] = evaluate(sparse)
+            warmed[weights], entry["warmup"][weights] = _warmed_model(config, corpus, base, seed, weights, device,
+                                                                      use_cache, progress)
+            entry["eval"][weights] = evaluate(warmed[weights])
+        if config["sparse"]["steps"] > 0:
+            # stage 2 from the learned-w^I model (a copy: the warmed model stays as cached)
+            sparse = copy.deepcopy(warmed["learned"])
+            entry["sparse"] = sparse_training(
+                sparse, ByteStream(corpus.train, str(device)), seed=200 + seed, progress=progress,
+                log_every=max(1, config["sparse"]["steps"] // 20), **config["sparse"]).as_dict()
+            entry["eval"]["sparse"] = evaluate(sparse)
         per_seed.append(entry)
     arms = list(per_seed[0]["eval"])
     keys = ["dense"] + [str(k) for k in topks]
