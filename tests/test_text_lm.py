@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsa_tutorial.config import ModelArgs
+from dsa_tutorial.experiments import EXPERIMENTS, run
 from dsa_tutorial.experiments.text import (TEXT_SMOKE, ByteStream, MaskedDSAttention, corpus_paths, is_validation,
                                            load_corpus, make_text_model, stdlib_root, text_lm, validation_windows)
 from dsa_tutorial.sparse_attention import DSAttention
@@ -20,13 +21,26 @@ def corpus():
 
 
 @pytest.fixture(scope="module")
-def smoke():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as experiments.run does: one thread, so the run is deterministic (and fast on shared cores)
-    try:
-        return text_lm(TEXT_SMOKE, (0,), progress=False, use_cache=False)
-    finally:
-        torch.set_num_threads(threads)
+def smoke_payload(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text")
+    payload = run("text", smoke=True, out_dir=out, seeds=(0,), progress=False)
+    assert json.loads((out / "text.json").read_text()) == json.loads(json.dumps(payload))
+    return payload
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_payload):
+    return smoke_payload["results"]
+
+
+def test_registered_and_recorded(smoke_payload):
+    assert EXPERIMENTS["text"][0] == "text" and smoke_payload["experiment"] == "text"
+    assert smoke_payload["config"]["smoke"] is True and smoke_payload["config"]["corpus"]["max_bytes"]
+    assert smoke_payload["environment"]["device"] == "cpu" and smoke_payload["seeds"] == [0]
+    with pytest.raises(ValueError, match="text configuration"):
+        text_lm({"args": {}}, (0,))
+    with pytest.raises(ValueError, match="jobs"):
+        run("text", smoke=True, jobs=2)
 
 
 def _fake_stdlib(root):

@@ -36,6 +36,7 @@ import hashlib
 import math
 import sys
 import sysconfig
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -49,11 +50,11 @@ from ..mla import causal_mask
 from ..sparse_attention import DSAttention
 from ..topk import select_topk
 from ..train import TinyLM, dense_warmup, pretrain_dense, sparse_training, topk_recall
-from .common import SMOKE, Settings, UniformWeights, _cached, mean_std
+from .common import Settings, UniformWeights, _cached, mean_std, paired_difference, save_result
 
 __all__ = ["EXCLUDED_DIRS", "TEXT_CONFIG", "TEXT_SMOKE", "stdlib_root", "is_validation", "corpus_paths",
            "ByteCorpus", "load_corpus", "ByteStream", "MaskedDSAttention", "make_text_model", "validation_windows",
-           "evaluate_text", "text_lm"]
+           "evaluate_text", "text_lm", "QUESTION", "run"]
 
 VOCAB = 256  # bytes
 EXCLUDED_DIRS = ("test", "tests", "idle_test", "site-packages")
@@ -334,12 +335,9 @@ def _device_description(device) -> dict:
     return dict(device=str(device), name=name, dtype="float32 (no autocast)")
 
 
-def _text_config(config: dict) -> Settings:
-    """The text configuration to run: `config` itself when it is one (it has a corpus), else
-    TEXT_SMOKE for the shared smoke configuration (or any config marked smoke) and TEXT_CONFIG otherwise."""
-    if "corpus" in config:
-        return Settings(config)
-    return TEXT_SMOKE if (config is SMOKE or config.get("smoke")) else TEXT_CONFIG
+QUESTION = ("Real text: what does top-k selection cost a byte-level model of Python source, at k = 16 ... 256 "
+            "of 1024 bytes? Validation bits per byte dense against DSA, the attention mass the indexer recalls "
+            "per layer, learned against uniform w^I, and a short sparse stage.")
 
 
 def _base_model(config, corpus: ByteCorpus, seed: int, device, use_cache: bool, progress: bool):
@@ -381,10 +379,11 @@ def _warmed_model(config, corpus: ByteCorpus, base: TinyLM, seed: int, weights: 
 
 
 def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device="cpu") -> dict:
-    """Dense against DSA on real text (see the module docstring). `config`: a text configuration
-    (TEXT_CONFIG, TEXT_SMOKE), or the shared one `experiments.run` passes (its smoke version selects
-    TEXT_SMOKE). `device`: where the models train and run ("cpu", "cuda"). -> JSON-ready results."""
-    config = _text_config(config)
+    """Dense against DSA on real text (see the module docstring). `config`: TEXT_CONFIG, TEXT_SMOKE
+    or a variant of them; `device`: where the models train and run ("cpu", "cuda"). -> JSON-ready results."""
+    if "corpus" not in config:
+        raise ValueError("config must be a text configuration (TEXT_CONFIG, TEXT_SMOKE or a variant): "
+                         "it has no 'corpus'")
     device = torch.device(device)
     corpus = load_corpus(max_bytes=config["corpus"]["max_bytes"])
     ev = config["eval"]
@@ -412,20 +411,48 @@ def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device
     arms = list(per_seed[0]["eval"])
     keys = ["dense"] + [str(k) for k in topks]
     n_layers = config["n_layers"]
+    bits = lambda arm, key: [s["eval"][arm]["bits_per_byte"][key] for s in per_seed]  # noqa: E731
     summary = dict(
         untrained_bits_per_byte=mean_std([s["untrained"]["bits_per_byte"]["dense"] for s in per_seed]),
         bits_per_byte={arm: {key: mean_std([s["eval"][arm]["bits_per_byte"][key] for s in per_seed])
                              for key in keys} for arm in arms},
         bits_per_byte_second_half={arm: {key: mean_std([s["eval"][arm]["bits_per_byte_second_half"][key]
                                                         for s in per_seed]) for key in keys} for arm in arms},
-        # paired per seed: DSA at k minus dense attention, same model and windows
-        excess_bits_per_byte={arm: {str(k): mean_std([s["eval"][arm]["bits_per_byte"][str(k)]
-                                                      - s["eval"][arm]["bits_per_byte"]["dense"] for s in per_seed])
-                                    for k in topks} for arm in arms},
+        # paired per seed: DSA at k minus dense attention, same model and windows (t-interval over seeds)
+        excess_bits_per_byte={arm: {str(k): paired_difference(bits(arm, str(k)), bits(arm, "dense")) for k in topks}
+                              for arm in arms},
+        # paired per seed: uniform w^I minus learned w^I at each k, same dense model, warm-up data and windows
+        uniform_minus_learned={str(k): paired_difference(bits("uniform", str(k)), bits("learned", str(k)))
+                               for k in topks},
         recall={arm: {str(k): [mean_std([s["eval"][arm]["recall"][str(k)][layer] for s in per_seed])
                                for layer in range(n_layers)] for k in topks} for arm in arms},
         final_warmup_kl={w: mean_std([s["warmup"][w]["metrics"]["kl"][-1] for s in per_seed])
                          for w in ("learned", "uniform")},
     )
-    return dict(text_config=dict(config), corpus=corpus.description, device=_device_description(device),
+    return dict(corpus=corpus.description, device=_device_description(device),
                 topks=topks, arms=arms, per_seed=per_seed, summary=summary)
+
+
+def run(name: str = "text", *, smoke: bool = False, out_dir=None, seeds=(0, 1, 2), progress: bool = True,
+        use_cache: bool = True, device: str = "cpu", jobs: int = 1) -> dict:
+    """The experiment at full size (TEXT_CONFIG) or smoke size (TEXT_SMOKE) on `device`; the JSON
+    payload of `common.save_result` (written to out_dir/text.json unless out_dir is None)."""
+    if name != "text":
+        raise ValueError(f"this module runs the experiment 'text', got {name!r}")
+    if jobs != 1:
+        raise ValueError(f"text runs its seeds in one process (jobs=1), got jobs={jobs}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    config = TEXT_SMOKE if smoke else TEXT_CONFIG
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["threads"])
+    try:
+        started = time.perf_counter()
+        results = text_lm(config, tuple(seeds), progress=progress, use_cache=use_cache and not smoke, device=device)
+        return save_result(name, QUESTION, dict(config, smoke=smoke), seeds, results, started, out_dir,
+                           device=str(device))
+    finally:
+        torch.set_num_threads(threads)
