@@ -160,5 +160,5 @@ def test_smoke_run_learns_and_reports_every_arm(smoke):
         assert all(a <= b + 1e-6 for small, large in zip(recall, recall[1:]) for a, b in zip(small, large))
     warmup = smoke["per_seed"][0]["warmup"]["learned"]["metrics"]
     assert warmup["kl"][-1] < warmup["kl"][0]
-    assert smoke["corpus"]["python"] and smoke["device"]["device"] == "cpu"
+    assert smoke["corpus"]["python"] and smoke["corpus"]["train_bytes_used"] == TEXT_SMOKE["corpus"]["max_bytes"]
     assert json.loads(json.dumps(smoke)) == smoke

@@ -329,12 +329,6 @@ def evaluate_text(model: TinyLM, windows: torch.Tensor, topks, batch: int) -> di
 
 # ----------------------------------------------------------------------------- the experiment
 
-def _device_description(device) -> dict:
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(device=str(device), name=name, dtype="float32 (no autocast)")
-
-
 QUESTION = ("Real text: what does top-k selection cost a byte-level model of Python source, at k = 16 ... 256 "
             "of 1024 bytes? Validation bits per byte dense against DSA, the attention mass the indexer recalls "
             "per layer, learned against uniform w^I, and a short sparse stage.")
@@ -429,7 +423,7 @@ def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device
         final_warmup_kl={w: mean_std([s["warmup"][w]["metrics"]["kl"][-1] for s in per_seed])
                          for w in ("learned", "uniform")},
     )
-    return dict(corpus=corpus.description, device=_device_description(device),
+    return dict(corpus=corpus.description, precision="float32 throughout (no autocast)",
                 topks=topks, arms=arms, per_seed=per_seed, summary=summary)
 
 
