@@ -16,6 +16,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--no-cache", action="store_true", help="retrain every model instead of loading it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the retrieval_* experiments; default cpu)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (the retrieval_* "
+                                                            "experiments; default 1)")
     args = parser.parse_args(argv)
     if args.names == ["list"]:
         for name, (_, question) in EXPERIMENTS.items():
@@ -27,7 +30,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
     for name in names:
         payload = run(name, smoke=args.smoke, out_dir=args.out, seeds=args.seeds, progress=not args.no_progress,
-                      use_cache=not args.no_cache)
+                      use_cache=not args.no_cache, device=args.device, jobs=args.jobs)
         where = "not written" if payload.get("_path") is None and args.smoke and args.out == "default" else "written"
         print(f"{name}: {payload['seconds']} s ({where})", file=sys.stderr)
     return 0
