@@ -1054,7 +1054,8 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         if (tile > first) {  // P V of the tile before is complete: its buffer goes back to the producer
             wgmma_wait<1>();
             fence_operands(o);
-            if (lane == 0) mbarrier_arrive(empty_bar + 8 * (b ^ 1));  // (wgmma_wait is warp-wide: the warp's done)
+            __syncwarp();  // every lane's reads of the buffer's flags before lane 0 releases it (racecheck)
+            if (lane == 0) mbarrier_arrive(empty_bar + 8 * (b ^ 1));
         }
         wgmma_wait<0>();  // S of this tile
         fence_operands(acc);
