@@ -178,6 +178,9 @@ def mha_vs_mla(config, seeds, progress=True, use_cache=True, device="cpu") -> di
     * every seed is reported and summarised: no seed is left out. Secondary, also fixed now: the same
       summary over the seeds whose dense models of both kinds reach SOLVED (0.9) accuracy at the
       training length (None when fewer than 3 seeds qualify).
+
+    `device`: where the sparse stage and the evaluations run (the cached pre-training and warm-up run
+    on the CPU); the models move there, and the training loops must put each batch on the model's device.
     """
     lengths, topks = _lengths(config, (64, 256, 1024)), (None, 2, 8, 32)
     train_length = config["pretrain"]["length"]
