@@ -16,6 +16,7 @@ from dsa_tutorial.sparse_attention import DSAttention
 
 DATA = Path(__file__).parent / "data" / "retrieval_smoke"
 TASK = R.LongRetrieval()
+TASK_LENGTHS = tuple(R.RETRIEVAL["lengths"])  # the lengths the experiments evaluate
 
 
 def _records(task, tokens):
@@ -30,14 +31,14 @@ def _records(task, tokens):
 def test_records_grow_with_length_at_a_fixed_density():
     generator = torch.Generator().manual_seed(0)
     counts = []
-    for length in (256, 512, 1024):
+    for length in TASK_LENGTHS:
         tokens, _, _ = TASK.sample(4, length, generator)
         is_record, _, _ = _records(TASK, tokens)
         assert (is_record.sum(-1) == TASK.n_records(length)).all()
         counts.append(TASK.n_records(length))
         # one record per `density` context tokens, rounded down to whole groups
         assert TASK.n_records(length) > (length - 2 * TASK.n_queries) / TASK.density - TASK.group - 1
-    assert counts == sorted(counts) and counts[-1] >= 4 * counts[0]
+    assert counts == sorted(counts) and counts[-1] >= 2 * counts[0]
     with pytest.raises(ValueError, match="length"):
         TASK.sample(1, TASK.max_length() + 1, generator)
 
@@ -90,9 +91,9 @@ def test_token_features_link_records_queries_and_answers():
 
 def test_batches_are_the_same_on_any_device_and_for_any_arm():
     """A stream is fixed by its seed alone; the device only moves it."""
-    a = next(TASK.batches(2, 256, 7))
-    b = next(R.LongRetrieval(device="meta").batches(2, 256, 7))
-    assert b[0].device.type == "meta" and all(torch.equal(x, y) for x, y in zip(a, next(TASK.batches(2, 256, 7))))
+    a = next(TASK.batches(2, 512, 7))
+    b = next(R.LongRetrieval(device="meta").batches(2, 512, 7))
+    assert b[0].device.type == "meta" and all(torch.equal(x, y) for x, y in zip(a, next(TASK.batches(2, 512, 7))))
 
 
 # ----------------------------------------------------------------------------- the model

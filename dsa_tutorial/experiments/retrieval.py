@@ -6,9 +6,10 @@ selects the one the answer needs; accuracy then measures the main model, not sel
 `LongRetrieval` changes four things:
 
 * the records fill the context at a fixed density (one record per `density` tokens), so their
-  number grows with T: 4 at T = 256, 12 at T = 512, 28 at T = 1024;
+  number grows with T: 6 at T = 512, 10 at T = 768, 14 at T = 1024;
 * keys have two parts, (prefix, suffix), and come in groups of `group` records that share a
-  prefix: every asked key has `group` - 1 near misses, records that match half of it;
+  prefix: every asked key has `group` - 1 near misses (1 by default), records that match half
+  of it;
 * two query types, half of the queries each: "value of key" (a query naming (prefix, suffix),
   answered by that record's value) and "key of value" (a query naming a value, answered by the
   key of the record that holds it; values are distinct within a sequence);
@@ -82,8 +83,8 @@ class LongRetrieval:
     n_suffixes: int = 4
     n_values: int = 32
     n_fillers: int = 16
-    density: int = 32
-    group: int = 4
+    density: int = 64
+    group: int = 2
     n_queries: int = 4
     device: str = field(default="cpu", compare=False)
 
@@ -288,14 +289,14 @@ RETRIEVAL = Settings(
     task=LongRetrieval().settings(),
     n_layers=1,
     # dense pre-training in three phases, a curriculum: short dense sequences first (8 records in 48
-    # tokens, then 12 in 128, 8 queries each: many answers per step), then the training length
-    # T = 1024 (28 records); keys other than steps, length, batch and lr override the task's sizes
+    # tokens, then 14 in 128, 8 queries each: many answers per step), then the training length
+    # T = 1024 (14 records); keys other than steps, length, batch and lr override the task's sizes
     pretrain=[dict(steps=5000, length=48, batch=16, lr=1e-2, density=4, n_queries=8),
               dict(steps=2000, length=128, batch=16, lr=3e-3, density=8, n_queries=8),
               dict(steps=1500, length=1024, batch=16, lr=1e-3)],
     warmup=dict(steps=400, length=1024, batch=16, lr=1e-3),
     eval=dict(sequences=256, batch=16, seed=12345),  # 256 sequences x 4 queries = 1024 answers a cell
-    lengths=[256, 512, 1024],
+    lengths=[512, 768, 1024],
     topks=[2, 4, 8, 16, 32, 64],
     threads=1,
 )
