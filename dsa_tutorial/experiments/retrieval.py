@@ -569,8 +569,9 @@ def retrieval_indexer_size(config, runs, device="cpu", jobs=1, progress=True, us
     for size in SIZES:
         name = _size_name(size)
         cells = per_run[0][name]["eval"]
+        indexer = make_model(config, 0, **size).layers[0].attn.indexer
         entry = dict(**size, name=name, flops_per_pair=2 * size["index_n_heads"] * size["index_head_dim"],
-                     parameters=sum(p.numel() for p in make_model(config, 0, **size).layers[0].attn.indexer.parameters()),
+                     parameters=sum(p.numel() for p in indexer.parameters()),
                      final_kl=_cell(per_run, lambda e: e[name]["final_kl"], lambda e: e[reference]["final_kl"]))
         for L, by_k in cells.items():
             for k in by_k:
