@@ -98,20 +98,21 @@ def test_batches_are_the_same_on_any_device_and_for_any_arm():
 
 # ----------------------------------------------------------------------------- the model
 
-def test_dense_shortcut_equals_dsattention():
+def test_the_masked_layer_equals_dsattention():
+    """The model's layer (common.MaskedDSAttention: dense attention, -inf outside S_t) against the book's
+    DSAttention, dense (k = T) and sparse (k = 8)."""
     config = R.RETRIEVAL_SMOKE
     model = R.make_model(config, 0)
     layer = model.layers[0].attn
     h = torch.randn(2, 48, layer.args.dim, generator=torch.Generator().manual_seed(3))
-    out, aux = layer(h, topk=None, return_aux=True)
-    ref, ref_aux = DSAttention.forward(layer, h, topk=48, return_aux=True)
-    # float32, the same products summed in another order (P c^KV over all s, or over the gathered
-    # k = T latents): rounding only, a few ulps of outputs of size ~1
-    assert_close(out, ref, atol=1e-6, rtol=1e-5, name="dense shortcut vs DSAttention")
-    assert torch.equal(aux["indices"], ref_aux["indices"])
-    assert torch.equal(aux["attn_probs"], ref_aux["attn_probs"])
-    # a sparse budget takes DSAttention's own path
-    assert torch.equal(layer(h, topk=8), DSAttention.forward(layer, h, topk=8))
+    for k in (48, 8):
+        out, aux = layer(h, topk=k, return_aux=True)
+        ref, ref_aux = DSAttention.forward(layer, h, topk=k, return_aux=True)
+        # float32, the same products summed in another order (P c^KV over all s, or over the gathered
+        # latents): rounding only, a few ulps of outputs of size ~1
+        assert_close(out, ref, atol=1e-6, rtol=1e-5, name=f"masked layer vs DSAttention, k = {k}")
+        assert torch.equal(aux["indices"], ref_aux["indices"])
+        assert torch.equal(aux["attn_probs"], ref_aux["attn_probs"])
 
 
 def test_arms_train_on_the_same_data_in_the_same_order(monkeypatch, tmp_path):

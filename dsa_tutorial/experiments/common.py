@@ -31,11 +31,14 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs
+from ..causal import last_visible
+from ..mla import causal_mask
 from ..sparse_attention import DSAttention
+from ..topk import select_topk
 from ..train import KeyValueRetrieval, TinyLM, dense_warmup, pretrain_dense
 from .mha import MHADSAttention
 
-__all__ = ["CONFIG", "SEEDS", "SMOKE", "DATA_DIR", "UniformWeights", "make_model", "base_model", "warmed_model",
+__all__ = ["CONFIG", "SEEDS", "SMOKE", "DATA_DIR", "UniformWeights", "MaskedDSAttention", "make_model", "base_model", "warmed_model",
            "mean_std", "t_quantile", "paired_difference", "format_mean_std", "save_result", "environment",
            "Settings"]
 
@@ -86,6 +89,65 @@ class UniformWeights(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h.new_ones(*h.shape[:-1], self.n_heads)
+
+
+# ----------------------------------------------------------------------------- the layer for long training runs
+
+class MaskedDSAttention(DSAttention):
+    """`DSAttention` computed on whole sequences as dense attention with -inf outside S_t.
+
+    Same parameters, same index scores and top-k selection S_t, same aux (index_scores, indices,
+    attn_probs); the output softmax_s over S_t of score_t,s,i times c^KV_s, which is
+    `sparse_mla_attention` without gathering k latents per query ([B, T, n_h, S] scores instead of
+    [B, T, k, d_c] gathered latents and their scatter-add in the backward pass). With k >= S every
+    visible position is selected: S_t = {s <= t}, dense causal MLA. Prefill/training only (no cache).
+    """
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None, topk: int | None = None,
+                return_aux: bool = False, detach_indexer_input: bool = False):
+        if cache is not None:
+            raise ValueError("MaskedDSAttention scores whole sequences (no cache); decode with DSAttention")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        args, mla = self.args, self.mla
+        mla._check_h(h)
+        n_queries = h.shape[1]
+        if positions is None:
+            positions = torch.arange(n_queries, device=h.device)
+        c_q = mla.query_latent(h)  # [B, T, d_c']
+        q_nope, q_rope = mla.queries(c_q, positions)  # [B, T, n_h, d_h], [B, T, n_h, d_R]
+        c_kv, k_rope = mla.latents(h, positions)  # [B, S, d_c], [B, S, d_R]
+        h_idx, c_q_idx = (h.detach(), c_q.detach()) if detach_indexer_input else (h, c_q)
+        index_scores = self.indexer(h_idx, c_q_idx, positions, None)  # [B, T, S]
+        n_keys = c_kv.shape[1]
+        k = min(topk or args.index_topk, n_keys)
+        q_abs = mla.absorb_query(q_nope)  # [B, T, n_h, d_c]
+        scores = mla.latent_scores(q_abs, q_rope, c_kv, k_rope)  # [B, T, n_h, S]
+        scores = scores + causal_mask(n_queries, n_keys, h.device, scores.dtype)[:, None, :]
+        # the dense attention, per head, in float32 as DSAttention returns it (the warm-up's target)
+        attn_probs = torch.softmax(scores.float(), dim=-1)  # [B, T, n_h, S]
+        work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # as sparse_mla_attention
+        if k >= n_keys:
+            # every visible position, ascending, -1 after t (what select_topk returns at k = S): [B, T, S]
+            visible = torch.arange(n_keys, device=h.device)
+            indices = torch.where(visible <= last_visible(n_queries, n_keys, h.device)[:, None], visible, -1)
+            indices = indices.to(torch.int32).expand(h.shape[0], -1, -1)
+            probs = attn_probs if work == torch.float32 else torch.softmax(scores, dim=-1)
+        else:
+            # S_t = Top-k(I_t,:) among s <= t: [B, T, k]
+            indices = select_topk(index_scores.detach().float(), k)
+            # True on S_t; unused slots (-1) write into an extra column S, dropped: [B, T, S]
+            slots = torch.where(indices >= 0, indices, n_keys).long()
+            keep = index_scores.new_zeros(*index_scores.shape[:-1], n_keys + 1, dtype=torch.bool)
+            keep = keep.scatter_(-1, slots, True)[..., :n_keys]
+            # softmax over S_t only: [B, T, n_h, S], 0 outside S_t
+            probs = torch.softmax(scores.to(work).masked_fill(~keep[:, :, None, :], float("-inf")), dim=-1)
+        # o^lat_t,i = sum_{s in S_t} p_t,s,i c^KV_s: [B, T, n_h, d_c]
+        o_latent = torch.einsum("bths,bsc->bthc", probs, c_kv.to(work)).to(h.dtype)
+        out = mla.latent_output(o_latent)  # [B, T, dim]
+        if not return_aux:
+            return out
+        return out, {"index_scores": index_scores, "indices": indices, "attn_probs": attn_probs}
 
 
 def make_model(kind: str, config: dict, seed: int, weights: str = "learned", **index_overrides) -> TinyLM:

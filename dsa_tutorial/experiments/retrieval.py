@@ -31,10 +31,10 @@ t-interval (`common.paired_difference`). Per cell: answer accuracy (both query t
 the hit rate (the share of answers whose selected set S_t holds the record the answer needs)
 and the attention mass S_t recalls at the answers (`train.topk_recall`).
 
-`RetrievalDSAttention` is `DSAttention` with a shortcut for dense calls (k >= T): softmax over
-all visible positions times the latents, instead of gathering T latents per query. The result
-is the same (the tests compare the two), without the [B, T, T, d_c] tensor of gathered latents,
-so that a training step at T = 1024 takes milliseconds on a GPU.
+The model's layer is `common.MaskedDSAttention`: `DSAttention` computed as dense attention with -inf
+outside S_t (dense calls: every visible position), instead of gathering k latents per query. The
+result is the same (the tests compare the two), without the [B, T, k, d_c] tensor of gathered
+latents, so that a training step at T = 1024 takes milliseconds on a GPU.
 
 Runs take a device ("cpu" or "cuda") and may run in parallel processes (`jobs`, one run each).
 """
@@ -50,12 +50,10 @@ import torch
 
 from ..checks import check_tensor
 from ..config import ModelArgs
-from ..mla import causal_mask
-from ..sparse_attention import DSAttention
 from ..train import TinyLM, dense_warmup, pretrain_dense, progress_bar, topk_recall
-from .common import Settings, UniformWeights, _cached, mean_std, model_args, paired_difference
+from .common import MaskedDSAttention, Settings, UniformWeights, _cached, mean_std, model_args, paired_difference
 
-__all__ = ["LongRetrieval", "RetrievalDSAttention", "needed_positions", "query_kinds", "make_model",
+__all__ = ["LongRetrieval", "needed_positions", "query_kinds", "make_model",
            "pretrained", "warmed", "evaluate", "RETRIEVAL", "RETRIEVAL_SMOKE", "EXPERIMENTS", "retrieval_weights",
            "retrieval_topk_length", "retrieval_indexer_size", "batch_digest"]
 
@@ -245,38 +243,6 @@ def batch_digest(tokens: torch.Tensor) -> str:
 
 # ----------------------------------------------------------------------------- the model
 
-class RetrievalDSAttention(DSAttention):
-    """`DSAttention` with a shortcut for dense calls (k >= T, no cache): the causal softmax of the
-    latent scores times the latents, o^lat = P c^KV, rather than gathering all T latents for each
-    query. The same parameters and the same result (up to rounding); aux as DSAttention's, with
-    indices [B, T, S] = every visible position (-1 after t). Sparse calls are DSAttention's own."""
-
-    def forward(self, h, positions=None, cache=None, topk=None, return_aux=False, detach_indexer_input=False):
-        n_tokens = h.shape[1]
-        if cache is not None or (topk is not None and topk < n_tokens):
-            return super().forward(h, positions, cache, topk, return_aux, detach_indexer_input)
-        mla = self.mla
-        mla._check_h(h)
-        if positions is None:
-            positions = torch.arange(n_tokens, device=h.device)
-        c_q = mla.query_latent(h)  # [B, T, d_c']
-        q_nope, q_rope = mla.queries(c_q, positions)  # [B, T, n_h, d_h], [B, T, n_h, d_R]
-        c_kv, k_rope = mla.latents(h, positions)  # [B, T, d_c], [B, T, d_R]
-        h_idx, c_q_idx = (h.detach(), c_q.detach()) if detach_indexer_input else (h, c_q)
-        index_scores = self.indexer(h_idx, c_q_idx, positions, None)  # [B, T, S]
-        q_abs = mla.absorb_query(q_nope)  # [B, T, n_h, d_c]
-        scores = mla.latent_scores(q_abs, q_rope, c_kv, k_rope)  # [B, T, n_h, S]
-        mask = causal_mask(n_tokens, n_tokens, h.device, scores.dtype)  # [T, S]
-        attn_probs = torch.softmax((scores + mask[:, None, :]).float(), dim=-1)  # [B, T, n_h, S]
-        # o^lat_t,i = sum_s P_t,i,s c^KV_s: [B, T, n_h, d_c]
-        out = mla.latent_output(torch.einsum("bths,bsc->bthc", attn_probs, c_kv.float()).to(h.dtype))
-        if not return_aux:
-            return out
-        s = torch.arange(n_tokens, device=h.device, dtype=torch.int32)
-        indices = torch.where(s <= s[:, None], s, -1).expand(h.shape[0], -1, -1)  # [B, T, S]
-        return out, {"index_scores": index_scores, "indices": indices, "attn_probs": attn_probs}
-
-
 # ----------------------------------------------------------------------------- configuration and models
 
 def _args(max_seq_len: int) -> dict:
@@ -324,14 +290,14 @@ def task_of(config: dict, device: str = "cpu") -> LongRetrieval:
 
 
 def make_model(config: dict, init: int, weights: str = "learned", device: str = "cpu", **index_overrides) -> TinyLM:
-    """A freshly initialised one-layer TinyLM around `RetrievalDSAttention`, initialised on the CPU
+    """A freshly initialised one-layer TinyLM around `common.MaskedDSAttention`, initialised on the CPU
     from `init` (the same numbers on every device), then moved to `device`."""
     if weights not in ("learned", "uniform"):
         raise ValueError(f"weights must be 'learned' or 'uniform', got {weights!r}")
     task = task_of(config)
     args = model_args(config, **index_overrides)
     torch.manual_seed(init)
-    model = TinyLM(args, task.vocab_size, config["n_layers"], RetrievalDSAttention, task.token_features())
+    model = TinyLM(args, task.vocab_size, config["n_layers"], MaskedDSAttention, task.token_features())
     if weights == "uniform":
         for layer in model.layers:
             layer.attn.indexer.weights_proj = UniformWeights(args.index_n_heads)
