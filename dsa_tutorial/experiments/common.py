@@ -40,6 +40,7 @@ from .mha import MHADSAttention
 
 __all__ = ["CONFIG", "SEEDS", "SMOKE", "DATA_DIR", "UniformWeights", "MaskedDSAttention", "make_model", "base_model", "warmed_model",
            "mean_std", "t_quantile", "paired_difference", "format_mean_std", "save_result", "environment",
+           "training_device",
            "Settings"]
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "book" / "data"
@@ -292,6 +293,17 @@ def format_mean_std(mean: float, std: float) -> str:
         place += 1
     decimals = max(0, -place)
     return f"{round(mean, -place):.{decimals}f} +- {round(std, -place):.{decimals}f}"
+
+
+def training_device(device) -> torch.device:
+    """The device an experiment trains on: "cpu" or "cuda" (a clear error for anything else, or for
+    "cuda" where torch sees no GPU)."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return device
 
 
 def environment(device: str = "cpu") -> dict:

@@ -563,15 +563,11 @@ def run(name: str, *, smoke: bool = False, out_dir=None, runs=(0, 1, 2, 3, 4), p
         use_cache: bool = True, device: str = "cpu", jobs: int = 1) -> dict:
     """One experiment of EXPERIMENTS at full size (RETRIEVAL) or smoke size (RETRIEVAL_SMOKE); the
     JSON payload of `common.save_result` (written to out_dir/NAME.json unless out_dir is None)."""
-    from .common import save_result
+    from .common import save_result, training_device
 
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown retrieval experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    device = training_device(device)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     config = RETRIEVAL_SMOKE if smoke else RETRIEVAL

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from ..config import ModelArgs
 from ..topk import select_topk
 from ..train import TinyLM, dense_warmup, pretrain_dense, sparse_training, topk_recall
-from .common import MaskedDSAttention, Settings, UniformWeights, _cached, mean_std, paired_difference, save_result
+from .common import (MaskedDSAttention, Settings, UniformWeights, _cached, mean_std, paired_difference, save_result,
+                     training_device)
 
 __all__ = ["EXCLUDED_DIRS", "TEXT_CONFIG", "TEXT_SMOKE", "stdlib_root", "is_validation", "corpus_paths",
            "ByteCorpus", "load_corpus", "ByteStream", "MaskedDSAttention", "make_text_model", "validation_windows",
@@ -384,11 +385,7 @@ def run(name: str = "text", *, smoke: bool = False, out_dir=None, seeds=(0, 1, 2
         raise ValueError(f"this module runs the experiment 'text', got {name!r}")
     if jobs != 1:
         raise ValueError(f"text runs its seeds in one process (jobs=1), got jobs={jobs}")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    device = training_device(device)
     config = TEXT_SMOKE if smoke else TEXT_CONFIG
     threads = torch.get_num_threads()
     torch.set_num_threads(config["threads"])
