@@ -1,4 +1,5 @@
-"""The experiments of chapter 9: every one runs at smoke size, and the stored results are whole."""
+"""The experiments of chapter 9: every one runs at smoke size and matches its stored smoke result, and
+the stored full results are whole."""
 from __future__ import annotations
 
 import json
@@ -9,34 +10,68 @@ import torch
 
 from dsa_tutorial.experiments import EXPERIMENTS, run
 from dsa_tutorial.experiments.__main__ import main
-from dsa_tutorial.experiments.common import DATA_DIR, SMOKE, UniformWeights, make_model, mean_std
+from dsa_tutorial.experiments.common import DATA_DIR, SMOKE, UniformWeights, eval_batch, make_model, mean_std
 from dsa_tutorial.experiments.leak import RepeatedSequence, half_accuracies
+from smoke_results import EXPERIMENT_SEEDS, EXPERIMENTS_SMOKE_DIR, compare_smoke, stored_smoke
 
 FAST = ["warmup", "weights", "mha_vs_mla", "topk_length", "leak", "selectors"]
 
+# The smallest accuracy cell of each smoke run, in answers (tests/smoke_results.py: an accuracy may
+# move by two of them). The key-value experiments score 4 queries a sequence and give the longest
+# length (256 at smoke size) the fewest sequences; leak scores next tokens of 64 sequences of length
+# 32, and its smallest half (the first) has 15 answers a sequence.
+KV_ANSWERS = eval_batch(SMOKE, SMOKE["args"]["max_seq_len"])["batch"] * SMOKE["eval"]["batches"] * \
+    SMOKE["task"]["n_queries"]
+ANSWERS = {**dict.fromkeys(EXPERIMENTS, KV_ANSWERS), "leak": 64 * (32 // 2 - 1), "cost": None}
+# cost times the reference functions on this CPU: its timings (seconds per call, by function) are the
+# machine's and are left out; its FLOP counts, lengths and sizes are compared exactly
+COST_TIMINGS = frozenset({"index_scores", "select_topk", "dense_mla", "sparse_mla"})
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """name -> the payload of its smoke run (seeds EXPERIMENT_SEEDS), run once for every test of this module
+    and written to a temporary folder, as a full run writes book/data."""
+    out, payloads = tmp_path_factory.mktemp("smoke"), {}
+
+    def smoke(name):
+        if name not in payloads:
+            payloads[name] = run(name, smoke=True, out_dir=out, seeds=EXPERIMENT_SEEDS, progress=False)
+        return payloads[name], json.loads((out / f"{name}.json").read_text())
+    return smoke
+
+
+def _check_smoke_run(name, smoke_runs):
+    payload, written = smoke_runs(name)
+    assert written["experiment"] == name and written["seeds"] == list(EXPERIMENT_SEEDS)
+    assert written["config"]["smoke"] is True
+    assert written["command"] == f"python -m dsa_tutorial.experiments {name}"
+    assert {"torch", "python", "torch_threads"} <= set(written["environment"])
+    assert written["results"] == json.loads(json.dumps(payload["results"]))
+    compare_smoke(written, stored_smoke(EXPERIMENTS_SMOKE_DIR, name), answers=ANSWERS[name],
+                  skip=COST_TIMINGS if name == "cost" else frozenset())
+
 
 @pytest.mark.parametrize("name", FAST)
-def test_smoke_run_writes_a_complete_result(name, tmp_path):
-    payload = run(name, smoke=True, out_dir=tmp_path, seeds=(0,), progress=False)
-    stored = json.loads((tmp_path / f"{name}.json").read_text())
-    assert stored["experiment"] == name and stored["seeds"] == [0] and stored["config"]["smoke"] is True
-    assert stored["command"] == f"python -m dsa_tutorial.experiments {name}"
-    assert {"torch", "python", "torch_threads"} <= set(stored["environment"])
-    assert stored["results"] == json.loads(json.dumps(payload["results"]))
+def test_smoke_run_is_complete_and_matches_the_stored_one(name, smoke_runs):
+    _check_smoke_run(name, smoke_runs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cost", "indexer_size"])
-def test_slower_smoke_runs(name):
-    payload = run(name, smoke=True, out_dir=None, seeds=(0,), progress=False)
-    assert payload["results"]
+def test_slower_smoke_runs(name, smoke_runs):
+    _check_smoke_run(name, smoke_runs)
 
 
-def test_selectors_indexer_row_is_the_topk_length_evaluation():
+def test_every_experiment_has_a_stored_smoke_result():
+    assert set(FAST) | {"cost", "indexer_size"} == set(EXPERIMENTS)
+    assert sorted(p.stem for p in EXPERIMENTS_SMOKE_DIR.glob("*.json")) == sorted(EXPERIMENTS)
+
+
+def test_selectors_indexer_row_is_the_topk_length_evaluation(smoke_runs):
     """The selectors experiment's indexer, through its own layer, gives exactly what topk_length measures
     (same model, same sequences); the oracle recalls at least the indexer's mass; rates are rates."""
-    selectors = run("selectors", smoke=True, out_dir=None, seeds=(0,), progress=False)["results"]
-    lengths = run("topk_length", smoke=True, out_dir=None, seeds=(0,), progress=False)["results"]
+    selectors, lengths = smoke_runs("selectors")[0]["results"], smoke_runs("topk_length")[0]["results"]
     for L in selectors["lengths"]:
         grid, reference = selectors["per_seed"][0]["eval"][str(L)], lengths["per_seed"][0]["eval"][str(L)]
         assert grid["dense"]["accuracy"] == reference["dense"]["accuracy"]

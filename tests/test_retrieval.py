@@ -2,9 +2,7 @@
 statistics helpers of experiments.common they report with."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ from dsa_tutorial.compare import assert_close
 from dsa_tutorial.experiments import retrieval as R
 from dsa_tutorial.experiments.common import environment, format_mean_std, paired_difference, t_quantile
 from dsa_tutorial.sparse_attention import DSAttention
+from smoke_results import RETRIEVAL_RUNS, RETRIEVAL_SMOKE_DIR, compare_smoke, stored_smoke
 
-DATA = Path(__file__).parent / "data" / "retrieval_smoke"
 TASK = R.LongRetrieval()
 TASK_LENGTHS = tuple(R.RETRIEVAL["lengths"])  # the lengths the experiments evaluate
 
@@ -176,48 +174,20 @@ def test_environment_records_the_device():
 
 # ----------------------------------------------------------------------------- the smoke runs against stored ones
 
-# A smoke run is single-threaded CPU training from fixed initial weights and data, bit for bit the
-# same on one machine and torch build. Another CPU or torch version rounds matmuls differently
-# (about 1e-7 relative per operation), which a few dozen optimizer steps amplify to about 1e-4: the
-# continuous metrics (KL, recalled mass) must agree to rtol 1e-3, atol 1e-4. Accuracy and hit
-# rate count answers: a logit or index score near a tie may flip, so each may differ by at most
-# two answers of the cell (2 / 32 at smoke size). Checked: every value of every run, and the mean
-# of every summary cell (its std and interval are computed from those values by the helpers
-# tested above).
-CONTINUOUS = ("kl", "final_kl", "recall", "recall_answer", "warmup_kl")
+# The tolerance rules (tests/smoke_results.py, shared with the other experiments): continuous metrics
+# (KL, recalled mass) to rtol 1e-3, atol 1e-4; accuracy and hit rate within two answers of a cell (2 / 32
+# at smoke size); every value of every run, and the mean of every summary cell.
 SMOKE_ANSWERS = R.RETRIEVAL_SMOKE["eval"]["sequences"] * R.RETRIEVAL_SMOKE["task"]["n_queries"]
-
-
-def _compare(new, old, path=""):
-    leaf = path.rsplit("/", 1)[-1]
-    if leaf in ("std", "ci", "minus_reference", "values", "n", "confidence"):
-        return
-    if isinstance(old, dict):
-        assert set(new) == set(old), path
-        for key in old:
-            _compare(new[key], old[key], f"{path}/{key}")
-    elif isinstance(old, list):
-        assert len(new) == len(old), path
-        for i, (a, b) in enumerate(zip(new, old)):
-            _compare(a, b, f"{path}/{i}")
-    elif isinstance(old, float):
-        names = [part for part in path.split("/") if part and not part.isdigit()]
-        if any(name in CONTINUOUS or name.startswith(("recall_", "final_kl")) for name in names):
-            assert new == pytest.approx(old, rel=1e-3, abs=1e-4), path
-        else:  # a share of the cell's answers (or the mean of such shares)
-            assert new == pytest.approx(old, abs=2 / SMOKE_ANSWERS + 1e-9), path
-    else:
-        assert new == old, path
 
 
 @pytest.mark.parametrize("name", list(R.EXPERIMENTS))
 def test_smoke_run_matches_the_stored_one(name, monkeypatch, tmp_path):
     monkeypatch.setenv("DSA_TUTORIAL_CACHE", str(tmp_path))
-    stored = json.loads((DATA / f"{name}.json").read_text())
-    payload = R.run(name, smoke=True, runs=stored["seeds"], progress=False)
+    stored = stored_smoke(RETRIEVAL_SMOKE_DIR, name)
+    assert tuple(stored["seeds"]) == RETRIEVAL_RUNS
+    payload = R.run(name, smoke=True, runs=RETRIEVAL_RUNS, progress=False)
     assert payload["environment"]["device"] == "cpu" and payload["config"]["smoke"]
-    assert payload["config"] == stored["config"]
-    _compare(payload["results"], stored["results"])
+    compare_smoke(payload, stored, answers=SMOKE_ANSWERS)
 
 
 def test_device_and_jobs_are_checked_before_anything_runs():

@@ -13,6 +13,7 @@ from dsa_tutorial.experiments.text import (TEXT_SMOKE, ByteStream, MaskedDSAtten
                                            load_corpus, make_text_model, run, stdlib_root, text_lm,
                                            validation_windows)
 from dsa_tutorial.sparse_attention import DSAttention
+from smoke_results import EXPERIMENT_SEEDS, TEXT_SMOKE_DIR, compare_smoke, stored_smoke
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def corpus():
 @pytest.fixture(scope="module")
 def smoke_payload(tmp_path_factory):
     out = tmp_path_factory.mktemp("text")
-    payload = run("text", smoke=True, out_dir=out, seeds=(0,), progress=False)
+    payload = run("text", smoke=True, out_dir=out, seeds=EXPERIMENT_SEEDS, progress=False)
     assert json.loads((out / "text.json").read_text()) == json.loads(json.dumps(payload))
     return payload
 
@@ -41,6 +42,20 @@ def test_recorded(smoke_payload):
         text_lm({"args": {}}, (0,))
     with pytest.raises(ValueError, match="jobs"):
         run("text", smoke=True, jobs=2)
+
+
+def test_smoke_run_matches_the_stored_one(smoke_payload):
+    """tests/data/text_smoke/text.json within the tolerance rules of tests/smoke_results.py. The corpus is
+    this interpreter's standard library: another Python's is other data, and the comparison cannot apply."""
+    stored = stored_smoke(TEXT_SMOKE_DIR, "text")
+    corpus, stored_corpus = smoke_payload["results"]["corpus"], stored["results"]["corpus"]
+    digests = ("train_sha256", "valid_sha256")
+    if [corpus[d] for d in digests] != [stored_corpus[d] for d in digests]:
+        pytest.skip(f"the stored smoke result was trained on Python {stored_corpus['python']}'s standard library; "
+                    f"this is Python {corpus['python']}'s, other bytes")
+    # accuracies: next-byte accuracy over one training batch, batch x length answers
+    answers = TEXT_SMOKE["pretrain"]["batch"] * TEXT_SMOKE["pretrain"]["length"]
+    compare_smoke(smoke_payload, stored, answers=answers)
 
 
 def _fake_stdlib(root):
