@@ -840,7 +840,7 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 #define WS_FLAG_BYTES (2 * MMA_TILE * 4)             // used flags [2 buffers][64] i32
 #define WS_BARRIER_BYTES (4 * 8)                     // mbarriers full[2], empty[2]
 #define WS_FULL_ARRIVALS 4                           // a buffer is full when the 4 producer warps arrived
-#define WS_EMPTY_ARRIVALS 8                          // empty when the 8 consumer warps arrived
+#define WS_EMPTY_ARRIVALS 256                        // empty when the 256 consumer threads arrived
 // kernel 4's carve: Q, 2 bf16 buffers, P, the row exchange, the flags, the mbarriers: 230432 bytes
 #define WS_CARVE_BYTES (Q_SMEM_BYTES + 2 * KV_SMEM_BYTES + P_BYTES + WS_ROW_BYTES + WS_FLAG_BYTES + WS_BARRIER_BYTES)
 // what the launch asks for: the carve plus the slack to round the base up to WGMMA_SMEM_ALIGN: 231456 bytes
@@ -914,7 +914,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
     if (tid == 0) {
         for (int b = 0; b < 2; ++b) {
             mbarrier_init(full_bar + 8 * b, WS_FULL_ARRIVALS);    // one arrival a producer warp
-            mbarrier_init(empty_bar + 8 * b, WS_EMPTY_ARRIVALS);  // one arrival a consumer warp
+            mbarrier_init(empty_bar + 8 * b, WS_EMPTY_ARRIVALS);  // one arrival a consumer thread
         }
     }
     __syncthreads();  // the barriers are initialised before anybody uses them (the last block-wide barrier)
@@ -1054,8 +1054,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         if (tile > first) {  // P V of the tile before is complete: its buffer goes back to the producer
             wgmma_wait<1>();
             fence_operands(o);
-            __syncwarp();  // every lane's reads of the buffer's flags before lane 0 releases it (racecheck)
-            if (lane == 0) mbarrier_arrive(empty_bar + 8 * (b ^ 1));
+            mbarrier_arrive(empty_bar + 8 * (b ^ 1));  // (release) each thread after its own reads of the flags
         }
         wgmma_wait<0>();  // S of this tile
         fence_operands(acc);
