@@ -10,7 +10,7 @@ import torch
 
 from dsa_tutorial.config import ModelArgs
 from dsa_tutorial.experiments.text import (TEXT_SMOKE, ByteStream, MaskedDSAttention, corpus_paths, is_validation,
-                                           load_corpus, make_text_model, run, stdlib_root, text_lm,
+                                           load_corpus, make_text_model, merge, run, stdlib_root, text_lm,
                                            validation_windows)
 from dsa_tutorial.sparse_attention import DSAttention
 from smoke_results import EXPERIMENT_SEEDS, TEXT_SMOKE_DIR, compare_smoke, stored_smoke
@@ -41,7 +41,31 @@ def test_recorded(smoke_payload):
     with pytest.raises(ValueError, match="text configuration"):
         text_lm({"args": {}}, (0,))
     with pytest.raises(ValueError, match="jobs"):
-        run("text", smoke=True, jobs=2)
+        run("text", smoke=True, jobs=0)
+
+
+def test_seeds_in_parallel_processes_and_merged_runs(smoke_payload):
+    """Seeds run in spawned processes (jobs) give what one process gives, bit for bit (CPU, one thread);
+    a run of seed 1 merged with the stored run of seed 0 is the run of seeds (0, 1): per-seed entries in
+    order, the summary recomputed over both, where each came from recorded."""
+    def timeless(entry):  # each stage's wall time ("seconds") is the machine's, not the result's
+        return {key: {arm: {k: v for k, v in stage.items() if k != "seconds"} for arm, stage in value.items()}
+                if key == "warmup" else {k: v for k, v in value.items() if k != "seconds"}
+                if key in ("pretrain", "sparse") else value for key, value in entry.items()}
+
+    both = run("text", smoke=True, seeds=(0, 1), progress=False, jobs=2)
+    one = run("text", smoke=True, seeds=(1,), progress=False)
+    assert timeless(both["results"]["per_seed"][0]) == timeless(smoke_payload["results"]["per_seed"][0])
+    assert timeless(both["results"]["per_seed"][1]) == timeless(one["results"]["per_seed"][0])
+    merged = merge([one, smoke_payload])
+    assert merged["seeds"] == [0, 1]
+    assert [timeless(e) for e in merged["results"]["per_seed"]] == [timeless(e) for e in both["results"]["per_seed"]]
+    assert merged["results"]["summary"] == both["results"]["summary"]
+    assert [m["seeds"] for m in merged["merged_from"]] == [[1], [0]]
+    with pytest.raises(ValueError, match="disjoint seeds"):
+        merge([smoke_payload, smoke_payload])
+    with pytest.raises(ValueError, match="same config"):
+        merge([smoke_payload, dict(one, config=dict(one["config"], n_layers=3))])
 
 
 def test_smoke_run_matches_the_stored_one(smoke_payload):

@@ -61,7 +61,7 @@ from .common import (MaskedDSAttention, Settings, UniformWeights, _cached, mean_
 
 __all__ = ["EXCLUDED_DIRS", "TEXT_CONFIG", "TEXT_SMOKE", "stdlib_root", "is_validation", "corpus_paths",
            "ByteCorpus", "load_corpus", "ByteStream", "MaskedDSAttention", "make_text_model", "validation_windows",
-           "evaluate_text", "text_lm", "QUESTION", "run"]
+           "evaluate_text", "text_lm", "summarize", "merge", "QUESTION", "run"]
 
 VOCAB = 256  # bytes
 EXCLUDED_DIRS = ("test", "tests", "idle_test", "site-packages")
@@ -322,41 +322,47 @@ def _warmed_model(config, corpus: ByteCorpus, base: TinyLM, seed: int, weights: 
     return _cached(f"text-warmup-{weights}-seed{seed}", payload, build, use_cache)
 
 
-def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device="cpu") -> dict:
-    """Dense against DSA on real text (see the module docstring). `config`: TEXT_CONFIG, TEXT_SMOKE
-    or a variant of them; `device`: where the models train and run ("cpu", "cuda"). -> JSON-ready results."""
-    if "corpus" not in config:
-        raise ValueError("config must be a text configuration (TEXT_CONFIG, TEXT_SMOKE or a variant): "
-                         "it has no 'corpus'")
+def _seed_run(config, seed: int, device, use_cache: bool, progress: bool) -> dict:
+    """Every stage and evaluation of one seed (see the module docstring). -> the seed's JSON-ready entry"""
     device = torch.device(device)
     corpus = load_corpus(max_bytes=config["corpus"]["max_bytes"])
     ev = config["eval"]
     windows = validation_windows(corpus.valid, ev["length"], ev["windows"])
     topks = [k for k in config["topks"] if k < ev["length"]]
     evaluate = lambda model: evaluate_text(model, windows, topks, ev["batch"])  # noqa: E731
-    per_seed = []
-    for seed in seeds:
-        untrained = evaluate(make_text_model(config, seed, device=device))
-        base, base_history = _base_model(config, corpus, seed, device, use_cache, progress)
-        entry = dict(seed=seed, pretrain=base_history, untrained=untrained, warmup={}, eval={})
-        warmed = {}
-        for weights in ("learned", "uniform"):
-            warmed[weights], entry["warmup"][weights] = _warmed_model(config, corpus, base, seed, weights, device,
-                                                                      use_cache, progress)
-            entry["eval"][weights] = evaluate(warmed[weights])
-        if config["sparse"]["steps"] > 0:
-            # stage 2 from the learned-w^I model (a copy: the warmed model stays as cached)
-            sparse = copy.deepcopy(warmed["learned"])
-            entry["sparse"] = sparse_training(
-                sparse, ByteStream(corpus.train, str(device)), seed=200 + seed, progress=progress,
-                log_every=max(1, config["sparse"]["steps"] // 20), **config["sparse"]).as_dict()
-            entry["eval"]["sparse"] = evaluate(sparse)
-        per_seed.append(entry)
+    untrained = evaluate(make_text_model(config, seed, device=device))
+    base, base_history = _base_model(config, corpus, seed, device, use_cache, progress)
+    entry = dict(seed=seed, pretrain=base_history, untrained=untrained, warmup={}, eval={})
+    warmed = {}
+    for weights in ("learned", "uniform"):
+        warmed[weights], entry["warmup"][weights] = _warmed_model(config, corpus, base, seed, weights, device,
+                                                                  use_cache, progress)
+        entry["eval"][weights] = evaluate(warmed[weights])
+    if config["sparse"]["steps"] > 0:
+        # stage 2 from the learned-w^I model (a copy: the warmed model stays as cached)
+        sparse = copy.deepcopy(warmed["learned"])
+        entry["sparse"] = sparse_training(
+            sparse, ByteStream(corpus.train, str(device)), seed=200 + seed, progress=progress,
+            log_every=max(1, config["sparse"]["steps"] // 20), **config["sparse"]).as_dict()
+        entry["eval"]["sparse"] = evaluate(sparse)
+    return entry
+
+
+def _one_seed(job) -> dict:
+    """One seed in a worker process: (config, seed, device, use_cache, threads)."""
+    config, seed, device, use_cache, threads = job
+    torch.set_num_threads(threads)
+    return _seed_run(config, seed, device, use_cache, False)
+
+
+def summarize(config, per_seed: list[dict]) -> dict:
+    """Mean and std over the seeds, and the paired differences, from the per-seed entries."""
+    topks = [k for k in config["topks"] if k < config["eval"]["length"]]
     arms = list(per_seed[0]["eval"])
     keys = ["dense"] + [str(k) for k in topks]
     n_layers = config["n_layers"]
     bits = lambda arm, key: [s["eval"][arm]["bits_per_byte"][key] for s in per_seed]  # noqa: E731
-    summary = dict(
+    return dict(
         untrained_bits_per_byte=mean_std([s["untrained"]["bits_per_byte"]["dense"] for s in per_seed]),
         bits_per_byte={arm: {key: mean_std([s["eval"][arm]["bits_per_byte"][key] for s in per_seed])
                              for key in keys} for arm in arms},
@@ -373,8 +379,50 @@ def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device
         final_warmup_kl={w: mean_std([s["warmup"][w]["metrics"]["kl"][-1] for s in per_seed])
                          for w in ("learned", "uniform")},
     )
+
+
+def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device="cpu", jobs: int = 1) -> dict:
+    """Dense against DSA on real text (see the module docstring). `config`: TEXT_CONFIG, TEXT_SMOKE
+    or a variant of them; `device`: where the models train and run ("cpu", "cuda"); `jobs` > 1 runs
+    the seeds in that many spawned processes. -> JSON-ready results."""
+    if "corpus" not in config:
+        raise ValueError("config must be a text configuration (TEXT_CONFIG, TEXT_SMOKE or a variant): "
+                         "it has no 'corpus'")
+    if jobs <= 1 or len(seeds) == 1:
+        per_seed = [_seed_run(config, seed, device, use_cache, progress) for seed in seeds]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        work = [(dict(config), seed, str(device), use_cache, config["threads"]) for seed in seeds]
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(seeds)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_seed = list(pool.map(_one_seed, work))
+    corpus = load_corpus(max_bytes=config["corpus"]["max_bytes"])
     return dict(corpus=corpus.description, precision="float32 throughout (no autocast)",
-                topks=topks, arms=arms, per_seed=per_seed, summary=summary)
+                topks=[k for k in config["topks"] if k < config["eval"]["length"]], arms=list(per_seed[0]["eval"]),
+                per_seed=per_seed, summary=summarize(config, per_seed))
+
+
+def merge(payloads: list[dict]) -> dict:
+    """One payload from stored runs of disjoint seeds with the same configuration and corpus (seeds
+    added to a stored run later): the per-seed entries in seed order, the summary recomputed, and
+    where each seed came from (`merged_from`: the seeds, environment and wall time of each run)."""
+    first = payloads[0]
+    for other in payloads[1:]:
+        for key in ("experiment", "question", "config"):
+            if other[key] != first[key]:
+                raise ValueError(f"runs to merge must have the same {key}")
+        if other["results"]["corpus"] != first["results"]["corpus"]:
+            raise ValueError("runs to merge must have read the same corpus (same Python standard library)")
+    seeds = [seed for p in payloads for seed in p["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs to merge must have disjoint seeds, got {seeds}")
+    per_seed = sorted((entry for p in payloads for entry in p["results"]["per_seed"]), key=lambda e: e["seed"])
+    results = dict(first["results"], per_seed=per_seed, summary=summarize(first["config"], per_seed))
+    return dict(first, seeds=sorted(seeds), seconds=round(sum(p["seconds"] for p in payloads), 1), results=results,
+                merged_from=[dict(seeds=p["seeds"], environment=p["environment"], seconds=p["seconds"])
+                             for p in payloads])
 
 
 def run(name: str = "text", *, smoke: bool = False, out_dir=None, seeds=(0, 1, 2), progress: bool = True,
@@ -383,15 +431,16 @@ def run(name: str = "text", *, smoke: bool = False, out_dir=None, seeds=(0, 1, 2
     payload of `common.save_result` (written to out_dir/text.json unless out_dir is None)."""
     if name != "text":
         raise ValueError(f"this module runs the experiment 'text', got {name!r}")
-    if jobs != 1:
-        raise ValueError(f"text runs its seeds in one process (jobs=1), got jobs={jobs}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     device = training_device(device)
     config = TEXT_SMOKE if smoke else TEXT_CONFIG
     threads = torch.get_num_threads()
     torch.set_num_threads(config["threads"])
     try:
         started = time.perf_counter()
-        results = text_lm(config, tuple(seeds), progress=progress, use_cache=use_cache and not smoke, device=device)
+        results = text_lm(config, tuple(seeds), progress=progress, use_cache=use_cache and not smoke, device=device,
+                          jobs=jobs)
         return save_result(name, QUESTION, dict(config, smoke=smoke), seeds, results, started, out_dir,
                            device=str(device))
     finally:
