@@ -18,10 +18,11 @@ versions and wall time):
                  near-miss keys and two query types, trained at T = 1024 (experiments/retrieval.py; 5 paired
                  runs, --device cuda --jobs 5 for the full run)
     text         a byte-level model on the Python standard library: validation bits per byte, dense against DSA
-                 at k = 16 ... 256 (experiments/text.py; --device cuda for the full run)
+                 at k = 16 ... 256 (experiments/text.py; 5 seeds, --device cuda --jobs 5 for the full run)
 
-`python -m dsa_tutorial.experiments all` runs them in this order (about 15 minutes on two
-shared CPU cores; trained models are cached, see `common`). `--smoke` runs the same code at a size
+`python -m dsa_tutorial.experiments all` runs them in this order (the first eight in about 15 minutes
+on two shared CPU cores; the GPU_SIZED four only with --device cuda; trained models are cached, see
+`common`). `--smoke` runs the same code at a size
 of seconds and writes nothing unless `--out` is given. Importing this package computes nothing.
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["EXPERIMENTS", "DEFAULT_SEEDS", "run"]
+from . import retrieval as _retrieval, text as _text
+
+__all__ = ["EXPERIMENTS", "GPU_SIZED", "DEFAULT_SEEDS", "run"]
 
 # name -> (function name in runs, the question it answers)
 EXPERIMENTS = {
@@ -44,13 +47,18 @@ EXPERIMENTS = {
     "leak": ("leak", "What does top-k without re-applying the causal mask do to the metric?"),
     "selectors": ("selector_comparison", "What does the indexer buy over simpler selectors at the same k? The "
                                          "oracle, a sliding window, sinks + window, random and block top-k."),
+    # the GPU-sized experiments: each module holds its questions (recorded in its results)
+    **{name: ("retrieval", question) for name, (_, question) in _retrieval.EXPERIMENTS.items()},
+    "text": ("text", _text.QUESTION),
 }
+# made for one GPU (--device cuda): a day or more each on two CPU cores; every other experiment runs on the CPU
+GPU_SIZED = (*_retrieval.EXPERIMENTS, "text")
 
 
 # seeds per experiment (default 0, 1, 2); mha_vs_mla and leak report paired differences between their arms
 # over 5 seeds, every seed counted (see runs.mha_vs_mla, runs.leak)
 DEFAULT_SEEDS = {"mha_vs_mla": (0, 1, 2, 3, 4), "leak": (0, 1, 2, 3, 4),
-                 **dict.fromkeys(("retrieval_weights", "retrieval_topk_length", "retrieval_indexer_size"),
+                 **dict.fromkeys(("retrieval_weights", "retrieval_topk_length", "retrieval_indexer_size", "text"),
                                  (0, 1, 2, 3, 4))}
 
 
@@ -58,7 +66,7 @@ def run(name: str, *, smoke: bool = False, out_dir: Path | str | None = "default
         progress: bool = True, use_cache: bool = True, device: str = "cpu", jobs: int = 1) -> dict:
     """Run one experiment; return its JSON payload and write it to out_dir/NAME.json
     (default book/data for full runs, nothing for smoke runs; None writes nothing). `device` and
-    `jobs` (runs in parallel processes) apply to the retrieval_* experiments; the others run on the CPU."""
+    `jobs` (runs in parallel processes) apply to the GPU_SIZED experiments; the others run on the CPU."""
     import torch
 
     from . import runs
@@ -81,8 +89,8 @@ def run(name: str, *, smoke: bool = False, out_dir: Path | str | None = "default
         return text.run(name, smoke=smoke, out_dir=out_dir, seeds=seeds, progress=progress, use_cache=use_cache,
                         device=device, jobs=jobs)
     if torch.device(device).type != "cpu" or jobs != 1:
-        raise ValueError(f"{name} runs on the CPU in one process; device and jobs apply to the retrieval_* "
-                         f"experiments, got device={device!r}, jobs={jobs}")
+        raise ValueError(f"{name} runs on the CPU in one process; device and jobs apply to the GPU-sized "
+                         f"experiments ({', '.join(GPU_SIZED)}), got device={device!r}, jobs={jobs}")
     threads = torch.get_num_threads()
     torch.set_num_threads(config["threads"])
     try:
