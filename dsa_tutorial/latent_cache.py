@@ -237,9 +237,9 @@ SPARSE_MLA_DECODE_FP8_KERNELS = KernelTable("sparse_mla_decode_fp8", [
                  "multiple of 16 bytes; 226 of the 227 KiB of shared memory a block"),
 ], best_first=(3, 4, 2, 1))  # wgmma where it runs (compute capability 9.0), else mma.sync; kernel 4
 # (the same requirements as kernel 3) is ranked after kernel 3: on the H200 it is slower (148 against
-# 155 TFLOP/s at B 128, h 128, s_q 2, k 2048), since every consumer thread arrives on a buffer's empty
-# mbarrier itself after its own reads of the buffer's flags (one lane's arrival after a __syncwarp left
-# racecheck reporting hazards); compute-sanitizer's racecheck and memcheck are clean: use it only by asking
+# 155 TFLOP/s at B 128, h 128, s_q 2, k 2048; 153 before every consumer thread arrived on a buffer's empty
+# mbarrier itself after its own reads of the buffer's flags, which racecheck needs: one lane's arrival after
+# a __syncwarp left it reporting hazards); racecheck and memcheck are clean: use it only by asking
 
 #: The combine kernel of the same file: merges kernel 2's, 3's or 4's partial results (not a version of the table).
 COMBINE_ENTRY = "sparse_mla_decode_fp8_combine"
