@@ -78,7 +78,8 @@ def test_format_constants_agree_with_the_kernels():
     assert d["WS_DYNAMIC_SMEM"] == d["WGMMA_SMEM_ALIGN"] + d["WS_CARVE_BYTES"] <= 227 * 1024
     assert d["WS_THREADS"] == 3 * 128 and d["WS_CONSUMER_THREADS"] == 256  # a producer and two consumer warpgroups
     # the mbarriers count warps: full when the producer's 4 have stored, empty when the consumers' 8 are done
-    assert 32 * d["WS_FULL_ARRIVALS"] == 128 and 32 * d["WS_EMPTY_ARRIVALS"] == d["WS_CONSUMER_THREADS"]
+    # full: one arrival a producer warp; empty: one a consumer thread (each after its own reads of the flags)
+    assert 32 * d["WS_FULL_ARRIVALS"] == 128 and d["WS_EMPTY_ARRIVALS"] == d["WS_CONSUMER_THREADS"]
     # setmaxnreg: the three warpgroups' registers within the SM's 64K, from the 168 a thread the launch gives
     assert d["WS_PRODUCER_REGS"] + 2 * d["WS_CONSUMER_REGS"] <= 65536 // 128
     assert d["WS_CONSUMER_REGS"] >= 65536 // 384 // 8 * 8 >= d["WS_PRODUCER_REGS"]
