@@ -795,7 +795,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // softmax state; kernel 3 needs 206. The launch gives every thread the same count (__launch_bounds__(384, 1):
 // at most 65536 / 384 = 168), then setmaxnreg moves them: the producer gives back down to
 // WS_PRODUCER_REGS = 72 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
-// consumers take WS_CONSUMER_REGS = 216: 128 x (72 + 2 x 216) = 64512 <= 65536, the register file of an SM.
+// consumers take WS_CONSUMER_REGS = 216: 128 x (72 + 2 x 216) = 64512, no more than the 384 x 168 the launch
+// gave the block (setmaxnreg only moves registers within that: the bound is 3 x 168 = 504 a thread, not 512).
 // ptxas allocates each side's code within its count (a producer at 40 registers spills its loads; with 4
 // tokens in flight it fits 56).
 //
@@ -850,7 +851,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 #define WS_CONSUMER_THREADS (WS_THREADS - 128)       // 256
 static_assert(WS_DYNAMIC_SMEM <= 232448, "227 KiB: the most shared memory a block may ask for on an H100 / H200");
 static_assert(P_BYTES % WGMMA_SMEM_ALIGN == 0, "P starts 1024-byte aligned, after Q and the buffers");
-static_assert(WS_PRODUCER_REGS + 2 * WS_CONSUMER_REGS <= 65536 / 128, "the SM's 64K registers");
+static_assert(WS_PRODUCER_REGS + 2 * WS_CONSUMER_REGS <= 3 * (65536 / 384 / 8 * 8),
+              "setmaxnreg moves registers within the block's launch allocation: 384 threads x 168");
 static_assert(WS_PRODUCER_REGS % 8 == 0 && WS_CONSUMER_REGS % 8 == 0, "setmaxnreg takes multiples of 8");
 static_assert(WS_ROWS_PER_WARP % WS_TOKENS_IN_FLIGHT == 0 && WS_TOKENS_IN_FLIGHT % 4 == 0,
               "whole groups of tokens, k^R copied 4 tokens an instruction");
