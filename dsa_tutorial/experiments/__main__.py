@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    if set(names) & set(GPU_SIZED):  # a missing GPU is said before anything runs, not after an hour
+        from .common import training_device
+
+        training_device(args.device)
     for name in names:
         payload = run(name, smoke=args.smoke, out_dir=args.out, seeds=args.seeds, progress=not args.no_progress,
                       use_cache=not args.no_cache, device=args.device if name in GPU_SIZED else "cpu",
