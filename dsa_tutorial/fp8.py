@@ -47,6 +47,7 @@ from .kernels import Kernel, KernelTable
 __all__ = [
     "FP8_E4M3_MAX",
     "AMAX_FLOOR",
+    "LOGITS_DTYPES",
     "ACT_QUANT_KERNELS",
     "MQA_LOGITS_KERNELS",
     "act_quant",
@@ -55,6 +56,7 @@ __all__ = [
     "block_scales",
     "round_trip",
     "causal_ks_ke",
+    "check_logits_dtype",
     "check_mqa_logits_inputs",
     "mqa_logits",
     "mqa_logits_cuda",
@@ -65,6 +67,7 @@ FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value: 1.75 * 2^8
 AMAX_FLOOR = 1e-4  # an all-zero block still gets a positive scale
 SCALE_FORMATS = ("ue8m0", None)
 _FLOAT_INPUTS = (torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOGITS_DTYPES = (torch.float32, torch.bfloat16)  # DeepGEMM's logits_dtype: what the logits are stored as
 
 ACT_QUANT_KERNELS = KernelTable("act_quant", [
     Kernel(1, "act_quant_{dtype}", "one warp a quantisation block, any block_size that is a multiple of 32"),
@@ -240,6 +243,16 @@ def _split_kv(kv):
     return k, k_scale
 
 
+def check_logits_dtype(logits_dtype, *, cuda: bool) -> None:
+    """logits_dtype (DeepGEMM's keyword) is torch.float32 or torch.bfloat16; the kernels (cuda=True)
+    write float32 only for now. Host metadata only: checked before any launch."""
+    if not isinstance(logits_dtype, torch.dtype) or logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"logits_dtype must be torch.float32 or torch.bfloat16, got {logits_dtype!r}")
+    if cuda and logits_dtype != torch.float32:
+        raise ValueError(f"the CUDA kernels write float32 logits: logits_dtype must be torch.float32, got "
+                         f"{logits_dtype} (bfloat16 logits run in the references mqa_logits and paged_mqa_logits)")
+
+
 def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
     """Every check of fp8_mqa_logits, before any launch; returns the named dims (S_q, H, D, S_k).
 
@@ -273,12 +286,15 @@ def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
     return dims
 
 
-def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: int = 256):
-    """FP8 MQA logits in float64: logits [S_q, S_k] float32 with -inf outside [ks_i, ke_i).
+def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: int = 256, *,
+               logits_dtype: torch.dtype = torch.float32):
+    """FP8 MQA logits in float64: logits [S_q, S_k] with -inf outside [ks_i, ke_i), stored as
+    logits_dtype: float32, or bfloat16 (those float32 values rounded to bfloat16, -inf kept).
 
     q [S_q, H, D] and k [S_k, D] may be e4m3 (their exact values are used) or unquantised floats
     (with k_scale = 1): that is the higher-precision reference the kernels are judged against.
     The reference always writes -inf outside the ranges (clean_logits only matters to the kernels)."""
+    check_logits_dtype(logits_dtype, cuda=False)
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=False)
     k, k_scale = _split_kv(kv)
     S_q, S_k = dims["S_q"], dims["S_k"]
@@ -295,7 +311,7 @@ def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: i
         # -inf where j is outside [ks_i, ke_i): [chunk, S_k]
         visible = (j >= ks[rows, None].long()) & (j < ke[rows, None].long())
         logits[rows] = chunk.masked_fill(~visible, float("-inf")).float()
-    return logits
+    return logits.to(logits_dtype)
 
 
 def _mqa_logits_why_not(device, S_q: int) -> dict:
@@ -305,19 +321,22 @@ def _mqa_logits_why_not(device, S_q: int) -> dict:
 
 
 def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: int | None = None,
-                    out: torch.Tensor | None = None):
+                    out: torch.Tensor | None = None, logits_dtype: torch.dtype = torch.float32):
     """`cuda/mqa_logits.cu`: kernel = a version of MQA_LOGITS_KERNELS (1 naive, 2 mma.sync e4m3,
     3 f16 mma.sync, 4 wgmma on compute capability 9.0) or None, the best that runs here (4, else 3).
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
     ks, ke [S_q] int32 -> logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits,
-    else unspecified. `out` (optional, [S_q, S_k] float32 contiguous) receives them.
+    else unspecified. `out` (optional, [S_q, S_k] float32 contiguous) receives them. logits_dtype:
+    torch.float32, what the kernels write (bfloat16, DeepGEMM's other choice, is refused before any
+    launch for now; the reference mqa_logits takes it).
 
     No host synchronisation: ks and ke are checked only with data checks on; with them off, an
     invalid range is clipped to [max(ks, 0), min(ke, S_k)) (empty when reversed), never read or
     written out of bounds, and its row holds the logits of that clipped range."""
     if kernel is not None:
         MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
+    check_logits_dtype(logits_dtype, cuda=True)
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
     chosen = MQA_LOGITS_KERNELS.choose(kernel, _mqa_logits_why_not(q.device, dims["S_q"]))
     shape = (dims["S_q"], dims["S_k"])

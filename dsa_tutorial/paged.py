@@ -9,17 +9,25 @@ physical block block_table[b, n]; its token at position p is slot p % 64 of logi
 Paged logits, for batch b, draft position j = 0 .. next_n - 1 (row b * next_n + j) and position p:
 
     logits[b next_n + j, p] = sum_h w[b next_n + j, h] * ReLU(q[b, j, h] . k[p] * k_scale[p])
-                              for p <= context_lens[b] - next_n + j, -inf elsewhere (clean_logits)
+                              for p < len[b, j], -inf elsewhere (clean_logits)
+
+    len[b, j] = context_lens[b] - next_n + j + 1   context_lens int32 [B]: p <= context_lens[b] - next_n + j
+    len[b, j] = context_lens[b, j]                 context_lens int32 [B, next_n] (DeepGEMM's per-row form)
+
+The [B] form is the [B, next_n] one with context_lens[b, j] = context_lens[b] - next_n + j + 1.
+The logits are stored as logits_dtype: float32, or bfloat16 (the float32 values rounded, -inf kept).
 
 Schedule (DeepGEMM's get_paged_mqa_logits_metadata): each context is cut into segments of
 SPLIT_KV = 4 * block_kv = 256 tokens; the segments, in batch order, are dealt out evenly to the
 persistent blocks of the kernel; row s of the [num_sms + 1, 2] int32 table is the (batch, segment)
-where block s starts; the last row is (B, 0). `paged_mqa_logits_metadata` computes it with torch
-ops where context_lens is, on the GPU without a host round trip (capturable in a CUDA graph).
+where block s starts; the last row is (B, 0). A context is its longest row: context_lens[b], or
+max_j context_lens[b, j]. `paged_mqa_logits_metadata` computes it with torch ops where
+context_lens is, on the GPU without a host round trip (capturable in a CUDA graph).
 
 Which function runs where:
 
-* `paged_mqa_logits` is the specification (float64, pure torch, any device).
+* `paged_mqa_logits` is the specification (float64, pure torch, any device): both forms of
+  context_lens, float32 or bfloat16 logits.
 * `paged_mqa_logits_cuda` runs a kernel of `cuda/paged_mqa_logits.cu`, `kernel=` a version of
   PAGED_MQA_LOGITS_KERNELS (what the .cu header and chapter 7 call "kernel N"): 1 (4 warps a block,
   mma.sync e4m3, which sm_90 emulates with f16 mma and per-call conversions), 2 (4 x next_n x H / 32
@@ -31,6 +39,8 @@ Which function runs where:
   compute capability 9.0 only, and is refused elsewhere). kernel=None takes the best that runs
   here: 4, else 3. Each launches one block per schedule row; ask the schedule for
   `schedule_size(device)` = CTAS_PER_SM (a #define of the .cu) x the SM count (any size is correct).
+  The kernels take context_lens [B] and write float32 logits: the [B, next_n] form and bfloat16
+  are refused before any launch.
 
 No host synchronisation in `paged_mqa_logits_cuda` nor in `paged_mqa_logits_metadata` on GPU
 tensors: the values of context_lens, block_table and schedule_meta are checked only with data
@@ -44,8 +54,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_range, check_same_device, check_shapes, check_tensor, data_checks_wanted
-from .fp8 import _FLOAT_INPUTS, mqa_logits, wgmma_why_not
+from .checks import check_range, check_same_device, check_tensor, data_checks_wanted
+from .fp8 import _FLOAT_INPUTS, check_logits_dtype, mqa_logits, wgmma_why_not
 from .kernels import Kernel, KernelTable
 
 __all__ = [
@@ -132,27 +142,55 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, context_len: int)
     return k_fp8[:context_len], k_scale[:context_len]
 
 
+def _check_context_lens(context_lens, dims: dict | None = None, **kwargs) -> None:
+    """context_lens: int32 [B] (one length a sequence) or [B, next_n] (one a draft row, next_n >= 1)."""
+    if isinstance(context_lens, torch.Tensor) and context_lens.dim() not in (1, 2):
+        raise ValueError(f"context_lens must be [B] or [B, next_n], got shape {list(context_lens.shape)}")
+    per_row = isinstance(context_lens, torch.Tensor) and context_lens.dim() == 2
+    check_tensor(context_lens, "context_lens", shape=("B", "next_n") if per_row else ("B",), dims=dims,
+                 dtype=torch.int32, **kwargs)
+    if per_row and context_lens.shape[1] == 0:
+        raise ValueError(f"context_lens [B, next_n] needs next_n >= 1, got shape {list(context_lens.shape)}")
+
+
+def _longest_rows(context_lens: torch.Tensor) -> torch.Tensor:
+    """Each sequence's longest row, [B]: context_lens itself, or max_j context_lens[b, j]."""
+    return context_lens.amax(dim=1) if context_lens.dim() == 2 else context_lens
+
+
+def _row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
+    """len[b, j] = the positions row (b, j) sees, p < len[b, j]: [B, next_n] (the [B] form made per-row,
+    context_lens[b] - next_n + j + 1, at least 0)."""
+    if context_lens.dim() == 2:
+        return context_lens
+    j = torch.arange(next_n, device=context_lens.device)
+    return torch.clamp(context_lens.unsqueeze(1) - next_n + j + 1, min=0).to(torch.int32)
+
+
 def paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int = BLOCK_KV, num_sms: int = 132) -> torch.Tensor:
     """The schedule: int32 [num_sms + 1, 2], row s = (batch, segment) where persistent block s starts.
 
-    Segments of 4 * block_kv tokens; total = sum_b ceil(context_lens[b] / (4 block_kv)) of them,
+    context_lens int32 [B], L_b = context_lens[b]; or [B, next_n] (a length a draft row), and then a
+    sequence's segments cover its longest row, L_b = max_j context_lens[b, j] (a device op: still no
+    host round trip). Segments of 4 * block_kv tokens; total = sum_b ceil(L_b / (4 block_kv)) of them,
     block s gets segments [s q + min(s, r), (s + 1) q + min(s + 1, r)) with q, r = divmod(total, num_sms).
     Torch ops on context_lens's device: on a GPU no device-to-host copy (q and r stay tensors), so a
     decode step can be captured in a CUDA graph with it. A negative length (checked only where data
     checks apply) counts as 0."""
-    check_tensor(context_lens, "context_lens", shape=("B",), dtype=torch.int32)
+    _check_context_lens(context_lens)
     if not isinstance(block_kv, int) or block_kv <= 0 or not isinstance(num_sms, int) or num_sms <= 0:
         raise ValueError(f"block_kv and num_sms must be positive ints, got {block_kv!r}, {num_sms!r}")
     check_range(context_lens, "context_lens", 0, None)
     split_kv = 4 * block_kv
+    longest = _longest_rows(context_lens)  # [B]
     # segments per batch, and their running total, from 0: [B + 1]
-    num_segs = (context_lens.long().clamp(min=0) + split_kv - 1) // split_kv
+    num_segs = (longest.long().clamp(min=0) + split_kv - 1) // split_kv
     prefix = torch.cat([num_segs.new_zeros(1), num_segs.cumsum(0)])
     # q, r = divmod(total, num_sms), as tensors on the device: [1]
     total = prefix[-1:]
     q, r = total // num_sms, total % num_sms
     # first segment of block s: s q + min(s, r), for s = 0 .. num_sms: [num_sms + 1]
-    s = torch.arange(num_sms + 1, device=context_lens.device)
+    s = torch.arange(num_sms + 1, device=longest.device)
     seg_start = s * q + torch.minimum(s, r)
     # its batch: the first b whose inclusive prefix exceeds seg_start (B past the end)
     batch = torch.searchsorted(prefix[1:], seg_start, right=True)
@@ -170,12 +208,13 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
                        *, cuda: bool) -> dict:
     """Every check of fp8_paged_mqa_logits, before any launch; returns the named dims.
 
-    Always (host metadata, free): dtypes, shapes, one device, next_n in {1, 2}, max_context_len;
-    for the kernels (cuda=True) e4m3 q, H and D they are compiled for, contiguous CUDA tensors and a
-    schedule_meta of >= 2 rows. The values (context_lens in [0, max_context_len] and within the
-    table row, the block ids a context uses in [0, num_blocks), schedule_meta equal to
-    paged_mqa_logits_metadata(context_lens)) only where checks.data_checks_wanted: always on the
-    CPU, on a GPU with data checks on (reading them waits for the device)."""
+    Always (host metadata, free): dtypes, shapes (context_lens [B] or [B, next_n]), one device,
+    next_n in {1, 2}, max_context_len; for the kernels (cuda=True) context_lens [B], e4m3 q, H and D
+    they are compiled for, contiguous CUDA tensors and a schedule_meta of >= 2 rows. The values
+    (every length in [0, max_context_len] and each sequence's longest within its table row, the
+    block ids it uses in [0, num_blocks), schedule_meta equal to paged_mqa_logits_metadata(context_lens))
+    only where checks.data_checks_wanted: always on the CPU, on a GPU with data checks on (reading
+    them waits for the device)."""
     dims: dict[str, int] = {}
     on_gpu = dict(contiguous=True) if cuda else {}  # the kernels take contiguous tensors (on the GPU: below)
     check_tensor(q, "q", shape=("B", "next_n", "H", "D"), dims=dims,
@@ -187,7 +226,10 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
         raise ValueError(f"kv_cache holds D = {D} values a token (last dim D + 4 = {D + 4}), q has D = {dims['D']}")
     check_tensor(weights, "weights", shape=(dims["B"] * dims["next_n"], "H"), dims=dims, dtype=torch.float32,
                  **on_gpu)
-    check_tensor(context_lens, "context_lens", shape=("B",), dims=dims, dtype=torch.int32, **on_gpu)
+    _check_context_lens(context_lens, dims, **on_gpu)
+    if cuda and context_lens.dim() == 2:
+        raise ValueError("the CUDA kernels take context_lens [B]; the per-row form [B, next_n] runs in the "
+                         f"reference paged_mqa_logits (got context_lens of shape {list(context_lens.shape)})")
     check_tensor(block_table, "block_table", shape=("B", "max_blocks"), dims=dims, dtype=torch.int32, **on_gpu)
     tensors = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
     if not isinstance(max_context_len, int) or isinstance(max_context_len, bool) or max_context_len < 0:
@@ -213,11 +255,13 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
 def _check_paged_values(context_lens, block_table, schedule_meta, max_context_len, num_blocks, dims) -> None:
     """The device-data checks of check_paged_inputs (they read the tensors back to the host)."""
     check_range(context_lens, "context_lens", 0, max_context_len)
-    # a context must fit the blocks its table row has
-    n_blocks = (context_lens.long() + BLOCK_KV - 1) // BLOCK_KV  # [B]
+    # a context (its longest row) must fit the blocks its table row has
+    longest = _longest_rows(context_lens)  # [B]
+    n_blocks = (longest.long() + BLOCK_KV - 1) // BLOCK_KV  # [B]
     if dims["B"] and int(n_blocks.max()) > dims["max_blocks"]:
         b = int(n_blocks.argmax())
-        raise ValueError(f"context_lens[{b}] = {int(context_lens[b])} needs {int(n_blocks[b])} blocks of {BLOCK_KV} "
+        where = f"[{b}]" if context_lens.dim() == 1 else f"[{b}, {int(context_lens[b].argmax())}]"
+        raise ValueError(f"context_lens{where} = {int(longest[b])} needs {int(n_blocks[b])} blocks of {BLOCK_KV} "
                          f"tokens, but block_table has {dims['max_blocks']} a row")
     # every block a context uses must be a physical block of the cache
     used = torch.arange(dims["max_blocks"], device=block_table.device) < n_blocks.unsqueeze(-1)  # [B, max_blocks]
@@ -234,30 +278,34 @@ def _check_paged_values(context_lens, block_table, schedule_meta, max_context_le
 
 
 def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta=None,
-                     max_context_len: int = 0, clean_logits: bool = True) -> torch.Tensor:
-    """Paged logits in float64: [B * next_n, max_context_len] float32, -inf where invisible.
+                     max_context_len: int = 0, clean_logits: bool = True, *,
+                     logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Paged logits in float64: [B * next_n, max_context_len] logits_dtype (float32 or bfloat16),
+    -inf where invisible.
 
-    Gathers each sequence's keys from its blocks and calls fp8.mqa_logits with
-    ks = 0, ke = context_len - next_n + j + 1. schedule_meta is checked when given, not used."""
+    context_lens int32 [B] (row (b, j) sees p <= context_lens[b] - next_n + j) or [B, next_n] (row
+    (b, j) sees p < context_lens[b, j]). Gathers each sequence's keys, up to its longest row, from
+    its blocks and calls fp8.mqa_logits with ks = 0, ke = len[b, j] (the module docstring's).
+    schedule_meta is checked when given, not used."""
+    check_logits_dtype(logits_dtype, cuda=False)
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=False)
     B, next_n = dims["B"], dims["next_n"]
+    lens = _row_lengths(context_lens, next_n)  # [B, next_n]: row (b, j) sees p < lens[b, j]
     logits = torch.full((B * next_n, max_context_len), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(B):
-        context_len = int(context_lens[b])
+        context_len = int(lens[b].max())  # the longest row: the keys the sequence needs
         n_blocks = (context_len + BLOCK_KV - 1) // BLOCK_KV
         k_fp8, k_scale = gather_kv(kv_cache, block_table[b, :n_blocks], context_len)
-        # query j sees positions p <= context_len - next_n + j: ke = context_len - next_n + j + 1
-        j = torch.arange(next_n, device=q.device)
-        ke = torch.clamp(context_len - next_n + j + 1, min=0).to(torch.int32)
+        ke = lens[b].to(torch.int32)
         rows = slice(b * next_n, (b + 1) * next_n)
         logits[rows, :context_len] = mqa_logits(q[b], (k_fp8, k_scale), weights[rows], torch.zeros_like(ke), ke)
-    return logits
+    return logits.to(logits_dtype)
 
 
 def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
                           clean_logits: bool = True, *, kernel: int | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`cuda/paged_mqa_logits.cu`: one block per schedule row; kernel = a version of
     PAGED_MQA_LOGITS_KERNELS (1 to 4, 4 on compute capability 9.0 only) or None, the best that runs
     here (4, else 3).
@@ -266,6 +314,9 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
     weights [B * next_n, H] float32, context_lens [B] int32, block_table [B, max_blocks] int32,
     schedule_meta from paged_mqa_logits_metadata -> logits [B * next_n, max_context_len] float32.
     `out` (optional, that shape, float32 contiguous) receives them: tests pass a poisoned buffer.
+    DeepGEMM's other forms are refused before any launch, from host metadata: context_lens
+    [B, next_n] and logits_dtype=torch.bfloat16 (the kernels write float32); the reference
+    paged_mqa_logits takes both.
 
     No host synchronisation: the values of context_lens, block_table and schedule_meta are checked
     only with data checks on. With them off, invalid values never make a kernel read or write out
@@ -279,6 +330,7 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
       [0, max_blocks]."""
     if kernel is not None:
         PAGED_MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
+    check_logits_dtype(logits_dtype, cuda=True)
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
     chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, {4: wgmma_why_not(q.device)})

@@ -268,6 +268,21 @@ def test_mqa_logits_accepts_scale_column():
     assert torch.equal(a, b)
 
 
+def test_mqa_logits_in_bfloat16_rounds_the_float32_logits():
+    # DeepGEMM's logits_dtype: the same float64 computation, stored as bfloat16; -inf stays -inf
+    data = mqa_inputs([9, 5], H=4, D=32)
+    q, k, k_scale, w = data["fp8"]
+    f32 = fp8.mqa_logits(q, (k, k_scale), w, data["ks"], data["ke"])
+    bf16 = fp8.mqa_logits(q, (k, k_scale), w, data["ks"], data["ke"], query_chunk=4, logits_dtype=torch.bfloat16)
+    assert f32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16, f32.to(torch.bfloat16))
+    assert torch.equal(torch.isneginf(bf16), torch.isneginf(f32)) and torch.isneginf(f32).any()
+    assert torch.isfinite(bf16[~torch.isneginf(bf16)]).all()
+    for bad in (torch.float16, torch.float64, "bfloat16", None):
+        with pytest.raises(ValueError, match="logits_dtype must be torch.float32 or torch.bfloat16"):
+            fp8.mqa_logits(q, (k, k_scale), w, data["ks"], data["ke"], logits_dtype=bad)
+
+
 def _bad_mqa(**change):
     data = mqa_inputs([6, 4], H=64)
     q, k, k_scale, w = data["fp8"]
@@ -307,6 +322,8 @@ def test_cpu_ranges_are_checked_even_with_data_checks_off(change, match):
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
     (dict(kernel=5), "kernel must be None or a version of cuda/mqa_logits.cu: 1 \\(one thread"),
     (dict(kernel="wgmma"), "kernel must be None or a version"),
+    (dict(logits_dtype=torch.bfloat16), "the CUDA kernels write float32 logits: logits_dtype must be torch.float32"),
+    (dict(logits_dtype=torch.float16), "logits_dtype must be torch.float32 or torch.bfloat16"),
 ])
 def test_mqa_logits_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):

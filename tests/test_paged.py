@@ -40,8 +40,9 @@ def make_batch(context_lens, next_n=1, H=64, D=128, extra_blocks=3, max_blocks=N
                 keys=keys, q_raw=q_raw, w_raw=w_raw)
 
 
-def dense_logits(batch, next_n, raw=False):
-    """The formula straight from the dense keys (not through the cache), float64."""
+def dense_logits(batch, next_n, raw=False, row_lens=None):
+    """The formula straight from the dense keys (not through the cache), float64. row_lens [B, next_n]:
+    row (b, j) sees p < row_lens[b, j] (the per-row form), else p <= context_len - next_n + j."""
     B = len(batch["keys"])
     width = int(batch["context_lens"].max()) if B else 0
     out = torch.full((B * next_n, width), float("-inf"), dtype=torch.float64)
@@ -52,7 +53,7 @@ def dense_logits(batch, next_n, raw=False):
             row = b * next_n + j
             q = batch["q_raw"][b, j].double() if raw else batch["q"][b, j].double()  # [H, D]
             w = batch["w_raw"][row].double() if raw else batch["weights"][row].double()  # [H]
-            visible = max(c - next_n + j + 1, 0)  # p <= c - next_n + j
+            visible = max(c - next_n + j + 1, 0) if row_lens is None else int(row_lens[b, j])
             out[row, :visible] = ((q @ k[:visible].T).clamp(min=0) * w.unsqueeze(-1)).sum(0)
     return out
 
@@ -169,6 +170,79 @@ def test_paged_reference_matches_dense_formula(next_n):
         assert torch.isneginf(out[2 * 3, 199]) and torch.isfinite(out[2 * 3 + 1, 199])
 
 
+def per_row(context_lens, next_n):
+    """The [B] form as DeepGEMM's [B, next_n] one: context_lens[b] - next_n + j + 1 (at least 0)."""
+    j = torch.arange(next_n)
+    return (context_lens.unsqueeze(1) - next_n + j + 1).clamp(min=0).int()
+
+
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_per_row_context_lens_give_the_1d_form_bit_for_bit(next_n):
+    batch = make_batch([1, 64, 65, 200, 0, 2], next_n=next_n, H=4, D=32, seed=next_n)
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=3)
+    lens = per_row(ctx, next_n)
+    assert lens.shape == (6, next_n) and torch.equal(lens[:, -1], ctx)
+    assert torch.equal(paged.paged_mqa_logits_metadata(lens, 64, 3), meta)
+    one_d = paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, 210)
+    two_d = paged.paged_mqa_logits(q, kv_cache, w, lens, bt, meta, 210)
+    assert torch.equal(two_d, one_d)
+
+
+def test_per_row_context_lens_of_unrelated_lengths():
+    # rows of one sequence need not grow with j: 0, max_context_len, a draft row longer than the next
+    lens = torch.tensor([[0, 130], [200, 0], [5, 5], [0, 0], [64, 65]], dtype=torch.int32)
+    batch = make_batch(lens.amax(1).tolist(), next_n=2, H=4, D=32, seed=7)
+    meta = paged.paged_mqa_logits_metadata(lens, 64, 4)
+    out = paged.paged_mqa_logits(batch["q"], batch["kv_cache"], batch["weights"], lens, batch["block_table"], meta, 200)
+    # independent: the formula on the dense keys, row by row
+    expected = dense_logits(batch, 2, row_lens=lens)
+    assert expected.shape == out.shape == (10, 200)
+    compare.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # row (b, j) sees exactly p < lens[b, j]
+    assert torch.equal(torch.isfinite(out), torch.arange(200) < lens.reshape(-1, 1))
+    # and each row is fp8.mqa_logits over the sequence's keys with ks = 0, ke = lens[b, j]
+    for b, (_, k_fp8, k_scale) in enumerate(batch["keys"]):
+        for j in range(2):
+            row = 2 * b + j
+            one = fp8.mqa_logits(batch["q"][b, j:j + 1], (k_fp8, k_scale), batch["weights"][row:row + 1],
+                                 torch.zeros(1, dtype=torch.int32), lens[b, j:j + 1])
+            assert torch.equal(out[row, :k_fp8.shape[0]], one[0])
+
+
+@pytest.mark.parametrize("num_sms", [1, 3, 17])
+def test_metadata_of_per_row_lengths_is_that_of_the_longest_rows(num_sms):
+    lens = torch.tensor([[0, 257], [1000, 3], [0, 0], [256, 255], [4097, 4096]], dtype=torch.int32)
+    meta = paged.paged_mqa_logits_metadata(lens, 64, num_sms)
+    assert torch.equal(meta, paged.paged_mqa_logits_metadata(lens.amax(1), 64, num_sms))
+    assert meta.tolist() == schedule_by_loops([257, 1000, 0, 256, 4097], num_sms)
+    empty = paged.paged_mqa_logits_metadata(torch.zeros(0, 2, dtype=torch.int32), 64, num_sms)
+    assert empty.tolist() == [[0, 0]] * (num_sms + 1)
+
+
+@pytest.mark.parametrize("lens, match", [
+    (torch.zeros(2, 1, 1, dtype=torch.int32), r"context_lens must be \[B\] or \[B, next_n\]"),
+    (torch.zeros(2, 0, dtype=torch.int32), "needs next_n >= 1"),
+    (torch.tensor([[0, -1]], dtype=torch.int32), "context_lens must be >= 0"),
+    (torch.zeros(2, 2), "context_lens must be int32"),
+])
+def test_metadata_rejects_bad_per_row_lengths(lens, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        paged.paged_mqa_logits_metadata(lens, 64, 4)
+
+
+def test_paged_logits_in_bfloat16_round_the_float32_logits():
+    batch = make_batch([130, 0, 64], next_n=2, H=4, D=32, seed=8)
+    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=2)
+    for lens in (ctx, per_row(ctx, 2).flip(1)):  # both forms of context_lens
+        f32 = paged.paged_mqa_logits(q, kv_cache, w, lens, bt, meta, 140)
+        bf16 = paged.paged_mqa_logits(q, kv_cache, w, lens, bt, meta, 140, logits_dtype=torch.bfloat16)
+        assert f32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+        assert torch.equal(bf16, f32.to(torch.bfloat16))
+        assert torch.equal(torch.isneginf(bf16), torch.isneginf(f32)) and torch.isfinite(f32).any()
+    with pytest.raises(ValueError, match="logits_dtype must be torch.float32 or torch.bfloat16"):
+        paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, 140, logits_dtype=torch.float16)
+
+
 def test_paged_fp8_close_to_unquantised():
     batch = make_batch([300, 77, 129], next_n=2, H=64, seed=3)
     out = paged.paged_mqa_logits(*call_args(batch))
@@ -201,6 +275,14 @@ def _table(*rows):
     (dict(kv_cache=torch.zeros(5, 32, 1, 132, dtype=torch.uint8)), "kv_cache"),
     (dict(schedule_meta=torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)), "schedule_meta does not match"),
     (dict(max_context_len=70.0), "max_context_len"),
+    # the per-row form [B, next_n] (next_n = 1 here): each row's length, the longest within its table row
+    (dict(context_lens=_table([70], [71])), "context_lens must be <= 70"),
+    (dict(context_lens=_table([70], [-1])), "context_lens must be >= 0"),
+    (dict(context_lens=_table([70], [200]), max_context_len=200), r"context_lens\[1, 0\] = 200 needs 4 blocks"),
+    (dict(context_lens=_table([70, 10], [10, 10])), "next_n = 2"),
+    (dict(context_lens=_table([70], [10]).unsqueeze(-1)), r"context_lens must be \[B\] or \[B, next_n\]"),
+    (dict(context_lens=_table([70], [10]), block_table=_table([0, 1, -1], [-3, -1, -1])), "block id -3"),
+    (dict(context_lens=_table([0], [10])), "schedule_meta does not match"),  # made for [70, 10]
 ])
 def test_paged_rejects_bad_input(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -212,6 +294,8 @@ def test_paged_rejects_bad_input(change, match):
     (dict(context_lens=torch.tensor([70, 200], dtype=torch.int32), max_context_len=200), "needs 4 blocks"),
     (dict(block_table=_table([0, 1, -1], [-2, -1, -1])), "block id -2"),
     (dict(schedule_meta=torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)), "schedule_meta does not match"),
+    (dict(context_lens=_table([70], [71])), "context_lens must be <= 70"),
+    (dict(context_lens=_table([70], [200]), max_context_len=200), r"context_lens\[1, 0\] = 200 needs 4 blocks"),
 ])
 def test_cpu_values_are_checked_even_with_data_checks_off(change, match):
     # reading a CPU tensor costs no device synchronisation: its values are always checked
@@ -224,10 +308,18 @@ def test_cpu_values_are_checked_even_with_data_checks_off(change, match):
     (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
     (dict(kernel=0), "kernel must be None or a version of cuda/paged_mqa_logits.cu: 1 \\(4 warps"),
     (dict(kernel="wgmma"), "kernel must be None or a version"),
+    # DeepGEMM's newer forms, which the kernels do not take yet: refused from host metadata, before
+    # the device check (these tensors are on the CPU)
+    (dict(context_lens=_table([70], [10])), r"the CUDA kernels take context_lens \[B\]; the per-row form "
+                                            r"\[B, next_n\] runs in the reference paged_mqa_logits"),
+    (dict(logits_dtype=torch.bfloat16), "the CUDA kernels write float32 logits: logits_dtype must be torch.float32"),
+    (dict(logits_dtype=torch.float16), "logits_dtype must be torch.float32 or torch.bfloat16"),
 ])
-def test_paged_cuda_checks_before_launch(change, match):
+def test_paged_cuda_checks_before_launch(monkeypatch, change, match):
+    launches = recorded_launches(monkeypatch)
     with pytest.raises((ValueError, TypeError), match=match):
         paged.paged_mqa_logits_cuda(**_bad_paged(**change))
+    assert launches == []
 
 
 def test_paged_kernel_table_and_constants():
