@@ -47,12 +47,6 @@ def agree(ours: torch.Tensor, theirs: torch.Tensor, case: str) -> float:
     return diff
 
 
-def per_row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
-    """The [B, next_n] form of [B] lengths: row (b, j) sees p < context_lens[b] - next_n + j + 1."""
-    j = torch.arange(next_n, device=context_lens.device, dtype=torch.int32)
-    return (context_lens[:, None] - next_n + j + 1).clamp(min=0).int().contiguous()
-
-
 def side_by_side_mqa(results, deep_gemm, label, S_q: int, S_k: int) -> None:
     case = f"mqa_logits {S_q} x {S_k} causal, H={H}"
     sets = bench._input_sets(lambda: mqa_inputs(S_q, S_k), 20, 8 << 30)
@@ -77,7 +71,7 @@ def side_by_side_paged(results, deep_gemm, label, B: int, context: int, next_n: 
 
     def make():
         q, kv_cache, w, lens, block_table, schedule, max_context_len = paged_inputs(B, context, next_n)
-        rows = per_row_lengths(lens, next_n)
+        rows = paged.row_lengths(lens, next_n).contiguous()  # the [B, next_n] form of the same lengths
         their_schedule = deep_gemm.get_paged_mqa_logits_metadata(rows, 64, num_sms)
         return q, kv_cache, w, lens, rows, block_table, schedule, their_schedule, max_context_len
 

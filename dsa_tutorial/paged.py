@@ -66,6 +66,7 @@ __all__ = [
     "new_kv_cache",
     "store_kv",
     "gather_kv",
+    "row_lengths",
     "paged_mqa_logits_metadata",
     "schedule_size",
     "check_paged_inputs",
@@ -158,7 +159,7 @@ def _longest_rows(context_lens: torch.Tensor) -> torch.Tensor:
     return context_lens.amax(dim=1) if context_lens.dim() == 2 else context_lens
 
 
-def _row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
+def row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
     """len[b, j] = the positions row (b, j) sees, p < len[b, j]: [B, next_n] (the [B] form made per-row,
     context_lens[b] - next_n + j + 1, at least 0)."""
     if context_lens.dim() == 2:
@@ -291,7 +292,7 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_m
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=False)
     B, next_n = dims["B"], dims["next_n"]
-    lens = _row_lengths(context_lens, next_n)  # [B, next_n]: row (b, j) sees p < lens[b, j]
+    lens = row_lengths(context_lens, next_n)  # [B, next_n]: row (b, j) sees p < lens[b, j]
     logits = torch.full((B * next_n, max_context_len), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(B):
         context_len = int(lens[b].max())  # the longest row: the keys the sequence needs

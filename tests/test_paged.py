@@ -815,3 +815,13 @@ def test_walks_stay_in_bounds_for_wild_values(seed):
                               _cursor_walk(lens, meta, next_n, max_blocks, limit)):
             assert all(0 <= b < B and 0 <= n < max_blocks for b, n in reads)
             assert all(0 <= row < B * next_n and 0 <= p < max_len for row, p in stored)
+
+
+def test_row_lengths_make_the_per_row_form():
+    """The [B] form per draft row: row (b, j) sees p < context_lens[b] - next_n + j + 1 (at least 0); the
+    [B, next_n] form is returned as it is."""
+    lens = torch.tensor([5, 1, 0], dtype=torch.int32)
+    assert paged.row_lengths(lens, 2).tolist() == [[4, 5], [0, 1], [0, 0]]
+    assert paged.row_lengths(lens, 1).tolist() == [[5], [1], [0]]
+    per_row = torch.tensor([[3, 9]], dtype=torch.int32)
+    assert paged.row_lengths(per_row, 2) is per_row
