@@ -306,6 +306,17 @@ def training_device(device) -> torch.device:
     return device
 
 
+def in_processes(worker, jobs_list: list, processes: int) -> list:
+    """[worker(job) for job in jobs_list], in that order, computed in `processes` spawned processes (a
+    fresh interpreter each: no CUDA state is inherited; `worker` must be a module-level function)."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs_list)),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(worker, jobs_list))
+
+
 def environment(device: str = "cpu") -> dict:
     """The machine, versions and device a result came from (the GPU's name when device is CUDA)."""
     env = dict(python=sys.version.split()[0], torch=torch.__version__, platform=platform.platform(),

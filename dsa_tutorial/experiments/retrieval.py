@@ -51,7 +51,8 @@ import torch
 from ..checks import check_tensor
 from ..config import ModelArgs
 from ..train import TinyLM, dense_warmup, pretrain_dense, progress_bar, topk_recall
-from .common import MaskedDSAttention, Settings, UniformWeights, _cached, mean_std, model_args, paired_difference
+from .common import (MaskedDSAttention, Settings, UniformWeights, _cached, in_processes, mean_std, model_args,
+                     paired_difference)
 
 __all__ = ["LongRetrieval", "needed_positions", "query_kinds", "make_model",
            "pretrained", "warmed", "evaluate", "RETRIEVAL", "RETRIEVAL_SMOKE", "EXPERIMENTS", "retrieval_weights",
@@ -466,13 +467,7 @@ def _per_run(name, config, runs, device, jobs, use_cache, progress) -> list[dict
     if jobs <= 1 or len(runs) == 1:
         return [RUNS[name](config, r, device, use_cache, progress)
                 for r in progress_bar(runs, len(runs), name, progress)]
-    import concurrent.futures
-    import multiprocessing
-
-    work = [(name, dict(config), r, device, use_cache, config["threads"]) for r in runs]
-    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(runs)),
-                                                mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_one, work))
+    return in_processes(_one, [(name, dict(config), r, device, use_cache, config["threads"]) for r in runs], jobs)
 
 
 def _cell(per_run, arm, reference=None) -> dict:

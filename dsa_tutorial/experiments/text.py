@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from ..config import ModelArgs
 from ..topk import select_topk
 from ..train import TinyLM, dense_warmup, pretrain_dense, sparse_training, topk_recall
-from .common import (MaskedDSAttention, Settings, UniformWeights, _cached, mean_std, paired_difference, save_result,
-                     training_device)
+from .common import (MaskedDSAttention, Settings, UniformWeights, _cached, in_processes, mean_std, paired_difference,
+                     save_result, training_device)
 
 __all__ = ["EXCLUDED_DIRS", "TEXT_CONFIG", "TEXT_SMOKE", "stdlib_root", "is_validation", "corpus_paths",
            "ByteCorpus", "load_corpus", "ByteStream", "MaskedDSAttention", "make_text_model", "validation_windows",
@@ -392,13 +392,8 @@ def text_lm(config, seeds, progress: bool = True, use_cache: bool = True, device
     if jobs <= 1 or len(seeds) == 1:
         per_seed = [_seed_run(config, seed, device, use_cache, progress) for seed in seeds]
     else:
-        import concurrent.futures
-        import multiprocessing
-
-        work = [(dict(config), seed, str(device), use_cache, config["threads"]) for seed in seeds]
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(seeds)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
-            per_seed = list(pool.map(_one_seed, work))
+        per_seed = in_processes(_one_seed, [(dict(config), seed, str(device), use_cache, config["threads"])
+                                            for seed in seeds], jobs)
     corpus = load_corpus(max_bytes=config["corpus"]["max_bytes"])
     return dict(corpus=corpus.description, precision="float32 throughout (no autocast)",
                 topks=[k for k in config["topks"] if k < config["eval"]["length"]], arms=list(per_seed[0]["eval"]),
