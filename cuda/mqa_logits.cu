@@ -10,7 +10,12 @@
 //   k_scale fp32 [S_k]         one power-of-two block scale per key (act_quant, block 128)
 //   weights fp32 [S_q, H]      head weights with the q scale and d_I^-0.5 folded in
 //   ks, ke  int32 [S_q]        the key range of query i (a packed batch of causal prefills)
-//   logits  fp32 [S_q, S_k]
+//   logits  fp32 or bf16 [S_q, S_k]   (DeepGEMM's logits_dtype)
+//
+// Every kernel is compiled twice, once per storage type of the logits (template parameter T, entry
+// suffix _f32 / _bf16). Both compute the same float32 logit; the bf16 ones round it to nearest even
+// as they store it (-inf stays -inf), so a bf16 entry writes exactly the f32 entry's logits rounded,
+// in half the bytes: at long contexts the logits are most of what the kernels write.
 //
 // Kernels, as a progression (dsa_tutorial.fp8.MQA_LOGITS_KERNELS; each checked against fp8.mqa_logits):
 //   mqa_logits_naive          kernel 1: one thread per (i, j), H * D scalar multiply-adds in
@@ -102,29 +107,47 @@ __device__ __forceinline__ void union_key_range(const int* ks, const int* ke, in
     if (kv_end <= kv_begin) kv_begin = kv_end = 0;
 }
 
-// The entry points of kernels 2 to 4: one per head count H, calling the kernel's template with the
-// launch bounds (or register cap) it was tuned with.
-#define MQA_ENTRY(NAME, KERNEL, H, BOUNDS)                                                                       \
+// The entry points of kernels 2 to 4: one per head count H and storage type T of the logits (float:
+// NAME_f32, __nv_bfloat16: NAME_bf16), calling the kernel's template with the launch bounds (or
+// register cap) it was tuned with.
+#define MQA_ENTRY_T(NAME, KERNEL, H, T, BOUNDS)                                                                  \
     extern "C" __global__ void BOUNDS NAME(const unsigned char* q, const unsigned char* k, const float* k_scale,  \
-                                           const float* weights, const int* ks, const int* ke, float* logits,     \
+                                           const float* weights, const int* ks, const int* ke, T* logits,         \
                                            int S_q, int S_k, int clean_logits) {                                 \
-        KERNEL<H>(q, k, k_scale, weights, ks, ke, logits, S_q, S_k, clean_logits);                               \
+        KERNEL<H, T>(q, k, k_scale, weights, ks, ke, logits, S_q, S_k, clean_logits);                            \
     }
+#define MQA_ENTRY(NAME, KERNEL, H, BOUNDS)                                                                       \
+    MQA_ENTRY_T(NAME##_f32, KERNEL, H, float, BOUNDS)                                                            \
+    MQA_ENTRY_T(NAME##_bf16, KERNEL, H, __nv_bfloat16, BOUNDS)
+
+// fill_neg_inf of cuda/common.cuh for a bf16 row: 16-byte stores of 8 bf16 -inf (0xff80) between
+// element stores at the unaligned ends.
+__device__ __forceinline__ void fill_neg_inf(__nv_bfloat16* row, int begin, int end, int lane) {
+    int head_end = begin;
+    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
+    const __nv_bfloat16 neg_inf = from_float<__nv_bfloat16>(NEG_INF);
+    for (int j = begin + lane; j < head_end; j += 32) row[j] = neg_inf;
+    const int n_vec = (end - head_end) / 8;
+    uint4* vec = reinterpret_cast<uint4*>(row + head_end);
+    for (int v = lane; v < n_vec; v += 32) vec[v] = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+    for (int j = head_end + 8 * n_vec + lane; j < end; j += 32) row[j] = neg_inf;
+}
 
 // ------------------------------------------------------------------------------------ kernel 1
 
 // One thread per (i, j): j < S_k and i < S_q are the only indices, so any ks, ke is memory-safe here
 // (j outside [ks[i], ke[i]) is -inf: the clipped range, as in the other kernels).
-extern "C" __global__ void __launch_bounds__(NAIVE_THREADS)
-mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
-                 const float* __restrict__ k_scale, const float* __restrict__ weights, const int* __restrict__ ks,
-                 const int* __restrict__ ke, float* __restrict__ logits, int S_q, int S_k, int H, int clean_logits) {
+template <typename T>
+__device__ void mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
+                                 const float* __restrict__ k_scale, const float* __restrict__ weights,
+                                 const int* __restrict__ ks, const int* __restrict__ ke, T* __restrict__ logits,
+                                 int S_q, int S_k, int H, int clean_logits) {
     const int i = blockIdx.y;
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= S_q || j >= S_k) return;
-    float* out = logits + (size_t)i * S_k + j;
+    T* out = logits + (size_t)i * S_k + j;
     if (j < ks[i] || j >= ke[i]) {
-        if (clean_logits) *out = NEG_INF;
+        if (clean_logits) *out = from_float<T>(NEG_INF);
         return;
     }
     const __nv_fp8_e4m3* q_i = reinterpret_cast<const __nv_fp8_e4m3*>(q) + (size_t)i * H * HEAD_DIM;
@@ -137,9 +160,18 @@ mqa_logits_naive(const unsigned char* __restrict__ q, const unsigned char* __res
         // sum_h w[i, h] * ReLU(q[i, h] . k[j])
         logit += weights[(size_t)i * H + h] * fmaxf(score, 0.f);
     }
-    // * k_scale[j]
-    *out = logit * k_scale[j];
+    // * k_scale[j], stored as T (bf16: rounded to nearest even)
+    *out = from_float<T>(logit * k_scale[j]);
 }
+
+#define NAIVE_ENTRY(NAME, T)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(NAIVE_THREADS)                                                  \
+        NAME(const unsigned char* q, const unsigned char* k, const float* k_scale, const float* weights,         \
+             const int* ks, const int* ke, T* logits, int S_q, int S_k, int H, int clean_logits) {              \
+        mqa_logits_naive<T>(q, k, k_scale, weights, ks, ke, logits, S_q, S_k, H, clean_logits);                  \
+    }
+NAIVE_ENTRY(mqa_logits_naive_f32, float)
+NAIVE_ENTRY(mqa_logits_naive_bf16, __nv_bfloat16)
 
 // ------------------------------------------------------------------------------------ kernel 2
 
@@ -171,10 +203,10 @@ __device__ __forceinline__ void load_key_tile(unsigned char* k_tile, float* scal
     }
 }
 
-template <int H>
+template <int H, typename T>
 __device__ void mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
                                 const float* __restrict__ k_scale, const float* __restrict__ weights,
-                                const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                const int* __restrict__ ks, const int* __restrict__ ke, T* __restrict__ logits,
                                 int S_q, int S_k, int clean_logits) {
     constexpr int N_TILES = H / 8;  // 8-head n-tiles
     __shared__ __align__(128) unsigned char k_tiles[STAGES][BLOCK_KV * HEAD_DIM];
@@ -201,7 +233,7 @@ __device__ void mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsig
 
     const int2 row_range = row_valid ? key_range(ks, ke, i, S_k) : make_int2(0, 0);  // clipped
     const int row_ks = row_range.x, row_ke = row_range.y;
-    float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
+    T* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
     if (row_valid && clean_logits) {  // outside the block's range nobody else writes: -inf now
         fill_neg_inf(logits_row, 0, kv_begin, lane);
         fill_neg_inf(logits_row, kv_end, S_k, lane);
@@ -243,7 +275,7 @@ __device__ void mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsig
             if (key0 + 16 <= row_ks || key0 >= row_ke) {  // no visible key for this query: warp-uniform
                 if (clean_logits && t < 2) {
                     const int key = t == 0 ? key_lo : key_hi;
-                    if (key < kv_end) logits_row[key] = NEG_INF;
+                    if (key < kv_end) logits_row[key] = from_float<T>(NEG_INF);
                 }
                 continue;
             }
@@ -271,8 +303,8 @@ __device__ void mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsig
                 const float sum = t == 0 ? sum_lo : sum_hi;
                 if (key < kv_end) {
                     const bool visible = key >= row_ks && key < row_ke;
-                    if (visible) logits_row[key] = sum * scale_tile[key - tile_first];
-                    else if (clean_logits) logits_row[key] = NEG_INF;
+                    if (visible) logits_row[key] = from_float<T>(sum * scale_tile[key - tile_first]);
+                    else if (clean_logits) logits_row[key] = from_float<T>(NEG_INF);
                 }
             }
         }
@@ -310,10 +342,10 @@ MQA_ENTRY(mqa_logits_e4m3_h32, mqa_logits_e4m3, 32, __maxnreg__(MAX_REGISTERS))
 #define K3_THREADS (32 * K3_WARPS)
 #define K3_HEADS_PER_WARP 32
 
-template <int H>
+template <int H, typename T>
 __device__ void mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
                                const float* __restrict__ k_scale, const float* __restrict__ weights,
-                               const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                               const int* __restrict__ ks, const int* __restrict__ ke, T* __restrict__ logits,
                                int S_q, int S_k, int clean_logits) {
     constexpr int HALVES = H / K3_HEADS_PER_WARP;    // warps a query: 2 for H = 64, 1 for H = 32
     constexpr int QUERIES = K3_WARPS / HALVES;       // queries a block: 4 or 8
@@ -345,7 +377,7 @@ __device__ void mqa_logits_f16(const unsigned char* __restrict__ q, const unsign
 
     const int2 row_range = row_valid ? key_range(ks, ke, i, S_k) : make_int2(0, 0);  // clipped
     const int row_ks = row_range.x, row_ke = row_range.y;
-    float* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
+    T* logits_row = logits + (size_t)(row_valid ? i : 0) * S_k;
     if (row_valid && clean_logits) {  // outside the block's key range: -inf, the first half before, the last after
         if (half == 0) fill_neg_inf(logits_row, 0, kv_begin, lane);
         if (half == HALVES - 1) fill_neg_inf(logits_row, kv_end, S_k, lane);
@@ -381,9 +413,9 @@ __device__ void mqa_logits_f16(const unsigned char* __restrict__ q, const unsign
                 float logit = 0.f;
                 #pragma unroll
                 for (int h = 0; h < HALVES; ++h) logit += parts[h * BLOCK_KV + slot];
-                logits_row[key] = logit;
+                logits_row[key] = from_float<T>(logit);
             } else if (clean_logits) {
-                logits_row[key] = NEG_INF;
+                logits_row[key] = from_float<T>(NEG_INF);
             }
         }
     };
@@ -467,10 +499,10 @@ MQA_ENTRY(mqa_logits_f16_h32, mqa_logits_f16, 32, __launch_bounds__(K3_THREADS, 
 #define K4_SMEM_BYTES (K4_N * HEAD_DIM + K4_STAGES * BLOCK_KV * HEAD_DIM + K4_STAGES * BLOCK_KV * 4 + K4_N * 4)
 #define K4_DYNAMIC_SMEM (K4_SMEM_ALIGN + K4_SMEM_BYTES)
 
-template <int H>
+template <int H, typename T>
 __device__ void mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ k,
                                  const float* __restrict__ k_scale, const float* __restrict__ weights,
-                                 const int* __restrict__ ks, const int* __restrict__ ke, float* __restrict__ logits,
+                                 const int* __restrict__ ks, const int* __restrict__ ke, T* __restrict__ logits,
                                  int S_q, int S_k, int clean_logits) {
 #if WGMMA_AVAILABLE
     constexpr int QUERIES = K4_N / H;  // 2 for H = 64, 4 for H = 32
@@ -506,7 +538,7 @@ __device__ void mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsi
         cp_async_commit();
     }
     if (clean_logits && warp < QUERIES && i0 + warp < S_q) {  // outside the block's key range: -inf now
-        float* row = logits + (size_t)(i0 + warp) * S_k;
+        T* row = logits + (size_t)(i0 + warp) * S_k;
         fill_neg_inf(row, 0, kv_begin, lane);
         fill_neg_inf(row, kv_end, S_k, lane);
     }
@@ -559,9 +591,9 @@ __device__ void mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsi
             const int slot = 16 * warp + g + 8 * r, key = tile_first + slot;
             if (i < S_q && key < kv_end) {
                 if (key >= store_ks[m] && key < store_ke[m])
-                    logits[(size_t)i * S_k + key] = sum * scale_tiles[stage * BLOCK_KV + slot];
+                    logits[(size_t)i * S_k + key] = from_float<T>(sum * scale_tiles[stage * BLOCK_KV + slot]);
                 else if (clean_logits)
-                    logits[(size_t)i * S_k + key] = NEG_INF;
+                    logits[(size_t)i * S_k + key] = from_float<T>(NEG_INF);
             }
         }
     }

@@ -2,14 +2,26 @@
 // dsa_tutorial.paged.paged_mqa_logits is the reference, paged_mqa_logits_cuda the launcher):
 //
 //   logits[b next_n + j, p] = sum_h w[b next_n + j, h] * ReLU(q[b, j, h] . k[p]) * k_scale[p]
-//                             for p <= context_lens[b] - next_n + j, -inf for the other p
+//                             for p < len[b, j], -inf for the other p
+//
+//   len[b, j] = context_lens[b] - next_n + j + 1     context_lens int32 [B]
+//   len[b, j] = context_lens[b, j]                   context_lens int32 [B, next_n] (DeepGEMM's per-row form)
 //
 //   q            e4m3 [B, next_n, H, D]   next_n in {1, 2} (draft tokens of speculative decode)
 //   kv_cache     uint8 [num_blocks, 64, 1, D + 4]: block = 64 x D e4m3 values, then 64 fp32 scales
 //   weights      fp32 [B * next_n, H]
-//   context_lens int32 [B]; block_table int32 [B, max_blocks] (logical -> physical block)
+//   context_lens int32 [B] or [B, next_n] (the kernels' argument lens_per_row says which)
+//   block_table  int32 [B, max_blocks] (logical -> physical block)
 //   schedule_meta int32 [n_ctas + 1, 2]: (batch, 256-token segment) where each block of the grid starts
-//   logits       fp32 [B * next_n, max_context_len]
+//   logits       fp32 or bf16 [B * next_n, max_context_len]   (DeepGEMM's logits_dtype)
+//
+// A sequence's context is its longest row, context_len[b] = max_j len[b, j] (= context_lens[b] in the
+// [B] form): the kernels walk its blocks, store every p < context_len[b] of its rows (a value where
+// p < len[b, j], else -inf) and, with clean_logits, fill the rest of the rows with -inf. Both forms of
+// context_lens are read as they are, on the device (struct Lengths): no conversion launch, no host work.
+// Every kernel is compiled twice, once per storage type of the logits (template parameter T, entry
+// suffix _f32 / _bf16): the same float32 logit, stored as it is or rounded to nearest-even bf16 (-inf
+// stays -inf), half the bytes written.
 //
 // Kernels, as a progression (dsa_tutorial.paged.PAGED_MQA_LOGITS_KERNELS; each checked against
 // paged.paged_mqa_logits):
@@ -24,8 +36,8 @@
 //   m16n8k32 e4m3 with A = 16 keys (ldmatrix from the XOR-swizzled stage), B = q[b, j] in
 //   registers (reloaded when the walk enters a new batch), ReLU, times w, head sum in registers
 //   plus two shuffles, times k_scale.
-//   Stores: positions p < context_lens[b] only (a value, or -inf past the draft position's limit).
-//   With clean_logits, block s then fills [context_lens[b], max_context_len) of the rows of
+//   Stores: positions p < context_len[b] only (a value, or -inf past the draft row's length).
+//   With clean_logits, block s then fills [context_len[b], max_context_len) of the rows of
 //   batches b = s, s + n_ctas, ... with -inf, so every position is written exactly once.
 // Kernel 2 (paged_mqa_logits_f16_h64 / _h32): kernel 1 without the FP8 emulation. sm_90 has no
 //   FP8 mma.sync (ptxas converts both operands to f16 inside every m16n8k32 e4m3), so this one
@@ -54,7 +66,7 @@
 // Bounds, for ANY values of context_lens, block_table and schedule_meta (dsa_tutorial checks them
 // only with data checks on; compute-sanitizer runs every kernel on wild values,
 // benchmarks/sanitize_fp8.py): a context length is clipped to [0, max_context_len] and to the
-// 64 * max_blocks tokens a table row can map (context_len_of), a block id to [0, num_blocks)
+// 64 * max_blocks tokens a table row can map (context_len_of, row_len_of), a block id to [0, num_blocks)
 // (cache_block), a schedule entry to a batch >= 0 and a logical block in [0, max_blocks]
 // (segment_block); a block id is read only for logical blocks below the clipped context's
 // ceil(context_len / 64). So a wild value gives wrong or unwritten logits for its rows, never an
@@ -82,17 +94,21 @@
 // registers): one full wave.
 #define CTAS_PER_SM 2
 
-// The entry points: paged_mqa_logits_<variant>_h<H>[_n<NEXT_N>], one per compiled H (and next_n for
-// kernels 3 and 4), each calling its kernel's template (the macro's last argument, commas and all)
-// with the launch bounds it was tuned with.
-#define PAGED_ENTRY(NAME, BOUNDS, ...)                                                                         \
+// The entry points: paged_mqa_logits_<variant>_h<H>[_n<NEXT_N>]_<f32 | bf16>, one per compiled H (and
+// next_n for kernels 3 and 4) and storage type T of the logits, each calling KERNEL<its template
+// arguments (the macro's last ones), T> with the launch bounds it was tuned with.
+// lens_per_row: 0 for context_lens [B], 1 for [B, next_n].
+#define PAGED_ENTRY_T(NAME, BOUNDS, T, KERNEL, ...)                                                            \
     extern "C" __global__ void BOUNDS NAME(                                                                     \
         const unsigned char* q, const unsigned char* kv_cache, const float* weights, const int* context_lens,   \
-        const int* block_table, const int* schedule_meta, float* logits, int B, int next_n, int max_blocks,    \
-        int num_blocks, int max_context_len, int clean_logits) {                                                \
-        __VA_ARGS__(q, kv_cache, weights, context_lens, block_table, schedule_meta, logits, B, next_n,          \
-                    max_blocks, num_blocks, max_context_len, clean_logits);                                     \
+        int lens_per_row, const int* block_table, const int* schedule_meta, T* logits, int B, int next_n,      \
+        int max_blocks, int num_blocks, int max_context_len, int clean_logits) {                                \
+        KERNEL<__VA_ARGS__, T>(q, kv_cache, weights, context_lens, lens_per_row, block_table, schedule_meta,    \
+                               logits, B, next_n, max_blocks, num_blocks, max_context_len, clean_logits);       \
     }
+#define PAGED_ENTRY(NAME, BOUNDS, KERNEL, ...)                                                                 \
+    PAGED_ENTRY_T(NAME##_f32, BOUNDS, float, KERNEL, __VA_ARGS__)                                              \
+    PAGED_ENTRY_T(NAME##_bf16, BOUNDS, __nv_bfloat16, KERNEL, __VA_ARGS__)
 
 // ------------------------------------------------------------------ bounds, whatever the values
 // context_lens, block_table and schedule_meta are device data: dsa_tutorial checks them only with data
@@ -103,10 +119,37 @@
 __device__ __forceinline__ int context_limit(int max_context_len, int max_blocks, int num_blocks) {
     return num_blocks > 0 ? (int)min((long long)max_context_len, (long long)max_blocks * BLOCK_KV) : 0;
 }
-// context_lens[b] clipped to [0, limit]: a longer context is computed as its first `limit` tokens,
-// a negative one as empty.
-__device__ __forceinline__ int context_len_of(const int* context_lens, int b, int limit) {
-    return min(max(context_lens[b], 0), limit);
+// context_lens as the kernels read it, either form, and the clipping limit of its values.
+struct Lengths {
+    const int* context_lens;  // [B], or [B, next_n] when per_row
+    int next_n, per_row, limit;
+};
+// Batch b's context, its longest row: context_lens[b], or max_j context_lens[b, j], clipped to
+// [0, limit] (a longer context is computed as its first `limit` tokens, a negative one as empty).
+__device__ __forceinline__ int context_len_of(const Lengths& lens, int b) {
+    if (!lens.per_row) return min(max(lens.context_lens[b], 0), lens.limit);
+    int longest = 0;
+    for (int j = 0; j < lens.next_n; ++j) longest = max(longest, lens.context_lens[(size_t)b * lens.next_n + j]);
+    return min(longest, lens.limit);
+}
+// len[b, j], the positions row (b, j) sees (p < len), given context_len = context_len_of(lens, b): in the
+// [B] form context_len - next_n + j + 1 (<= 0: none), in the [B, next_n] form context_lens[b, j] clipped
+// to [0, limit]. Never above context_len, so every visible position is one the walk stores.
+__device__ __forceinline__ int row_len_of(const Lengths& lens, int b, int j, int context_len) {
+    return lens.per_row ? min(max(lens.context_lens[(size_t)b * lens.next_n + j], 0), lens.limit)
+                        : context_len - lens.next_n + j + 1;
+}
+// fill_neg_inf of cuda/common.cuh for a bf16 row: 16-byte stores of 8 bf16 -inf (0xff80) between
+// element stores at the unaligned ends.
+__device__ __forceinline__ void fill_neg_inf(__nv_bfloat16* row, int begin, int end, int lane) {
+    int head_end = begin;
+    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
+    const __nv_bfloat16 neg_inf = from_float<__nv_bfloat16>(NEG_INF);
+    for (int j = begin + lane; j < head_end; j += 32) row[j] = neg_inf;
+    const int n_vec = (end - head_end) / 8;
+    uint4* vec = reinterpret_cast<uint4*>(row + head_end);
+    for (int v = lane; v < n_vec; v += 32) vec[v] = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+    for (int j = head_end + 8 * n_vec + lane; j < end; j += 32) row[j] = neg_inf;
 }
 // Physical block `id` of the cache, id clipped to [0, num_blocks) (num_blocks > 0 wherever a block is
 // read: see context_limit): a wild id reads some block of the cache, never memory outside it.
@@ -131,12 +174,12 @@ struct Cursor {
     int b, n;
 };
 
-__device__ __forceinline__ int blocks_of(const int* context_lens, int b, int limit) {
-    return (context_len_of(context_lens, b, limit) + BLOCK_KV - 1) / BLOCK_KV;
+__device__ __forceinline__ int blocks_of(const Lengths& lens, int b) {
+    return (context_len_of(lens, b) + BLOCK_KV - 1) / BLOCK_KV;
 }
 // Skip past finished (and empty) batches: afterwards c.b >= B, or c.n < blocks_of(c.b) <= max_blocks.
-__device__ __forceinline__ void settle(Cursor& c, const int* context_lens, int B, int limit) {
-    while (c.b < B && c.n >= blocks_of(context_lens, c.b, limit)) { ++c.b; c.n = 0; }
+__device__ __forceinline__ void settle(Cursor& c, const Lengths& lens, int B) {
+    while (c.b < B && c.n >= blocks_of(lens, c.b)) { ++c.b; c.n = 0; }
 }
 // Still inside this block's share: before (end_b, logical block end_n), and inside the batch.
 __device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_n, int B) {
@@ -144,24 +187,26 @@ __device__ __forceinline__ bool inside(const Cursor& c, int end_b, int end_n, in
 }
 // This block's share of the walk, from its two rows of schedule_meta: it starts at `start` (settled on
 // a block to compute) and stops before (end_b, end_n), in (batch, logical block) terms.
-__device__ __forceinline__ void schedule_bounds(const int* schedule_meta, const int* context_lens, int B, int max_blocks,
-                                                int limit, Cursor& start, int& end_b, int& end_n) {
+__device__ __forceinline__ void schedule_bounds(const int* schedule_meta, const Lengths& lens, int B, int max_blocks,
+                                                Cursor& start, int& end_b, int& end_n) {
     start = {max(schedule_meta[2 * blockIdx.x], 0), segment_block(schedule_meta[2 * blockIdx.x + 1], max_blocks)};
     end_b = schedule_meta[2 * blockIdx.x + 2];
     end_n = segment_block(schedule_meta[2 * blockIdx.x + 3], max_blocks);
-    settle(start, context_lens, B, limit);
+    settle(start, lens, B);
 }
 
 // clean_logits: -inf past each (clipped) context, [context_len, max_context_len) of rows b next_n + j,
 // for the batches b = blockIdx.x, blockIdx.x + gridDim.x, ... (so every position is written exactly
 // once); warp r % n_warps of the block takes row r.
-__device__ __forceinline__ void fill_past_contexts(float* logits, const int* context_lens, int B, int next_n,
-                                                   int max_context_len, int limit, int n_warps) {
+template <typename T>
+__device__ __forceinline__ void fill_past_contexts(T* logits, const Lengths& lens, int B, int max_context_len,
+                                                   int n_warps) {
+    const int next_n = lens.next_n;
     for (int r = threadIdx.x / 32; ; r += n_warps) {
         const int b = blockIdx.x + (r / next_n) * gridDim.x;
         if (b >= B) break;
-        fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len,
-                     context_len_of(context_lens, b, limit), max_context_len, threadIdx.x % 32);
+        fill_neg_inf(logits + (size_t)(b * next_n + r % next_n) * max_context_len, context_len_of(lens, b),
+                     max_context_len, threadIdx.x % 32);
     }
 }
 
@@ -181,21 +226,21 @@ __device__ __forceinline__ void load_block(unsigned char* stage, const unsigned 
 // physical block into `stage` and move the cursor on (the caller commits one group a step, empty or not).
 __device__ __forceinline__ void load_next(unsigned char* stage, Cursor& load, int end_b, int end_n,
                                           const unsigned char* kv_cache, const int* block_table,
-                                          const int* context_lens, int B, int max_blocks, int num_blocks, int limit,
-                                          int n_threads) {
+                                          const Lengths& lens, int B, int max_blocks, int num_blocks, int n_threads) {
     if (!inside(load, end_b, end_n, B)) return;
     load_block(stage, kv_cache, block_table, max_blocks, num_blocks, load, n_threads);
     ++load.n;
-    settle(load, context_lens, B, limit);
+    settle(load, lens, B);
 }
 
 // ------------------------------------------------------------------------------------ kernel 1
 
-template <int H>
+template <int H, typename T>
 __device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                                       const float* __restrict__ weights, const int* __restrict__ context_lens,
-                                      const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
-                                      float* __restrict__ logits, int B, int next_n, int max_blocks, int num_blocks,
+                                      int lens_per_row, const int* __restrict__ block_table,
+                                      const int* __restrict__ schedule_meta, T* __restrict__ logits,
+                                      int B, int next_n, int max_blocks, int num_blocks,
                                       int max_context_len, int clean_logits) {
     constexpr int N_TILES = H / 8;
     __shared__ __align__(128) unsigned char stages[STAGES][BLOCK_BYTES];
@@ -206,16 +251,15 @@ __device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const
     const int j = warp % next_n;                      // this warp's draft position
     const int first_mt = warp / next_n, mt_step = WARPS / next_n;
 
-    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    const Lengths lens = {context_lens, next_n, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
     Cursor load;
     int end_b, end_n;
-    schedule_bounds(schedule_meta, context_lens, B, max_blocks, limit, load, end_b, end_n);
+    schedule_bounds(schedule_meta, lens, B, max_blocks, load, end_b, end_n);
     Cursor work = load;
 
     // pipeline prologue: the first STAGES - 1 blocks in flight
     for (int s = 0; s < STAGES - 1; ++s) {
-        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, context_lens, B, max_blocks, num_blocks, limit,
-                  THREADS);
+        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, lens, B, max_blocks, num_blocks, THREADS);
         cp_async_commit();
     }
 
@@ -226,8 +270,8 @@ __device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const
     for (int step = 0; inside(work, end_b, end_n, B); ++step) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // block `step` has landed, and every warp is done with block step - 1
-        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, context_lens, B,
-                  max_blocks, num_blocks, limit, THREADS);
+        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, lens, B,
+                  max_blocks, num_blocks, THREADS);
         cp_async_commit();
 
         const int b = work.b, row = b * next_n + j;
@@ -249,16 +293,16 @@ __device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const
 
         const unsigned char* stage = stages[step % STAGES];
         const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
-        const int context_len = context_len_of(context_lens, b, limit);
-        const int last_visible = context_len - next_n + j;  // query j sees p <= last_visible
-        float* logits_row = logits + (size_t)row * max_context_len;
+        const int context_len = context_len_of(lens, b);
+        const int row_len = row_len_of(lens, b, j, context_len);  // draft j sees p < row_len
+        T* logits_row = logits + (size_t)row * max_context_len;
         #pragma unroll 1
         for (int mt = first_mt; mt < BLOCK_KV / 16; mt += mt_step) {
             const int p0 = work.n * BLOCK_KV + mt * 16;  // position of the m-tile's first key
             if (p0 >= context_len) break;                // past the context: nothing to store
             const int p_lo = p0 + g, p_hi = p0 + g + 8;
             float sum_lo = 0.f, sum_hi = 0.f;
-            if (p0 <= last_visible) {  // some key visible to query j (warp-uniform)
+            if (p0 < row_len) {  // some key visible to draft j (warp-uniform)
                 #pragma unroll
                 for (int hg = 0; hg < N_TILES / 4; ++hg) {
                     // scores[p, h] = k[p] . q[b, j, h] for 16 keys x 32 heads
@@ -278,19 +322,19 @@ __device__ void paged_mqa_logits_e4m3(const unsigned char* __restrict__ q, const
             if (t < 2) {
                 const int p = t == 0 ? p_lo : p_hi;
                 const float sum = t == 0 ? sum_lo : sum_hi;
-                if (p < context_len) logits_row[p] = p <= last_visible ? sum * k_scale[p % BLOCK_KV] : NEG_INF;
+                if (p < context_len) logits_row[p] = from_float<T>(p < row_len ? sum * k_scale[p % BLOCK_KV] : NEG_INF);
             }
         }
         ++work.n;
-        settle(work, context_lens, B, limit);
+        settle(work, lens, B);
     }
     cp_async_wait<0>();
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, limit, WARPS);
+    if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, WARPS);
 }
 
-PAGED_ENTRY(paged_mqa_logits_e4m3_h64, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3<64>)
-PAGED_ENTRY(paged_mqa_logits_e4m3_h32, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3<32>)
+PAGED_ENTRY(paged_mqa_logits_e4m3_h64, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3, 64)
+PAGED_ENTRY(paged_mqa_logits_e4m3_h32, __maxnreg__(MAX_REGISTERS), paged_mqa_logits_e4m3, 32)
 
 // ------------------------------------------------------------------------------------ kernel 2
 
@@ -303,11 +347,12 @@ PAGED_ENTRY(paged_mqa_logits_e4m3_h32, __maxnreg__(MAX_REGISTERS), paged_mqa_log
 #define K2_MTILES (BLOCK_KV / 16)  // 16-key m-tiles of a physical block: one warp each, per (draft position, half)
 #define K2_MAX_THREADS 512         // K2_MTILES x next_n x H / 32 warps: at most 4 x 2 x 2 = 16
 
-template <int H>
+template <int H, typename T>
 __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                                      const float* __restrict__ weights, const int* __restrict__ context_lens,
-                                     const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
-                                     float* __restrict__ logits, int B, int next_n, int max_blocks, int num_blocks,
+                                     int lens_per_row, const int* __restrict__ block_table,
+                                     const int* __restrict__ schedule_meta, T* __restrict__ logits,
+                                     int B, int next_n, int max_blocks, int num_blocks,
                                      int max_context_len, int clean_logits) {
     constexpr int HALVES = H / K2_HEADS_PER_WARP;   // warps a draft position: 2 for H = 64, 1 for H = 32
     constexpr int N_TILES = K2_HEADS_PER_WARP / 8;  // 4
@@ -326,15 +371,14 @@ __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const 
     const int part = warp % parts, mt = warp / parts;  // this warp: 16 keys mt of each block, for one part
     const int j = part / HALVES, half = part % HALVES;
 
-    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    const Lengths lens = {context_lens, next_n, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
     Cursor load;
     int end_b, end_n;
-    schedule_bounds(schedule_meta, context_lens, B, max_blocks, limit, load, end_b, end_n);
+    schedule_bounds(schedule_meta, lens, B, max_blocks, load, end_b, end_n);
     Cursor work = load;
 
     for (int s = 0; s < STAGES - 1; ++s) {
-        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, context_lens, B, max_blocks, num_blocks, limit,
-                  n_threads);
+        load_next(stages[s], load, end_b, end_n, kv_cache, block_table, lens, B, max_blocks, num_blocks, n_threads);
         cp_async_commit();
     }
 
@@ -346,16 +390,16 @@ __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const 
     auto store_block = [&](const Cursor& c, int done) {
         if (threadIdx.x >= next_n * BLOCK_KV) return;
         const int jj = threadIdx.x / BLOCK_KV, slot = threadIdx.x % BLOCK_KV;
-        const int context_len = context_len_of(context_lens, c.b, limit), p = c.n * BLOCK_KV + slot;
+        const int context_len = context_len_of(lens, c.b), p = c.n * BLOCK_KV + slot;
         if (p >= context_len) return;  // past the context: nothing stored (clean_logits fills it below)
         // logits[b next_n + jj, p] = sum over the head halves of k_scale[p] * sum_h w ReLU(q . k), or -inf
-        float logit = NEG_INF;         // positions draft jj cannot see yet
-        if (p <= context_len - next_n + jj) {  // visible: its m-tile was computed, its partials written
+        float logit = NEG_INF;         // positions draft jj cannot see
+        if (p < row_len_of(lens, c.b, jj, context_len)) {  // visible: its m-tile was computed, its partials written
             logit = 0.f;
             #pragma unroll
             for (int h = 0; h < HALVES; ++h) logit += partials[done % 2][jj * HALVES + h][slot];
         }
-        logits[(size_t)(c.b * next_n + jj) * max_context_len + p] = logit;
+        logits[(size_t)(c.b * next_n + jj) * max_context_len + p] = from_float<T>(logit);
     };
 
     Cursor done = work;
@@ -363,8 +407,8 @@ __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const 
     for (; inside(work, end_b, end_n, B); ++step) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // block `step` has landed; every warp is done with step - 1 and its partials
-        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, context_lens, B,
-                  max_blocks, num_blocks, limit, n_threads);
+        load_next(stages[(step + STAGES - 1) % STAGES], load, end_b, end_n, kv_cache, block_table, lens, B,
+                  max_blocks, num_blocks, n_threads);
         cp_async_commit();
         if (step > 0) store_block(done, step - 1);
 
@@ -386,10 +430,10 @@ __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const 
 
         const unsigned char* stage = stages[step % STAGES];
         const float* k_scale = reinterpret_cast<const float*>(stage + VALUE_BYTES);
-        const int context_len = context_len_of(context_lens, b, limit);
+        const int context_len = context_len_of(lens, b);
         const int p0 = work.n * BLOCK_KV + mt * 16;  // position of the m-tile's first key
         // some key of the m-tile visible to draft j (warp-uniform); else store_block writes -inf / nothing
-        if (p0 <= context_len - next_n + j) {
+        if (p0 < row_len_of(lens, b, j, context_len)) {
             // scores[p, h] = k[p] . q[b, j, h] for 16 keys x this warp's 32 heads, float32 accumulators
             float acc[N_TILES][4];
             f16_key_scores(acc, stage, mt, q_frag, lane);
@@ -410,17 +454,17 @@ __device__ void paged_mqa_logits_f16(const unsigned char* __restrict__ q, const 
         }
         done = work;
         ++work.n;
-        settle(work, context_lens, B, limit);
+        settle(work, lens, B);
     }
     __syncthreads();  // the last block's partials are complete
     if (step > 0) store_block(done, step - 1);
     cp_async_wait<0>();
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, next_n, max_context_len, limit, n_threads / 32);
+    if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, n_threads / 32);
 }
 
-PAGED_ENTRY(paged_mqa_logits_f16_h64, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16<64>)
-PAGED_ENTRY(paged_mqa_logits_f16_h32, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16<32>)
+PAGED_ENTRY(paged_mqa_logits_f16_h64, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16, 64)
+PAGED_ENTRY(paged_mqa_logits_f16_h32, __launch_bounds__(K2_MAX_THREADS), paged_mqa_logits_f16, 32)
 
 // ------------------------------------------------------------------------------------ kernel 3
 
@@ -513,12 +557,12 @@ __device__ __forceinline__ int first_run(const int* schedule_meta) { return max(
 // computes (empty for an empty context), with 0 <= n_begin and n_end <= ceil(context_len / 64) <=
 // max_blocks whatever the schedule and context_lens hold. The row's bounds are re-read at each run
 // (schedule_entry: L1 hits), not kept in registers through the unit loop.
-__device__ __forceinline__ bool schedule_run(const int* schedule_meta, const int* context_lens, int B, int b,
-                                             int limit, int max_blocks, int& context_len, int& n_begin, int& n_end) {
+__device__ __forceinline__ bool schedule_run(const int* schedule_meta, const Lengths& lens, int B, int b,
+                                             int max_blocks, int& context_len, int& n_begin, int& n_end) {
     const int start_b = first_run(schedule_meta), start_seg = schedule_entry(schedule_meta, 1);
     const int end_b = schedule_entry(schedule_meta, 2), end_seg = schedule_entry(schedule_meta, 3);
     if (!(b < B && (b < end_b || (b == end_b && end_seg > 0)))) return false;
-    context_len = context_len_of(context_lens, b, limit);
+    context_len = context_len_of(lens, b);
     const int n_blocks = (context_len + BLOCK_KV - 1) / BLOCK_KV;
     n_begin = b == start_b ? segment_block(start_seg, max_blocks) : 0;
     n_end = b == end_b ? min(segment_block(end_seg, max_blocks), n_blocks) : n_blocks;
@@ -528,16 +572,17 @@ __device__ __forceinline__ bool schedule_run(const int* schedule_meta, const int
 // Dynamic shared memory: q fragments [NEXT_N][H / 8][4][32] uint4, w [NEXT_N][H] float, then the
 // stages of the K3_WARPS warps (K3_STAGES x 4224 bytes each): NEXT_N H K3_SMEM_PER_ROW + K3_SMEM_STAGES
 // bytes, the size dsa_tutorial.paged launches it with.
-template <int H, int NEXT_N>
+template <int H, int NEXT_N, typename T>
 __device__ void paged_mqa_logits_warps(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                                        const float* __restrict__ weights, const int* __restrict__ context_lens,
-                                       const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
-                                       float* __restrict__ logits, int B, int /* next_n = NEXT_N */, int max_blocks,
+                                       int lens_per_row, const int* __restrict__ block_table,
+                                       const int* __restrict__ schedule_meta, T* __restrict__ logits,
+                                       int B, int /* next_n = NEXT_N */, int max_blocks,
                                        int num_blocks, int max_context_len, int clean_logits) {
     constexpr int NT = H / 8;                         // n-tiles of 8 heads
     constexpr int Q_FRAGS = NEXT_N * NT * 4 * 32;     // uint4 entries
     static_assert(Q_FRAGS * 16 + NEXT_N * H * 4 == NEXT_N * H * K3_SMEM_PER_ROW, "K3_SMEM_PER_ROW is the q + w carve");
-    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    const Lengths lens = {context_lens, NEXT_N, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
     extern __shared__ __align__(128) unsigned char k3_smem[];
     uint4* q_frags = reinterpret_cast<uint4*>(k3_smem);
     float* w_s = reinterpret_cast<float*>(k3_smem + Q_FRAGS * 16);
@@ -550,7 +595,7 @@ __device__ void paged_mqa_logits_warps(const unsigned char* __restrict__ q, cons
     // runs: the blocks of one batch inside this schedule row (schedule_run)
     for (int b = first_run(schedule_meta); ; ++b) {
         int context_len, n_begin, n_end;
-        if (!schedule_run(schedule_meta, context_lens, B, b, limit, max_blocks, context_len, n_begin, n_end)) break;
+        if (!schedule_run(schedule_meta, lens, B, b, max_blocks, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int first = n_begin * BLOCK_KV;  // position of the run's first key
         const int n_units = (min(context_len, n_end * BLOCK_KV) - first + K3_UNIT_KEYS - 1) / K3_UNIT_KEYS;
@@ -650,19 +695,19 @@ __device__ void paged_mqa_logits_warps(const unsigned char* __restrict__ q, cons
                 const int pos = first + K3_UNIT_KEYS * (warp + K3_WARPS * i) + 8 * t + g;
                 if (pos < context_len)
                     logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
-                        pos <= context_len - NEXT_N + j ? total * scale : NEG_INF;
+                        from_float<T>(pos < row_len_of(lens, b, j, context_len) ? total * scale : NEG_INF);
             }
         }
         cp_async_wait<0>();
     }
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, limit, K3_WARPS);
+    if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, K3_WARPS);
 }
 
-PAGED_ENTRY(paged_mqa_logits_warps_h64_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<64, 1>)
-PAGED_ENTRY(paged_mqa_logits_warps_h64_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<64, 2>)
-PAGED_ENTRY(paged_mqa_logits_warps_h32_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<32, 1>)
-PAGED_ENTRY(paged_mqa_logits_warps_h32_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps<32, 2>)
+PAGED_ENTRY(paged_mqa_logits_warps_h64_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps, 64, 1)
+PAGED_ENTRY(paged_mqa_logits_warps_h64_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps, 64, 2)
+PAGED_ENTRY(paged_mqa_logits_warps_h32_n1, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps, 32, 1)
+PAGED_ENTRY(paged_mqa_logits_warps_h32_n2, __launch_bounds__(K3_THREADS, CTAS_PER_SM), paged_mqa_logits_warps, 32, 2)
 
 // ------------------------------------------------------------------------------------ kernel 4
 //
@@ -710,15 +755,16 @@ __device__ __forceinline__ void k4_load_block(unsigned char* values, float* scal
 // Dynamic shared memory, K4_SMEM_ALIGN-byte aligned inside: the q tile [N][128], the rings' values
 // [K4_WARPGROUPS][K4_STAGES][8192] and scales [K4_WARPGROUPS][K4_STAGES][64], w [N]: N K4_SMEM_PER_ROW +
 // K4_SMEM_STAGES bytes after the alignment slack.
-template <int H, int NEXT_N>
+template <int H, int NEXT_N, typename T>
 __device__ void paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                                        const float* __restrict__ weights, const int* __restrict__ context_lens,
-                                       const int* __restrict__ block_table, const int* __restrict__ schedule_meta,
-                                       float* __restrict__ logits, int B, int /* next_n = NEXT_N */, int max_blocks,
+                                       int lens_per_row, const int* __restrict__ block_table,
+                                       const int* __restrict__ schedule_meta, T* __restrict__ logits,
+                                       int B, int /* next_n = NEXT_N */, int max_blocks,
                                        int num_blocks, int max_context_len, int clean_logits) {
 #if WGMMA_AVAILABLE
     constexpr int N = NEXT_N * H;  // B rows: (draft position j, head h)
-    const int limit = context_limit(max_context_len, max_blocks, num_blocks);
+    const Lengths lens = {context_lens, NEXT_N, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
     extern __shared__ unsigned char k4_smem_raw[];
     unsigned char* q_tile = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<size_t>(k4_smem_raw) + K4_SMEM_ALIGN - 1) & ~size_t(K4_SMEM_ALIGN - 1));
@@ -736,7 +782,7 @@ __device__ void paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, cons
 
     for (int b = first_run(schedule_meta); ; ++b) {  // runs: the blocks of one batch, as in kernel 3
         int context_len, n_begin, n_end;
-        if (!schedule_run(schedule_meta, context_lens, B, b, limit, max_blocks, context_len, n_begin, n_end)) break;
+        if (!schedule_run(schedule_meta, lens, B, b, max_blocks, context_len, n_begin, n_end)) break;
         if (n_begin >= n_end) continue;  // an empty context (block-uniform)
         const int n_units = n_end - n_begin;  // physical blocks of the run
         const int my_units = wg < n_units ? (n_units - wg + K4_WARPGROUPS - 1) / K4_WARPGROUPS : 0;
@@ -798,20 +844,20 @@ __device__ void paged_mqa_logits_wgmma(const unsigned char* __restrict__ q, cons
                 const int slot = 16 * warp + g + 8 * r;
                 const int pos = (n_begin + wg + K4_WARPGROUPS * i) * BLOCK_KV + slot;
                 if (pos < context_len)
-                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
-                        pos <= context_len - NEXT_N + j ? total * scales[stage * BLOCK_KV + slot] : NEG_INF;
+                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] = from_float<T>(
+                        pos < row_len_of(lens, b, j, context_len) ? total * scales[stage * BLOCK_KV + slot] : NEG_INF);
             }
         }
         cp_async_wait<0>();
     }
 
-    if (clean_logits) fill_past_contexts(logits, context_lens, B, NEXT_N, max_context_len, limit, K4_THREADS / 32);
+    if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, K4_THREADS / 32);
 #else
     __trap();  // wgmma needs sm_90a; dsa_tutorial never launches this kernel elsewhere
 #endif
 }
 
-PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<64, 1>)
-PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<64, 2>)
-PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<32, 1>)
-PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma<32, 2>)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 64, 1)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 64, 2)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 32, 1)
+PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 32, 2)

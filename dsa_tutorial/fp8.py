@@ -35,6 +35,11 @@ the logits of the clipped range.
 `mqa_logits_cuda` with clean_logits=False: the kernels write every position of the key range that
 their block of queries computes (-inf where the row's own mask says so) and leave the columns
 outside that range as `out` (or `torch.empty`) had them: unspecified. Only [ks_i, ke_i) is defined.
+
+Both the reference and the kernels store the logits as logits_dtype (DeepGEMM's keyword): float32,
+or bfloat16 = the float32 logit rounded to nearest even (-inf kept). Every kernel is compiled once
+per storage type (entry suffix _f32 / _bf16, the `out` variant of MQA_LOGITS_KERNELS), so a bf16
+kernel writes exactly its float32 twin's logits rounded, in half the bytes.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ __all__ = [
     "FP8_E4M3_MAX",
     "AMAX_FLOOR",
     "LOGITS_DTYPES",
+    "LOGITS_OUT",
     "ACT_QUANT_KERNELS",
     "MQA_LOGITS_KERNELS",
     "act_quant",
@@ -76,13 +82,16 @@ ACT_QUANT_KERNELS = KernelTable("act_quant", [
 ], variants={"dtype": ("f32", "bf16")})
 
 MQA_LOGITS_KERNELS = KernelTable("mqa_logits", [
-    Kernel(1, "mqa_logits_naive", "one thread per (query, key), scalar float32: the formula in CUDA",
+    Kernel(1, "mqa_logits_naive_{out}", "one thread per (query, key), scalar float32: the formula in CUDA",
            needs="S_q <= 65535 (queries on grid.y)"),
-    Kernel(2, "mqa_logits_e4m3_h{H}", "mma.sync e4m3, one query a warp (sm_90 emulates it with f16 mma)"),
-    Kernel(3, "mqa_logits_f16_h{H}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation"),
-    Kernel(4, "mqa_logits_wgmma_h{H}", "Hopper's warpgroup MMA on the e4m3 values in shared memory",
+    Kernel(2, "mqa_logits_e4m3_h{H}_{out}", "mma.sync e4m3, one query a warp (sm_90 emulates it with f16 mma)"),
+    Kernel(3, "mqa_logits_f16_h{H}_{out}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation"),
+    Kernel(4, "mqa_logits_wgmma_h{H}_{out}", "Hopper's warpgroup MMA on the e4m3 values in shared memory",
            needs="compute capability 9.0 (sm_90a)"),
-], variants={"H": (64, 32)})
+], variants={"H": (64, 32), "out": ("f32", "bf16")})
+
+# The `out` variant of the logits kernels (here and in paged.PAGED_MQA_LOGITS_KERNELS) for each logits_dtype
+LOGITS_OUT = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def wgmma_why_not(device) -> str | None:
@@ -243,14 +252,11 @@ def _split_kv(kv):
     return k, k_scale
 
 
-def check_logits_dtype(logits_dtype, *, cuda: bool) -> None:
-    """logits_dtype (DeepGEMM's keyword) is torch.float32 or torch.bfloat16; the kernels (cuda=True)
-    write float32 only for now. Host metadata only: checked before any launch."""
+def check_logits_dtype(logits_dtype) -> None:
+    """logits_dtype (DeepGEMM's keyword) is torch.float32 or torch.bfloat16, for the references and the
+    kernels alike. Host metadata only: checked before any launch."""
     if not isinstance(logits_dtype, torch.dtype) or logits_dtype not in LOGITS_DTYPES:
         raise ValueError(f"logits_dtype must be torch.float32 or torch.bfloat16, got {logits_dtype!r}")
-    if cuda and logits_dtype != torch.float32:
-        raise ValueError(f"the CUDA kernels write float32 logits: logits_dtype must be torch.float32, got "
-                         f"{logits_dtype} (bfloat16 logits run in the references mqa_logits and paged_mqa_logits)")
 
 
 def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
@@ -294,7 +300,7 @@ def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: i
     q [S_q, H, D] and k [S_k, D] may be e4m3 (their exact values are used) or unquantised floats
     (with k_scale = 1): that is the higher-precision reference the kernels are judged against.
     The reference always writes -inf outside the ranges (clean_logits only matters to the kernels)."""
-    check_logits_dtype(logits_dtype, cuda=False)
+    check_logits_dtype(logits_dtype)
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=False)
     k, k_scale = _split_kv(kv)
     S_q, S_k = dims["S_q"], dims["S_k"]
@@ -326,40 +332,43 @@ def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel
     3 f16 mma.sync, 4 wgmma on compute capability 9.0) or None, the best that runs here (4, else 3).
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
-    ks, ke [S_q] int32 -> logits [S_q, S_k] float32; outside [ks_i, ke_i) -inf when clean_logits,
-    else unspecified. `out` (optional, [S_q, S_k] float32 contiguous) receives them. logits_dtype:
-    torch.float32, what the kernels write (bfloat16, DeepGEMM's other choice, is refused before any
-    launch for now; the reference mqa_logits takes it).
+    ks, ke [S_q] int32 -> logits [S_q, S_k] logits_dtype; outside [ks_i, ke_i) -inf when clean_logits,
+    else unspecified. logits_dtype: torch.float32, or torch.bfloat16 (the float32 logits rounded to
+    nearest even as the kernel stores them, -inf kept: half the bytes written). `out` (optional,
+    [S_q, S_k] of logits_dtype, contiguous) receives them.
 
     No host synchronisation: ks and ke are checked only with data checks on; with them off, an
     invalid range is clipped to [max(ks, 0), min(ke, S_k)) (empty when reversed), never read or
     written out of bounds, and its row holds the logits of that clipped range."""
     if kernel is not None:
         MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
-    check_logits_dtype(logits_dtype, cuda=True)
+    check_logits_dtype(logits_dtype)
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
     chosen = MQA_LOGITS_KERNELS.choose(kernel, _mqa_logits_why_not(q.device, dims["S_q"]))
     shape = (dims["S_q"], dims["S_k"])
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(shape, dtype=logits_dtype, device=q.device)
     else:
-        check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
+        check_tensor(out, "out", shape=shape, dtype=logits_dtype, device=q.device, contiguous=True)
     k, k_scale = _split_kv(kv)
     _launch_mqa_logits(chosen.version, q, k, k_scale, weights, ks, ke, out, clean_logits)
     return out
 
 
 def _launch_mqa_logits(version: int, q, k, k_scale, weights, ks, ke, logits, clean_logits: bool) -> None:
-    """Launch kernel `version` on checked inputs, geometry from the .cu's #defines."""
+    """Launch kernel `version` on checked inputs, geometry from the .cu's #defines; the entry that
+    stores logits's dtype (float32 or bfloat16)."""
     S_q, H, _ = q.shape
     S_k = k.shape[0]
     if S_q == 0 or S_k == 0:
         return
     d = MQA_LOGITS_KERNELS.defines()
     args = (q, k, k_scale, weights, ks, ke, logits, S_q, S_k)
+    out = LOGITS_OUT[logits.dtype]
     if version == 1:  # one thread per (query, key): keys on grid.x, queries on grid.y
         threads = d["NAIVE_THREADS"]
-        MQA_LOGITS_KERNELS.launch(1, grid=(-(-S_k // threads), S_q), block=threads, args=(*args, H, bool(clean_logits)))
+        MQA_LOGITS_KERNELS.launch(1, grid=(-(-S_k // threads), S_q), block=threads, args=(*args, H, bool(clean_logits)),
+                                  out=out)
         return
     queries, threads, smem = {  # queries a block, threads a block, dynamic shared memory
         2: (d["QUERIES_PER_CTA"], d["THREADS"], 0),
@@ -367,4 +376,4 @@ def _launch_mqa_logits(version: int, q, k, k_scale, weights, ks, ke, logits, cle
         4: (d["K4_N"] // H, d["K4_THREADS"], d["K4_DYNAMIC_SMEM"]),
     }[version]
     MQA_LOGITS_KERNELS.launch(version, grid=-(-S_q // queries), block=threads, shared_mem=smem,
-                              args=(*args, bool(clean_logits)), H=H)
+                              args=(*args, bool(clean_logits)), H=H, out=out)

@@ -39,23 +39,24 @@ Which function runs where:
   compute capability 9.0 only, and is refused elsewhere). kernel=None takes the best that runs
   here: 4, else 3. Each launches one block per schedule row; ask the schedule for
   `schedule_size(device)` = CTAS_PER_SM (a #define of the .cu) x the SM count (any size is correct).
-  The kernels take context_lens [B] and write float32 logits: the [B, next_n] form and bfloat16
-  are refused before any launch.
+  Every kernel takes both forms of context_lens as they are (an argument says which, and the kernel
+  derives len[b, j] itself: no conversion, no extra launch) and is compiled once per logits_dtype
+  (the `out` variant, entry suffix _f32 / _bf16: bfloat16 writes half the bytes).
 
 No host synchronisation in `paged_mqa_logits_cuda` nor in `paged_mqa_logits_metadata` on GPU
 tensors: the values of context_lens, block_table and schedule_meta are checked only with data
 checks on (`checks.set_data_checks`, or DSA_CHECK=1). With them off, the kernels stay memory-safe
 for any values (see paged_mqa_logits_cuda for what an invalid value produces).
 
-clean_logits=False: the kernel still writes every position p < context_lens[b] (a value or -inf
-for the draft positions j cannot see yet) and leaves p >= context_lens[b] untouched (unspecified).
+clean_logits=False: the kernel still writes every position p < L_b, the longest row of sequence b (a
+value, or -inf where p >= len[b, j]), and leaves p >= L_b untouched (unspecified).
 """
 from __future__ import annotations
 
 import torch
 
 from .checks import check_range, check_same_device, check_tensor, data_checks_wanted
-from .fp8 import _FLOAT_INPUTS, check_logits_dtype, mqa_logits, wgmma_why_not
+from .fp8 import _FLOAT_INPUTS, LOGITS_OUT, check_logits_dtype, mqa_logits, wgmma_why_not
 from .kernels import Kernel, KernelTable
 
 __all__ = [
@@ -80,12 +81,14 @@ BLOCK_KV = 64  # tokens per physical block
 SPLIT_KV = 4 * BLOCK_KV  # tokens per schedule segment (DeepGEMM: block_kv x 4 math warpgroups)
 
 PAGED_MQA_LOGITS_KERNELS = KernelTable("paged_mqa_logits", [
-    Kernel(1, "paged_mqa_logits_e4m3_h{H}", "4 warps a block, mma.sync e4m3 (sm_90 emulates it with f16 mma)"),
-    Kernel(2, "paged_mqa_logits_f16_h{H}", "e4m3 converted to f16 once, f16 mma.sync, a warp per (16 keys, draft, 32 heads)"),
-    Kernel(3, "paged_mqa_logits_warps_h{H}_n{next_n}", "6 warps, each its own cp.async pipeline of 32-key units, f16 mma.sync"),
-    Kernel(4, "paged_mqa_logits_wgmma_h{H}_n{next_n}", "2 warpgroups, each its own ring of physical blocks, wgmma on e4m3",
-           needs="compute capability 9.0 (sm_90a)"),
-], variants={"H": (64, 32), "next_n": (1, 2)})
+    Kernel(1, "paged_mqa_logits_e4m3_h{H}_{out}", "4 warps a block, mma.sync e4m3 (sm_90 emulates it with f16 mma)"),
+    Kernel(2, "paged_mqa_logits_f16_h{H}_{out}",
+           "e4m3 converted to f16 once, f16 mma.sync, a warp per (16 keys, draft, 32 heads)"),
+    Kernel(3, "paged_mqa_logits_warps_h{H}_n{next_n}_{out}",
+           "6 warps, each its own cp.async pipeline of 32-key units, f16 mma.sync"),
+    Kernel(4, "paged_mqa_logits_wgmma_h{H}_n{next_n}_{out}",
+           "2 warpgroups, each its own ring of physical blocks, wgmma on e4m3", needs="compute capability 9.0 (sm_90a)"),
+], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")})
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -210,8 +213,8 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
     """Every check of fp8_paged_mqa_logits, before any launch; returns the named dims.
 
     Always (host metadata, free): dtypes, shapes (context_lens [B] or [B, next_n]), one device,
-    next_n in {1, 2}, max_context_len; for the kernels (cuda=True) context_lens [B], e4m3 q, H and D
-    they are compiled for, contiguous CUDA tensors and a schedule_meta of >= 2 rows. The values
+    next_n in {1, 2}, max_context_len; for the kernels (cuda=True) e4m3 q, H and D they are compiled
+    for, contiguous CUDA tensors and a schedule_meta of >= 2 rows. The values
     (every length in [0, max_context_len] and each sequence's longest within its table row, the
     block ids it uses in [0, num_blocks), schedule_meta equal to paged_mqa_logits_metadata(context_lens))
     only where checks.data_checks_wanted: always on the CPU, on a GPU with data checks on (reading
@@ -228,9 +231,6 @@ def check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule
     check_tensor(weights, "weights", shape=(dims["B"] * dims["next_n"], "H"), dims=dims, dtype=torch.float32,
                  **on_gpu)
     _check_context_lens(context_lens, dims, **on_gpu)
-    if cuda and context_lens.dim() == 2:
-        raise ValueError("the CUDA kernels take context_lens [B]; the per-row form [B, next_n] runs in the "
-                         f"reference paged_mqa_logits (got context_lens of shape {list(context_lens.shape)})")
     check_tensor(block_table, "block_table", shape=("B", "max_blocks"), dims=dims, dtype=torch.int32, **on_gpu)
     tensors = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
     if not isinstance(max_context_len, int) or isinstance(max_context_len, bool) or max_context_len < 0:
@@ -288,7 +288,7 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_m
     (b, j) sees p < context_lens[b, j]). Gathers each sequence's keys, up to its longest row, from
     its blocks and calls fp8.mqa_logits with ks = 0, ke = len[b, j] (the module docstring's).
     schedule_meta is checked when given, not used."""
-    check_logits_dtype(logits_dtype, cuda=False)
+    check_logits_dtype(logits_dtype)
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=False)
     B, next_n = dims["B"], dims["next_n"]
@@ -312,18 +312,20 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
     here (4, else 3).
 
     q [B, next_n, H, D] e4m3 (next_n in {1, 2}), kv_cache uint8 [num_blocks, 64, 1, D + 4],
-    weights [B * next_n, H] float32, context_lens [B] int32, block_table [B, max_blocks] int32,
-    schedule_meta from paged_mqa_logits_metadata -> logits [B * next_n, max_context_len] float32.
-    `out` (optional, that shape, float32 contiguous) receives them: tests pass a poisoned buffer.
-    DeepGEMM's other forms are refused before any launch, from host metadata: context_lens
-    [B, next_n] and logits_dtype=torch.bfloat16 (the kernels write float32); the reference
-    paged_mqa_logits takes both.
+    weights [B * next_n, H] float32, context_lens int32 [B] or [B, next_n] (DeepGEMM's per-row form:
+    row (b, j) sees p < context_lens[b, j]), block_table [B, max_blocks] int32, schedule_meta from
+    paged_mqa_logits_metadata(context_lens) -> logits [B * next_n, max_context_len] of logits_dtype:
+    torch.float32, or torch.bfloat16 (the float32 logits rounded to nearest even as the kernel stores
+    them, -inf kept). `out` (optional, that shape and dtype, contiguous) receives them: tests pass a
+    poisoned buffer. Both forms of context_lens go to the kernel as they are, with a flag: no
+    conversion, no extra launch.
 
     No host synchronisation: the values of context_lens, block_table and schedule_meta are checked
     only with data checks on. With them off, invalid values never make a kernel read or write out
     of bounds, and produce:
     * a context length below 0 or above min(max_context_len, 64 * max_blocks): the length clipped
-      to that range (rows of a negative one are all -inf with clean_logits);
+      to that range (rows of a negative one are all -inf with clean_logits); in the [B] form the
+      sequence's length is clipped and its rows derived from it, in the [B, next_n] form each row's;
     * a block id outside [0, num_blocks): the id clipped into it, so those 64 positions hold the
       logits of another block's keys (unspecified values);
     * a schedule_meta that does not match context_lens: positions that no block of the grid walks
@@ -331,15 +333,15 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
       [0, max_blocks]."""
     if kernel is not None:
         PAGED_MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
-    check_logits_dtype(logits_dtype, cuda=True)
+    check_logits_dtype(logits_dtype)
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
     chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, {4: wgmma_why_not(q.device)})
     shape = (dims["B"] * dims["next_n"], max_context_len)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(shape, dtype=logits_dtype, device=q.device)
     else:
-        check_tensor(out, "out", shape=shape, dtype=torch.float32, device=q.device, contiguous=True)
+        check_tensor(out, "out", shape=shape, dtype=logits_dtype, device=q.device, contiguous=True)
     _launch_paged(chosen.version, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                   clean_logits, out)
     return out
@@ -361,12 +363,14 @@ def _launch_geometry(version: int, next_n: int, H: int) -> tuple[int, int]:
 
 def _launch_paged(version: int, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                   clean_logits, out) -> None:
-    """Launch kernel `version` on checked inputs: one block per schedule row."""
+    """Launch kernel `version` on checked inputs: one block per schedule row, the entry that stores
+    out's dtype; context_lens as it is, with lens_per_row = 1 for the [B, next_n] form."""
     B, next_n, H, _ = q.shape
     if B == 0 or max_context_len == 0:
         return
     threads, smem = _launch_geometry(version, next_n, H)
     PAGED_MQA_LOGITS_KERNELS.launch(
         version, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem, H=H, next_n=next_n,
-        args=(q, kv_cache, weights, context_lens, block_table, schedule_meta, out, B, next_n, block_table.shape[1],
-              kv_cache.shape[0], max_context_len, bool(clean_logits)))
+        out=LOGITS_OUT[out.dtype],
+        args=(q, kv_cache, weights, context_lens, context_lens.dim() == 2, block_table, schedule_meta, out, B, next_n,
+              block_table.shape[1], kv_cache.shape[0], max_context_len, bool(clean_logits)))

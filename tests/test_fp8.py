@@ -34,6 +34,26 @@ def pretend_no_wgmma(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: False)
 
 
+def assert_bf16_logits(out_bf16, out_f32, ref_bf16, ref_f32, *, atol: float, name: str, where=None) -> None:
+    """What a kernel's bfloat16 logits must be (the `bf16` entry of its table), at the positions `where`
+    (all by default):
+    * bit for bit its float32 entry's logits rounded to nearest even, -inf kept (the same computation,
+      stored through from_float<bf16>);
+    * so, bit for bit the reference's bf16 logits where the float32 kernel equals the float32
+      reference bit for bit;
+    * elsewhere within compare.assert_close of ref_bf16: the float32 tolerance atol plus one bf16 ulp
+      (rtol 2^-7), since two float32 values within atol may round to neighbouring bf16 values."""
+    out_bf16, out_f32, ref_bf16, ref_f32 = (t.cpu() for t in (out_bf16, out_f32, ref_bf16, ref_f32))
+    assert out_bf16.dtype == ref_bf16.dtype == torch.bfloat16 and out_f32.dtype == ref_f32.dtype == torch.float32
+    if where is not None:
+        out_bf16, out_f32, ref_bf16, ref_f32 = (t[where] for t in (out_bf16, out_f32, ref_bf16, ref_f32))
+    rounded = out_f32.to(torch.bfloat16)
+    assert torch.equal(out_bf16.view(torch.int16), rounded.view(torch.int16)), f"{name}: bf16 != float32 rounded"
+    same = out_f32 == ref_f32  # bit for bit (-inf included; no NaN in a checked output)
+    assert torch.equal(out_bf16[same].view(torch.int16), ref_bf16[same].view(torch.int16)), name
+    compare.assert_close(out_bf16, ref_bf16, atol=atol, rtol=2.0 ** -7, name=name)
+
+
 def recorded_launches(monkeypatch) -> list:
     """Record what kernels.launch is asked (source, entry, grid, block, args, shared_mem) instead of
     launching: the launch geometry, checked on the CPU."""
@@ -322,8 +342,10 @@ def test_cpu_ranges_are_checked_even_with_data_checks_off(change, match):
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
     (dict(kernel=5), "kernel must be None or a version of cuda/mqa_logits.cu: 1 \\(one thread"),
     (dict(kernel="wgmma"), "kernel must be None or a version"),
-    (dict(logits_dtype=torch.bfloat16), "the CUDA kernels write float32 logits: logits_dtype must be torch.float32"),
+    # bfloat16 logits are accepted: past the dtype check, to the device check (these tensors are on the CPU)
+    (dict(logits_dtype=torch.bfloat16), "must be on a CUDA device"),
     (dict(logits_dtype=torch.float16), "logits_dtype must be torch.float32 or torch.bfloat16"),
+    (dict(logits_dtype="bfloat16"), "logits_dtype must be torch.float32 or torch.bfloat16"),
 ])
 def test_mqa_logits_cuda_checks_before_launch(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -333,9 +355,10 @@ def test_mqa_logits_cuda_checks_before_launch(change, match):
 def test_mqa_logits_kernel_table():
     table = fp8.MQA_LOGITS_KERNELS
     assert table.source == "mqa_logits" and table.versions == (1, 2, 3, 4)
-    assert table.entry_points() == ["mqa_logits_naive", "mqa_logits_e4m3_h64", "mqa_logits_e4m3_h32",
-                                    "mqa_logits_f16_h64", "mqa_logits_f16_h32", "mqa_logits_wgmma_h64",
-                                    "mqa_logits_wgmma_h32"]
+    # every kernel for each storage type of the logits: _f32 and _bf16 (logits_dtype)
+    assert table.entry_points() == [f"mqa_logits_{name}_{out}" for name in ("naive",) for out in ("f32", "bf16")] + [
+        f"mqa_logits_{name}_h{H}_{out}" for name in ("e4m3", "f16", "wgmma") for H in (64, 32) for out in ("f32", "bf16")]
+    assert fp8.LOGITS_OUT == {torch.float32: "f32", torch.bfloat16: "bf16"}
     assert "compute capability 9.0" in table[4].needs
     d = table.defines()
     assert d["HEAD_DIM"] == 128 and d["THREADS"] == 32 * d["QUERIES_PER_CTA"]
@@ -355,20 +378,24 @@ def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
         table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65536))
 
 
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
 @pytest.mark.parametrize("version, H, S_q, grid, block, smem", [
     (1, 64, 37, (1, 37), 128, 0), (2, 64, 37, 4, 384, 0), (2, 32, 12, 1, 384, 0), (3, 64, 37, 10, 256, 0),
     (3, 32, 37, 5, 256, 0), (4, 64, 1, 1, 128, 51712), (4, 64, 37, 19, 128, 51712), (4, 32, 37, 10, 128, 51712),
     (4, 32, 3, 1, 128, 51712)])
-def test_mqa_logits_launch_geometry(monkeypatch, version, H, S_q, grid, block, smem):
+def test_mqa_logits_launch_geometry(monkeypatch, version, H, S_q, grid, block, smem, logits_dtype):
     # what each kernel is launched with, recorded instead of launched: kernel 1 a block per 128 keys of a
-    # query; kernel 2 12 queries a block; kernel 3 8 warps, 32 heads a warp; kernel 4 128 / H queries a block
+    # query; kernel 2 12 queries a block; kernel 3 8 warps, 32 heads a warp; kernel 4 128 / H queries a block;
+    # the entry that stores the logits' dtype
     launches = recorded_launches(monkeypatch)
     q, k, k_scale, w = fp8_inputs(S_q, 65, H)
     ks, ke = _ragged_ranges(S_q, 65, seed=0)
-    logits = torch.empty(S_q, 65)
+    logits = torch.empty(S_q, 65, dtype=logits_dtype)
     fp8._launch_mqa_logits(version, q, k, k_scale, w, ks, ke, logits, False)
     (source, entry, got_grid, got_block, args, got_smem), = launches
-    assert (source, entry) == ("mqa_logits", fp8.MQA_LOGITS_KERNELS.entry(version, H=H))
+    out = "bf16" if logits_dtype == torch.bfloat16 else "f32"
+    assert (source, entry) == ("mqa_logits", fp8.MQA_LOGITS_KERNELS.entry(version, H=H, out=out))
+    assert entry.endswith("_" + out)
     assert (got_grid, got_block, got_smem) == (grid, block, smem)
     assert args[:9] == (q, k, k_scale, w, ks, ke, logits, S_q, 65)
     assert args[9:] == ((H, False) if version == 1 else (False,))
@@ -605,6 +632,44 @@ def test_mqa_logits_cuda_wide_ragged_ranges(kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
+def test_mqa_logits_cuda_stores_logits_dtype(kernel, H, logits_dtype):
+    # every kernel, both storage types of the logits (DeepGEMM's logits_dtype), on ragged ranges (empty
+    # rows, ranges wider than a tile) with clean_logits both ways, into poisoned buffers. float32: the
+    # tolerance of test_mqa_logits_cuda_matches_reference; bfloat16: assert_bf16_logits (bit for bit the
+    # float32 kernel's logits rounded, so bit for bit the reference's bf16 logits wherever the float32
+    # kernel equals the float32 reference bit for bit, and within that tolerance plus a bf16 ulp elsewhere)
+    skip_unless_available(kernel)
+    S_q, S_k = 157, 1000
+    q, k, k_scale, w = fp8_inputs(S_q, S_k, H, seed=14)
+    g = torch.Generator().manual_seed(14)
+    ks = torch.randint(0, S_k, (S_q,), generator=g)
+    ke = torch.minimum(ks + torch.randint(0, 700, (S_q,), generator=g), torch.tensor(S_k))
+    ks[::11] = ke[::11]
+    ks, ke = ks.int(), ke.int()
+    ref_f32 = fp8.mqa_logits(q, (k, k_scale), w, ks, ke)
+    ref = fp8.mqa_logits(q, (k, k_scale), w, ks, ke, logits_dtype=logits_dtype)
+    scale = ref_f32[torch.isfinite(ref_f32)].abs().max().item()
+    cuda = dict(q=q.cuda(), kv=(k.cuda(), k_scale.cuda()), weights=w.cuda(), ks=ks.cuda(), ke=ke.cuda())
+    for clean in (True, False):
+        name = f"kernel {kernel} H={H} {logits_dtype} clean={clean}"
+        out = compare.poisoned((S_q, S_k), logits_dtype, "cuda")
+        assert fp8.mqa_logits_cuda(**cuda, clean_logits=clean, kernel=kernel, out=out, logits_dtype=logits_dtype) is out
+        fresh = fp8.mqa_logits_cuda(**cuda, clean_logits=clean, kernel=kernel, logits_dtype=logits_dtype)
+        assert fresh.dtype == logits_dtype and fresh.shape == (S_q, S_k)
+        where = None if clean else torch.isfinite(ref_f32)  # unclean: only [ks_i, ke_i) is defined
+        if logits_dtype == torch.float32:
+            compare.assert_close(out if clean else out.cpu()[where], ref if clean else ref[where], atol=1e-3 * scale,
+                                 max_calc_diff=1e-6, name=name)
+        else:
+            out_f32 = compare.poisoned((S_q, S_k), torch.float32, "cuda")
+            fp8.mqa_logits_cuda(**cuda, clean_logits=clean, kernel=kernel, out=out_f32)
+            assert_bf16_logits(out, out_f32, ref, ref_f32, atol=1e-3 * scale, name=name, where=where)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", [None, *fp8.MQA_LOGITS_KERNELS.versions])
 def test_mqa_logits_cuda_longer_key_side(kernel):
     # S_k > S_q: queries are the last 150 positions of a 700-key context (offset causal ranges)
@@ -632,9 +697,10 @@ def wild_ranges(S_q, S_k, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
 @pytest.mark.parametrize("clean", [True, False])
 @pytest.mark.parametrize("kernel", fp8.MQA_LOGITS_KERNELS.versions)
-def test_mqa_logits_cuda_wild_ranges_with_data_checks_off(kernel, clean):
+def test_mqa_logits_cuda_wild_ranges_with_data_checks_off(kernel, clean, logits_dtype):
     # data checks off (the default): no check reads ks/ke, and the kernels clip each range to
     # [max(ks, 0), min(ke, S_k)) (empty when reversed): nothing outside the tensors is touched
     # (compute-sanitizer: benchmarks/sanitize_fp8.py) and each row is the reference on that range
@@ -646,20 +712,23 @@ def test_mqa_logits_cuda_wild_ranges_with_data_checks_off(kernel, clean):
         fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel)
     clipped_ks = ks.long().clamp(0, S_k)
     clipped_ke = torch.maximum(ke.long().clamp(max=S_k), clipped_ks)
-    ref = fp8.mqa_logits(q, (k, k_scale), w, clipped_ks.int(), clipped_ke.int())
-    guard = compare.poisoned((S_q + 2, S_k), torch.float32, "cuda")  # a row of NaN on each side: must stay
+    ref = fp8.mqa_logits(q, (k, k_scale), w, clipped_ks.int(), clipped_ke.int(), logits_dtype=logits_dtype)
+    guard = compare.poisoned((S_q + 2, S_k), logits_dtype, "cuda")  # a row of NaN on each side: must stay
     out = guard[1:-1]
     with checks.data_checks(False):
         fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), clean,
-                            kernel=kernel, out=out)
+                            kernel=kernel, out=out, logits_dtype=logits_dtype)
     torch.cuda.synchronize()
     assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all()
     visible = torch.isfinite(ref)
     scale = ref[visible].abs().max().item()
+    # bfloat16: the float32 tolerance plus one bf16 ulp (see assert_bf16_logits)
+    rtol = 2.0 ** -7 if logits_dtype == torch.bfloat16 else 0.0
     if clean:
-        compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"kernel {kernel} wild ranges")
+        compare.assert_close(out, ref, atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6,
+                             name=f"kernel {kernel} wild ranges")
     else:
-        compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, max_calc_diff=1e-6)
+        compare.assert_close(out.cpu()[visible], ref[visible], atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6)
 
 
 @pytest.mark.gpu
@@ -679,5 +748,7 @@ def test_mqa_logits_cuda_rejects_bad_input_before_launch():
         fp8.mqa_logits_cuda(**{**cuda, "weights": torch.randn(64, 10, device="cuda").t()}, out=out)
     with pytest.raises(ValueError, match="kernel must be None or a version"):
         fp8.mqa_logits_cuda(**cuda, kernel=0, out=out)
+    with pytest.raises(TypeError, match="out must be bfloat16, got float32"):  # out in the dtype asked for
+        fp8.mqa_logits_cuda(**cuda, out=out, logits_dtype=torch.bfloat16)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # nothing launched

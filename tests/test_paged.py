@@ -5,7 +5,7 @@ import torch
 
 from dsa_tutorial import checks, compare, fp8, paged
 from dsa_tutorial.hadamard import rotate_activation
-from test_fp8 import pretend_no_wgmma, recorded_launches, skip_unless_available
+from test_fp8 import assert_bf16_logits, pretend_no_wgmma, recorded_launches, skip_unless_available
 
 TABLE = paged.PAGED_MQA_LOGITS_KERNELS
 
@@ -308,11 +308,12 @@ def test_cpu_values_are_checked_even_with_data_checks_off(change, match):
     (dict(q=torch.randn(2, 1, 64, 128)), "q must be float8_e4m3fn"),
     (dict(kernel=0), "kernel must be None or a version of cuda/paged_mqa_logits.cu: 1 \\(4 warps"),
     (dict(kernel="wgmma"), "kernel must be None or a version"),
-    # DeepGEMM's newer forms, which the kernels do not take yet: refused from host metadata, before
-    # the device check (these tensors are on the CPU)
-    (dict(context_lens=_table([70], [10])), r"the CUDA kernels take context_lens \[B\]; the per-row form "
-                                            r"\[B, next_n\] runs in the reference paged_mqa_logits"),
-    (dict(logits_dtype=torch.bfloat16), "the CUDA kernels write float32 logits: logits_dtype must be torch.float32"),
+    # DeepGEMM's newer forms are accepted: past every host check, to the device check (these tensors
+    # are on the CPU); a per-row form of the wrong shape is not
+    (dict(context_lens=_table([70], [10])), "must be on a CUDA device"),
+    (dict(logits_dtype=torch.bfloat16), "must be on a CUDA device"),
+    (dict(context_lens=_table([70], [10]), logits_dtype=torch.bfloat16), "must be on a CUDA device"),
+    (dict(context_lens=_table([70, 10], [10, 10])), "next_n = 2"),
     (dict(logits_dtype=torch.float16), "logits_dtype must be torch.float32 or torch.bfloat16"),
 ])
 def test_paged_cuda_checks_before_launch(monkeypatch, change, match):
@@ -324,10 +325,12 @@ def test_paged_cuda_checks_before_launch(monkeypatch, change, match):
 
 def test_paged_kernel_table_and_constants():
     assert TABLE.source == "paged_mqa_logits" and TABLE.versions == (1, 2, 3, 4)
+    # every kernel for each storage type of the logits: _f32 and _bf16 (logits_dtype)
+    outs = ("f32", "bf16")
     assert TABLE.entry_points() == [
-        "paged_mqa_logits_e4m3_h64", "paged_mqa_logits_e4m3_h32", "paged_mqa_logits_f16_h64", "paged_mqa_logits_f16_h32",
-        *(f"paged_mqa_logits_warps_h{H}_n{n}" for H in (64, 32) for n in (1, 2)),
-        *(f"paged_mqa_logits_wgmma_h{H}_n{n}" for H in (64, 32) for n in (1, 2))]
+        *(f"paged_mqa_logits_{name}_h{H}_{out}" for name in ("e4m3", "f16") for H in (64, 32) for out in outs),
+        *(f"paged_mqa_logits_{name}_h{H}_n{n}_{out}" for name in ("warps", "wgmma") for H in (64, 32) for n in (1, 2)
+          for out in outs)]
     d = TABLE.defines()
     # the cache format the Python layout helpers use is the one the kernels are compiled for
     assert (d["BLOCK_KV"], d["SPLIT_KV"], d["HEAD_DIM"]) == (paged.BLOCK_KV, paged.SPLIT_KV, 128)
@@ -348,21 +351,28 @@ def test_dynamic_shared_memory_fits_two_blocks_an_sm(next_n, H):
     assert paged._launch_geometry(4, 2, 64)[1] == 102400 and paged._launch_geometry(4, 1, 64)[1] == 93952
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
 @pytest.mark.parametrize("version", TABLE.versions)
 @pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
-def test_paged_launch_geometry(monkeypatch, version, next_n, H):
-    # what each kernel is launched with, recorded instead of launched: one block per schedule row
+def test_paged_launch_geometry(monkeypatch, version, next_n, H, logits_dtype, per_row):
+    # what each kernel is launched with, recorded instead of launched: one block per schedule row; the
+    # entry that stores the logits' dtype; context_lens as given, with lens_per_row saying which form
     launches = recorded_launches(monkeypatch)
     batch = make_batch([65, 0, 3], next_n=next_n, H=H, seed=6)
     q, kv_cache, w, ctx, bt, meta, max_len = call_args(batch, num_sms=7)
-    out = torch.empty(3 * next_n, max_len)
+    if per_row:
+        ctx = paged.row_lengths(ctx, next_n).flip(1).contiguous()
+    out = torch.empty(3 * next_n, max_len, dtype=logits_dtype)
     paged._launch_paged(version, q, kv_cache, w, ctx, bt, meta, max_len, True, out)
     (source, entry, grid, block, args, smem), = launches
-    assert (source, entry) == ("paged_mqa_logits", TABLE.entry(version, H=H, next_n=next_n))
+    out_name = fp8.LOGITS_OUT[logits_dtype]
+    assert (source, entry) == ("paged_mqa_logits", TABLE.entry(version, H=H, next_n=next_n, out=out_name))
     # kernel 1: 4 warps; 2: a warp per (16-key m-tile, draft position, 32-head half); 3: 6 warps; 4: 2 warpgroups
     expected_threads = {1: 128, 2: 32 * 4 * next_n * (H // 32), 3: 192, 4: 256}[version]
     assert grid == 7 and block == expected_threads and smem == paged._launch_geometry(version, next_n, H)[1]
-    assert args == (q, kv_cache, w, ctx, bt, meta, out, 3, next_n, bt.shape[1], kv_cache.shape[0], max_len, True)
+    assert args == (q, kv_cache, w, ctx, per_row, bt, meta, out, 3, next_n, bt.shape[1], kv_cache.shape[0], max_len,
+                    True)
 
 
 def test_paged_cuda_rejects_unsupported_heads():
@@ -425,6 +435,54 @@ def test_paged_cuda_unclean_defines_context_positions(kernel, next_n, H):
         compare.assert_close(out[rows, :c], ref[rows, :c], atol=1e-3 * scale, max_calc_diff=1e-6)
 
 
+# ragged per-row lengths for the GPU tests: rows of a sequence need not grow with j; zeros, a row of
+# a full block table, partial blocks and 256-token segment edges
+PER_ROW_LENS = [[0, 130], [200, 0], [5, 5], [0, 0], [64, 65], [1000, 999], [256, 513], [1, 2], [3001, 17]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
+@pytest.mark.parametrize("form", ["[B]", "[B, next_n]"])
+@pytest.mark.parametrize("kernel", TABLE.versions)
+@pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (2, 32)])
+def test_paged_cuda_both_forms_of_context_lens_and_both_dtypes(next_n, H, kernel, form, logits_dtype):
+    # every kernel x {context_lens [B], [B, next_n]} x {float32, bfloat16}, clean_logits both ways, into
+    # poisoned buffers, against the reference. float32: the tolerance of test_paged_cuda_matches_reference;
+    # bfloat16: assert_bf16_logits (bit for bit the float32 kernel's logits rounded, so bit for bit the
+    # reference's bf16 logits wherever the float32 kernel equals the float32 reference bit for bit, and
+    # within that tolerance plus a bf16 ulp elsewhere)
+    skip_unless_available(kernel)
+    per_row_lens = torch.tensor(PER_ROW_LENS, dtype=torch.int32)[:, 2 - next_n:]  # [B, next_n]
+    longest = per_row_lens.amax(1)
+    batch = make_batch(longest.tolist(), next_n=next_n, H=H, seed=50 + next_n)
+    lens = per_row_lens if form == "[B, next_n]" else longest  # the [B] form: rows context_len - next_n + j + 1
+    q, kv_cache, w, bt = batch["q"], batch["kv_cache"], batch["weights"], batch["block_table"]
+    meta = paged.paged_mqa_logits_metadata(lens, 64, 7)
+    max_len = 3029  # wider than any context: the clean fill must reach the end of every row
+    ref_f32 = paged.paged_mqa_logits(q, kv_cache, w, lens, bt, meta, max_len)
+    ref = paged.paged_mqa_logits(q, kv_cache, w, lens, bt, meta, max_len, logits_dtype=logits_dtype)
+    if form == "[B, next_n]":  # row (b, j) sees exactly p < lens[b, j]
+        assert torch.equal(torch.isfinite(ref_f32), torch.arange(max_len) < per_row_lens.reshape(-1, 1))
+    scale = ref_f32[torch.isfinite(ref_f32)].abs().max().item()
+    args = [t.cuda() for t in (q, kv_cache, w, lens, bt, meta)] + [max_len]
+    rows = len(PER_ROW_LENS) * next_n
+    for clean in (True, False):
+        name = f"paged kernel {kernel} next_n={next_n} H={H} {form} {logits_dtype} clean={clean}"
+        out = compare.poisoned((rows, max_len), logits_dtype, "cuda")
+        assert paged.paged_mqa_logits_cuda(*args, clean, kernel=kernel, out=out, logits_dtype=logits_dtype) is out
+        fresh = paged.paged_mqa_logits_cuda(*args, clean, kernel=kernel, logits_dtype=logits_dtype)
+        assert fresh.dtype == logits_dtype and fresh.shape == (rows, max_len)
+        # unclean: every p below the sequence's longest row is defined (values and -inf alike)
+        where = None if clean else torch.arange(max_len) < longest.repeat_interleave(next_n).unsqueeze(-1)
+        if logits_dtype == torch.float32:
+            compare.assert_close(out if clean else out.cpu()[where], ref if clean else ref[where], atol=1e-3 * scale,
+                                 max_calc_diff=1e-6, name=name)
+        else:
+            out_f32 = compare.poisoned((rows, max_len), torch.float32, "cuda")
+            paged.paged_mqa_logits_cuda(*args, clean, kernel=kernel, out=out_f32)
+            assert_bf16_logits(out, out_f32, ref, ref_f32, atol=1e-3 * scale, name=name, where=where)
+
+
 @pytest.mark.gpu
 def test_paged_default_and_errors_on_gpu():
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_paged().items()}
@@ -444,6 +502,14 @@ def test_paged_default_and_errors_on_gpu():
             paged.paged_mqa_logits_cuda(**{**args, "context_lens": args["context_lens"] * 3, "max_context_len": 210})
     with pytest.raises(ValueError, match="kernel must be None or a version"):
         paged.paged_mqa_logits_cuda(**args, kernel=7)
+    with pytest.raises(TypeError, match="out must be bfloat16, got float32"):  # out in the dtype asked for
+        paged.paged_mqa_logits_cuda(**args, out=torch.empty(2, 70, device="cuda"), logits_dtype=torch.bfloat16)
+    # the per-row form: checked on the device data only with data checks on, as the [B] form
+    per_row = _table([70], [10]).cuda()
+    assert torch.equal(paged.paged_mqa_logits_cuda(**{**args, "context_lens": per_row}), out)  # next_n = 1: the same
+    with checks.data_checks(True):
+        with pytest.raises(ValueError, match="context_lens must be <= 70"):
+            paged.paged_mqa_logits_cuda(**{**args, "context_lens": per_row + 1})
 
 
 @pytest.mark.gpu
@@ -491,6 +557,29 @@ def test_metadata_on_the_gpu_is_sync_free_and_capturable():
             static.copy_(fresh)
             graph.replay()
             assert torch.equal(captured.cpu(), paged.paged_mqa_logits_metadata(fresh, 64, num_sms))
+        # the per-row form [B, next_n]: the longest row of each sequence (an amax on the device), still
+        # without a device-to-host copy, and capturable
+        per_row = torch.stack([lens, (lens - 300).clamp(min=0)], dim=1).flip(1).contiguous()  # [8, 2]
+        static2 = per_row.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            meta2 = paged.paged_mqa_logits_metadata(static2, 64, num_sms)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(meta2.cpu(), paged.paged_mqa_logits_metadata(per_row, 64, num_sms))
+        assert torch.equal(meta2, meta)  # the same longest rows as lens
+        with torch.cuda.stream(side):
+            paged.paged_mqa_logits_metadata(static2, 64, num_sms)
+        torch.cuda.current_stream().wait_stream(side)
+        graph2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph2):
+            captured2 = paged.paged_mqa_logits_metadata(static2, 64, num_sms)
+        for seed in (3, 4):
+            fresh = torch.randint(0, 40000, (8, 2), generator=torch.Generator().manual_seed(seed)).int()
+            static2.copy_(fresh)
+            graph2.replay()
+            assert torch.equal(captured2.cpu(), paged.paged_mqa_logits_metadata(fresh, 64, num_sms))
 
 
 def wild_batch(next_n, H, seed):
@@ -513,48 +602,60 @@ def wild_batch(next_n, H, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
+@pytest.mark.parametrize("form", ["[B]", "[B, next_n]"])
 @pytest.mark.parametrize("clean", [True, False])
 @pytest.mark.parametrize("kernel", TABLE.versions)
 @pytest.mark.parametrize("next_n, H", [(1, 64), (2, 32)])
-def test_paged_cuda_wild_values_with_data_checks_off(kernel, next_n, H, clean):
+def test_paged_cuda_wild_values_with_data_checks_off(kernel, next_n, H, clean, form, logits_dtype):
     # data checks off (the default): nothing reads context_lens, block_table or schedule_meta on the
     # host, and the kernels clip every value they take from them (compute-sanitizer:
     # benchmarks/sanitize_fp8.py). Checked here: no access outside `out` (guard rows stay NaN), and
-    # what each invalid value produces, as paged_mqa_logits_cuda documents.
+    # what each invalid value produces, as paged_mqa_logits_cuda documents; for both forms of
+    # context_lens (the per-row one: each row's length clipped, wild values in either row) and both
+    # storage types of the logits (bfloat16: the float32 tolerance plus one bf16 ulp, see
+    # test_fp8.assert_bf16_logits).
     skip_unless_available(kernel)
     batch, lens = wild_batch(next_n, H, seed=30 + next_n)
     max_len, max_blocks = 250, 4  # a table row maps 256 tokens: some contexts fit it, not max_len
     num_blocks = batch["kv_cache"].shape[0]
-    clipped = lens.long().clamp(0, min(max_len, 64 * max_blocks)).int()
+    if form == "[B, next_n]":  # wild values in both rows: negative, past max_len, past the table row, extremes
+        other = torch.tensor([-5, 7, 300, 3, 2 ** 31 - 1, 199, 257, -(2 ** 31)], dtype=torch.int32)
+        lens = torch.stack([other, lens], dim=1)[:, 2 - next_n:].contiguous()  # [8, next_n]
+    clipped = lens.long().clamp(0, min(max_len, 64 * max_blocks)).int()  # each length (row) clipped
+    longest = clipped.amax(1) if clipped.dim() == 2 else clipped  # the context a sequence's walk covers
+    inside = torch.arange(max_len) < longest.long().repeat_interleave(next_n).unsqueeze(-1)  # defined unclean
     q, kv_cache, w, bt = (batch[k].cuda() for k in ("q", "kv_cache", "weights", "block_table"))
     rows = 8 * next_n
 
     def run(lens_, table_, meta_, cache_=kv_cache, clean_=clean):
-        guard = compare.poisoned((rows + 2, max_len), torch.float32, "cuda")  # a NaN row on each side
+        guard = compare.poisoned((rows + 2, max_len), logits_dtype, "cuda")  # a NaN row on each side
         with checks.data_checks(False):
             paged.paged_mqa_logits_cuda(q, cache_, w, lens_.cuda(), table_.cuda(), meta_.cuda(), max_len, clean_,
-                                        kernel=kernel, out=guard[1:-1])
+                                        kernel=kernel, out=guard[1:-1], logits_dtype=logits_dtype)
         torch.cuda.synchronize()
         assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all(), "a write outside out"
         return guard[1:-1].cpu()
 
     def reference(lens_, table_):
         return paged.paged_mqa_logits(batch["q"], batch["kv_cache"], batch["weights"], lens_, table_,
-                                      None, max_len)
+                                      None, max_len, logits_dtype=logits_dtype)
+
+    rtol = 2.0 ** -7 if logits_dtype == torch.bfloat16 else 0.0
 
     def assert_matches(out, ref, name):
         finite = torch.isfinite(ref)
         scale = ref[finite].abs().max().item() if finite.any() else 1.0
         if clean:
-            compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
-        else:  # positions below each clipped context are defined
-            inside = torch.arange(max_len) < clipped.long().repeat_interleave(next_n).unsqueeze(-1)
-            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+            compare.assert_close(out, ref, atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6, name=name)
+        else:  # positions below each clipped context (its longest row) are defined
+            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6,
+                                 name=name)
 
     # 1. wild context lengths (schedule from the clipped ones): each computed as its clipped length
     meta = paged.paged_mqa_logits_metadata(clipped, 64, 5)
     assert_matches(run(lens, batch["block_table"], meta), reference(clipped, batch["block_table"]),
-                   f"kernel {kernel}, wild context_lens")
+                   f"kernel {kernel}, wild context_lens {form}")
     # 2. wild block ids, used ones among them: each read as the id clipped to [0, num_blocks)
     table = batch["block_table"].clone()
     table[0, 0], table[1, 1], table[3, 2], table[5, 3] = -1, num_blocks, -(2 ** 31), 2 ** 31 - 1
@@ -572,10 +673,10 @@ def test_paged_cuda_wild_values_with_data_checks_off(kernel, next_n, H, clean):
         out = run(lens, batch["block_table"], bad_meta)
         written = ~torch.isnan(out)
         if clean:  # the -inf fill past each context does not depend on the schedule
-            inside = torch.arange(max_len) < clipped.long().repeat_interleave(next_n).unsqueeze(-1)
             assert written[~inside].all()
         scale = ref[torch.isfinite(ref)].abs().max().item()
-        compare.assert_close(out[written], ref[written], atol=1e-3 * scale, name=f"kernel {kernel}, wild schedule")
+        compare.assert_close(out[written], ref[written], atol=1e-3 * scale, rtol=rtol,
+                             name=f"kernel {kernel}, wild schedule")
     # 4. an empty cache: nothing to read, every context counts as empty
     empty = torch.zeros(0, 64, 1, 132, dtype=torch.uint8, device="cuda")
     out = run(lens, batch["block_table"], meta, cache_=empty, clean_=True)
