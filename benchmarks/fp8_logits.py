@@ -1,6 +1,7 @@
 """Benchmarks of chapter 7 on the GPU: act_quant, mqa_logits and paged_mqa_logits.
 
-    python benchmarks/fp8_logits.py      (from the repository root, on a GPU)
+    python benchmarks/fp8_logits.py                            (from the repository root, on a GPU)
+    python benchmarks/fp8_logits.py --logits-dtype bfloat16    (the logits kernels storing bfloat16)
 
 Ceilings are measured first, in the same process; every kernel is quoted against them and against
 a plain torch baseline. Each line times the PUBLIC call as a user makes it (`act_quant_cuda`,
@@ -17,9 +18,14 @@ GEMM ceiling, paged >= 60% of copy bandwidth (DeepGEMM: about 67% and 90% on an 
 10: the public call within 5% of its launch alone (10 us under 200 us). The torch baselines are in
 dsa_tutorial.baselines, the inputs in benchmarks/cases.py; every line is also written to
 book/data/kernels/{act_quant,mqa_logits,paged_mqa_logits}.json (bench.Results) for chapter 7's figures.
+
+--logits-dtype bfloat16 times the mqa and paged logits storing bfloat16 (DeepGEMM's logits_dtype: half the
+bytes of the logits written, counted so in the rates) against the same torch baselines; it prints its
+lines only (chapter 7's figures and JSON files are the float32 runs) and skips act_quant.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -54,65 +60,79 @@ def bench_act_quant(ceilings):
     print("wrote", results.write())
 
 
-def bench_mqa_logits(results, S_q=8192, S_k=8192):
+def bench_mqa_logits(results, S_q=8192, S_k=8192, logits_dtype=torch.float32):
     """Causal: the S_q queries are the last S_q of S_k keys (query i sees keys 0 .. S_k - S_q + i)."""
     make = lambda: mqa_inputs(S_q, S_k)  # noqa: E731
+    logit_bytes = torch.finfo(logits_dtype).bits // 8
     rates = dict(flops=2.0 * H * D * (S_q * S_k - S_q * (S_q - 1) / 2), ceiling="fp8",  # causal work only
-                 nbytes=S_q * H * (D + 4) + S_k * (D + 4) + S_q * S_k * 4)  # q, w, k, k_scale read; logits written
-    case = f"{S_q} x {S_k} causal, H={H}"
+                 nbytes=S_q * H * (D + 4) + S_k * (D + 4) + S_q * S_k * logit_bytes)  # q, w, k, k_scale; logits
+    case = f"{S_q} x {S_k} causal, H={H}" + ("" if logits_dtype == torch.float32 else f", {logits_dtype} logits")
     baseline = bench.benchmark(baselines.mqa_logits_torch, make, warmup=1, reps=3)
     print(results.add(case, "baseline", baseline, label="torch bf16 chunks", **rates))
     table = fp8.MQA_LOGITS_KERNELS
-    print(results.add(case, "default", bench.time_call(fp8.mqa_logits_cuda, make, reps=30), baseline=baseline, **rates))
+    call = lambda *args, v=None: fp8.mqa_logits_cuda(*args, kernel=v, logits_dtype=logits_dtype)  # noqa: E731
+    print(results.add(case, "default", bench.time_call(call, make, reps=30), baseline=baseline, **rates))
     for version in table.versions:
         if not runs_here(table, version, case):
             continue
         slow = version == 1
-        timed = bench.time_call(lambda *args, v=version: fp8.mqa_logits_cuda(*args, kernel=v), make,
+        timed = bench.time_call(lambda *args, v=version: call(*args, v=v), make,
                                 warmup=1 if slow else 5, reps=3 if slow else 30)
         print(results.add(case, "kernel", timed, version=version, baseline=baseline, **rates))
 
 
-def bench_paged(results, B: int, mean_context: int, next_n: int):
+def bench_paged(results, B: int, mean_context: int, next_n: int, logits_dtype=torch.float32):
     make = lambda: paged_inputs(B, mean_context, next_n)  # noqa: E731
     q, kv_cache, w, lens, block_table, schedule, max_context_len = make()
     tokens = float(lens.long().sum())
     del kv_cache  # make() gives each timing its own copy
     # the cache read, the logits written (every row to max_context_len) and q, w read
-    rates = dict(nbytes=tokens * (D + 4) + B * next_n * max_context_len * 4 + B * next_n * H * (D + 4),
+    logit_bytes = torch.finfo(logits_dtype).bits // 8
+    rates = dict(nbytes=tokens * (D + 4) + B * next_n * max_context_len * logit_bytes + B * next_n * H * (D + 4),
                  flops=2.0 * next_n * tokens * H * D, ceiling="copy")
-    case = f"B={B}, contexts ~{mean_context // 1024}K, next_n={next_n}"
+    case = f"B={B}, contexts ~{mean_context // 1024}K, next_n={next_n}" + (
+        "" if logits_dtype == torch.float32 else f", {logits_dtype} logits")
     baseline = bench.benchmark(lambda q, c, w, lens, bt, _, m: baselines.paged_mqa_logits_torch(q, c, w, lens, bt, m),
                                make, warmup=1, reps=3)
     print(results.add(case, "baseline", baseline, label="torch bf16 gather + GEMM", **rates))
     table = paged.PAGED_MQA_LOGITS_KERNELS
-    timed = bench.time_call(paged.paged_mqa_logits_cuda, make, reps=30)
+    call = lambda *args, v=None: paged.paged_mqa_logits_cuda(*args, kernel=v, logits_dtype=logits_dtype)  # noqa: E731
+    timed = bench.time_call(call, make, reps=30)
     print(results.add(case, "default", timed, baseline=baseline, **rates))
     num_sms = paged.schedule_size()
     timed = bench.time_call(  # a decode step computes its schedule too: metadata (torch ops) + logits
-        lambda q_, c, w_, lens_, bt, _, m: paged.paged_mqa_logits_cuda(
-            q_, c, w_, lens_, bt, paged.paged_mqa_logits_metadata(lens_, 64, num_sms), m), make, reps=30)
+        lambda q_, c, w_, lens_, bt, _, m: call(q_, c, w_, lens_, bt,
+                                                paged.paged_mqa_logits_metadata(lens_, 64, num_sms), m),
+        make, reps=30)
     print(f"{case} | paged_mqa_logits_metadata + paged_mqa_logits_cuda: {timed}")
     for version in table.versions:
         if not runs_here(table, version, case):
             continue
-        timed = bench.time_call(lambda *args, v=version: paged.paged_mqa_logits_cuda(*args, kernel=v), make, reps=30)
+        timed = bench.time_call(lambda *args, v=version: call(*args, v=v), make, reps=30)
         print(results.add(case, "kernel", timed, version=version, baseline=baseline, **rates))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--logits-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="what the logits kernels store (bfloat16: lines printed, no JSON written)")
+    logits_dtype = getattr(torch, parser.parse_args().logits_dtype)
+    write = logits_dtype == torch.float32  # chapter 7's figures are the float32 runs
     checks.set_data_checks(False)  # as a user gets the package (whatever DSA_CHECK says)
     ceilings = bench.measure_ceilings()
     print(ceilings)
-    bench_act_quant(ceilings)
+    if write:
+        bench_act_quant(ceilings)
     results = bench.Results("mqa_logits", ceilings)
-    bench_mqa_logits(results, 8192, 8192)
-    bench_mqa_logits(results, 2048, 8192)
-    print("wrote", results.write())
+    bench_mqa_logits(results, 8192, 8192, logits_dtype)
+    bench_mqa_logits(results, 2048, 8192, logits_dtype)
+    if write:
+        print("wrote", results.write())
     results = bench.Results("paged_mqa_logits", ceilings)
-    bench_paged(results, 128, 32768, 1)
-    bench_paged(results, 256, 8192, 2)
-    print("wrote", results.write())
+    bench_paged(results, 128, 32768, 1, logits_dtype)
+    bench_paged(results, 256, 8192, 2, logits_dtype)
+    if write:
+        print("wrote", results.write())
 
 
 if __name__ == "__main__":

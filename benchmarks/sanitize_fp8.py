@@ -5,13 +5,14 @@
 
 Kernels: every version of fp8.ACT_QUANT_KERNELS (cuda/act_quant.cu), fp8.MQA_LOGITS_KERNELS
 (cuda/mqa_logits.cu) and paged.PAGED_MQA_LOGITS_KERNELS (cuda/paged_mqa_logits.cu), for each H (64, 32)
-and next_n (1, 2) they are compiled for. Kernel 4 of the logits files (wgmma, sm_90a) runs only on compute
-capability 9.0; elsewhere it is skipped, with a note. Sizes are not multiples of any tile; outputs are
-poisoned first; clean_logits both ways.
+and next_n (1, 2) they are compiled for, each logits kernel storing float32 and bfloat16 (logits_dtype), the
+paged ones with context_lens [B] and the per-row [B, next_n]. Kernel 4 of the logits files (wgmma, sm_90a)
+runs only on compute capability 9.0; elsewhere it is skipped, with a note. Sizes are not multiples of any
+tile; outputs are poisoned first; clean_logits both ways.
 
 Then, with data checks off (the default of the package), every logits kernel is launched on invalid
-device data: ks/ke negative, past S_k, reversed and at the int32 extremes; context lengths negative,
-past max_context_len and longer than their table row; block ids negative and past the cache; schedules
+device data: ks/ke negative, past S_k, reversed and at the int32 extremes; context lengths (both forms)
+negative, past max_context_len and longer than their table row; block ids negative and past the cache; schedules
 that do not match the lengths or hold random int32 values; an empty cache. memcheck must stay clean:
 the kernels clip every such value (see the .cu headers), whatever the result is worth.
 """
@@ -27,6 +28,7 @@ from test_paged import call_args, make_batch  # noqa: E402
 
 MQA = fp8.MQA_LOGITS_KERNELS
 PAGED = paged.PAGED_MQA_LOGITS_KERNELS
+BF16_RTOL = 2.0 ** -7  # bfloat16 logits: the float32 tolerance plus one bf16 ulp (tests/test_fp8.assert_bf16_logits)
 
 
 def check_act_quant() -> None:
@@ -62,17 +64,21 @@ def check_mqa_logits() -> None:
             k, k_s = fp8.act_quant_cuda(torch.randn(S + 9, 128, device="cuda"))  # 9 keys nobody sees
             w = torch.randn(S, H, device="cuda") * q_s.squeeze(-1)
             ks, ke = fp8.causal_ks_ke(seq_lens, device="cuda")
-            ref = fp8.mqa_logits(q, (k, k_s.squeeze(-1)), w, ks, ke)
-            scale = ref[torch.isfinite(ref)].abs().max().item()
-            name = f"mqa_logits kernel {kernel} H={H}"
-            for clean in (True, False):
-                out = compare.poisoned((S, S + 9), torch.float32, "cuda")
-                fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, clean, kernel=kernel, out=out)
-                if clean:
-                    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
-                else:
-                    visible = torch.isfinite(ref)
-                    compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, name=f"{name} unclean")
+            for logits_dtype in fp8.LOGITS_DTYPES:
+                ref = fp8.mqa_logits(q, (k, k_s.squeeze(-1)), w, ks, ke, logits_dtype=logits_dtype)
+                scale = ref[torch.isfinite(ref)].abs().max().item()
+                rtol = BF16_RTOL if logits_dtype == torch.bfloat16 else 0.0
+                name = f"mqa_logits kernel {kernel} H={H} {logits_dtype}"
+                for clean in (True, False):
+                    out = compare.poisoned((S, S + 9), logits_dtype, "cuda")
+                    fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, clean, kernel=kernel, out=out,
+                                        logits_dtype=logits_dtype)
+                    if clean:
+                        compare.assert_close(out, ref, atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6, name=name)
+                    else:
+                        visible = torch.isfinite(ref)
+                        compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, rtol=rtol,
+                                             name=f"{name} unclean")
             # wild ranges, data checks off: clipped by the kernels, nothing out of bounds
             g = torch.Generator().manual_seed(kernel * 100 + H)
             ks = torch.randint(-3 * S, 3 * S, (S,), generator=g)
@@ -81,8 +87,9 @@ def check_mqa_logits() -> None:
             ks[1::7], ke[1::7] = 2 ** 31 - 1, -(2 ** 31)
             with checks.data_checks(False):
                 for clean in (True, False):
-                    fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks.int().cuda(), ke.int().cuda(), clean,
-                                        kernel=kernel)
+                    for logits_dtype in fp8.LOGITS_DTYPES:
+                        fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks.int().cuda(), ke.int().cuda(), clean,
+                                            kernel=kernel, logits_dtype=logits_dtype)
 
 
 def check_paged() -> None:
@@ -91,20 +98,33 @@ def check_paged() -> None:
             for next_n in PAGED.variants["next_n"]:
                 if not runs_here(PAGED, kernel):
                     continue
-                for num_sms in (1, 3, 5):
+                # every schedule size with context_lens [B] and float32 logits; then, at one size, the per-row
+                # form [B, next_n] (ragged rows, zeros among them) and bfloat16 logits
+                variants = [(num_sms, form, torch.float32) for num_sms in (1, 3, 5) for form in ("[B]",)]
+                variants += [(3, "[B, next_n]", torch.float32), (3, "[B]", torch.bfloat16),
+                             (3, "[B, next_n]", torch.bfloat16)]
+                for num_sms, form, logits_dtype in variants:
                     batch = make_batch([65, 0, 300, 2, 129], next_n=next_n, H=H, seed=next_n + H + num_sms)
-                    q, kv_cache, w, ctx, bt, meta, _ = call_args(batch, num_sms=num_sms, device="cuda")
-                    ref = paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, 307)
+                    q, kv_cache, w, ctx, bt, _, _ = call_args(batch, num_sms=num_sms, device="cuda")
+                    if form == "[B, next_n]":  # row (b, 0) a ragged length of its own: 0, shorter, the same
+                        ctx = torch.stack([torch.tensor([0, 0, 17, 2, 129], dtype=torch.int32, device="cuda"), ctx],
+                                          dim=1)[:, 2 - next_n:].contiguous()
+                    meta = paged.paged_mqa_logits_metadata(ctx, 64, num_sms)
+                    ref = paged.paged_mqa_logits(q, kv_cache, w, ctx, bt, meta, 307, logits_dtype=logits_dtype)
                     scale = ref[torch.isfinite(ref)].abs().max().item()
-                    name = f"paged kernel {kernel} H={H} next_n={next_n} num_sms={num_sms}"
+                    rtol = BF16_RTOL if logits_dtype == torch.bfloat16 else 0.0
+                    name = f"paged kernel {kernel} H={H} next_n={next_n} num_sms={num_sms} {form} {logits_dtype}"
+                    longest = ctx.amax(1) if ctx.dim() == 2 else ctx
                     for clean in (True, False):
-                        out = compare.poisoned((5 * next_n, 307), torch.float32, "cuda")
-                        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out, kernel=kernel)
+                        out = compare.poisoned((5 * next_n, 307), logits_dtype, "cuda")
+                        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, 307, clean, out=out, kernel=kernel,
+                                                    logits_dtype=logits_dtype)
                         if clean:
-                            compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=name)
+                            compare.assert_close(out, ref, atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6, name=name)
                         else:
-                            inside = torch.arange(307, device="cuda") < ctx.repeat_interleave(next_n).unsqueeze(-1)
-                            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, name=f"{name} unclean")
+                            inside = torch.arange(307, device="cuda") < longest.repeat_interleave(next_n).unsqueeze(-1)
+                            compare.assert_close(out[inside], ref[inside], atol=1e-3 * scale, rtol=rtol,
+                                                 name=f"{name} unclean")
                 check_paged_wild(kernel, H, next_n)
 
 
@@ -115,6 +135,10 @@ def check_paged_wild(kernel: int, H: int, next_n: int) -> None:
     num_blocks, max_blocks, max_len = kv_cache.shape[0], bt.shape[1], 307
     g = torch.Generator().manual_seed(kernel * 10 + next_n)
     wild_lens = torch.tensor([-7, 2 ** 31 - 1, 100000, -(2 ** 31), 64 * max_blocks + 1], dtype=torch.int32).cuda()
+    # the per-row form: wild values in either row, next to valid ones
+    other = torch.tensor([2 ** 31 - 1, -1, 64 * max_blocks, 5, -(2 ** 31)], dtype=torch.int32).cuda()
+    wild_rows = torch.stack([other, wild_lens], dim=1)[:, 2 - next_n:].contiguous()
+    per_row_ctx = paged.row_lengths(ctx, next_n).contiguous()
     wild_table = torch.randint(-(2 ** 31), 2 ** 31 - 1, bt.shape, generator=g, dtype=torch.int64).int().cuda()
     wild_table[0::2, 0], wild_table[1::2, 0] = -1, num_blocks  # just past either end, in a used block
     wild_metas = [torch.randint(-(2 ** 31), 2 ** 31 - 1, (4, 2), generator=g, dtype=torch.int64).int().cuda(),
@@ -123,11 +147,17 @@ def check_paged_wild(kernel: int, H: int, next_n: int) -> None:
                   meta]
     empty_cache = torch.zeros(0, 64, 1, 132, dtype=torch.uint8, device="cuda")
     with checks.data_checks(False):
-        for lens, table in ((wild_lens, bt), (ctx, wild_table), (wild_lens, wild_table)):
+        for lens, table in ((wild_lens, bt), (ctx, wild_table), (wild_lens, wild_table), (wild_rows, bt),
+                            (per_row_ctx, wild_table), (wild_rows, wild_table)):
             for schedule in wild_metas:
                 for clean in (True, False):
-                    paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, table, schedule, max_len, clean, kernel=kernel)
-        paged.paged_mqa_logits_cuda(q, empty_cache, w, wild_lens, wild_table, meta, max_len, kernel=kernel)
+                    for logits_dtype in fp8.LOGITS_DTYPES:
+                        paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, table, schedule, max_len, clean,
+                                                    kernel=kernel, logits_dtype=logits_dtype)
+        for lens in (wild_lens, wild_rows):
+            for logits_dtype in fp8.LOGITS_DTYPES:
+                paged.paged_mqa_logits_cuda(q, empty_cache, w, lens, wild_table, meta, max_len, kernel=kernel,
+                                            logits_dtype=logits_dtype)
 
 
 def main() -> None:
