@@ -821,6 +821,12 @@ def test_v3_fragment_mappings_emulated(next_n, H):
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def _context_len(lens_b, limit):
+    """context_len_of of the .cu: a sequence's context, its longest row, clipped to [0, limit]; lens_b is
+    context_lens[b] (the [B] form) or the list context_lens[b, :] (the [B, next_n] form)."""
+    return min(max(lens_b, 0), limit) if isinstance(lens_b, int) else min(max([0, *lens_b]), limit)
+
+
 def _segment_block(segment, max_blocks):
     """segment_block of the .cu: the logical block where a segment starts, clipped to [0, max_blocks]."""
     return min(max(segment, 0) * 4, max_blocks)
@@ -830,7 +836,8 @@ def _v3_walk(context_lens, meta, next_n, warps, max_blocks=1 << 40, limit=1 << 4
     """Kernel 3's walk over the schedule, as the CUDA code does it (the clipping of wild values
     included: first_run, context_len_of, segment_block): per block of the grid its runs (one batch
     each), the run's 32-key units, unit u = warp + warps i of warp `warp`. Returns every (row,
-    position) stored and every block-table index read."""
+    position) stored and every block-table index read. context_lens: a list of ints ([B] form) or of
+    lists ([B, next_n] form)."""
     B = len(context_lens)
     stored, table_reads = [], []
     for bid in range(len(meta) - 1):
@@ -838,7 +845,7 @@ def _v3_walk(context_lens, meta, next_n, warps, max_blocks=1 << 40, limit=1 << 4
         end_b, end_seg = meta[bid + 1]
         b = start_b
         while b < B and (b < end_b or (b == end_b and end_seg > 0)):
-            ctx = min(max(context_lens[b], 0), limit)
+            ctx = _context_len(context_lens[b], limit)
             n_blocks = (ctx + 63) // 64
             n_begin = _segment_block(start_seg, max_blocks) if b == start_b else 0
             n_end = min(_segment_block(end_seg, max_blocks), n_blocks) if b == end_b else n_blocks
@@ -867,7 +874,7 @@ def _cursor_walk(context_lens, meta, next_n, max_blocks, limit):
     """Kernels 1 and 2's walk (schedule_bounds, settle, inside), clipping included: every (row,
     position) stored and every block-table index read."""
     B = len(context_lens)
-    blocks_of = [(min(max(c, 0), limit) + 63) // 64 for c in context_lens]
+    blocks_of = [(_context_len(c, limit) + 63) // 64 for c in context_lens]
     stored, table_reads = [], []
     for bid in range(len(meta) - 1):
         b, n = max(meta[bid][0], 0), _segment_block(meta[bid][1], max_blocks)
@@ -876,7 +883,7 @@ def _cursor_walk(context_lens, meta, next_n, max_blocks, limit):
             b, n = b + 1, 0
         while b < B and (b < end_b or (b == end_b and n < end_n)):  # inside
             table_reads.append((b, n))
-            ctx = min(max(context_lens[b], 0), limit)
+            ctx = _context_len(context_lens[b], limit)
             stored += [(b * next_n + j, p) for j in range(next_n) for p in range(n * 64, min(n * 64 + 64, ctx))]
             n += 1
             while b < B and n >= blocks_of[b]:
@@ -894,6 +901,15 @@ def test_walks_write_every_context_position_once(num_sms):
                               _cursor_walk(context_lens, meta, next_n, 16, 1 << 40)):
             assert sorted(stored) == sorted(expected)  # each once, nothing past a context
             assert all(n < (context_lens[b] + 63) // 64 for b, n in reads)  # only blocks of the context
+    # the per-row form [B, 2]: a sequence's walk covers its longest row, whichever row that is
+    per_row = [[c, max(c - 70, 0)] if b % 2 else [max(c - 5, 0), c] for b, c in enumerate(context_lens)]
+    meta2 = paged.paged_mqa_logits_metadata(torch.tensor(per_row, dtype=torch.int32), 64, num_sms).tolist()
+    assert meta2 == meta
+    expected = [(2 * b + j, p) for b, c in enumerate(context_lens) for j in range(2) for p in range(c)]
+    for stored, reads in (_v3_walk(per_row, meta2, 2, TABLE.defines()["K3_WARPS"]),
+                          _cursor_walk(per_row, meta2, 2, 16, 1 << 40)):
+        assert sorted(stored) == sorted(expected)
+        assert all(n < (context_lens[b] + 63) // 64 for b, n in reads)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -911,11 +927,16 @@ def test_walks_stay_in_bounds_for_wild_values(seed):
              extremes[torch.randint(0, 8, (5, 2), generator=g)].tolist(),
              paged.paged_mqa_logits_metadata(torch.tensor(lens).clamp(0, 2 ** 20).int(), 64, 4).tolist()]
     limit = min(max_len, 64 * max_blocks)
+    # and the per-row form [B, next_n]: wild values in any row
+    other = torch.where(torch.rand(B, generator=g) < 0.5, torch.randint(-500, 1000, (B,), generator=g),
+                        extremes[torch.randint(0, 8, (B,), generator=g)]).tolist()
+    per_row = [[o, c][2 - next_n:] for o, c in zip(other, lens)]
     for meta in metas:
-        for stored, reads in (_v3_walk(lens, meta, next_n, TABLE.defines()["K3_WARPS"], max_blocks, limit),
-                              _cursor_walk(lens, meta, next_n, max_blocks, limit)):
-            assert all(0 <= b < B and 0 <= n < max_blocks for b, n in reads)
-            assert all(0 <= row < B * next_n and 0 <= p < max_len for row, p in stored)
+        for walk_lens in (lens, per_row):
+            for stored, reads in (_v3_walk(walk_lens, meta, next_n, TABLE.defines()["K3_WARPS"], max_blocks, limit),
+                                  _cursor_walk(walk_lens, meta, next_n, max_blocks, limit)):
+                assert all(0 <= b < B and 0 <= n < max_blocks for b, n in reads)
+                assert all(0 <= row < B * next_n and 0 <= p < max_len for row, p in stored)
 
 
 def test_row_lengths_make_the_per_row_form():
