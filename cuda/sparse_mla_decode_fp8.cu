@@ -73,7 +73,6 @@
 //             combine as kernel 2 (the same workspace, the same combine kernel). The row sums add the
 //             float32 p (as the prefill kernel; kernel 2 adds the bf16-rounded p): lse as accurate as
 //             float32 allows, out within ~1e-3 of max|out|.
-//             The default where it runs (compute capability 9.0).
 //             What it leaves on the table: every tile passes serial stops (gather wait, dequantise, compute)
 //             with the other units idle; one 227 KiB block an SM has nobody else to overlap them with.
 //
@@ -82,10 +81,15 @@
 //             global memory into registers, dequantises them and stores the bf16 tile into one of two
 //             buffers while warpgroups 1 and 2, the consumers, run kernel 3's S, softmax and P V on the other.
 //             The buffers change hands through mbarriers (full / empty); setmaxnreg gives the consumers the
-//             registers for O (216 a thread) and leaves the producer 72. Shared memory: Q + 2 bf16 buffers +
+//             registers for O (200 a thread) and leaves the producer 96. Shared memory: Q + 2 bf16 buffers +
 //             P + exchanges and flags = 226 KiB (no raw stage: the rows pass through registers). Same
 //             arguments, split and combine as kernel 3, and the same results bit for bit (the same tile
 //             values, the same wgmma sequence, the same softmax arithmetic).
+//             The default where it runs (compute capability 9.0).
+//             What it leaves on the table: the producer is now the bottleneck (Nsight Compute: the consumers
+//             spend a third of their time waiting on "full"); it runs ~2200 instructions a warp a tile, for
+//             addresses, shuffles and a dequantisation of ~5 instructions per pair of values, while 128
+//             heads need each token converted only once and the two head groups of a row each convert it.
 //
 // Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
 // num_blocks (so i < num_blocks * block_size, without overflow); every read of the cache is then
@@ -299,6 +303,18 @@ __device__ __forceinline__ uint4 dequantize8(uint2 bytes, float scale) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Kernels 2, 3 and 4: the block's query row and its first head h0. The grid's x runs over (row, head
+// group) with the head group fastest, so the n_heads / MMA_HEADS blocks of one row are launched one after
+// the other and run side by side: the row's tokens come from DRAM once and the other head groups find
+// them in L2 (with the row fastest, the two head halves of a row ran a whole wave of blocks apart, and
+// each gathered the row's 2048 x 656 bytes from DRAM).
+__device__ __forceinline__ void block_row_and_heads(int n_heads, int& row, int& h0, int& n_rows) {
+    const int groups = n_heads / MMA_HEADS;
+    row = blockIdx.x / groups;
+    h0 = (blockIdx.x % groups) * MMA_HEADS;
+    n_rows = gridDim.x / groups;
+}
+
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)
 sparse_mla_decode_fp8_mma(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                           const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,
@@ -311,8 +327,10 @@ sparse_mla_decode_fp8_mma(const __nv_bfloat16* __restrict__ q, const unsigned ch
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(raw_s + 2 * RAW_STAGE_BYTES);  // [TILE][576] swz.
     int* valid_s = reinterpret_cast<int*>(kv_s + MMA_TILE * D_QK);                        // [2 stages][TILE]
 
-    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
-    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    // grid: (rows x head groups, 1, splits); gridDim.z == 1: this block writes out and lse itself
+    int row, h0, n_rows;
+    block_row_and_heads(n_heads, row, h0, n_rows);
+    const int split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int mt = warp % 4, half = warp / 4;  // head tile (heads h0 + 16 mt ..) and key / output half
     const int g = lane / 4, t = lane % 4;      // the fragment coordinates of this lane
@@ -555,13 +573,14 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
                             long long block_stride, int tiles_per_split, float softmax_scale) {
 #if WGMMA_AVAILABLE
     extern __shared__ unsigned char wgmma_smem_raw[];
-    unsigned char* q_s = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<size_t>(wgmma_smem_raw) + WGMMA_SMEM_ALIGN - 1) & ~size_t(WGMMA_SMEM_ALIGN - 1));
+    unsigned char* q_s = align_smem(wgmma_smem_raw);
     unsigned char* kv_s = q_s + Q_SMEM_BYTES;     // the bf16 tile [64][576], column-blocked
     unsigned char* raw_s = kv_s + KV_SMEM_BYTES;  // [2][TILE][656] as gathered
 
-    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
-    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    // grid: (rows x head groups, 1, splits); gridDim.z == 1: this block writes out and lse itself
+    int row, h0, n_rows;
+    block_row_and_heads(n_heads, row, h0, n_rows);
+    const int split = blockIdx.z;
     const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int* index_row = indices + (size_t)row * k;
@@ -794,11 +813,13 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // Registers: O is 64 heads x 256 values float32 a consumer warpgroup, 128 a thread, plus S's 16 and the
 // softmax state; kernel 3 needs 206. The launch gives every thread the same count (__launch_bounds__(384, 1):
 // at most 65536 / 384 = 168), then setmaxnreg moves them: the producer gives back down to
-// WS_PRODUCER_REGS = 72 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
-// consumers take WS_CONSUMER_REGS = 216: 128 x (72 + 2 x 216) = 64512, no more than the 384 x 168 the launch
+// WS_PRODUCER_REGS = 96 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
+// consumers take WS_CONSUMER_REGS = 200: 128 x (96 + 2 x 200) = 63488, no more than the 384 x 168 the launch
 // gave the block (setmaxnreg only moves registers within that: the bound is 3 x 168 = 504 a thread, not 512).
-// ptxas allocates each side's code within its count (a producer at 40 registers spills its loads; with 4
-// tokens in flight it fits 56).
+// ptxas allocates each side's code within its count, and the count decides how the producer's loads are
+// scheduled: at 72 registers ptxas moved each load down to its use, so a warp kept one token's loads in
+// flight and waited a memory round trip per token (984 us at B 128, h 128, s_q 2, k 2048); at 96 it issues
+// all 8 tokens' loads before the first conversion (540 us). The consumers need no more than 200.
 //
 // Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside (every tile starts 1024-byte aligned):
 //   Q 72 KiB | buffer 0 72 KiB | buffer 1 72 KiB | P 8 KiB | row exchange [2][64] f32 | flags [2][64] i32 |
@@ -817,13 +838,16 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // copy token u of a group of 4, one 16-byte chunk each. Unused slots (-1, past k, or any index outside
 // [0, num_blocks * block_size)) read nothing and store zeros; their flag is 0, and the consumers give them
 // the score -inf, exactly as kernel 3. A warp issues WS_TOKENS_IN_FLIGHT = 8 tokens' loads before it
-// dequantises the first (what 72 registers hold), so its 16 rows take 2 round trips; to make those short, the
+// dequantises the first (what 96 registers hold), so its 16 rows take 2 round trips; to make those short, the
 // warp prefetches the next tile's 16 rows into L2 (prefetch.global.L2, no register held) before it starts on
-// this one.
+// this one, and the indices of the tile after that are loaded a whole tile before they are needed (loaded
+// just before use, their wait was a tenth of the producer's time). The first group's loads are issued
+// before the wait for the buffer, so a producer that is ahead waits with its loads in flight.
 //
 // Ordering, per buffer (u = the how-many-th use of the buffer, u = tile index / 2):
-//   producer: wait empty (parity (u & 1) ^ 1: the use before was released; passes at once for u = 0), store
-//     the tile and flags, fence.proxy.async (the stores -> visible to the tensor cores), arrive on full;
+//   producer: issue the first loads, wait empty (parity (u & 1) ^ 1: the use before was released; passes at
+//     once for u = 0), store the tile and flags, fence.proxy.async (the stores -> visible to the tensor
+//     cores), arrive on full;
 //   consumer: wait full (parity u & 1), issue S; wait for P V of the tile before (all wgmma groups but the
 //     newest), arrive on that tile's empty; wait for S, flags, max exchange (bar 1), P (the other consumer's
 //     P V of the tile before, which read P, completed before it reached bar 1), fence.proxy.async, bar 2,
@@ -833,8 +857,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // result, split and combine are kernel 3's (the same arguments, workspace and combine kernel).
 
 #define WS_THREADS 384                               // producer warpgroup + two consumer warpgroups
-#define WS_PRODUCER_REGS 72                          // setmaxnreg: the producer's registers a thread
-#define WS_CONSUMER_REGS 216                         // the consumers' (O: 128 float32 a thread)
+#define WS_PRODUCER_REGS 96                          // setmaxnreg: the producer's registers a thread
+#define WS_CONSUMER_REGS 200                         // the consumers' (O: 128 float32 a thread)
 #define WS_TOKENS_IN_FLIGHT 8                        // a producer warp's tokens loaded before dequantising
 #define WS_ROWS_PER_WARP (MMA_TILE / 4)              // 16 slots of a tile per producer warp
 #define WS_ROW_BYTES (2 * MMA_HEADS * 4)             // the row-max (then row-sum) exchange [2][64] f32
@@ -897,8 +921,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
                          int tiles_per_split, float softmax_scale) {
 #if WGMMA_AVAILABLE
     extern __shared__ unsigned char ws_smem_raw[];
-    unsigned char* q_s = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<size_t>(ws_smem_raw) + WGMMA_SMEM_ALIGN - 1) & ~size_t(WGMMA_SMEM_ALIGN - 1));
+    unsigned char* q_s = align_smem(ws_smem_raw);
     unsigned char* kv_s = q_s + Q_SMEM_BYTES;                               // [2 buffers][64][576] bf16, blocked
     unsigned char* p_s = kv_s + 2 * KV_SMEM_BYTES;                          // [64 heads][64 keys] bf16, blocked
     float* row_s = reinterpret_cast<float*>(p_s + P_BYTES);                 // [2 consumers][64]
@@ -906,8 +929,10 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
     const unsigned full_bar = smem_address(used_s + 2 * MMA_TILE);          // full[2], then empty[2]: 8 bytes each
     const unsigned empty_bar = full_bar + 2 * 8;
 
-    // grid: (rows, n_heads / MMA_HEADS, splits); gridDim.z == 1: this block writes out and lse itself
-    const int row = blockIdx.x, h0 = blockIdx.y * MMA_HEADS, split = blockIdx.z, n_rows = gridDim.x;
+    // grid: (rows x head groups, 1, splits); gridDim.z == 1: this block writes out and lse itself
+    int row, h0, n_rows;
+    block_row_and_heads(n_heads, row, h0, n_rows);
+    const int split = blockIdx.z;
     const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
     const int* index_row = indices + (size_t)row * k;
     const int n_tiles = (k + MMA_TILE - 1) / MMA_TILE;  // this split's tiles [first, last) of ceil(k / 64)
@@ -924,38 +949,45 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
     if (wg == 0) {
         // ---------------------------------------------------------------- the producer
         setmaxnreg_dec<WS_PRODUCER_REGS>();
+        constexpr int ROWS = WS_ROWS_PER_WARP;  // this warp's slots of a tile: row0 .. row0 + 15
+        const int row0 = ROWS * warp;
         const int f = (lane / 2) % 4 + 4 * (lane % 2 + 2 * (lane / 8));  // this lane's 16 e4m3 bytes: f-th 16
         const int parity_lane = lane % 2;
-        // slot 16 warp + i of tile `tile` (lane i < 16 asks): its token's byte offset in the cache, -1 if unused
-        // (slot j is used when 0 <= s and s / block_size < num_blocks: token_row's test)
-        auto token_offset = [&](int tile) -> long long {
-            const int j = tile * MMA_TILE + WS_ROWS_PER_WARP * warp + lane;
-            const unsigned char* token =
-                token_row(kv_cache, j < k ? __ldg(index_row + j) : -1, num_blocks, block_size, block_stride);
+        // slot row0 + lane of tile `tile` (lanes < ROWS): its index, -1 past the split, past k or for lanes
+        // >= ROWS. Loaded a tile before its offset is needed, so no wait on it.
+        auto slot_index = [&](int tile) -> int {
+            const int j = tile * MMA_TILE + row0 + lane;
+            return tile < last && lane < ROWS && j < k ? __ldg(index_row + j) : -1;
+        };
+        // the byte offset of index s's token in the cache, -1 if unused (s < 0 or past the blocks: token_row)
+        auto offset_of = [&](int s) -> long long {
+            const unsigned char* token = token_row(kv_cache, s, num_blocks, block_size, block_stride);
             return token ? (long long)(token - kv_cache) : -1;
         };
-        // L2 prefetch of this warp's 16 rows of a tile (lane l: row l % 16, bytes 128 m + 128 (l / 16) of it,
-        // m < 3: every 128-byte line the 656 bytes touch): no registers held, the loads later hit L2
+        // L2 prefetch of this warp's rows of a tile: the 6 128-byte lines from a token's start (656 bytes
+        // touch at most 6), lane l takes row l % ROWS, lines l / ROWS + (32 / ROWS) m: no registers held, the
+        // loads later hit L2. No line past the token's own 656 bytes is touched.
         auto prefetch_rows = [&](long long offset) {
-            const long long at = __shfl_sync(0xffffffffu, offset, lane % WS_ROWS_PER_WARP);
-            if (at >= 0) {
+            const long long at = __shfl_sync(0xffffffffu, offset, lane % ROWS);
 #pragma unroll
-                for (int m = 0; m < 3; ++m)
-                    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kv_cache + at + 256 * m + 128 * (lane / 16)));
+            for (int m = 0; m < (6 * ROWS + 31) / 32; ++m) {
+                const int line = lane / ROWS + (32 / ROWS) * m;
+                if (at >= 0 && line < 6) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kv_cache + at + 128 * line));
             }
         };
-        long long my_offset = first < last && lane < WS_ROWS_PER_WARP ? token_offset(first) : -1;
+        long long my_offset = offset_of(slot_index(first));
+        int next_index = slot_index(first + 1);
         prefetch_rows(my_offset);
         for (int tile = first; tile < last; ++tile) {
             const int b = (tile - first) % 2, use = (tile - first) / 2;
-            // the next tile's rows start their way to L2 while this one is loaded and dequantised
-            const long long next_offset = tile + 1 < last && lane < WS_ROWS_PER_WARP ? token_offset(tile + 1) : -1;
+            // the next tile's rows start their way to L2 while this one is loaded and dequantised; the index
+            // of the tile after that is loaded now, to be at hand a tile later
+            const long long next_offset = offset_of(next_index);
+            next_index = slot_index(tile + 2);
             prefetch_rows(next_offset);
-            mbarrier_wait(empty_bar + 8 * b, (use & 1) ^ 1);  // the consumers are done with this buffer's last use
             unsigned char* buffer = kv_s + b * KV_SMEM_BYTES;
-            if (lane < WS_ROWS_PER_WARP) used_s[b * MMA_TILE + WS_ROWS_PER_WARP * warp + lane] = my_offset >= 0;
 #pragma unroll 1
-            for (int i0 = 0; i0 < WS_ROWS_PER_WARP; i0 += WS_TOKENS_IN_FLIGHT) {
+            for (int i0 = 0; i0 < ROWS; i0 += WS_TOKENS_IN_FLIGHT) {
                 // the loads of WS_TOKENS_IN_FLIGHT tokens: e4m3 bytes and their scale (zeros when unused),
                 // and k^R of the same tokens (instruction g4: lanes 8 v .. 8 v + 7 copy token i0 + 4 g4 + v)
                 uint4 bytes[WS_TOKENS_IN_FLIGHT], rope[WS_TOKENS_IN_FLIGHT / 4];
@@ -973,10 +1005,14 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
                     rope[g4] = at >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv_cache + at + ROPE_AT) + lane % 8)
                                        : make_uint4(0, 0, 0, 0);
                 }
+                if (i0 == 0) {  // the first loads are on their way: now wait until the buffer is free
+                    mbarrier_wait(empty_bar + 8 * b, (use & 1) ^ 1);  // the consumers' last use of it is over
+                    if (lane < ROWS) used_s[b * MMA_TILE + row0 + lane] = my_offset >= 0;
+                }
                 // dequantise (kernel 2's dequantize8: exact for a power-of-two scale) and store, swizzled
 #pragma unroll
                 for (int u = 0; u < WS_TOKENS_IN_FLIGHT; ++u) {
-                    const int r = WS_ROWS_PER_WARP * warp + i0 + u;
+                    const int r = row0 + i0 + u;
                     const uint4 lo = dequantize8(make_uint2(bytes[u].x, bytes[u].y), scale[u]);  // chunk 2 f
                     const uint4 hi = dequantize8(make_uint2(bytes[u].z, bytes[u].w), scale[u]);  // chunk 2 f + 1
                     *reinterpret_cast<uint4*>(buffer + blocked(r, 2 * f + parity_lane)) = parity_lane ? hi : lo;
@@ -984,7 +1020,7 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
                 }
 #pragma unroll
                 for (int g4 = 0; g4 < WS_TOKENS_IN_FLIGHT / 4; ++g4) {
-                    const int r = WS_ROWS_PER_WARP * warp + i0 + 4 * g4 + lane / 8;
+                    const int r = row0 + i0 + 4 * g4 + lane / 8;
                     *reinterpret_cast<uint4*>(buffer + blocked(r, NOPE_CHUNKS + lane % 8)) = rope[g4];
                 }
             }

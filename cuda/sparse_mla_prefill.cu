@@ -346,8 +346,7 @@ sparse_mla_prefill_wgmma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat1
     extern __shared__ unsigned char wgmma_smem_raw[];
     // WGMMA_SMEM_ALIGN-byte aligned: Q, stages 0 and 1 (72 KiB each, 9 column blocks), P (8 KiB), the
     // row exchange, the flags
-    unsigned char* q_s = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<size_t>(wgmma_smem_raw) + WGMMA_SMEM_ALIGN - 1) & ~size_t(WGMMA_SMEM_ALIGN - 1));
+    unsigned char* q_s = align_smem(wgmma_smem_raw);
     unsigned char* kv_s = q_s + TILE_BYTES;
     unsigned char* p_s = kv_s + 2 * TILE_BYTES;
     float* row_s = reinterpret_cast<float*>(p_s + P_BYTES);            // [2 warpgroups][64]

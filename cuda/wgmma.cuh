@@ -25,6 +25,7 @@
 //   sum_for_lane             which of those sums a lane stores
 //   blocked, WGMMA_BLOCK_BYTES, WGMMA_SMEM_ALIGN   the column-blocked bf16 tile [64 rows][576 values]:
 //                            9 blocks of 64 values (128-byte rows, 8 KiB), each 128B-swizzled
+//   align_smem               the dynamic shared memory's first WGMMA_SMEM_ALIGN-aligned byte
 //   wgmma_desc_n_major       the descriptor of such a tile read N-major (transposed, V in P V)
 //   wgmma_m64n32k16_bf16, wgmma_m64n256k16_bf16_nb   the bf16 instructions (B K-major; B N-major)
 // (cuda/sparse_mla_prefill.cu's kernel 2 header explains the bf16 layouts and descriptors in full.)
@@ -42,6 +43,15 @@
 // tile (the 128-byte swizzle's atoms start on 1024-byte boundaries: descriptor base offset 0)
 #define WGMMA_BLOCK_BYTES (64 * 128)
 #define WGMMA_SMEM_ALIGN 1024
+
+// The first WGMMA_SMEM_ALIGN-aligned byte of the dynamic shared memory `raw` (the launch asks for
+// WGMMA_SMEM_ALIGN bytes more than the carve). By adding an offset to `raw` itself, not by rounding its
+// generic address as an integer: the result then stays a pointer the compiler knows is in shared memory,
+// and every access through it is an LDS/STS. A pointer rebuilt from a size_t has lost that, and the
+// compiler emits generic loads and stores (LD.E/ST.E), which test the address's window each time.
+__device__ __forceinline__ unsigned char* align_smem(unsigned char* raw) {
+    return raw + ((WGMMA_SMEM_ALIGN - smem_address(raw) % WGMMA_SMEM_ALIGN) % WGMMA_SMEM_ALIGN);
+}
 
 #if WGMMA_AVAILABLE
 

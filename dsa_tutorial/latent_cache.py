@@ -47,9 +47,9 @@ Which function runs where:
 * `sparse_mla_decode_fp8_cuda` runs `cuda/sparse_mla_decode_fp8.cu`; SPARSE_MLA_DECODE_FP8_KERNELS
   lists its kernels: 1, float32 CUDA cores; 2, tensor cores (mma.sync) with the selection split over
   several blocks when the batch is too small to fill the GPU; 3, the same with Hopper's wgmma (compute
-  capability 9.0 only; the default there, kernel 2 elsewhere); 4, kernel 3's math warp-specialised (a
-  producer warpgroup gathers and dequantises the next tile while two consumer warpgroups compute this one;
-  compute capability 9.0 only).
+  capability 9.0 only); 4, kernel 3's math warp-specialised (a producer warpgroup gathers and dequantises
+  the next tile while two consumer warpgroups compute this one; compute capability 9.0 only: the default
+  there, kernel 2 elsewhere).
   No host synchronisation.
 
 Index values are device data: the reference checks them (in [-1, num_blocks * block_size), no
@@ -235,11 +235,8 @@ SPARSE_MLA_DECODE_FP8_KERNELS = KernelTable("sparse_mla_decode_fp8", [
            "split and combine",
            needs="compute capability 9.0 (sm_90a); 16-byte aligned q, kv_cache and out, a block stride a "
                  "multiple of 16 bytes; 226 of the 227 KiB of shared memory a block"),
-], best_first=(3, 4, 2, 1))  # wgmma where it runs (compute capability 9.0), else mma.sync; kernel 4
-# (the same requirements as kernel 3) is ranked after kernel 3: on the H200 it is slower (148 against
-# 155 TFLOP/s at B 128, h 128, s_q 2, k 2048; 153 before every consumer thread arrived on a buffer's empty
-# mbarrier itself after its own reads of the buffer's flags, which racecheck needs: one lane's arrival after
-# a __syncwarp left it reporting hazards); racecheck and memcheck are clean: use it only by asking
+], best_first=(4, 3, 2, 1))  # the fastest that runs: kernels 3 and 4 need compute capability 9.0
+# (sm_90a), else mma.sync
 
 #: The combine kernel of the same file: merges kernel 2's, 3's or 4's partial results (not a version of the table).
 COMBINE_ENTRY = "sparse_mla_decode_fp8_combine"
@@ -315,7 +312,7 @@ def _launch(version: int, q, kv_cache, indices, softmax_scale: float, out, lse, 
         lse_partial = torch.empty(n_splits, n_rows, n_heads, dtype=torch.float32, device=q.device)
     args = (q, cache, indices, out, lse, o_partial, lse_partial, n_heads, k, *common, tiles_per_split,
             float(softmax_scale))
-    grid = (n_rows, n_heads // d["MMA_HEADS"], n_splits)
+    grid = (n_rows * (n_heads // d["MMA_HEADS"]), 1, n_splits)  # the head groups of a row next to each other
     threads, smem = {2: (d["MMA_THREADS"], d["MMA_SMEM_BYTES"]), 3: (d["WGMMA_THREADS"], d["WGMMA_DYNAMIC_SMEM"]),
                      4: (d["WS_THREADS"], d["WS_DYNAMIC_SMEM"])}[version]
     SPARSE_MLA_DECODE_FP8_KERNELS.launch(version, grid, threads, args, shared_mem=smem)

@@ -90,7 +90,7 @@ def test_the_table_and_its_entry_points():
     assert TABLE.versions == (1, 2, 3, 4)
     assert [k.entry for k in TABLE] == ["sparse_mla_decode_fp8_simt", "sparse_mla_decode_fp8_mma",
                                         "sparse_mla_decode_fp8_wgmma", "sparse_mla_decode_fp8_ws"]
-    assert TABLE.best_first == (3, 4, 2, 1)  # kernel 3 (wgmma) where it runs, else kernel 2
+    assert TABLE.best_first == (4, 3, 2, 1)  # kernel 4 (wgmma, warp-specialised) where it runs, else kernel 2
     compiled = kernels.compile_source("sparse_mla_decode_fp8")  # NVRTC, no GPU needed
     assert set(compiled.entry_points()) == {*TABLE.entry_points(), lc.COMBINE_ENTRY}
 
@@ -457,7 +457,7 @@ def test_kernel_3_refusals_where_wgmma_runs(monkeypatch):
     out = torch.empty(2, 2, 64, 512, dtype=torch.bfloat16)
     d = TABLE.defines()
     assert lc._why_not(q, cache, out, 16 * 656, 227 * 1024) == {1: None, 2: None, 3: None, 4: None}
-    assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 3  # the default
+    assert TABLE.choose(None, lc._why_not(q, cache, out, 16 * 656, 227 * 1024)).version == 4  # the default
     shifted = torch.zeros(20 * 16 * 656 + 8, dtype=torch.uint8).view(torch.float8_e4m3fn)[8:].view(20, 16, 1, 656)
     for version in WGMMA_VERSIONS:  # kernel 4 loads 16-byte rows as kernel 3 copies them: the same rules
         assert "kv_cache must start on a 16-byte boundary" in lc._why_not(q, shifted, out, 16 * 656, 227 * 1024)[version]
@@ -514,10 +514,11 @@ def test_launch_geometry_and_arguments(monkeypatch):
     assert args[1] == view.data_ptr() and args[1] != cache.data_ptr()  # the strided cache by its address
     assert args[5:10] == (128, 700, 50, 16, 18 * 656) and args[2] is indices and args[3] is out
     launches.clear()
-    # kernel 2 at 4 rows x 2 head groups = 8 blocks: split (11 tiles: 4 splits of <= 3), then the combine
+    # kernel 2 at 4 rows x 2 head groups = 8 blocks (x: the row's head groups side by side): split (11 tiles:
+    # 4 splits of <= 3), then the combine
     lc._launch(2, q, view, indices, SCALE, out, lse, 132, view.stride(0))
     (_, entry, grid, block, args, smem), (_, combine, c_grid, c_block, c_args, c_smem) = launches
-    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_mma", (4, 2, 4), 256, d["MMA_SMEM_BYTES"])
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_mma", (8, 1, 4), 256, d["MMA_SMEM_BYTES"])
     o_partial, lse_partial = args[5], args[6]
     assert o_partial.shape == (4, 4, 128, 512) and lse_partial.shape == (4, 4, 128)
     assert args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
@@ -527,32 +528,32 @@ def test_launch_geometry_and_arguments(monkeypatch):
     # no split at 132 blocks or more: one launch, straight into out and lse
     lc._launch(2, q, view, indices, SCALE, out, lse, 8, view.stride(0))
     (_, entry, grid, _, args, _), = launches
-    assert grid == (4, 2, 1) and args[3] is out and args[4] is lse and args[12] == 11
+    assert grid == (8, 1, 1) and args[3] is out and args[4] is lse and args[12] == 11
     assert args[5] == args[6] == 0  # no workspace
     launches.clear()
     # kernel 3: the same arguments, grid, split and combine; its own threads and shared memory
     lc._launch(3, q, view, indices, SCALE, out, lse, 132, view.stride(0))
     (_, entry, grid, block, args, smem), (_, combine, c_grid, _, c_args, _) = launches
-    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_wgmma", (4, 2, 4), 256, d["WGMMA_DYNAMIC_SMEM"])
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_wgmma", (8, 1, 4), 256, d["WGMMA_DYNAMIC_SMEM"])
     assert args[5].shape == (4, 4, 128, 512) and args[6].shape == (4, 4, 128)
     assert args[1] == view.data_ptr() and args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
     assert combine == lc.COMBINE_ENTRY and c_args[0] is args[5] and c_args[2:] == (out, lse, 4 * 128, 4)
     launches.clear()
     lc._launch(3, q, view, indices, SCALE, out, lse, 8, view.stride(0))
     (_, entry, grid, _, args, _), = launches
-    assert entry == "sparse_mla_decode_fp8_wgmma" and grid == (4, 2, 1) and args[5] == args[6] == 0
+    assert entry == "sparse_mla_decode_fp8_wgmma" and grid == (8, 1, 1) and args[5] == args[6] == 0
     launches.clear()
     # kernel 4: kernel 3's arguments, grid, split and combine; three warpgroups and its own shared memory
     lc._launch(4, q, view, indices, SCALE, out, lse, 132, view.stride(0))
     (_, entry, grid, block, args, smem), (_, combine, c_grid, _, c_args, _) = launches
-    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_ws", (4, 2, 4), 384, d["WS_DYNAMIC_SMEM"])
+    assert (entry, grid, block, smem) == ("sparse_mla_decode_fp8_ws", (8, 1, 4), 384, d["WS_DYNAMIC_SMEM"])
     assert args[5].shape == (4, 4, 128, 512) and args[6].shape == (4, 4, 128)
     assert args[1] == view.data_ptr() and args[7:13] == (128, 700, 50, 16, 18 * 656, 3)
     assert combine == lc.COMBINE_ENTRY and c_args[0] is args[5] and c_args[2:] == (out, lse, 4 * 128, 4)
     launches.clear()
     lc._launch(4, q, view, indices, SCALE, out, lse, 8, view.stride(0))
     (_, entry, grid, _, args, _), = launches
-    assert entry == "sparse_mla_decode_fp8_ws" and grid == (4, 2, 1) and args[5] == args[6] == 0
+    assert entry == "sparse_mla_decode_fp8_ws" and grid == (8, 1, 1) and args[5] == args[6] == 0
 
 
 def test_the_wgmma_kernel_compiles_to_a_trap_elsewhere():
@@ -1138,6 +1139,7 @@ def _skip_unless_available(kernel):
         pytest.skip(f"kernel {kernel} (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
 
 
+
 def _check(version, out, lse, ref_out, ref_lse, name):
     out_tol, lse_tol = _tolerances(version, ref_out)
     compare.assert_close(out.float(), ref_out.to(out.device), **out_tol, name=f"{name}: out")
@@ -1181,16 +1183,19 @@ def test_ragged_selections_and_odd_block_sizes(B, s_q, h, k, block_size, kernel)
 
 
 @pytest.mark.gpu
-def test_the_split_path_is_taken_and_the_default_is_kernel_3():
-    q, cache, indices = _case(1, 2, 128, 2048, 64, seed=3)
+@pytest.mark.parametrize("h", [128, 64])
+def test_the_split_path_is_taken_and_the_default_kernel(h):
+    default_kernel = 4  # warp-specialised wgmma: the fastest on the H200
+    _skip_unless_available(default_kernel)
+    q, cache, indices = _case(1, 2, h, 2048, 64, seed=3)
     n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    assert lc.decode_splits(2, 128, 2048, n_sms)[0] > 1  # this shape runs kernel 3 split, then the combine
+    assert lc.decode_splits(2, h, 2048, n_sms)[0] > 1  # this shape runs split, then the combine
     with kernels.recording_launches() as launches:
         default = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE)
-    assert [launch.kernel for launch in launches] == ["sparse_mla_decode_fp8_wgmma", lc.COMBINE_ENTRY]
-    explicit = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=3)
+    assert [launch.kernel for launch in launches] == [TABLE[default_kernel].entry, lc.COMBINE_ENTRY]
+    explicit = sparse_mla_decode_fp8_cuda(q, cache, indices, SCALE, kernel=default_kernel)
     assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])  # deterministic
-    _check(3, *default, *_reference(q, cache, indices), "default call, split")
+    _check(default_kernel, *default, *_reference(q, cache, indices), "default call, split")
 
 
 @pytest.mark.gpu
