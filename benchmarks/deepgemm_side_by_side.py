@@ -12,7 +12,9 @@ paged_mqa_logits for B in {64, 128, 256}, contexts of about {8K, 32K, 64K} token
 mean, blocks shuffled), next_n 1 and 2; inputs from benchmarks/cases.py. DeepGEMM's current interface
 takes the paged context lengths per draft row, [B, next_n] (row (b, j) sees p < context_lens[b, j]):
 it gets the per-row form of the same lengths, this package the [B] form. Before timing, the two outputs
-are compared: the same -inf pattern and calc_diff < 1e-6 over the finite entries.
+are compared: the same -inf pattern and calc_diff < 1e-6 over the finite entries (DeepGEMM's paged call
+runs with clean_logits=False, which leaves the entries past each row's length unwritten: those are set to
+-inf for the comparison; this package's call writes -inf there, a little more work).
 
 Rates: mqa_logits against the FP8 GEMM ceiling (the causal work only: 2 H D per visible pair), paged
 against the copy ceiling (cache read, logits written, q and weights read), both measured in the same run.
@@ -76,13 +78,18 @@ def side_by_side_paged(results, deep_gemm, label, B: int, context: int, next_n: 
     q, _, _, lens, _, _, _, _, max_context_len = sets[0]
 
     def theirs(q, kv_cache, w, lens, rows, block_table, schedule, their_schedule, max_context_len):
-        return deep_gemm.fp8_paged_mqa_logits(q, kv_cache, w, rows, block_table, their_schedule, max_context_len, True)
+        # clean_logits=False: at the commit this was written against, DeepGEMM asserts on True for the paged
+        # call; it then leaves whatever is past each row's length, which the check below masks
+        return deep_gemm.fp8_paged_mqa_logits(q, kv_cache, w, rows, block_table, their_schedule, max_context_len, False)
 
     def ours(q, kv_cache, w, lens, rows, block_table, schedule, their_schedule, max_context_len):
         return paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, block_table, schedule, max_context_len)
 
-    diff = agree(ours(*sets[0]), theirs(*sets[0]), case)
-    print(f"{case}: outputs agree, calc_diff {diff:.1e}")
+    rows = sets[0][4]
+    theirs_out = theirs(*sets[0])[:, :max_context_len]
+    past = torch.arange(max_context_len, device=rows.device) >= rows.reshape(-1, 1)  # p >= len[b, j]
+    diff = agree(ours(*sets[0]), theirs_out.masked_fill(past, float("-inf")), case)
+    print(f"{case}: outputs agree (DeepGEMM's entries past each row's length set to -inf), calc_diff {diff:.1e}")
     tokens = float(lens.long().sum())
     rates = dict(nbytes=tokens * (D + 4) + B * next_n * max_context_len * 4 + B * next_n * H * (D + 4),
                  flops=2.0 * next_n * tokens * H * D, ceiling="copy")
