@@ -29,7 +29,8 @@ from dsa_tutorial.causal import visible  # noqa: E402
 from dsa_tutorial.indexer import INDEX_SCORES_KERNELS, index_scores, index_scores_cuda  # noqa: E402
 from dsa_tutorial.sparse_attention import (SPARSE_MLA_ATTENTION_KERNELS, sparse_mla_attention,  # noqa: E402
                                            sparse_mla_attention_cuda)
-from dsa_tutorial.topk import SELECT_TOPK_KERNELS, select_topk, select_topk_cuda  # noqa: E402
+from dsa_tutorial.topk import (SELECT_TOPK_KERNELS, select_topk, select_topk_cuda,  # noqa: E402
+                               select_topk_why_not)
 
 INT32_MIN, INT32_MAX, INT64_MIN, INT64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1
 
@@ -76,8 +77,31 @@ def check_select_topk() -> None:
             print(f"select_topk kernel {v} k={k}: OK")
         assert torch.equal(select_topk_cuda(short, 2048, positions, kernel=v), select_topk(short, 2048, positions))
         print(f"select_topk kernel {v} short rows: OK")
-        assert torch.equal(select_topk_cuda(ties, 2048, kernel=v), select_topk(ties, 2048))
-        print(f"select_topk kernel {v} long ties: OK")
+        if select_topk_why_not(ties.shape[-1])[v] is None:  # kernel 3: rows up to one block's shared memory
+            assert torch.equal(select_topk_cuda(ties, 2048, kernel=v), select_topk(ties, 2048))
+            print(f"select_topk kernel {v} long ties: OK")
+        # kernel 3 holds the row in shared memory, kernel 4 a list after a sample: rows ragged at
+        # kernel 3's limit and past it (rows start off the 16-byte grid), wild positions, causal
+        # rows; row 1's sampled float4s (one in 16) high and row 3's low: kernel 4's guess is wrong
+        # and it falls back to kernel 2's answer
+        stride = 4 * SELECT_TOPK_KERNELS.defines()["TOPK_SAMPLE_STRIDE"]
+        for S in (24575, 40001):
+            if select_topk_why_not(S)[v] is not None:
+                continue
+            rows = torch.randint(-3, 4, (9, S), device="cuda").float()
+            rows[:, 3::101] = float("nan")
+            rows[::2] = torch.randn(5, S, device="cuda")
+            rows[1, ::stride] = 50.0
+            rows[3, :: stride // 4] = -50.0
+            ends = torch.tensor([S // 3, S // 2 + 1, S - 2, S - 1, 0, -3, S, INT64_MAX, INT64_MIN], device="cuda")
+            kept = ends.clamp(-1, S - 1)
+            ref = select_topk(rows, 2048, kept.clamp(min=0)).masked_fill(kept[:, None] < 0, -1)
+            out = compare.poisoned((9, 2048), torch.int32)
+            select_topk_cuda(rows, 2048, ends, kernel=v, out=out)
+            assert torch.equal(out, ref), f"select_topk kernel {v} S={S} differs"
+            causal = rows[:, : S - 2].reshape(1, 9, S - 2)[:, :7]
+            assert torch.equal(select_topk_cuda(causal.contiguous(), 1000, kernel=v), select_topk(causal, 1000))
+            print(f"select_topk kernel {v} S={S} (wild and causal positions, misleading samples): OK")
         for dtype in (torch.int64, torch.int32):
             as_dtype = wild.clamp(INT32_MIN, INT32_MAX).to(dtype) if dtype == torch.int32 else wild
             out = select_topk_cuda(wild_rows, 40, as_dtype, kernel=v)

@@ -7,12 +7,14 @@ Cases, float32 scores, k = 2048:
 * 8192 rows x 8192 and 2048 rows x 65536 (prefill shapes).
 For each, the public call as a user makes it, timed with bench.time_call (its kernel launch replayed
 alone beside it: the difference is the Python of the call):
-* `select_topk_cuda(scores, 2048)`, default arguments: kernel=None (kernel 2), the causal default
+* `select_topk_cuda(scores, 2048)`, default arguments: kernel=None (select_topk_default: kernel 3 for
+  the 8192-long rows, kernel 4 for the longer ones), the causal default
   positions S - T + t computed on the device (at the prefill shapes row t then sees only
   S - T + t + 1 scores: less work than torch.topk's full rows);
 * `select_topk_cuda(scores, 2048, last)` with query_positions = S - 1 for every row (every score
   visible, as torch.topk sees them; data checks off, the default: the positions are not read back);
-then every version of SELECT_TOPK_KERNELS (kernel=1, 2) through the same call with positions, and
+then every version of SELECT_TOPK_KERNELS (kernel=1, 2, 3, 4; kernel 3 only where a row fits one
+block's shared memory) through the same call with positions, and
 the baseline torch.topk(sorted=False) (the faster of its two modes; sorted=True is printed too;
 torch.topk has no visibility or NaN rule, so it does strictly less). The bytes are one read of the
 scores plus the indices written: the least any top-k must move, quoted against the copy bandwidth
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsa_tutorial import bench, checks  # noqa: E402
-from dsa_tutorial.topk import SELECT_TOPK_KERNELS, select_topk_cuda  # noqa: E402
+from dsa_tutorial.topk import SELECT_TOPK_KERNELS, select_topk_cuda, select_topk_why_not  # noqa: E402
 
 K = 2048
 
@@ -57,6 +59,8 @@ def main() -> None:
         timed = bench.time_call(lambda s, p=last: select_topk_cuda(s, K, p), make)
         print(results.add(case, "default", timed, label="default, positions S - 1", baseline=base, **rates))
         for v in SELECT_TOPK_KERNELS.versions:
+            if select_topk_why_not(length)[v] is not None:  # kernel 3: rows up to one block's shared memory
+                continue
             timing = bench.benchmark(lambda s, v=v, p=last: select_topk_cuda(s, K, p, kernel=v), make)
             print(results.add(case, "kernel", timing, version=v, baseline=base, **rates))
     print("wrote", results.write())

@@ -21,7 +21,8 @@ way a radix select needs it; the reference uses the same map so the two agree bi
 on the masked scores, keeping whatever it returns, future positions included.
 
 CUDA: `select_topk_cuda` launches one of the kernels of cuda/select_topk.cu (SELECT_TOPK_KERNELS:
-kernel 1 reads the row four times, kernel 2 twice), one block per row.
+kernel 1 reads the row four times, kernel 2 twice, kernels 3 and 4 once: kernel 3 into shared
+memory, for rows that fit there, kernel 4 after a sample of it), one block per row.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from .checks import check_range, check_tensor
 from .kernels import Kernel, KernelTable
 
 __all__ = ["order_key", "visible_positions", "select_topk", "topk_without_causal_mask", "select_topk_cuda",
-           "SELECT_TOPK_KERNELS"]
+           "SELECT_TOPK_KERNELS", "select_topk_why_not", "select_topk_default", "shared_bytes", "list_capacity",
+           "shared_request"]
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -123,7 +125,53 @@ def topk_without_causal_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 SELECT_TOPK_KERNELS = KernelTable("select_topk", [
     Kernel(1, "select_topk_four_passes", "radix select, four reads of the row"),
     Kernel(2, "select_topk_compact", "radix select, two reads of the row and a short list in shared memory"),
+    Kernel(3, "select_topk_shared", "radix select, one read of the row into shared memory, passes 1-4 there",
+           "rows of at most TOPK_SMEM_MAX_S scores"),
+    Kernel(4, "select_topk_sampled", "radix select, a sample to guess a bucket, one read of the row into a "
+           "short list in shared memory"),
 ])
+
+
+def select_topk_why_not(n_keys: int, limits: dict[str, int] | None = None) -> dict[int, str | None]:
+    """Why each version of SELECT_TOPK_KERNELS cannot run rows of `n_keys` scores (None: it can).
+    Host-only: kernel 3 holds the whole row in shared memory, so it takes rows of at most
+    TOPK_SMEM_MAX_S scores; the others take any row the call admits."""
+    limits = limits or SELECT_TOPK_KERNELS.defines()
+    most = limits["TOPK_SMEM_MAX_S"]
+    fits = n_keys <= most
+    return {1: None, 2: None, 3: None if fits else f"rows of at most {most} scores (one block's shared memory), "
+                                                   f"got S = {n_keys}", 4: None}
+
+
+def select_topk_default(n_keys: int, limits: dict[str, int] | None = None) -> int:
+    """The version `select_topk_cuda` runs by default on rows of `n_keys` scores (host-only):
+    kernel 3 up to TOPK_ONE_BLOCK_S scores (a row in one block's shared memory, several blocks an
+    SM), kernel 4 for longer rows (one read into a short list)."""
+    limits = limits or SELECT_TOPK_KERNELS.defines()
+    return 3 if n_keys <= limits["TOPK_ONE_BLOCK_S"] and select_topk_why_not(n_keys, limits)[3] is None else 4
+
+
+def shared_request(dynamic: int, static: int) -> int:
+    """The dynamic shared memory to ask a launch for (host-only). The launcher raises a kernel's
+    limit only for dynamic requests above 48 KiB, yet the limit counts the static shared memory
+    too: when the two together pass 48 KiB, ask for just over 48 KiB at least."""
+    return max(dynamic, 48 * 1024 + 16) if dynamic + static > 48 * 1024 else dynamic
+
+
+def shared_bytes(version: int, n_keys: int, limits: dict[str, int] | None = None) -> int:
+    """The dynamic shared memory kernel `version` needs for rows of `n_keys` scores (host-only):
+    kernels 2 and 4 a list (a key and a position an entry; never more entries than the row has
+    scores), kernel 3 its histogram and the row's keys, with 4 slots of alignment."""
+    limits = limits or SELECT_TOPK_KERNELS.defines()
+    if version == 3:
+        return 4 * (limits["RADIX_BINS"] + (n_keys + 3) // 4 * 4 + 4)
+    return limits["TOPK_LIST_ENTRY_BYTES"] * list_capacity(version, n_keys, limits)
+
+
+def list_capacity(version: int, n_keys: int, limits: dict[str, int] | None = None) -> int:
+    """Kernels 2 and 4: the list entries shared memory holds for rows of `n_keys` scores (host-only)."""
+    limits = limits or SELECT_TOPK_KERNELS.defines()
+    return min(n_keys, limits["TOPK_LIST_MAX"] if version == 2 else limits["TOPK_SAMPLED_LIST"])
 
 
 def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor | None = None, *,
@@ -134,7 +182,9 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
     scores float32 [T, S] or [B, T, S], contiguous on the GPU, S <= TOPK_MAX_S (2^20); k in
     [1, min(S, TOPK_MAX_K)] (2048); query_positions int32 or int64 [T] on the same GPU, as for
     `select_topk` (None: the causal default S - T + t, computed on the device). `kernel`: a version
-    of SELECT_TOPK_KERNELS (1 four passes, 2 compact); None takes kernel 2. `out`: a preallocated
+    of SELECT_TOPK_KERNELS (1 four passes, 2 compact, 3 shared, 4 sampled); None takes
+    select_topk_default(S): kernel 3 for rows up to TOPK_ONE_BLOCK_S scores, kernel 4 for longer
+    ones (a choice on the host, from S alone). `out`: a preallocated
     int32 [..., T, k] to write into. One kernel launch, no host synchronisation (int32 positions
     add a cast to int64).
 
@@ -149,7 +199,8 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
         raise ValueError(f"the kernel keeps at most k = {limits['TOPK_MAX_K']}, got {k}")
     if n_keys > limits["TOPK_MAX_S"]:
         raise ValueError(f"the kernel takes rows of at most {limits['TOPK_MAX_S']} scores, got S = {n_keys}")
-    chosen = SELECT_TOPK_KERNELS.choose(kernel, {})
+    chosen = SELECT_TOPK_KERNELS.choose(select_topk_default(n_keys, limits) if kernel is None else kernel,
+                                        select_topk_why_not(n_keys, limits))
     if query_positions is None:
         if n_queries > n_keys:
             raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}): pass query_positions")
@@ -170,11 +221,17 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
     args = (scores, positions_arg, n_queries, out, n_keys, k)
     if chosen.version == 1:
         SELECT_TOPK_KERNELS.launch(1, rows, limits["TOPK_THREADS"], args)
-    elif chosen.version == 2:
-        # the list never holds more entries than a row has scores; longer lists fall back to kernel 1
-        capacity = min(n_keys, limits["TOPK_LIST_MAX"])
-        SELECT_TOPK_KERNELS.launch(2, rows, limits["TOPK_THREADS"], args + (capacity,),
-                                   shared_mem=limits["TOPK_LIST_ENTRY_BYTES"] * capacity)
+    elif chosen.version in (2, 4):
+        # a list in shared memory (kernel 2: longer lists fall back to kernel 1's passes; kernel 4:
+        # to kernel 2's answer); beside it the static 8 KiB histogram
+        capacity = list_capacity(chosen.version, n_keys, limits)
+        dynamic = shared_request(shared_bytes(chosen.version, n_keys, limits), 4 * limits["RADIX_BINS"] + 1024)
+        SELECT_TOPK_KERNELS.launch(chosen.version, rows, limits["TOPK_THREADS"], args + (capacity,),
+                                   shared_mem=dynamic)
+    elif chosen.version == 3:
+        # the row's keys and the histogram in dynamic shared memory, sized by the row
+        dynamic = shared_request(shared_bytes(3, n_keys, limits), 1024)
+        SELECT_TOPK_KERNELS.launch(3, rows, limits["TOPK_SMEM_THREADS"], args, shared_mem=dynamic)
     else:  # a version added to the table needs its own launch here
         raise NotImplementedError(f"select_topk_cuda has no launch for kernel {chosen.version}")
     return out

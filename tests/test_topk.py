@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from dsa_tutorial import checks, compare
 from dsa_tutorial.topk import (SELECT_TOPK_KERNELS, order_key, select_topk, select_topk_cuda,
-                               topk_without_causal_mask)
+                               list_capacity, select_topk_default, select_topk_why_not, shared_bytes,
+                               shared_request, topk_without_causal_mask)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -142,12 +143,45 @@ def test_bad_scores_and_positions():
 
 
 def test_the_kernel_table_and_its_limits_come_from_the_cu_file():
-    assert SELECT_TOPK_KERNELS.versions == (1, 2) and SELECT_TOPK_KERNELS.choose(None, {}).version == 2
-    assert [k.entry for k in SELECT_TOPK_KERNELS] == ["select_topk_four_passes", "select_topk_compact"]
+    assert SELECT_TOPK_KERNELS.versions == (1, 2, 3, 4)
+    assert [k.entry for k in SELECT_TOPK_KERNELS] == ["select_topk_four_passes", "select_topk_compact",
+                                                      "select_topk_shared", "select_topk_sampled"]
     limits = SELECT_TOPK_KERNELS.defines()
     assert (limits["TOPK_THREADS"], limits["TOPK_MAX_K"], limits["TOPK_MAX_S"]) == (1024, 2048, 1 << 20)
     # kernel 2's list and the 8 KiB histogram fit the 227 KiB of shared memory a Hopper block may use
     assert limits["TOPK_LIST_MAX"] * limits["TOPK_LIST_ENTRY_BYTES"] + 4 * limits["RADIX_BINS"] <= 227 * 1024
+    # kernel 4: its list holds at least k entries (a row with fewer candidates is taken whole)
+    assert limits["TOPK_MAX_K"] <= limits["TOPK_SAMPLED_LIST"] <= limits["TOPK_LIST_MAX"]
+    # kernel 3: the longest row's keys and the histogram fit; per-warp counts are packed in 16 bits
+    most = limits["TOPK_SMEM_MAX_S"]
+    assert shared_bytes(3, most) + 1024 <= 227 * 1024 and most % 4 == 0 and most < 2**16
+    assert limits["RADIX_BINS"] % limits["TOPK_SMEM_THREADS"] == 0 and limits["TOPK_SMEM_THREADS"] % 32 == 0
+
+
+def test_the_default_kernel_and_what_each_kernel_takes():
+    limits = SELECT_TOPK_KERNELS.defines()
+    most, one_block = limits["TOPK_SMEM_MAX_S"], limits["TOPK_ONE_BLOCK_S"]
+    assert one_block <= most
+    for n_keys, expected in [(1, 3), (8192, 3), (one_block, 3), (one_block + 1, 4), (65536, 4), (131072, 4),
+                             (limits["TOPK_MAX_S"], 4)]:
+        assert select_topk_default(n_keys) == expected, n_keys
+    assert select_topk_why_not(most) == {1: None, 2: None, 3: None, 4: None}
+    assert "rows of at most" in select_topk_why_not(most + 1)[3]
+    assert [v for v, why in select_topk_why_not(most + 1).items() if why is None] == [1, 2, 4]
+
+
+def test_shared_memory_requests():
+    limits = SELECT_TOPK_KERNELS.defines()
+    # kernel 3: the histogram and the row's keys, rounded up to float4s, plus 4 slots of alignment
+    for n_keys in (1, 3, 4, 5, 8191, 8192, limits["TOPK_SMEM_MAX_S"]):
+        assert shared_bytes(3, n_keys) >= 4 * (limits["RADIX_BINS"] + n_keys + 3)
+    # kernels 2 and 4: never more entries than the row has scores, never more than their limit
+    assert list_capacity(2, 100) == 100 and list_capacity(2, 10**6) == limits["TOPK_LIST_MAX"]
+    assert list_capacity(4, 100) == 100 and list_capacity(4, 10**6) == limits["TOPK_SAMPLED_LIST"]
+    # the launcher raises a kernel's limit only for a dynamic request above 48 KiB: a request that
+    # passes 48 KiB only with the static part is rounded up past it; small ones are left alone
+    assert shared_request(1000, 1000) == 1000 and shared_request(60000, 9000) == 60000
+    assert shared_request(45000, 9000) > 48 * 1024 and shared_request(48 * 1024, 144) > 48 * 1024
 
 
 def test_cuda_wrapper_rejects_cpu_tensors_before_any_launch():
@@ -170,6 +204,15 @@ def _gpu_case(shape, seed, ties=False):
     return scores.contiguous()
 
 
+def _skip_unless_runs(kernel, n_keys):
+    """Kernels 3 and 4 take rows up to their shared memory: elsewhere the call must refuse, clearly."""
+    reason = select_topk_why_not(n_keys)[kernel]
+    if reason is not None:
+        with pytest.raises(ValueError, match="cannot run these inputs"):
+            select_topk_cuda(torch.zeros(1, n_keys, device="cuda"), 1, kernel=kernel)
+        pytest.skip(f"kernel {kernel}: {reason}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
 @pytest.mark.parametrize("shape, k, ties, causal", [
@@ -177,9 +220,16 @@ def _gpu_case(shape, seed, ties=False):
     ((3, 131072), 2048, True, False), ((50, 50), 16, False, True), ((2, 300, 333), 64, True, True),
     ((5, 4097), 1, False, False), ((4, 100000), 2048, False, True), ((2, 3000), 2048, True, False),
     ((3, 7, 8191), 2048, False, True), ((9, 1030), 1000, True, False),
+    # kernels 3-4: rows around kernel 3's limit and the default's switch, none a multiple of 4; rows
+    # whose dynamic shared memory lands near 48 KiB (kernel 2's list at 5500, kernel 3 at 10000)
+    ((3, 24575), 2048, False, False), ((3, 24575), 2048, True, True), ((4, 16385), 2048, True, False),
+    ((2, 5, 40001), 2048, False, True), ((3, 40001), 777, True, False), ((2, 196607), 2048, False, False),
+    ((6, 29), 5, True, False), ((5, 9), 9, False, True), ((3, 5500), 300, False, False),
+    ((3, 10000), 300, False, True), ((2, 11777), 2048, False, False),
 ])
 def test_select_topk_cuda_is_the_reference_exactly(kernel, shape, k, ties, causal):
-    # S % 4 != 0 in several shapes: rows start off the 16-byte grid, kernel 2 reads a scalar head and tail
+    _skip_unless_runs(kernel, shape[-1])
+    # S % 4 != 0 in several shapes: rows start off the 16-byte grid, kernels 2-4 read a scalar head and tail
     scores = _gpu_case(shape, seed=k + shape[-1], ties=ties)
     T, S = shape[-2:]
     positions = None if causal else torch.full((T,), S - 1, device="cuda")
@@ -204,29 +254,65 @@ def test_select_topk_cuda_rows_shorter_than_k_and_empty_rows(kernel):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
-def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    # a contiguous view one float past a 16-byte boundary: every row starts off the float4 grid
-    flat = torch.randn(4 * 65536 + 1, device="cuda", generator=gen)
-    scores = flat[1:].view(4, 65536)
-    # row 1: 60000 equal scores at the threshold, more than kernel 2's list holds (it falls back to
-    # kernel 1); row 2: all -inf (ordinary scores); row 3: +0.0 and -0.0 mixed, then a few larger
-    scores[1, :60000] = 0.5
-    scores[2] = -INF
-    scores[3] = 0.0
-    scores[3, ::3] = -0.0
-    scores[3, 1000:1100] = 1.0
-    for k in (1, 2, 2048):
-        ref = select_topk(scores, k, torch.full((4,), 65535, device="cuda"))
-        out = compare.poisoned((4, k), torch.int32)
-        out.copy_(select_topk_cuda(scores, k, torch.full((4,), 65535, device="cuda"), kernel=kernel))
+def test_select_topk_cuda_when_a_sample_misleads(kernel):
+    """Kernel 4 guesses a bucket from a sample, one float4 in TOPK_SAMPLE_STRIDE; rows built so the
+    guess is wrong must still come out exact (it falls back to kernel 2's answer): sampled scores far
+    above the rest (for k = 2048, fewer than k keys at or above the guess; for k = 100 the guess is
+    right), far below the rest (a list longer than shared memory holds), and rows of few distinct
+    values (long runs of ties: kernel 2 falls back in turn to kernel 1)."""
+    S = 65539
+    _skip_unless_runs(kernel, S)
+    stride = 4 * SELECT_TOPK_KERNELS.defines()["TOPK_SAMPLE_STRIDE"]  # scores between sampled float4s
+    flat = torch.randn(6 * S + 3, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+    scores = flat[3:].view(6, S)  # row r starts at float 3 + r * S: off the 16-byte grid by (3 + 3 r) % 4
+    for r in range(6):  # the floats the sample reads: float4 number 16 i of each row's aligned body
+        head = (4 - (3 + 3 * r) % 4) % 4
+        sampled = torch.arange(head, S - 3, stride, device="cuda")
+        if r in (0, 1):  # one score of each sampled float4 high: ~1000 keys at or above the guess
+            scores[r, sampled] = 100.0 + r
+        elif r in (2, 3):  # every sampled score low: the guess is below almost the whole row
+            scores[r, (sampled[:, None] + torch.arange(4, device="cuda")).flatten()] = -100.0
+    scores[4] = torch.randint(-2, 3, (S,), device="cuda").float()
+    scores[5, ::2] = 1.0
+    for k in (1, 100, 2048):
+        ref = select_topk(scores, k, torch.full((6,), S - 1, device="cuda"))
+        out = compare.poisoned((6, k), torch.int32)
+        select_topk_cuda(scores, k, torch.full((6,), S - 1, device="cuda"), kernel=kernel, out=out)
         assert torch.equal(out, ref), (k, (out != ref).nonzero()[:5].tolist())
 
 
 @pytest.mark.gpu
-def test_select_topk_cuda_default_is_kernel_2():
-    scores = _gpu_case((2, 40, 3001), seed=4, ties=True)
-    assert torch.equal(select_topk_cuda(scores, 300), select_topk_cuda(scores, 300, kernel=2))
+@pytest.mark.parametrize("kernel", SELECT_TOPK_KERNELS.versions)
+def test_select_topk_cuda_unaligned_rows_and_long_ties(kernel):
+    # kernels 1, 2, 4: 65536-long rows (kernel 2's list overflows); kernel 3 takes rows up to its limit
+    length = 65536 if select_topk_why_not(65536)[kernel] is None else 24572
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    # a contiguous view one float past a 16-byte boundary: every row starts off the float4 grid
+    flat = torch.randn(4 * length + 1, device="cuda", generator=gen)
+    scores = flat[1:].view(4, length)
+    # row 1: a long run of equal scores at the threshold (60000 of 65536: more than kernel 2's list
+    # holds, it falls back to kernel 1); row 2: all -inf (ordinary scores); row 3: +0.0 and -0.0
+    # mixed, then a few larger
+    scores[1, : length * 11 // 12] = 0.5
+    scores[2] = -INF
+    scores[3] = 0.0
+    scores[3, ::3] = -0.0
+    scores[3, 1000:1100] = 1.0
+    last = torch.full((4,), length - 1, device="cuda")
+    for k in (1, 2, 2048):
+        ref = select_topk(scores, k, last)
+        out = compare.poisoned((4, k), torch.int32)
+        out.copy_(select_topk_cuda(scores, k, last, kernel=kernel))
+        assert torch.equal(out, ref), (k, (out != ref).nonzero()[:5].tolist())
+
+
+@pytest.mark.gpu
+def test_select_topk_cuda_default_is_the_chosen_kernel():
+    for shape, expected in [((2, 40, 3001), 3), ((3, 40001), 4), ((2, 250001), 4)]:
+        assert select_topk_default(shape[-1]) == expected
+        scores = _gpu_case(shape, seed=4, ties=True)
+        assert torch.equal(select_topk_cuda(scores, 300), select_topk_cuda(scores, 300, kernel=expected))
+        assert torch.equal(select_topk_cuda(scores, 300), select_topk(scores, 300))
 
 
 @pytest.mark.gpu
@@ -241,7 +327,9 @@ def test_select_topk_cuda_bad_input():
     with pytest.raises(ValueError, match="larger than the sequence"):
         select_topk_cuda(scores[:, :10].contiguous(), 11)
     with pytest.raises(ValueError, match="kernel must be None or a version of cuda/select_topk.cu"):
-        select_topk_cuda(scores, 2, kernel=3)
+        select_topk_cuda(scores, 2, kernel=5)
+    with pytest.raises(ValueError, match="kernel 3 .* cannot run these inputs: rows of at most"):
+        select_topk_cuda(torch.randn(2, 30000, device="cuda"), 2, kernel=3)
     with pytest.raises(ValueError, match="kernel must be None or a version"):
         select_topk_cuda(scores, 2, kernel="compact")  # the old names are gone: versions are numbers
     with pytest.raises(ValueError, match=r"\[T, S\] or \[B, T, S\]"):
