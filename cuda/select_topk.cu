@@ -41,30 +41,42 @@
 //             falls back to kernel 1's four passes: the same answer, slower.
 //   kernel 3  select_topk_shared       one read of the row, into shared memory (rows up to
 //             TOPK_SMEM_MAX_S). What limits kernel 2 on short rows (8192 x 8192: 8192 blocks of
-//             32 KiB rows) is not bytes: it reads 512 MB where 256 MB would do, but at 645 us it
-//             moves under 1 TB/s. A block of 1024 threads and a 72 KiB list leaves 2 blocks on an
-//             SM, and each spends most of its time in barriers (scans, histogram walks) with no load
-//             in flight. Kernel 3 reads the row once, float4, storing the keys in shared memory
-//             (32 KiB for 8192 scores) and building the pass-1 histogram on the way; passes 2, 3
-//             (full scans of the keys, a few microseconds) and the ordered pass run on shared
-//             memory. Blocks of 512 threads with registers capped for 3 blocks an SM, shared memory
-//             sized by the row (8 + 32 KiB): one block's passes overlap the others' reads. The
-//             ordered pass needs no scan per chunk: each warp owns a contiguous run of the keys,
-//             counts its selections (one warp reduction), one barrier gives each warp its offset,
-//             and a warp-wide prefix sum per 32 float4s places every selected position.
+//             32 KiB rows) is not bytes: it reads 512 MB where 256 MB would do (120 us at 4.25 TB/s),
+//             yet takes 645 us. A block of 1024 threads and a 72 KiB list leaves 2 blocks on an SM,
+//             and each spends most of its time in barriers (scans, histogram walks) with no load in
+//             flight. Kernel 3 reads the row once, float4, storing the keys in shared memory (32 KiB
+//             for 8192 scores) and building the pass-1 histogram on the way; passes 2, 3 (scans of
+//             the keys in shared memory) and the ordered pass run there. Blocks of 512 threads with
+//             registers capped for 3 blocks an SM (40 KiB of shared memory each at 8192 scores): one
+//             block's passes overlap the others' reads. The ordered pass needs no scan per chunk:
+//             each warp owns a contiguous run of the keys, counts its selections (one warp
+//             reduction), one barrier gives each warp its offset, and a warp-wide prefix sum per 32
+//             float4s places every selected position.
+//             Measured (H200, every score visible): 8192 x 8192 in 311 us (kernel 2 645 us,
+//             torch.topk unsorted 955 us: 3.1x); 209 us with the causal default positions (row t
+//             sees t + 1 scores). The one read is 60 us of it: the rest is the passes in shared
+//             memory, 8192 blocks in waves of 396.
 //   kernel 4  select_topk_sampled      a sample instead of read 1, then one read (long rows).
-//             128 x 131072 is 128 blocks on 132 SMs: each SM must pull a 512 KiB row through one
-//             block, and kernel 2 reads it twice (73 us; one read of the 64 MB at 4.25 TB/s is
+//             128 x 131072 is 128 blocks on 132 SMs: each SM pulls a 512 KiB row through one
+//             block, and kernel 2 reads it twice (70 us; one read of the 64 MB at 4.25 TB/s is
 //             15 us). Read 1 only finds the bucket B1 of the k-th key, and a slightly lower bucket
 //             does as well: the list then holds a few more keys. Kernel 4 histograms a sample, one
 //             float4 in TOPK_SAMPLE_STRIDE (16) of the row (1/16 of the loads, 1/8 of the DRAM
 //             sectors), and takes the bucket where the sample's count from the top reaches twice its
 //             share of k (2 k / 16 + 16). One read then builds the list of every key at or above that
-//             bucket (kernel 2's read 2), and passes 1-4 run on the list, a few thousand entries for
-//             random scores (TOPK_SAMPLED_LIST: 12288 entries, 96 KiB, two blocks an SM). The list
-//             holds the k largest as soon as it holds k keys; a wrong guess (fewer than k keys at or
-//             above it, or more than the list holds: a row unlike its sample, long runs of ties) runs
+//             bucket (kernel 2's read 2), and passes 1-4 run on the list: about 5000 entries for
+//             random scores at 131072 (TOPK_SAMPLED_LIST: 12288 entries, 96 KiB). The list holds
+//             the k largest as soon as it holds k keys; a wrong guess (fewer than k keys at or above
+//             it, or more than the list holds: a row unlike its sample, long runs of ties) runs
 //             kernel 2's answer instead: the same result, two reads more.
+//             Measured (H200, every score visible): 128 x 131072 in 51 us (kernel 2 70 us,
+//             torch.topk 272 us: 5.3x, short of the 28 us aimed at); 2048 x 65536 in 445 us (kernel
+//             2 510 us, torch.topk 1630 us: 3.7x). Loads in flight are not what limits it now: a
+//             version that staged the read through a 128 KiB ring in shared memory with cp.async
+//             (two 64 KiB chunks in flight an SM instead of one, no registers held) measured the
+//             same 51 us. One block of 1024 threads at 64 registers (the whole register file of
+//             an SM) runs the sample, 8 chunks of the read with a block-wide scan each, and the
+//             passes on the list one after the other; the next step is to time those phases apart.
 //             A design that was tried and left: the row split over a thread-block cluster of 8
 //             blocks, each holding a 64 KiB slice in shared memory, the histograms summed through
 //             distributed shared memory (one read, but 64 MB of keys do not fit the 30 MB of shared
@@ -90,7 +102,7 @@
 #define TOPK_ONE_BLOCK_S 16384   // the default: kernel 3 for rows up to this long, kernel 4 for longer ones
 #define SMEM_LOADS 4             // kernel 3: float4 loads per thread in flight in the read
 #define TOPK_SAMPLE_STRIDE 16    // kernel 4: its sample is one float4 in 16 of the row
-#define TOPK_SAMPLED_LIST 12288  // kernel 4: list entries in shared memory (96 KiB: two blocks an SM)
+#define TOPK_SAMPLED_LIST 12288  // kernel 4: list entries in shared memory (96 KiB; at least TOPK_MAX_K)
 #define RADIX_BINS 2048  // 11-bit digits: bits 31..21, 20..10, then a 10-bit digit 9..0
 #define HIST_ITEMS 8     // scores in flight per thread in the histogram passes (memory parallelism)
 #define ITEMS 4          // scores per thread per chunk in the ordered pass
