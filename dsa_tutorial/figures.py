@@ -8,6 +8,7 @@ each with the work it did. The figures read those files, so they render anywhere
     kernel_results("index_scores")       the JSON of one operation
     progression("index_scores")          kernels 1..N of one operation against baseline and ceiling
     roofline()                           every operation's default kernel on the chip's roofline
+    side_by_side("deepgemm_side_by_side")   a public anchor against this package's call, case by case
     layer_cost()                         dense against DSA attention per token, 4K to 128K (layer.json)
 
 Rates are quoted against the ceiling each row names: "copy" (bytes moved per second against the
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from .bench import RESULTS_DIR  # where the benchmarks write, and so where the figures read
 
-__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "roofline", "layer_results", "layer_cost"]
+__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "side_by_side", "roofline", "layer_results",
+           "layer_cost"]
 
 
 #: Every operation with a kernel table, in the order of the chapters.
@@ -97,6 +99,52 @@ def progression(operation: str, cases: list[str] | None = None, directory: Path 
     env = data["environment"]
     fig.suptitle(f"{operation} on {env['device']} (torch {env['torch']}, {env['date']}); dashed line: the ceiling "
                  f"measured in the same run", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(name: str, directory: Path | None = None):
+    """A public anchor (the "baseline" rows, e.g. DeepGEMM or FlashMLA built from source) against this
+    package's public call with its default arguments (the "default" rows), timed in the same run: one pair
+    of bars per case, the fraction of the case's ceiling each reached, labelled with its time, and our
+    speed as a fraction of the anchor's. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    data = kernel_results(name, directory)
+    ceilings = data["ceilings"]
+    cases = list(dict.fromkeys(row["case"] for row in data["rows"]))
+    pairs = []
+    for case in cases:
+        roles = {row["role"]: row for row in data["rows"] if row["case"] == case}
+        if sorted(roles) != ["baseline", "default"]:
+            raise ValueError(f"{name}, {case}: needs one baseline row and one default row, has {sorted(roles)}")
+        pairs.append((case, roles["baseline"], roles["default"]))
+    colors = {"baseline": "#9a9a9a", "default": "#4c7a00"}
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.36 * len(pairs)))
+    for i, (case, theirs, ours) in enumerate(pairs):
+        y = len(pairs) - 1 - i
+        for offset, row in ((0.19, theirs), (-0.19, ours)):
+            fraction = 100 * rate(row, ceilings)[1]
+            ax.barh(y + offset, fraction, height=0.36, color=colors[row["role"]])
+            ax.text(fraction - 1, y + offset, f"{row['us']:,.1f} µs", va="center", ha="right", fontsize=6,
+                    color="white")
+        ax.text(104, y, f"{theirs['us'] / ours['us']:.2f}x", va="center", fontsize=7.5)
+    ceiling_short = {"copy": "copy", "bf16": "bf16", "fp8": "FP8"}
+    ax.set_yticks(range(len(pairs))[::-1], [f"{case.split(' | ')[0]} [{ceiling_short[theirs['ceiling']]}]"
+                                            for case, theirs, _ in pairs], fontsize=7)
+    ax.set_xlim(0, 115)
+    ax.set_xticks([0, 20, 40, 60, 80, 100], ["0", "20%", "40%", "60%", "80%", "100%"])
+    ax.axvline(100, color="black", lw=1, ls="--")
+    ax.tick_params(axis="x", labelsize=7)
+    anchor = pairs[0][1]["label"]
+    ax.legend([Patch(color=colors["baseline"]), Patch(color=colors["default"])],
+              [anchor, "this package, public call with defaults"], fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.04 - 0.5 / len(pairs)), ncol=2, frameon=False)
+    env = data["environment"]
+    fig.suptitle(f"% of the ceiling in brackets, measured in the same run ({env['device']}, {env['date']});\n"
+                 f"right of the dashed line: our speed as a fraction of {anchor}'s", fontsize=8, x=0.01,
+                 ha="left")
     fig.tight_layout()
     return fig
 

@@ -63,6 +63,25 @@ def test_figures_draw_from_the_files(tmp_path):
         figures.kernel_results("paged_mqa_logits", directory=tmp_path)
 
 
+def test_side_by_side_pairs_each_case(tmp_path):
+    results = bench.Results("anchor_side_by_side", CEILINGS)
+    for case, theirs, ours in (("a", 100.0, 125.0), ("b", 50.0, 200.0)):
+        base = timing(theirs)
+        results.add(case, "baseline", base, label="Anchor abc123", nbytes=4e8, ceiling="copy")
+        results.add(case, "default", timing(ours), nbytes=4e8, ceiling="copy", baseline=base)
+    results.write(tmp_path)
+    fig = figures.side_by_side("anchor_side_by_side", directory=tmp_path)
+    ax, = fig.axes
+    widths = [round(p.get_width(), 6) for p in ax.patches if p.get_height() > 0]
+    assert widths == [100.0, 80.0, 200.0, 50.0]  # 4e8 B in 100 us = 4 TB/s = 100% of copy; then ours
+    assert [t.get_text() for t in ax.texts if t.get_text().endswith("x")] == ["0.80x", "0.25x"]
+    results = bench.Results("lonely_side_by_side", CEILINGS)
+    results.add("a", "default", timing(1.0), nbytes=1.0, ceiling="copy")
+    results.write(tmp_path)
+    with pytest.raises(ValueError, match="needs one baseline row and one default row"):
+        figures.side_by_side("lonely_side_by_side", directory=tmp_path)
+
+
 def test_every_operation_with_a_kernel_table_has_a_name_in_the_figures():
     from dsa_tutorial import kernels
 
