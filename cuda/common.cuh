@@ -20,7 +20,7 @@
 //   e4m3_key_scores, f16_key_scores one warp's 16 keys x 32 heads of indexer scores (mma.sync)
 //   add_weighted_relu, quad_sum     the indexer's head sum on mma accumulators, and over a row's lanes
 //   ld_shared_f2                    a float2 from shared memory, re-read at every use
-//   fill_neg_inf                    a warp writes -inf to a range of a float row
+//   fill_neg_inf                    a warp writes -inf to a range of a float or bf16 row
 #pragma once
 
 #include <cuda_bf16.h>
@@ -259,4 +259,16 @@ __device__ __forceinline__ void fill_neg_inf(float* row, int begin, int end, int
     float4* vec = reinterpret_cast<float4*>(row + head_end);
     for (int v = lane; v < n_vec; v += 32) vec[v] = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
     for (int j = head_end + 4 * n_vec + lane; j < end; j += 32) row[j] = NEG_INF;
+}
+// The same for a bf16 row: 16-byte stores of 8 bf16 -inf (0xff80) between element stores at the unaligned
+// ends.
+__device__ __forceinline__ void fill_neg_inf(__nv_bfloat16* row, int begin, int end, int lane) {
+    int head_end = begin;
+    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
+    const __nv_bfloat16 neg_inf = __ushort_as_bfloat16(0xff80);
+    for (int j = begin + lane; j < head_end; j += 32) row[j] = neg_inf;
+    const int n_vec = (end - head_end) / 8;
+    uint4* vec = reinterpret_cast<uint4*>(row + head_end);
+    for (int v = lane; v < n_vec; v += 32) vec[v] = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+    for (int j = head_end + 8 * n_vec + lane; j < end; j += 32) row[j] = neg_inf;
 }

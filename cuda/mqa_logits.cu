@@ -120,18 +120,6 @@ __device__ __forceinline__ void union_key_range(const int* ks, const int* ke, in
     MQA_ENTRY_T(NAME##_f32, KERNEL, H, float, BOUNDS)                                                            \
     MQA_ENTRY_T(NAME##_bf16, KERNEL, H, __nv_bfloat16, BOUNDS)
 
-// fill_neg_inf of cuda/common.cuh for a bf16 row: 16-byte stores of 8 bf16 -inf (0xff80) between
-// element stores at the unaligned ends.
-__device__ __forceinline__ void fill_neg_inf(__nv_bfloat16* row, int begin, int end, int lane) {
-    int head_end = begin;
-    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
-    const __nv_bfloat16 neg_inf = from_float<__nv_bfloat16>(NEG_INF);
-    for (int j = begin + lane; j < head_end; j += 32) row[j] = neg_inf;
-    const int n_vec = (end - head_end) / 8;
-    uint4* vec = reinterpret_cast<uint4*>(row + head_end);
-    for (int v = lane; v < n_vec; v += 32) vec[v] = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
-    for (int j = head_end + 8 * n_vec + lane; j < end; j += 32) row[j] = neg_inf;
-}
 
 // ------------------------------------------------------------------------------------ kernel 1
 

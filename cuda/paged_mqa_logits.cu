@@ -139,18 +139,6 @@ __device__ __forceinline__ int row_len_of(const Lengths& lens, int b, int j, int
     return lens.per_row ? min(max(lens.context_lens[(size_t)b * lens.next_n + j], 0), lens.limit)
                         : context_len - lens.next_n + j + 1;
 }
-// fill_neg_inf of cuda/common.cuh for a bf16 row: 16-byte stores of 8 bf16 -inf (0xff80) between
-// element stores at the unaligned ends.
-__device__ __forceinline__ void fill_neg_inf(__nv_bfloat16* row, int begin, int end, int lane) {
-    int head_end = begin;
-    while (head_end < end && (reinterpret_cast<size_t>(row + head_end) & 15)) ++head_end;
-    const __nv_bfloat16 neg_inf = from_float<__nv_bfloat16>(NEG_INF);
-    for (int j = begin + lane; j < head_end; j += 32) row[j] = neg_inf;
-    const int n_vec = (end - head_end) / 8;
-    uint4* vec = reinterpret_cast<uint4*>(row + head_end);
-    for (int v = lane; v < n_vec; v += 32) vec[v] = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
-    for (int j = head_end + 8 * n_vec + lane; j < end; j += 32) row[j] = neg_inf;
-}
 // Physical block `id` of the cache, id clipped to [0, num_blocks) (num_blocks > 0 wherever a block is
 // read: see context_limit): a wild id reads some block of the cache, never memory outside it.
 __device__ __forceinline__ const unsigned char* cache_block(const unsigned char* kv_cache, int id, int num_blocks) {
