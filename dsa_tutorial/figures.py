@@ -121,29 +121,29 @@ def side_by_side(name: str, directory: Path | None = None):
             raise ValueError(f"{name}, {case}: needs one baseline row and one default row, has {sorted(roles)}")
         pairs.append((case, roles["baseline"], roles["default"]))
     colors = {"baseline": "#9a9a9a", "default": "#4c7a00"}
-    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.36 * len(pairs)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.0 + 0.36 * len(pairs)))
     for i, (case, theirs, ours) in enumerate(pairs):
         y = len(pairs) - 1 - i
         for offset, row in ((0.19, theirs), (-0.19, ours)):
             fraction = 100 * rate(row, ceilings)[1]
             ax.barh(y + offset, fraction, height=0.36, color=colors[row["role"]])
-            ax.text(fraction - 1, y + offset, f"{row['us']:,.1f} µs", va="center", ha="right", fontsize=6,
+            ax.text(fraction - 1, y + offset, f"{row['us']:,.1f} µs", va="center", ha="right", fontsize=6.5,
                     color="white")
-        ax.text(104, y, f"{theirs['us'] / ours['us']:.2f}x", va="center", fontsize=7.5)
+        ax.text(103, y, f"{theirs['us'] / ours['us']:.2f}x", va="center", fontsize=8)
     ceiling_short = {"copy": "copy", "bf16": "bf16", "fp8": "FP8"}
     ax.set_yticks(range(len(pairs))[::-1], [f"{case.split(' | ')[0]} [{ceiling_short[theirs['ceiling']]}]"
-                                            for case, theirs, _ in pairs], fontsize=7)
+                                            for case, theirs, _ in pairs], fontsize=7.5)
     ax.set_xlim(0, 115)
     ax.set_xticks([0, 20, 40, 60, 80, 100], ["0", "20%", "40%", "60%", "80%", "100%"])
     ax.axvline(100, color="black", lw=1, ls="--")
     ax.tick_params(axis="x", labelsize=7)
     anchor = pairs[0][1]["label"]
     ax.legend([Patch(color=colors["baseline"]), Patch(color=colors["default"])],
-              [anchor, "this package, public call with defaults"], fontsize=7, loc="upper center",
+              [anchor, "this package, public call with defaults"], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.04 - 0.5 / len(pairs)), ncol=2, frameon=False)
     env = data["environment"]
     fig.suptitle(f"% of the ceiling in brackets, measured in the same run ({env['device']}, {env['date']});\n"
-                 f"right of the dashed line: our speed as a fraction of {anchor}'s", fontsize=8, x=0.01,
+                 f"right of the dashed line: our speed as a fraction of {anchor}'s", fontsize=8.5, x=0.01,
                  ha="left")
     fig.tight_layout()
     return fig
