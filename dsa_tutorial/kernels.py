@@ -42,6 +42,7 @@ __all__ = [
     "kernel_names",
     "compile_options",
     "compile_source",
+    "compile_ptx",
     "gpu_available",
     "require_gpu",
     "DEFAULT_ARCH",
@@ -242,6 +243,28 @@ def compile_source(name: str, arch: str = DEFAULT_ARCH, *, use_cache: bool = Tru
         except OSError:
             pass  # a read-only home only loses the disk cache
     return CompiledSource(name, arch, cubin, log)
+
+
+def compile_ptx(name: str, arch: str = DEFAULT_ARCH) -> str:
+    """The PTX NVRTC makes of `cuda/<name>.cu` for the virtual architecture of `arch` (sm_90a ->
+    compute_90a), with the loader's other options: the code before ptxas, for tests that check which
+    instructions the compiler chose (e.g. shared-memory accesses through the shared window). Needs no
+    GPU; not cached."""
+    options = [o.replace(f"={arch}", f"={arch.replace('sm_', 'compute_')}") for o in compile_options(arch)
+               if not o.startswith("--ptxas-options")]
+    nvrtc = _nvrtc()
+    program_name = f"cuda/{name}.cu"
+    program = nvrtc.createProgram(source_path(name).read_text(), program_name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(f"NVRTC could not compile {program_name} for {arch}:\n"
+                                     f"{nvrtc.getProgramLog(program)}") from exc
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
 
 
 @functools.lru_cache(maxsize=None)

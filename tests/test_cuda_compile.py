@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -131,3 +132,50 @@ def test_default_arch_is_the_h200s():
 
 def test_wgmma_is_not_available_off_the_gpu():
     assert not kernels.wgmma_available("cpu") and not kernels.wgmma_available(torch.device("cpu"))
+
+
+# The wgmma kernels whose shared memory base is aligned to 1024 bytes at run time (align_smem of
+# cuda/wgmma.cuh): every access through the aligned pointers must stay in the shared window.
+SHARED_WINDOW_KERNELS = {
+    "sparse_mla_decode_fp8": ("sparse_mla_decode_fp8_wgmma", "sparse_mla_decode_fp8_ws"),
+    "sparse_mla_prefill": ("sparse_mla_prefill_wgmma",),
+}
+_STATE_SPACES = ("global", "shared", "param", "local", "const")
+
+
+def _ptx_entry(ptx: str, entry: str) -> str:
+    """The PTX of one kernel: from its .entry to the next one (or the end)."""
+    start = ptx.index(f".entry {entry}(")
+    following = ptx.find(".entry ", start + 1)
+    return ptx[start:following if following > 0 else len(ptx)]
+
+
+def _generic_loads_and_stores(body: str) -> list[str]:
+    """The ld/st instructions of a PTX body that name no state space: generic addressing."""
+    ops = re.findall(r"^\s*(?:@!?%p\d+\s+)?((?:ld|st)\.[\w.:]+)", body, re.M)
+    assert ops, "no ld/st found: the PTX parse is broken"
+    return [op for op in ops if not any(part.split("::")[0] in _STATE_SPACES for part in op.split(".")[1:])]
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_WINDOW_KERNELS))
+def test_wgmma_kernels_address_shared_memory_through_the_shared_window(name):
+    """A pointer rebuilt from an integer (the 1024-aligned base computed through size_t) loses its state
+    space, and every access through it becomes a generic ld/st (LD.E/ST.E in SASS); align_smem keeps it a
+    shared-memory pointer. The PTX shows which the compiler chose."""
+    ptx = kernels.compile_ptx(name)
+    for entry in SHARED_WINDOW_KERNELS[name]:
+        generic = _generic_loads_and_stores(_ptx_entry(ptx, entry))
+        assert not generic, f"{entry} addresses memory generically: {sorted(set(generic))}"
+
+
+def test_the_generic_access_check_sees_one():
+    body = """
+        ld.shared.v4.u32 {%r1, %r2, %r3, %r4}, [%r5];
+        @%p1 st.global.v2.f32 [%rd1], {%f1, %f2};
+        ld.volatile.shared.v4.u32 {%r1, %r2, %r3, %r4}, [%r6];
+        st.shared::cluster.b32 [%r7], %r8;
+        ld.param.u64 %rd2, [k_param_0];
+        st.v4.u32 [%rd3], {%r1, %r2, %r3, %r4};
+        @!%p2 ld.u16 %rs1, [%rd4];
+    """
+    assert _generic_loads_and_stores(body) == ["st.v4.u32", "ld.u16"]
