@@ -87,8 +87,8 @@
 //             values, the same wgmma sequence, the same softmax arithmetic).
 //             The default where it runs (compute capability 9.0).
 //             What it leaves on the table: the producer is now the bottleneck (Nsight Compute: the consumers
-//             spend a third of their time waiting on "full"); it runs ~2200 instructions a warp a tile, for
-//             addresses, shuffles and a dequantisation of ~5 instructions per pair of values, while 128
+//             spend nearly half their time waiting on "full"); it runs ~1800 instructions a warp a tile, for
+//             addresses, shuffles and a dequantisation of ~6 instructions per pair of values, while 128
 //             heads need each token converted only once and the two head groups of a row each convert it.
 //
 // Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
