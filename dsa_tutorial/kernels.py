@@ -202,6 +202,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DSA_CACHE_DIR", Path.home() / ".cache" / "dsa_tutorial" / "kernels"))
 
 
+def _nvrtc_compile(name: str, source: str, arch: str, options, output: str):
+    """One NVRTC program of `cuda/<name>.cu`: (its `output`, "getCUBIN" or "getPTX", and the log);
+    KernelCompileError with NVRTC's log when it does not compile."""
+    nvrtc = _nvrtc()
+    program_name = f"cuda/{name}.cu"
+    program = nvrtc.createProgram(source, program_name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, list(options))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(program)
+            raise KernelCompileError(f"NVRTC could not compile {program_name} for {arch}:\n{log}") from exc
+        return getattr(nvrtc, output)(program), nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
 def compile_source(name: str, arch: str = DEFAULT_ARCH, *, use_cache: bool = True) -> CompiledSource:
     """Compile `cuda/<name>.cu` to a cubin for `arch` with NVRTC. Needs no GPU.
 
@@ -221,18 +238,7 @@ def compile_source(name: str, arch: str = DEFAULT_ARCH, *, use_cache: bool = Tru
     if use_cache and cubin_path.is_file() and log_path.is_file():
         return CompiledSource(name, arch, cubin_path.read_bytes(), log_path.read_text())
 
-    program_name = f"cuda/{name}.cu"
-    program = nvrtc.createProgram(source, program_name, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, list(options))
-        except nvrtc.NVRTCError as exc:
-            log = nvrtc.getProgramLog(program)
-            raise KernelCompileError(f"NVRTC could not compile {program_name} for {arch}:\n{log}") from exc
-        log = nvrtc.getProgramLog(program)
-        cubin = nvrtc.getCUBIN(program)
-    finally:
-        nvrtc.destroyProgram(program)
+    cubin, log = _nvrtc_compile(name, source, arch, options, "getCUBIN")
     if use_cache:
         try:
             cubin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,18 +258,7 @@ def compile_ptx(name: str, arch: str = DEFAULT_ARCH) -> str:
     GPU; not cached."""
     options = [o.replace(f"={arch}", f"={arch.replace('sm_', 'compute_')}") for o in compile_options(arch)
                if not o.startswith("--ptxas-options")]
-    nvrtc = _nvrtc()
-    program_name = f"cuda/{name}.cu"
-    program = nvrtc.createProgram(source_path(name).read_text(), program_name, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, options)
-        except nvrtc.NVRTCError as exc:
-            raise KernelCompileError(f"NVRTC could not compile {program_name} for {arch}:\n"
-                                     f"{nvrtc.getProgramLog(program)}") from exc
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
+    ptx, _ = _nvrtc_compile(name, source_path(name).read_text(), arch, options, "getPTX")
     return ptx.decode() if isinstance(ptx, bytes) else ptx
 
 
