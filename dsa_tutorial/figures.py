@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .bench import RESULTS_DIR  # where the benchmarks write, and so where the figures read
 
-__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "side_by_side", "roofline", "layer_results",
-           "layer_cost"]
+__all__ = ["OPERATIONS", "kernel_results", "rate", "progression", "anchor_pairs", "side_by_side", "roofline",
+           "layer_results", "layer_cost"]
 
 
 #: Every operation with a kernel table, in the order of the chapters.
@@ -103,6 +103,20 @@ def progression(operation: str, cases: list[str] | None = None, directory: Path 
     return fig
 
 
+def anchor_pairs(data: dict) -> list[tuple[str, dict, dict]]:
+    """The cases of a side-by-side run (kernel_results of e.g. "deepgemm_side_by_side"), in order, as
+    (case, the anchor's "baseline" row, this package's "default" row); ValueError for a case without
+    exactly those two rows."""
+    pairs = []
+    for case in dict.fromkeys(row["case"] for row in data["rows"]):
+        roles = {row["role"]: row for row in data["rows"] if row["case"] == case}
+        if sorted(roles) != ["baseline", "default"]:
+            raise ValueError(f"{data['operation']}, {case}: needs one baseline row and one default row, "
+                             f"has {sorted(roles)}")
+        pairs.append((case, roles["baseline"], roles["default"]))
+    return pairs
+
+
 def side_by_side(name: str, directory: Path | None = None):
     """A public anchor (the "baseline" rows, e.g. DeepGEMM or FlashMLA built from source) against this
     package's public call with its default arguments (the "default" rows), timed in the same run: one pair
@@ -113,13 +127,7 @@ def side_by_side(name: str, directory: Path | None = None):
 
     data = kernel_results(name, directory)
     ceilings = data["ceilings"]
-    cases = list(dict.fromkeys(row["case"] for row in data["rows"]))
-    pairs = []
-    for case in cases:
-        roles = {row["role"]: row for row in data["rows"] if row["case"] == case}
-        if sorted(roles) != ["baseline", "default"]:
-            raise ValueError(f"{name}, {case}: needs one baseline row and one default row, has {sorted(roles)}")
-        pairs.append((case, roles["baseline"], roles["default"]))
+    pairs = anchor_pairs(data)
     colors = {"baseline": "#9a9a9a", "default": "#4c7a00"}
     fig, ax = plt.subplots(figsize=(7.5, 1.0 + 0.36 * len(pairs)))
     for i, (case, theirs, ours) in enumerate(pairs):
