@@ -555,7 +555,8 @@ def launch(
 
     Tensors are passed zero-copy and must be contiguous CUDA tensors of the current device; Python
     ints become `int`, floats `float` (use numpy scalars for other widths). `shared_mem` bytes of
-    dynamic shared memory; above 48 KiB the kernel's limit is raised first.
+    dynamic shared memory; the kernel's limit is raised to it first (static and dynamic together may
+    pass 48 KiB only with the limit raised).
     """
     grid = (grid,) if isinstance(grid, int) else tuple(grid)
     block = (block,) if isinstance(block, int) else tuple(block)
@@ -565,8 +566,10 @@ def launch(
     index = torch.cuda.current_device()
     function = _function(name, kernel, index)
     kernel_args = tuple(_kernel_arg(a, i, kernel, index) for i, a in enumerate(args))
-    if shared_mem > 48 * 1024 and _dynamic_smem.get((name, kernel, index), 0) < shared_mem:
-        from cupy.cuda import driver  # above 48 KiB a kernel must be allowed its dynamic shared memory first
+    if shared_mem > _dynamic_smem.get((name, kernel, index), 0):
+        # A kernel must be allowed its dynamic shared memory first whenever static + dynamic pass 48 KiB:
+        # so raise the limit for every request larger than the last one (once per kernel and size).
+        from cupy.cuda import driver
 
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
         _dynamic_smem[(name, kernel, index)] = shared_mem

@@ -34,8 +34,7 @@ from .checks import check_range, check_tensor
 from .kernels import Kernel, KernelTable
 
 __all__ = ["order_key", "visible_positions", "select_topk", "topk_without_causal_mask", "select_topk_cuda",
-           "SELECT_TOPK_KERNELS", "select_topk_why_not", "select_topk_default", "shared_bytes", "list_capacity",
-           "shared_request"]
+           "SELECT_TOPK_KERNELS", "select_topk_why_not", "select_topk_default", "shared_bytes", "list_capacity"]
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -151,13 +150,6 @@ def select_topk_default(n_keys: int, limits: dict[str, int] | None = None) -> in
     return 3 if n_keys <= limits["TOPK_ONE_BLOCK_S"] and select_topk_why_not(n_keys, limits)[3] is None else 4
 
 
-def shared_request(dynamic: int, static: int) -> int:
-    """The dynamic shared memory to ask a launch for (host-only). The launcher raises a kernel's
-    limit only for dynamic requests above 48 KiB, yet the limit counts the static shared memory
-    too: when the two together pass 48 KiB, ask for just over 48 KiB at least."""
-    return max(dynamic, 48 * 1024 + 16) if dynamic + static > 48 * 1024 else dynamic
-
-
 def shared_bytes(version: int, n_keys: int, limits: dict[str, int] | None = None) -> int:
     """The dynamic shared memory kernel `version` needs for rows of `n_keys` scores (host-only):
     kernels 2 and 4 a list (a key and a position an entry; never more entries than the row has
@@ -225,12 +217,12 @@ def select_topk_cuda(scores: torch.Tensor, k: int, query_positions: torch.Tensor
         # a list in shared memory (kernel 2: longer lists fall back to kernel 1's passes; kernel 4:
         # to kernel 2's answer); beside it the static 8 KiB histogram
         capacity = list_capacity(chosen.version, n_keys, limits)
-        dynamic = shared_request(shared_bytes(chosen.version, n_keys, limits), 4 * limits["RADIX_BINS"] + 1024)
+        dynamic = shared_bytes(chosen.version, n_keys, limits)
         SELECT_TOPK_KERNELS.launch(chosen.version, rows, limits["TOPK_THREADS"], args + (capacity,),
                                    shared_mem=dynamic)
     elif chosen.version == 3:
         # the row's keys and the histogram in dynamic shared memory, sized by the row
-        dynamic = shared_request(shared_bytes(3, n_keys, limits), 1024)
+        dynamic = shared_bytes(3, n_keys, limits)
         SELECT_TOPK_KERNELS.launch(3, rows, limits["TOPK_SMEM_THREADS"], args, shared_mem=dynamic)
     else:  # a version added to the table needs its own launch here
         raise NotImplementedError(f"select_topk_cuda has no launch for kernel {chosen.version}")
