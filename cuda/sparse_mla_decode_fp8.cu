@@ -882,37 +882,6 @@ static_assert(WS_ROWS_PER_WARP % WS_TOKENS_IN_FLIGHT == 0 && WS_TOKENS_IN_FLIGHT
               "whole groups of tokens, k^R copied 4 tokens an instruction");
 static_assert(D_NOPE == 32 * 16 && D_ROPE * 2 == 8 * 16, "a token: 32 lanes x 16 e4m3 bytes, 8 x 16 bytes of k^R");
 
-#if WGMMA_AVAILABLE
-// mbarrier (PTX "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit object in
-// shared memory counting arrivals; when `count` threads have arrived its phase completes and the next
-// begins (the phase's parity flips).
-__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// This thread's arrival (release semantics at CTA scope: its earlier writes are visible to whoever waits).
-__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the phase of parity `parity` has completed (acquire semantics); for a barrier in phase 0 that
-// was never completed, parity 1 (the phase "before" it) passes at once.
-__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-
-// The warpgroup's registers a thread from here on (every warp of the warpgroup executes it).
-template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned char* __restrict__ kv_cache,
                          const int* __restrict__ indices, __nv_bfloat16* __restrict__ out,

@@ -28,6 +28,11 @@
 //   align_smem               the dynamic shared memory's first WGMMA_SMEM_ALIGN-aligned byte
 //   wgmma_desc_n_major       the descriptor of such a tile read N-major (transposed, V in P V)
 //   wgmma_m64n32k16_bf16, wgmma_m64n256k16_bf16_nb   the bf16 instructions (B K-major; B N-major)
+//   mbarrier_init / _arrive / _wait, setmaxnreg_dec / _inc   the hand-over between warp-specialised
+//                            warpgroups (kernel 4 of cuda/sparse_mla_decode_fp8.cu, kernel 5 of cuda/mqa_logits.cu)
+//   TensorMap, mbarrier_arrive_expect_tx, tma_load_2d, fence_mbarrier_init, prefetch_tensor_map
+//                            the Tensor Memory Accelerator (TMA): tiles copied global -> shared by one thread,
+//                            their arrival counted in bytes by an mbarrier (kernel 5 of cuda/mqa_logits.cu)
 // (cuda/sparse_mla_prefill.cu's kernel 2 header explains the bf16 layouts and descriptors in full.)
 #pragma once
 
@@ -266,5 +271,81 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_nb(float (&d)[128], unsign
         : "l"(desc_a), "l"(desc_b), "r"(1));  // accumulate: O += P V always (O starts at 0)
 }
 #undef ACC8
+
+// --------------------------------------------------------------------------- mbarriers and setmaxnreg
+
+// mbarrier (PTX "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit object in
+// shared memory counting arrivals; when `count` threads have arrived its phase completes and the next
+// begins (the phase's parity flips).
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// This thread's arrival (release semantics at CTA scope: its earlier writes are visible to whoever waits).
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (acquire semantics); for a barrier in phase 0 that
+// was never completed, parity 1 (the phase "before" it) passes at once.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// The warpgroup's registers a thread from here on (every warp of the warpgroup executes it).
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+#endif  // WGMMA_AVAILABLE
+
+// --------------------------------------------------------------------------- TMA
+
+// A CUtensorMap: 128 opaque bytes, 64-byte aligned, made on the host by the driver's cuTensorMapEncodeTiled
+// (dsa_tutorial.kernels.tensor_map_2d) and passed by value as a `const __grid_constant__` kernel parameter,
+// so that it stays in the parameter space and its address may be given to the TMA instructions. (NVRTC has
+// no cuda.h: this is the same 128 bytes under our own name.) Defined for every target: the kernels'
+// signatures name it even where their bodies are a trap.
+struct alignas(64) TensorMap {
+    unsigned long long bits[16];
+};
+
+#if WGMMA_AVAILABLE
+
+// The barrier inits of one thread become visible to the other threads and to the async proxy (TMA's
+// complete_tx) before anybody uses them (with the __syncthreads() that follows).
+__device__ __forceinline__ void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// This thread's arrival on `bar` announcing `bytes` more bytes of transactions for the current phase: the
+// phase completes when every arrival has come AND that many bytes have landed (each TMA copy that names
+// the barrier counts its bytes down as they arrive: complete_tx).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Pulls the tensor map into the TMA unit's cache ahead of the first copy that names it.
+__device__ __forceinline__ void prefetch_tensor_map(const TensorMap& map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
+}
+
+// One TMA copy: the box of the 2-D tensor `map` whose first element has coordinates (x, y) (x the
+// innermost dimension, in elements) -> shared memory at `dst` (laid out, and swizzled, as the map says;
+// 1024-byte aligned for the 128-byte swizzle), its bytes counted on the mbarrier `bar`. Elements outside
+// the tensor (any coordinate past its size, or negative) are not read: they land as zeros. Issued by one
+// thread; the copy runs asynchronously, in the async proxy.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap& map, int x, int y, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
 
 #endif  // WGMMA_AVAILABLE
