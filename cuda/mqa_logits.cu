@@ -594,3 +594,318 @@ __device__ void mqa_logits_wgmma(const unsigned char* __restrict__ q, const unsi
 MQA_ENTRY(mqa_logits_wgmma_h64, mqa_logits_wgmma, 64, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
 
 MQA_ENTRY(mqa_logits_wgmma_h32, mqa_logits_wgmma, 32, __launch_bounds__(K4_THREADS, K4_BLOCKS_PER_SM))
+
+// ------------------------------------------------------------------------------------ kernel 5
+
+// What holds kernel 4 back (H200: 0.64-0.79x DeepGEMM): a block of 2 queries (H = 64) streams its whole key
+// range, so every key tile is read from L2 by S_q / 2 blocks, each thread issuing its share of the cp.async
+// copies and then waiting on them, and all 128 threads stop at a barrier every tile. Kernel 5
+// (mqa_logits_tma_h64 / _h32, sm_90a only) keeps kernel 4's math and epilogue and changes who moves the
+// data, and how often:
+//
+// * TMA (the Tensor Memory Accelerator). One thread describes a whole tile copy in one instruction,
+//     cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [map, {x, y}], [bar]
+//   and a unit beside the SM does the rest: it reads the box of the 2-D tensor `map` at coordinates (x, y)
+//   (here x = byte 0 of a row, y = the first row), writes it to shared memory at dst, swizzled the way the
+//   map says, and counts the bytes on the mbarrier `bar`. The map (a CUtensorMap, 128 bytes) is made on
+//   the host by the driver (cuTensorMapEncodeTiled: dsa_tutorial.kernels.tensor_map_2d) and passed by value
+//   as a `const __grid_constant__` parameter. Three maps: k as [S_k rows][128 bytes] (box: 64 rows), q as
+//   [S_q H rows][128 bytes] (box: 256 rows), both CU_TENSOR_MAP_SWIZZLE_128B: chunk c of row r lands at
+//   chunk c ^ (r % 8), exactly the layout kernel 4's wgmma descriptors read; and the weights as
+//   [S_q rows][H floats] (box: the block's queries, no swizzle). Rows past the tensor's end (keys >= S_k,
+//   queries >= S_q) are never read: TMA writes zeros there. So no thread computes an address or a bound.
+// * mbarrier with a transaction count. `mbarrier.arrive.expect_tx [bar], bytes` is the producer's one
+//   arrival (the barrier counts 1) that also announces how many bytes the phase waits for; each TMA copy
+//   naming the barrier counts its bytes down as they land (complete_tx). The phase completes when both
+//   are done, and a consumer waiting on it (mbarrier.try_wait.parity, acquire) then sees the data.
+// * A ring of K5_STAGES key tiles, each with two mbarriers: full[s] (above) and empty[s], on which each of
+//   the 8 consumer warps arrives once the wgmma that read stage s have completed. The producer waits
+//   empty[s] before refilling stage s; the consumers wait full[s] before reading it. Each wait names the
+//   parity of the phase it needs (the ring's lap: stage s is used for the n-th time in phase n, parity
+//   n & 1), so a party one lap behind cannot be mistaken for one on time. Two q buffers (q tiles and
+//   weights of a block of queries) change hands the same way (q_full[2], q_empty[2]), so the producer loads
+//   the next block's q while the consumers finish this one.
+// * Warp specialisation. A block is 3 warpgroups (384 threads): warpgroup 2, the producer, of which one
+//   thread issues every TMA copy (the other 3 warps leave at once), and warpgroups 0 and 1, the consumers.
+//   Consumer w owns 256 / H queries (4 for H = 64, 8 for H = 32: B = 256 rows (query, head) of q), so a
+//   block owns 2 x 256 / H consecutive queries and BOTH consumers use every key tile of the block's range:
+//   each key is read from L2 once per 8 queries (H = 64), not once per 2 as in kernel 4.
+// * setmaxnreg. The launch gives every thread the same registers (384 threads, one block an SM: at most
+//   168); `setmaxnreg.dec.sync.aligned.u32 40` makes the producer warpgroup give most of them back and
+//   `setmaxnreg.inc.sync.aligned.u32 232` makes each consumer warpgroup take them: 128 x (40 + 2 x 232) =
+//   64512 <= 65536. A consumer holds 128 accumulators a thread (64 keys x 256 columns over 128 threads).
+// * A persistent grid. One block an SM (grid = min(number of SMs, blocks of queries)); block b takes the
+//   blocks of queries of rounds r = 0, 1, ...: position r G + b in even rounds and r G + G - 1 - b in odd
+//   ones (a snake, G = gridDim.x), longest first (position p is query block n_blocks - 1 - p: in causal
+//   prefill the latest queries see the most keys), so the work evens out across SMs. The producer and the
+//   consumers walk the same sequence and compute the same key range per block of queries (the union of
+//   its clipped ranges, kernel 2's union_key_range), so they agree on every tile without talking.
+//
+// A consumer, per key tile: 2 x 4 wgmma m64n128k32 (queries 0 .. 128 / H - 1 of its block, then the rest,
+// kernel 4's instruction and descriptors), committed as two groups; wait for the first group, run kernel
+// 4's epilogue on it (weighted_relu_head_sums, sum_for_lane; k_scale read from global memory, loaded while
+// the tensor cores work) while the second group still runs; wait for the second, release the stage
+// (empty), epilogue of the second. While one consumer runs its epilogue the other's wgmma keep the tensor
+// cores busy. A tile that holds no key any of the consumer's queries sees is not computed (its columns
+// inside the block's range get -inf when clean_logits, as in kernel 4).
+//
+//   producer (1 thread)    q(b0) k0 k1 k2 .. k7 | wait empty[0] k8 | wait empty[1] k9 ...  q(b1) ...
+//                               \  \  \  TMA: global -> shared, bytes counted on full[s]
+//   consumer 0   wait q_full, wait full[0]: wgmma A|B, epilogue A, arrive empty[0], epilogue B | full[1] ...
+//   consumer 1   wait q_full, wait full[0]:    wgmma A|B (queued behind consumer 0's), epilogues | ...
+//   tensor cores [c0 k0][c1 k0][c0 k1][c1 k1] ...   (epilogues hidden behind the other consumer's wgmma)
+//
+// Shared memory (1024-byte aligned inside): q [2 buffers][2 consumers][256 rows][128 bytes] (128 KiB),
+// keys [K5_STAGES][64][128] (64 KiB), w [2 buffers][2 x 256] floats, mbarriers q_full[2], q_empty[2],
+// full[K5_STAGES], empty[K5_STAGES]: 201888 bytes with the alignment slack, one block an SM.
+//
+// Semantics and bounds are kernel 4's, for ANY ks and ke: every range is clipped (key_range); q rows
+// and keys past the tensors are zeros written by TMA, never read; stores only to rows < S_q and keys <
+// kv_end <= S_k; -inf outside [kv_begin, kv_end) of the block when clean_logits. TMA coordinates are
+// int32: dsa_tutorial refuses S_q H >= 2^31 for this kernel, and needs q, k and weights 16-byte aligned.
+
+#define K5_N 128                                      // B rows of one wgmma: 128 / H queries (kernel 4's N)
+#define K5_CONSUMER_ROWS (2 * K5_N)                   // a consumer's q rows: 256 / H queries
+#define K5_CONSUMERS 2
+#define K5_THREADS (128 * (K5_CONSUMERS + 1))         // two consumer warpgroups, then the producer
+#define K5_STAGES 8                                   // key tiles in the ring
+#define K5_PRODUCER_REGS 40                           // setmaxnreg: the producer warpgroup's registers a thread
+#define K5_CONSUMER_REGS 232                          // the consumers' (128 accumulators a thread)
+#define K5_Q_TILE_BYTES (K5_CONSUMER_ROWS * HEAD_DIM)                 // one consumer's q: 32 KiB, one TMA box
+#define K5_Q_BYTES (K5_CONSUMERS * K5_Q_TILE_BYTES)                   // a q buffer: 64 KiB
+#define K5_K_BYTES (BLOCK_KV * HEAD_DIM)                              // a key tile: 8 KiB, one TMA box
+#define K5_W_BYTES (K5_CONSUMERS * K5_CONSUMER_ROWS * 4)              // a buffer's weights: 2 KiB, one TMA box
+#define K5_BARRIERS (4 + 2 * K5_STAGES)                               // q_full[2], q_empty[2], full[], empty[]
+#define K5_SMEM_BYTES (2 * K5_Q_BYTES + K5_STAGES * K5_K_BYTES + 2 * K5_W_BYTES + 8 * K5_BARRIERS)
+#define K5_DYNAMIC_SMEM (WGMMA_SMEM_ALIGN + K5_SMEM_BYTES)           // + the slack align_smem may skip
+#define K5_EMPTY_ARRIVALS (4 * K5_CONSUMERS)          // one arrival a consumer warp
+static_assert(K5_DYNAMIC_SMEM <= 232448, "227 KiB: the most shared memory a block may ask for on an H100 / H200");
+static_assert(K5_PRODUCER_REGS + K5_CONSUMERS * K5_CONSUMER_REGS <= 3 * (65536 / K5_THREADS / 8 * 8),
+              "setmaxnreg moves registers within the block's launch allocation: 384 threads x 168");
+static_assert(K5_PRODUCER_REGS % 8 == 0 && K5_CONSUMER_REGS % 8 == 0, "setmaxnreg takes multiples of 8");
+static_assert(K5_Q_BYTES % 1024 == 0 && K5_K_BYTES % 1024 == 0, "every swizzled tile starts 1024-byte aligned");
+
+// Block of queries p of this block's sequence (the snake above), -1 past the end; n_blocks blocks of
+// queries in all.
+__device__ __forceinline__ int k5_query_block(int round, int n_blocks) {
+    const int G = gridDim.x, b = blockIdx.x;
+    const int position = round * G + (round % 2 ? G - 1 - b : b);
+    return position < n_blocks ? n_blocks - 1 - position : -1;
+}
+
+// union_key_range of queries first .. last - 1 (at most 32), computed by a warp: lane l takes query
+// first + l. Every lane gets [kv_begin, kv_end); [0, 0) when all ranges are empty.
+__device__ __forceinline__ void warp_union_key_range(const int* ks, const int* ke, int first, int last, int S_k,
+                                                     int lane, int& kv_begin, int& kv_end) {
+    int lo = S_k, hi = 0;
+    if (first + lane < last) {
+        const int2 range = key_range(ks, ke, first + lane, S_k);
+        if (range.x < range.y) lo = range.x, hi = range.y;
+    }
+    kv_begin = __reduce_min_sync(0xffffffffu, lo);
+    kv_end = __reduce_max_sync(0xffffffffu, hi);
+    if (kv_end <= kv_begin) kv_begin = kv_end = 0;
+}
+
+template <int H, typename T>
+__device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, const TensorMap& w_map,
+                               const float* __restrict__ k_scale, const int* __restrict__ ks,
+                               const int* __restrict__ ke, T* __restrict__ logits, int S_q, int S_k,
+                               int clean_logits) {
+#if WGMMA_AVAILABLE
+    constexpr int QH = K5_N / H;                    // queries of one wgmma group: 2 (H = 64) or 4 (H = 32)
+    constexpr int CONSUMER_QUERIES = 2 * QH;        // a consumer's queries
+    constexpr int QUERIES = K5_CONSUMERS * CONSUMER_QUERIES;  // the block's queries a round: 8 or 16
+    constexpr int STORES = QH / 2;                  // values a lane stores per group and key tile
+    static_assert(QUERIES <= 32, "warp_union_key_range: one query a lane");
+    extern __shared__ unsigned char k5_smem_raw[];
+    unsigned char* q_s = align_smem(k5_smem_raw);                      // [2][K5_CONSUMERS][256][128]
+    unsigned char* k_s = q_s + 2 * K5_Q_BYTES;                         // [K5_STAGES][64][128]
+    float* w_s = reinterpret_cast<float*>(k_s + K5_STAGES * K5_K_BYTES);  // [2][K5_CONSUMERS * 256]
+    const unsigned q_full = smem_address(w_s + 2 * K5_CONSUMERS * K5_CONSUMER_ROWS);  // 8 bytes each
+    const unsigned q_empty = q_full + 2 * 8, full = q_full + 4 * 8, empty = full + K5_STAGES * 8;
+
+    const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    const int n_blocks = (S_q + QUERIES - 1) / QUERIES;
+
+    if (threadIdx.x == 0) {
+        for (int b = 0; b < 2; ++b) {
+            mbarrier_init(q_full + 8 * b, 1);                  // the producer's arrive.expect_tx (+ the bytes)
+            mbarrier_init(q_empty + 8 * b, K5_EMPTY_ARRIVALS);
+        }
+        for (int s = 0; s < K5_STAGES; ++s) {
+            mbarrier_init(full + 8 * s, 1);
+            mbarrier_init(empty + 8 * s, K5_EMPTY_ARRIVALS);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // the barriers are initialised before anybody uses them (the last block-wide barrier)
+
+    if (warpgroup == K5_CONSUMERS) {
+        // ---------------------------------------------------------------- the producer
+        setmaxnreg_dec<K5_PRODUCER_REGS>();
+        if (warp != 0) return;  // one warp walks the sequence (its lanes compute the key ranges)
+        if (lane == 0) {
+            prefetch_tensor_map(q_map);
+            prefetch_tensor_map(k_map);
+            prefetch_tensor_map(w_map);
+        }
+        int stage = 0, lap = 0;  // the ring position: stage `stage` in its lap-th use
+        for (int round = 0;; ++round) {
+            const int qb = k5_query_block(round, n_blocks);
+            if (qb < 0) break;
+            const int i0 = qb * QUERIES;
+            int kv_begin, kv_end;
+            warp_union_key_range(ks, ke, i0, min(i0 + QUERIES, S_q), S_k, lane, kv_begin, kv_end);
+            const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
+            // q and w of this block of queries into buffer round % 2, once the consumers released it
+            const int buffer = round % 2;
+            mbarrier_wait(q_empty + 8 * buffer, ((round / 2) & 1) ^ 1);
+            if (lane == 0) {
+                // q rows i0 H + 256 c .. + 255 of consumer c (zeros past S_q H); none for a consumer whose
+                // queries all lie past S_q (it computes nothing: its key range is empty)
+                const int consumers = min(K5_CONSUMERS, (S_q - i0 + CONSUMER_QUERIES - 1) / CONSUMER_QUERIES);
+                mbarrier_arrive_expect_tx(q_full + 8 * buffer, consumers * K5_Q_TILE_BYTES + K5_W_BYTES);
+                for (int c = 0; c < consumers; ++c)
+                    tma_load_2d(smem_address(q_s + buffer * K5_Q_BYTES + c * K5_Q_TILE_BYTES), q_map, 0,
+                                i0 * H + c * K5_CONSUMER_ROWS, q_full + 8 * buffer);
+                // w rows i0 .. i0 + QUERIES - 1 (zeros past S_q)
+                tma_load_2d(smem_address(w_s + buffer * K5_CONSUMERS * K5_CONSUMER_ROWS), w_map, 0, i0,
+                            q_full + 8 * buffer);
+            }
+            for (int tile = 0; tile < n_tiles; ++tile) {
+                mbarrier_wait(empty + 8 * stage, (lap & 1) ^ 1);  // the consumers are done with its last use
+                if (lane == 0) {
+                    mbarrier_arrive_expect_tx(full + 8 * stage, K5_K_BYTES);
+                    tma_load_2d(smem_address(k_s + stage * K5_K_BYTES), k_map, 0, kv_begin + tile * BLOCK_KV,
+                                full + 8 * stage);
+                }
+                if (++stage == K5_STAGES) stage = 0, ++lap;
+            }
+            __syncwarp();
+        }
+        return;  // nothing waits for the producer; the consumers wait for every copy it issued
+    }
+
+    // -------------------------------------------------------------------- the consumers
+    setmaxnreg_inc<K5_CONSUMER_REGS>();
+    const int g = lane / 4, t = lane % 4;
+    const int slot = 16 * warp + g + 8 * (t % 2);  // the key (row of the tile) of every value this lane stores
+    int stage = 0, lap = 0;
+    for (int round = 0;; ++round) {
+        const int qb = k5_query_block(round, n_blocks);
+        if (qb < 0) break;
+        const int i0 = qb * QUERIES;
+        const int c0 = i0 + warpgroup * CONSUMER_QUERIES;  // this consumer's first query
+        int kv_begin, kv_end, own_begin, own_end;  // the block's union (the producer's tiles), this consumer's
+        warp_union_key_range(ks, ke, i0, min(i0 + QUERIES, S_q), S_k, lane, kv_begin, kv_end);
+        warp_union_key_range(ks, ke, c0, min(c0 + CONSUMER_QUERIES, S_q), S_k, lane, own_begin, own_end);
+        const int n_tiles = (kv_end - kv_begin + BLOCK_KV - 1) / BLOCK_KV;
+
+        // outside the block's key range nobody writes: -inf now (warp w: queries w, w + 4, ...)
+        if (clean_logits)
+            for (int qq = warp; qq < CONSUMER_QUERIES; qq += 4)
+                if (c0 + qq < S_q) {
+                    T* row = logits + (size_t)(c0 + qq) * S_k;
+                    fill_neg_inf(row, 0, kv_begin, lane);
+                    fill_neg_inf(row, kv_end, S_k, lane);
+                }
+
+        // what this lane stores, as in kernel 4: value v = t + 4 m of group j's (query, row) pairs, query
+        // c0 + QH j + v / 2; its clipped range (empty past S_q: nothing visible, nothing stored)
+        int store_ks[2][STORES], store_ke[2][STORES];
+        #pragma unroll
+        for (int j = 0; j < 2; ++j)
+            #pragma unroll
+            for (int m = 0; m < STORES; ++m) {
+                const int i = c0 + QH * j + (t + 4 * m) / 2;
+                const int2 range = i < S_q ? key_range(ks, ke, i, S_k) : make_int2(0, 0);
+                store_ks[j][m] = range.x;
+                store_ke[j][m] = range.y;
+            }
+
+        const int buffer = round % 2;
+        const unsigned char* q_tile = q_s + buffer * K5_Q_BYTES + warpgroup * K5_Q_TILE_BYTES;
+        const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));  // group 1: + 128 rows = + 16 KiB
+        const unsigned w_lane = smem_address(w_s + buffer * K5_CONSUMERS * K5_CONSUMER_ROWS +
+                                             warpgroup * K5_CONSUMER_ROWS + 2 * t);
+        mbarrier_wait(q_full + 8 * buffer, (round / 2) & 1);  // (acquire) q and w of this block have landed
+
+        // logits[i, key] of group j from its head sums (or -inf where row i does not see the key)
+        auto store = [&](int j, const float (&sums)[QH][2], int tile_first, float scale) {
+            #pragma unroll
+            for (int m = 0; m < STORES; ++m) {
+                const int v = t + 4 * m;
+                const int i = c0 + QH * j + v / 2;
+                const int key = tile_first + slot;
+                if (i < S_q && key < kv_end) {
+                    if (key >= store_ks[j][m] && key < store_ke[j][m])
+                        logits[(size_t)i * S_k + key] = from_float<T>(sum_for_lane(sums, v) * scale);
+                    else if (clean_logits)
+                        logits[(size_t)i * S_k + key] = from_float<T>(NEG_INF);
+                }
+            }
+        };
+
+        for (int tile = 0; tile < n_tiles; ++tile) {
+            const int tile_first = kv_begin + tile * BLOCK_KV;
+            mbarrier_wait(full + 8 * stage, lap & 1);  // (acquire) the key tile has landed
+            float sums[QH][2];
+            if (tile_first < own_end && tile_first + BLOCK_KV > own_begin) {
+                // scores[key][(query, head)] for the 64 keys and this consumer's 256 columns: two groups of
+                // 4 wgmma m64n128k32 (kernel 4's), the second running while the first one's epilogue does
+                const unsigned long long a_desc = wgmma_desc(smem_address(k_s + stage * K5_K_BYTES));
+                float acc[2][K5_N / 2];
+                wgmma_fence();
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    #pragma unroll
+                    for (int kk = 0; kk < HEAD_DIM / 32; ++kk)
+                        wgmma_m64n128k32_e4m3(acc[j], a_desc + 2 * kk, b_desc + j * (K5_N * HEAD_DIM >> 4) + 2 * kk,
+                                              kk);
+                    wgmma_commit();
+                }
+                // k_scale of this lane's key, loaded while the tensor cores work (0 past kv_end: never stored)
+                const int key = tile_first + slot;
+                const float scale = key < kv_end ? __ldg(k_scale + key) : 0.f;
+                wgmma_wait<1>();
+                fence_operands(acc[0]);
+                weighted_relu_head_sums<K5_N, H>(acc[0], w_lane, sums);
+                store(0, sums, tile_first, scale);
+                wgmma_wait<0>();
+                fence_operands(acc[1]);
+                __syncwarp();
+                if (lane == 0) mbarrier_arrive(empty + 8 * stage);  // this warp's wgmma no longer read the stage
+                weighted_relu_head_sums<K5_N, H>(acc[1], w_lane + 4 * K5_N, sums);
+                store(1, sums, tile_first, scale);
+            } else {
+                // no key of the tile is visible to this consumer's queries: -inf where clean_logits
+                __syncwarp();
+                if (lane == 0) mbarrier_arrive(empty + 8 * stage);
+                #pragma unroll
+                for (int q = 0; q < QH; ++q) sums[q][0] = sums[q][1] = 0.f;
+                store(0, sums, tile_first, 0.f);
+                store(1, sums, tile_first, 0.f);
+            }
+            if (++stage == K5_STAGES) stage = 0, ++lap;
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(q_empty + 8 * buffer);  // (release) q and w of this buffer are read
+    }
+#else
+    __trap();  // wgmma, TMA and setmaxnreg need sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
+}
+
+// The entry points of kernel 5: the three tensor maps (q, k, w) by value, then kernel 4's other arguments.
+#define TMA_ENTRY_T(NAME, H, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(K5_THREADS, 1)                                                  \
+        NAME(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,                   \
+             const __grid_constant__ TensorMap w_map, const float* k_scale, const int* ks, const int* ke,        \
+             T* logits, int S_q, int S_k, int clean_logits) {                                                    \
+        mqa_logits_tma<H, T>(q_map, k_map, w_map, k_scale, ks, ke, logits, S_q, S_k, clean_logits);              \
+    }
+TMA_ENTRY_T(mqa_logits_tma_h64_f32, 64, float)
+TMA_ENTRY_T(mqa_logits_tma_h64_bf16, 64, __nv_bfloat16)
+TMA_ENTRY_T(mqa_logits_tma_h32_f32, 32, float)
+TMA_ENTRY_T(mqa_logits_tma_h32_bf16, 32, __nv_bfloat16)
