@@ -52,6 +52,11 @@
 //                             of 64 keys, 4 wgmma m64n128k32 give scores[64 keys][(query, head)],
 //                             then kernel 2's epilogue. Its tensor cores accumulate FP8 products with
 //                             fewer bits than float32 (about 1e-4 of the summed magnitudes here).
+//   mqa_logits_tma_h64/_h32   kernel 5 (sm_90a only): kernel 4's wgmma and epilogue, fed by TMA (the
+//                             Tensor Memory Accelerator: one thread copies a whole tile) into a ring of
+//                             key tiles handed over through mbarriers; one producer thread, two consumer
+//                             warpgroups of 256 / H queries sharing every key tile (4x kernel 4's reuse
+//                             at H = 64), setmaxnreg, one persistent block an SM.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k32 with 8-bit types), lane = 4 * g + t:
 //   A (16 x 32, row-major) a0: row g, cols 4t..4t+3    a1: row g+8, cols 4t..4t+3

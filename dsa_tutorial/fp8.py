@@ -22,9 +22,11 @@ Which function runs where:
   computes in float64 and also accepts unquantised float inputs).
 * `act_quant_cuda` and `mqa_logits_cuda` run `cuda/act_quant.cu` and `cuda/mqa_logits.cu`; `kernel=`
   is a version of ACT_QUANT_KERNELS / MQA_LOGITS_KERNELS (what the .cu headers and chapter 7 call
-  "kernel N"), None the best that runs these inputs on this GPU. Kernel 4 of the logits (wgmma) is
-  compiled for sm_90a and runs on compute capability 9.0 only; elsewhere it is refused, and None
-  takes kernel 3.
+  "kernel N"), None the best that runs these inputs on this GPU. Kernels 4 (wgmma) and 5 (TMA,
+  warp-specialised, persistent) of the logits are compiled for sm_90a and run on compute capability
+  9.0 only; elsewhere they are refused, and None takes kernel 3. Kernel 5 also needs q, k and the
+  weights 16-byte aligned (TMA tensor maps); None prefers kernel 4 to it (MQA_LOGITS_KERNELS.best_first)
+  until kernel 5 is measured faster.
 
 Neither `_cuda` function synchronises with the host: shapes, dtypes, devices and supported sizes are
 checked always; the values of ks and ke only with data checks on (`checks.set_data_checks`, or
@@ -42,6 +44,8 @@ per storage type (entry suffix _f32 / _bf16, the `out` variant of MQA_LOGITS_KER
 kernel writes exactly its float32 twin's logits rounded, in half the bytes.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -88,7 +92,10 @@ MQA_LOGITS_KERNELS = KernelTable("mqa_logits", [
     Kernel(3, "mqa_logits_f16_h{H}_{out}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation"),
     Kernel(4, "mqa_logits_wgmma_h{H}_{out}", "Hopper's warpgroup MMA on the e4m3 values in shared memory",
            needs="compute capability 9.0 (sm_90a)"),
-], variants={"H": (64, 32), "out": ("f32", "bf16")})
+    Kernel(5, "mqa_logits_tma_h{H}_{out}", "kernel 4's MMA fed by TMA: a producer thread, two consumer warpgroups "
+           "sharing each key tile, a persistent grid",
+           needs="compute capability 9.0 (sm_90a), q, k and weights 16-byte aligned, S_q * H < 2^31"),
+], variants={"H": (64, 32), "out": ("f32", "bf16")}, best_first=(4, 5, 3, 2, 1))
 
 # The `out` variant of the logits kernels (here and in paged.PAGED_MQA_LOGITS_KERNELS) for each logits_dtype
 LOGITS_OUT = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -320,16 +327,24 @@ def mqa_logits(q, kv, weights, ks, ke, clean_logits: bool = True, query_chunk: i
     return logits.to(logits_dtype)
 
 
-def _mqa_logits_why_not(device, S_q: int) -> dict:
-    """The versions of MQA_LOGITS_KERNELS that cannot run here, and why (see KernelTable.choose)."""
+def _mqa_logits_why_not(device, S_q: int, H: int = 64, misaligned: tuple[str, ...] = ()) -> dict:
+    """The versions of MQA_LOGITS_KERNELS that cannot run here, and why (see KernelTable.choose).
+    `misaligned`: the names of the inputs (q, k, weights) whose data is not 16-byte aligned."""
+    wgmma = wgmma_why_not(device)
+    tma = wgmma
+    if tma is None and misaligned:
+        tma = f"reads q, k and weights through TMA tensor maps: 16-byte aligned, but {', '.join(misaligned)} is not"
+    if tma is None and S_q * H >= 2**31:
+        tma = f"addresses the S_q * H rows of q with int32 TMA coordinates: fewer than 2^31, got {S_q * H}"
     return {1: None if S_q <= 65535 else f"puts the queries on grid.y: at most 65535, got S_q = {S_q}",
-            4: wgmma_why_not(device)}
+            4: wgmma, 5: tma}
 
 
 def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: int | None = None,
                     out: torch.Tensor | None = None, logits_dtype: torch.dtype = torch.float32):
     """`cuda/mqa_logits.cu`: kernel = a version of MQA_LOGITS_KERNELS (1 naive, 2 mma.sync e4m3,
-    3 f16 mma.sync, 4 wgmma on compute capability 9.0) or None, the best that runs here (4, else 3).
+    3 f16 mma.sync, 4 wgmma on compute capability 9.0, 5 kernel 4's MMA fed by TMA, warp-specialised and
+    persistent, 9.0 with q, k and weights 16-byte aligned) or None, the best that runs here (4, else 3).
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
     ks, ke [S_q] int32 -> logits [S_q, S_k] logits_dtype; outside [ks_i, ke_i) -inf when clean_logits,
@@ -344,15 +359,22 @@ def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel
         MQA_LOGITS_KERNELS[kernel]  # a version of the table, or a clear error naming them
     check_logits_dtype(logits_dtype)
     dims = check_mqa_logits_inputs(q, kv, weights, ks, ke, cuda=True)
-    chosen = MQA_LOGITS_KERNELS.choose(kernel, _mqa_logits_why_not(q.device, dims["S_q"]))
+    k, k_scale = _split_kv(kv)
+    misaligned = tuple(name for name, x in (("q", q), ("k", k), ("weights", weights)) if x.data_ptr() % 16)
+    chosen = MQA_LOGITS_KERNELS.choose(kernel, _mqa_logits_why_not(q.device, dims["S_q"], dims["H"], misaligned))
     shape = (dims["S_q"], dims["S_k"])
     if out is None:
         out = torch.empty(shape, dtype=logits_dtype, device=q.device)
     else:
         check_tensor(out, "out", shape=shape, dtype=logits_dtype, device=q.device, contiguous=True)
-    k, k_scale = _split_kv(kv)
     _launch_mqa_logits(chosen.version, q, k, k_scale, weights, ks, ke, out, clean_logits)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    """The number of SMs of `device`: kernel 5's persistent grid."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_mqa_logits(version: int, q, k, k_scale, weights, ks, ke, logits, clean_logits: bool) -> None:
@@ -369,6 +391,16 @@ def _launch_mqa_logits(version: int, q, k, k_scale, weights, ks, ke, logits, cle
         threads = d["NAIVE_THREADS"]
         MQA_LOGITS_KERNELS.launch(1, grid=(-(-S_k // threads), S_q), block=threads, args=(*args, H, bool(clean_logits)),
                                   out=out)
+        return
+    if version == 5:  # persistent: one block an SM, each walking blocks of 2 x 256 / H queries
+        rows, D = d["K5_CONSUMER_ROWS"], d["HEAD_DIM"]  # a consumer's q rows: 256 / H queries
+        queries = d["K5_CONSUMERS"] * rows // H
+        maps = (kernels.tensor_map_2d(q.view(S_q * H, D), rows, D, swizzle=128),  # TMA boxes: a consumer's q,
+                kernels.tensor_map_2d(k, d["BLOCK_KV"], D, swizzle=128),       # a key tile,
+                kernels.tensor_map_2d(weights, queries, H))                    # the block's weights
+        grid = min(-(-S_q // queries), _sm_count(q.device))
+        MQA_LOGITS_KERNELS.launch(5, grid=grid, block=d["K5_THREADS"], shared_mem=d["K5_DYNAMIC_SMEM"],
+                                  args=(*maps, k_scale, ks, ke, logits, S_q, S_k, bool(clean_logits)), H=H, out=out)
         return
     queries, threads, smem = {  # queries a block, threads a block, dynamic shared memory
         2: (d["QUERIES_PER_CTA"], d["THREADS"], 0),

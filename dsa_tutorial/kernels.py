@@ -55,6 +55,9 @@ __all__ = [
     "defines",
     "Kernel",
     "KernelTable",
+    "TENSOR_MAP_BYTES",
+    "tensor_map_2d_args",
+    "tensor_map_2d",
 ]
 
 #: The architecture CI compiles for when there is no GPU to ask: the H200 of the book's runs, as
@@ -506,6 +509,8 @@ def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):
         # tensor as a CuPy array would cost tens of microseconds per argument, and CuPy synchronises
         # on the stream a __cuda_array_interface__ names.)
         return np.uint64(value.data_ptr())
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind == "V":
+        return value  # a struct passed by value (CuPy copies its bytes: a tensor map, tensor_map_2d)
     if isinstance(value, (bool, np.bool_)):
         return np.int32(value)
     if isinstance(value, (np.integer, np.floating)):
@@ -517,6 +522,95 @@ def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):
     if isinstance(value, float):
         return np.float32(value)
     raise TypeError(f"argument {position} of {kernel}: cannot pass {type(value).__name__} to a kernel")
+
+
+# ----------------------------------------------------------------------------- TMA tensor maps
+
+#: A CUtensorMap: the opaque 128 bytes (64-byte aligned) the driver encodes and a kernel takes by value
+#: (`const __grid_constant__ TensorMap` in cuda/wgmma.cuh).
+TENSOR_MAP_BYTES = 128
+# CUtensorMapDataType of the element types a map may name, and CUtensorMapSwizzle by swizzle span in bytes
+_TENSOR_MAP_DTYPES = {torch.uint8: (0, 1), torch.float8_e4m3fn: (0, 1), torch.float32: (7, 4)}
+_TENSOR_MAP_SWIZZLES = {0: 0, 32: 1, 64: 2, 128: 3}
+
+
+def tensor_map_2d_args(rows: int, cols: int, element_bytes: int, box_rows: int, box_cols: int,
+                       swizzle: int = 0) -> dict:
+    """The arguments of cuTensorMapEncodeTiled for a contiguous 2-D tensor [rows, cols] of elements of
+    `element_bytes` bytes, copied in boxes of [box_rows, box_cols] with a `swizzle`-byte swizzle (0: none;
+    128: chunk c of box row r lands at chunk c ^ (r % 8), the layout of cuda/wgmma.cuh's tiles). The
+    driver names the innermost dimension first: dims (cols, rows), the row stride in bytes, box (box_cols,
+    box_rows). The driver's rules are checked here, so a bad request fails with a message, on the CPU."""
+    for name, value in (("rows", rows), ("cols", cols), ("box_rows", box_rows), ("box_cols", box_cols)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"tensor map: {name} must be a positive int, got {value!r}")
+    if rows > 2**31 or cols > 2**31:
+        raise ValueError(f"tensor map: each dimension must be at most 2^31, got [{rows}, {cols}]")
+    if box_rows > 256 or box_cols > 256:
+        raise ValueError(f"tensor map: a box dimension is at most 256 elements, got [{box_rows}, {box_cols}]")
+    row_bytes, box_row_bytes = cols * element_bytes, box_cols * element_bytes
+    if row_bytes % 16 or box_row_bytes % 16:
+        raise ValueError(f"tensor map: rows ({row_bytes} bytes) and box rows ({box_row_bytes} bytes) must be "
+                         "multiples of 16 bytes")
+    if swizzle not in _TENSOR_MAP_SWIZZLES:
+        raise ValueError(f"tensor map: swizzle must be 0, 32, 64 or 128 bytes, got {swizzle!r}")
+    if swizzle and box_row_bytes > swizzle:
+        raise ValueError(f"tensor map: a box row ({box_row_bytes} bytes) must fit the {swizzle}-byte swizzle")
+    return dict(dims=(cols, rows), strides=(row_bytes,), box=(box_cols, box_rows), element_strides=(1, 1),
+                swizzle=_TENSOR_MAP_SWIZZLES[swizzle])
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_tiled():
+    """The driver's cuTensorMapEncodeTiled, through ctypes (the driver library every GPU run has; CuPy
+    does not wrap it)."""
+    import ctypes
+
+    encode = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    encode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    encode.restype = ctypes.c_int
+    return encode
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_map(address: int, data_type: int, rows: int, cols: int, element_bytes: int, box_rows: int,
+                box_cols: int, swizzle: int) -> np.ndarray:
+    import ctypes
+
+    args = tensor_map_2d_args(rows, cols, element_bytes, box_rows, box_cols, swizzle)
+    raw = (ctypes.c_uint8 * (TENSOR_MAP_BYTES + 64))()  # the driver writes to a 64-byte aligned address
+    aligned = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64
+    result = _encode_tiled()(
+        ctypes.c_void_p(aligned), data_type, 2, ctypes.c_void_p(address),
+        (ctypes.c_uint64 * 2)(*args["dims"]), (ctypes.c_uint64 * 1)(*args["strides"]),
+        (ctypes.c_uint32 * 2)(*args["box"]), (ctypes.c_uint32 * 2)(*args["element_strides"]),
+        0, args["swizzle"], 2, 0)  # no interleave; L2 promotion 128 B; out-of-bounds elements read as zeros
+    if result != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {result} for {args}")
+    value = np.zeros(1, dtype=np.dtype((np.void, TENSOR_MAP_BYTES)))
+    ctypes.memmove(value.ctypes.data, aligned, TENSOR_MAP_BYTES)
+    value.flags.writeable = False
+    return value
+
+
+def tensor_map_2d(tensor: torch.Tensor, box_rows: int, box_cols: int, swizzle: int = 0) -> np.ndarray:
+    """A TMA tensor map (CUtensorMap) over `tensor`, a contiguous 2-D CUDA tensor [rows, cols] of uint8,
+    e4m3 or float32 whose data is 16-byte aligned: boxes of [box_rows, box_cols] elements, `swizzle` as in
+    :func:`tensor_map_2d_args`; elements outside the tensor read as zeros. The result, a 128-byte numpy
+    void scalar, is a :func:`launch` argument passed by value (`const __grid_constant__ TensorMap`).
+    Host work only (no synchronisation, no allocation on the GPU); the same request returns the same
+    (read-only) map, from a cache keyed by address, shape and box."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_contiguous() or not tensor.is_cuda:
+        raise ValueError("tensor_map_2d needs a contiguous 2-D CUDA tensor")
+    if tensor.dtype not in _TENSOR_MAP_DTYPES:
+        raise ValueError(f"tensor_map_2d: dtype must be one of {list(_TENSOR_MAP_DTYPES)}, got {tensor.dtype}")
+    if tensor.data_ptr() % 16:
+        raise ValueError(f"tensor_map_2d: the data must be 16-byte aligned, got {tensor.data_ptr() % 16} bytes past")
+    data_type, element_bytes = _TENSOR_MAP_DTYPES[tensor.dtype]
+    return _tensor_map(tensor.data_ptr(), data_type, tensor.shape[0], tensor.shape[1], element_bytes, box_rows,
+                       box_cols, swizzle)
 
 
 def _current_stream_handle(device_index: int) -> int:

@@ -139,6 +139,8 @@ def test_wgmma_is_not_available_off_the_gpu():
 SHARED_WINDOW_KERNELS = {
     "sparse_mla_decode_fp8": ("sparse_mla_decode_fp8_wgmma", "sparse_mla_decode_fp8_ws"),
     "sparse_mla_prefill": ("sparse_mla_prefill_wgmma",),
+    "mqa_logits": ("mqa_logits_tma_h64_f32", "mqa_logits_tma_h64_bf16", "mqa_logits_tma_h32_f32",
+                   "mqa_logits_tma_h32_bf16"),
 }
 _STATE_SPACES = ("global", "shared", "param", "local", "const")
 

@@ -21,12 +21,15 @@ def with_outliers(shape, seed=0, scale=1.0):
 
 
 WGMMA = 4  # the version that needs compute capability 9.0, in MQA_LOGITS_KERNELS and PAGED_MQA_LOGITS_KERNELS
+TMA = 5  # MQA_LOGITS_KERNELS' kernel 4 fed by TMA: compute capability 9.0 too
+SM90A = (WGMMA, TMA)  # the versions compiled for sm_90a only
 
 
 def skip_unless_available(kernel: int | None) -> None:
-    """Skip, saying why, when kernel `kernel` cannot run on this GPU: 4 (wgmma) needs capability 9.0."""
-    if kernel == WGMMA and fp8.wgmma_why_not(torch.device("cuda")) is not None:
-        pytest.skip(f"kernel 4 (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
+    """Skip, saying why, when kernel `kernel` cannot run on this GPU: 4 (wgmma) and 5 (TMA) need
+    capability 9.0."""
+    if kernel in SM90A and fp8.wgmma_why_not(torch.device("cuda")) is not None:
+        pytest.skip(f"kernel {kernel} (wgmma, sm_90a) {fp8.wgmma_why_not(torch.device('cuda'))}")
 
 
 def pretend_no_wgmma(monkeypatch) -> None:
@@ -340,7 +343,7 @@ def test_cpu_ranges_are_checked_even_with_data_checks_off(change, match):
 @pytest.mark.parametrize("change, match", [
     (dict(), "must be on a CUDA device"),
     (dict(q=torch.randn(10, 64, 128)), "q must be float8_e4m3fn"),
-    (dict(kernel=5), "kernel must be None or a version of cuda/mqa_logits.cu: 1 \\(one thread"),
+    (dict(kernel=6), "kernel must be None or a version of cuda/mqa_logits.cu: 1 \\(one thread"),
     (dict(kernel="wgmma"), "kernel must be None or a version"),
     # bfloat16 logits are accepted: past the dtype check, to the device check (these tensors are on the CPU)
     (dict(logits_dtype=torch.bfloat16), "must be on a CUDA device"),
@@ -354,18 +357,27 @@ def test_mqa_logits_cuda_checks_before_launch(change, match):
 
 def test_mqa_logits_kernel_table():
     table = fp8.MQA_LOGITS_KERNELS
-    assert table.source == "mqa_logits" and table.versions == (1, 2, 3, 4)
+    assert table.source == "mqa_logits" and table.versions == (1, 2, 3, 4, 5)
     # every kernel for each storage type of the logits: _f32 and _bf16 (logits_dtype)
     assert table.entry_points() == [f"mqa_logits_{name}_{out}" for name in ("naive",) for out in ("f32", "bf16")] + [
-        f"mqa_logits_{name}_h{H}_{out}" for name in ("e4m3", "f16", "wgmma") for H in (64, 32) for out in ("f32", "bf16")]
+        f"mqa_logits_{name}_h{H}_{out}" for name in ("e4m3", "f16", "wgmma", "tma") for H in (64, 32)
+        for out in ("f32", "bf16")]
     assert fp8.LOGITS_OUT == {torch.float32: "f32", torch.bfloat16: "bf16"}
-    assert "compute capability 9.0" in table[4].needs
+    assert "compute capability 9.0" in table[4].needs and "compute capability 9.0" in table[5].needs
+    # kernel 4 stays the default on compute capability 9.0 until kernel 5 is measured faster
+    assert table.best_first == (4, 5, 3, 2, 1)
     d = table.defines()
     assert d["HEAD_DIM"] == 128 and d["THREADS"] == 32 * d["QUERIES_PER_CTA"]
     # kernel 4: 1024 bytes of alignment slack + what the kernel carves; K4_BLOCKS_PER_SM blocks an SM fit
     # the H200's 227 KiB (1 KiB reserved a block)
     assert d["K4_DYNAMIC_SMEM"] == d["K4_SMEM_ALIGN"] + d["K4_SMEM_BYTES"] == 51712 and d["K4_SMEM_ALIGN"] == 1024
     assert d["K4_BLOCKS_PER_SM"] * (d["K4_DYNAMIC_SMEM"] + 1024) <= 227 * 1024
+    # kernel 5: one block an SM of 3 warpgroups; q [2 buffers][2 consumers][256][128], 8 key tiles of 64 x 128,
+    # w [2][512] floats, 20 mbarriers, + the alignment slack
+    assert d["K5_THREADS"] == 384 and d["K5_CONSUMER_ROWS"] == 256 and d["K5_STAGES"] == 8
+    assert d["K5_DYNAMIC_SMEM"] == 1024 + 2 * 65536 + 8 * 8192 + 2 * 2048 + 20 * 8 == 201888
+    assert d["K5_DYNAMIC_SMEM"] + 1024 <= 227 * 1024
+    assert d["K5_PRODUCER_REGS"] + 2 * d["K5_CONSUMER_REGS"] <= 3 * 168  # setmaxnreg within 384 x 168
 
 
 def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
@@ -373,6 +385,12 @@ def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
     assert table.choose(None, fp8._mqa_logits_why_not("cpu", 10)).version == 3  # no wgmma here
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
     assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 4
+    assert table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10)).version == 5
+    with pytest.raises(ValueError, match="kernel 5 of cuda/mqa_logits.cu .*16-byte aligned, but q, weights is not"):
+        table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q", "weights")))
+    with pytest.raises(ValueError, match="kernel 5 .*fewer than 2\\^31, got 2147483648"):
+        table.choose(5, fp8._mqa_logits_why_not("cuda:0", 2**25, 64))
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("k",))).version == 4
     assert table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65535)).version == 1
     with pytest.raises(ValueError, match="kernel 1 of cuda/mqa_logits.cu .*at most 65535, got S_q = 65536"):
         table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65536))
@@ -401,6 +419,57 @@ def test_mqa_logits_launch_geometry(monkeypatch, version, H, S_q, grid, block, s
     assert args[9:] == ((H, False) if version == 1 else (False,))
 
 
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
+@pytest.mark.parametrize("H, S_q, grid, sms", [(64, 37, 5, 132), (32, 37, 3, 132), (64, 1, 1, 132), (64, 8000, 132, 132),
+                                              (32, 8000, 78, 78)])
+def test_mqa_logits_tma_launch_geometry(monkeypatch, H, S_q, grid, sms, logits_dtype):
+    # kernel 5: 384 threads, one persistent block an SM at most (grid = min(blocks of 2 x 256 / H queries, SMs));
+    # its first three arguments are the tensor maps of q [S_q H, 128] (boxes of 256 rows, 128B swizzle),
+    # k [S_k, 128] (64 rows, 128B swizzle) and weights [S_q, H] (the block's 2 x 256 / H rows, no swizzle)
+    launches = recorded_launches(monkeypatch)
+    maps = []
+    monkeypatch.setattr(kernels, "tensor_map_2d", lambda t, box_rows, box_cols, swizzle=0:
+                        maps.append((t, box_rows, box_cols, swizzle)) or f"map {len(maps)}")
+    monkeypatch.setattr(fp8, "_sm_count", lambda device: sms)
+    q, k, k_scale, w = fp8_inputs(S_q, 65, H)
+    ks, ke = _ragged_ranges(S_q, 65, seed=0)
+    logits = torch.empty(S_q, 65, dtype=logits_dtype)
+    fp8._launch_mqa_logits(5, q, k, k_scale, w, ks, ke, logits, True)
+    (source, entry, got_grid, got_block, args, got_smem), = launches
+    out = "bf16" if logits_dtype == torch.bfloat16 else "f32"
+    assert (source, entry) == ("mqa_logits", f"mqa_logits_tma_h{H}_{out}")
+    assert (got_grid, got_block, got_smem) == (grid, 384, 201888)
+    assert args == ("map 1", "map 2", "map 3", k_scale, ks, ke, logits, S_q, 65, True)
+    (q_rows, *q_box), (k_rows, *k_box), (w_rows, *w_box) = maps
+    assert q_rows.shape == (S_q * H, 128) and q_rows.data_ptr() == q.data_ptr() and q_box == [256, 128, 128]
+    assert k_rows is k and k_box == [64, 128, 128]
+    assert w_rows is w and w_box == [512 // H, H, 0]
+
+
+def test_tensor_map_2d_args():
+    # what cuTensorMapEncodeTiled is given: the innermost dimension first, the row stride in bytes
+    assert kernels.tensor_map_2d_args(8192, 128, 1, 64, 128, 128) == dict(
+        dims=(128, 8192), strides=(128,), box=(128, 64), element_strides=(1, 1), swizzle=3)
+    assert kernels.tensor_map_2d_args(37, 64, 4, 8, 64) == dict(
+        dims=(64, 37), strides=(256,), box=(64, 8), element_strides=(1, 1), swizzle=0)
+    assert kernels.tensor_map_2d_args(2**31, 16, 1, 256, 16, 32)["swizzle"] == 1
+    for args, match in [((10, 128, 1, 257, 128, 128), "at most 256"), ((10, 100, 1, 64, 100), "multiples of 16"),
+                        ((10, 128, 1, 64, 128, 64), "must fit the 64-byte swizzle"), ((10, 128, 1, 64, 128, 16), "swizzle must"),
+                        ((0, 128, 1, 64, 128), "rows must be a positive"), ((2**31 + 1, 128, 1, 64, 128), "at most 2\\^31")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.tensor_map_2d_args(*args)
+    with pytest.raises(ValueError, match="contiguous 2-D CUDA tensor"):
+        kernels.tensor_map_2d(torch.zeros(4, 16, dtype=torch.uint8), 4, 16)
+
+
+def test_a_struct_passes_by_value():
+    # a tensor map (a 128-byte numpy void scalar) goes to CuPy as it is: CuPy copies its bytes into the launch
+    value = np.zeros(1, dtype=np.dtype((np.void, kernels.TENSOR_MAP_BYTES)))
+    assert kernels._kernel_arg(value, 0, "k", 0) is value
+    with pytest.raises(TypeError, match="cannot pass ndarray"):
+        kernels._kernel_arg(np.zeros(2, dtype=np.dtype((np.void, 128))), 0, "k", 0)
+
+
 def test_wgmma_refusal_names_the_capability(monkeypatch):
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: False)
     monkeypatch.setattr(kernels, "gpu_available", lambda: True)
@@ -412,6 +481,8 @@ def test_wgmma_refusal_names_the_capability(monkeypatch):
     refusal = r"kernel 4 of cuda/mqa_logits.cu \(.*\) cannot run these inputs: needs .*capability 9\.0.*has compute capability 8\.0"
     with pytest.raises(ValueError, match=refusal):
         fp8.MQA_LOGITS_KERNELS.choose(4, fp8._mqa_logits_why_not("cuda:0", 10))
+    with pytest.raises(ValueError, match=refusal.replace("kernel 4", "kernel 5")):
+        fp8.MQA_LOGITS_KERNELS.choose(5, fp8._mqa_logits_why_not("cuda:0", 10))
     assert fp8.MQA_LOGITS_KERNELS.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 3
     assert "is not a usable CUDA GPU" in fp8.wgmma_why_not("cpu")
 
@@ -681,6 +752,71 @@ def test_mqa_logits_cuda_longer_key_side(kernel):
     out = fp8.mqa_logits_cuda(q.cuda(), (k.cuda(), k_scale.cuda()), w.cuda(), ks.cuda(), ke.cuda(), kernel=kernel)
     scale = ref[torch.isfinite(ref)].abs().max().item()
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
+@pytest.mark.parametrize("H", [64, 32])
+@pytest.mark.parametrize("kernel", SM90A)
+def test_mqa_logits_cuda_many_query_blocks(kernel, H, logits_dtype):
+    # more blocks of queries than SMs (kernel 5's persistent loop: several rounds a block, both q buffers and
+    # many laps of the key ring), ragged prefills and ragged/empty/wild ranges, clean_logits both ways, into
+    # poisoned outputs; the reference in float64 on the GPU
+    skip_unless_available(kernel)
+    g = torch.Generator().manual_seed(40 + H)
+    seq_lens = [1, 700, 3, 1500, 129, 2, 477]  # S = 2812: not a multiple of 8 or 16 queries, nor of 64 keys
+    data = mqa_inputs(seq_lens, H=H, seed=41, device="cuda")
+    q, k, k_scale, w = data["fp8"]
+    S = sum(seq_lens)
+    ks, ke = data["ks"].clone(), data["ke"].clone()
+    rows = torch.randperm(S, generator=g)[:300].cuda()  # some rows with ragged, empty and wild ranges
+    wild_ks, wild_ke = wild_ranges(300, S, seed=42)
+    ks[rows], ke[rows] = wild_ks.cuda(), wild_ke.cuda()
+    clipped_ks = ks.long().clamp(0, S)
+    clipped_ke = torch.maximum(ke.long().clamp(max=S), clipped_ks)
+    ref_f32 = fp8.mqa_logits(q, (k, k_scale), w, clipped_ks.int(), clipped_ke.int())
+    ref = ref_f32.to(logits_dtype)
+    visible = torch.isfinite(ref_f32)
+    scale = ref_f32[visible].abs().max().item()
+    rtol = 2.0 ** -7 if logits_dtype == torch.bfloat16 else 0.0
+    for clean in (True, False):
+        guard = compare.poisoned((S + 2, S), logits_dtype, "cuda")  # a row of NaN on each side: must stay
+        out = guard[1:-1]
+        with checks.data_checks(False):
+            fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, clean, kernel=kernel, out=out, logits_dtype=logits_dtype)
+        torch.cuda.synchronize()
+        assert torch.isnan(guard[0]).all() and torch.isnan(guard[-1]).all()
+        name = f"kernel {kernel} H={H} {logits_dtype} clean={clean}"
+        if clean:
+            compare.assert_close(out, ref, atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6, name=name)
+        else:
+            compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, rtol=rtol, max_calc_diff=1e-6,
+                                 name=name)
+
+
+@pytest.mark.gpu
+def test_mqa_logits_cuda_tma_needs_aligned_inputs():
+    # kernel 5 reads q, k and the weights through TMA tensor maps, which need 16-byte aligned data: a q
+    # 8 bytes past an aligned address is refused (before any launch), and kernel=None takes kernel 4
+    skip_unless_available(TMA)
+    data = mqa_inputs([70, 33], H=64, seed=11)
+    q, k, k_scale, w = (t.cuda() for t in data["fp8"])
+    ks, ke = data["ks"].cuda(), data["ke"].cuda()
+    shifted = torch.empty(q.numel() + 8, dtype=torch.uint8, device="cuda")[8:].view(torch.float8_e4m3fn)
+    shifted.copy_(q.view(-1))
+    q_shifted = shifted.view(q.shape)
+    assert q_shifted.data_ptr() % 16 == 8 and q_shifted.is_contiguous()
+    out = compare.poisoned((103, 103), torch.float32, "cuda")
+    with pytest.raises(ValueError, match="kernel 5 of cuda/mqa_logits.cu .*16-byte aligned, but q is not"):
+        fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke, kernel=5, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()  # refused before any launch
+    assert torch.equal(fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke),
+                       fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel=4))
+    # the tensor map: 128 bytes, the same (cached, read-only) object for the same request
+    first = kernels.tensor_map_2d(k, 64, 128, swizzle=128)
+    assert first.nbytes == kernels.TENSOR_MAP_BYTES and first is kernels.tensor_map_2d(k, 64, 128, swizzle=128)
+    assert not first.flags.writeable
 
 
 def wild_ranges(S_q, S_k, seed):
