@@ -7,7 +7,8 @@ Kernels: every version of fp8.ACT_QUANT_KERNELS (cuda/act_quant.cu), fp8.MQA_LOG
 (cuda/mqa_logits.cu) and paged.PAGED_MQA_LOGITS_KERNELS (cuda/paged_mqa_logits.cu), for each H (64, 32)
 and next_n (1, 2) they are compiled for, each logits kernel storing float32 and bfloat16 (logits_dtype), the
 paged ones with context_lens [B] and the per-row [B, next_n]. Kernel 4 of the logits files (wgmma, sm_90a)
-runs only on compute capability 9.0; elsewhere it is skipped, with a note. Sizes are not multiples of any
+and kernel 5 of the mqa logits (TMA) run only on compute capability 9.0; elsewhere they are skipped, with a note.
+Kernel 5 also runs at a size with more blocks of queries than SMs (its persistent loop). Sizes are not multiples of any
 tile; outputs are poisoned first; clean_logits both ways.
 
 Then, with data checks off (the default of the package), every logits kernel is launched on invalid
@@ -46,8 +47,8 @@ def check_act_quant() -> None:
 
 
 def runs_here(table, kernel: int) -> bool:
-    """False, with a note, for a kernel that cannot run on this GPU (kernel 4: compute capability 9.0)."""
-    reason = fp8.wgmma_why_not(torch.device("cuda")) if kernel == 4 else None
+    """False, with a note, for a kernel that cannot run on this GPU (kernels 4 and 5: compute capability 9.0)."""
+    reason = fp8.wgmma_why_not(torch.device("cuda")) if "compute capability 9.0" in table[kernel].needs else None
     if reason:
         print(f"sanitize_fp8: kernel {kernel} of cuda/{table.source}.cu skipped, it {reason}")
     return reason is None
@@ -79,6 +80,8 @@ def check_mqa_logits() -> None:
                         visible = torch.isfinite(ref)
                         compare.assert_close(out[visible], ref[visible], atol=1e-3 * scale, rtol=rtol,
                                              name=f"{name} unclean")
+            if kernel == 5:  # more blocks of queries than SMs: several rounds a block, many laps of the ring
+                check_many_query_blocks(H)
             # wild ranges, data checks off: clipped by the kernels, nothing out of bounds
             g = torch.Generator().manual_seed(kernel * 100 + H)
             ks = torch.randint(-3 * S, 3 * S, (S,), generator=g)
@@ -90,6 +93,20 @@ def check_mqa_logits() -> None:
                     for logits_dtype in fp8.LOGITS_DTYPES:
                         fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks.int().cuda(), ke.int().cuda(), clean,
                                             kernel=kernel, logits_dtype=logits_dtype)
+
+
+def check_many_query_blocks(H: int) -> None:
+    seq_lens = [3, 1100, 1, 700, 450]  # S = 2254: 282 (H = 64) or 141 (H = 32) blocks of queries
+    S = sum(seq_lens)
+    q, q_s = fp8.act_quant_cuda(torch.randn(S, H, 128, device="cuda"))
+    k, k_s = fp8.act_quant_cuda(torch.randn(S + 5, 128, device="cuda"))
+    w = torch.randn(S, H, device="cuda") * q_s.squeeze(-1)
+    ks, ke = fp8.causal_ks_ke(seq_lens, device="cuda")
+    ref = fp8.mqa_logits(q, (k, k_s.squeeze(-1)), w, ks, ke)
+    scale = ref[torch.isfinite(ref)].abs().max().item()
+    out = compare.poisoned((S, S + 5), torch.float32, "cuda")
+    fp8.mqa_logits_cuda(q, (k, k_s.squeeze(-1)), w, ks, ke, kernel=5, out=out)
+    compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"mqa_logits kernel 5 H={H} S={S}")
 
 
 def check_paged() -> None:
