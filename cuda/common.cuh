@@ -20,6 +20,7 @@
 //   e4m3_key_scores, f16_key_scores one warp's 16 keys x 32 heads of indexer scores (mma.sync)
 //   add_weighted_relu, quad_sum     the indexer's head sum on mma accumulators, and over a row's lanes
 //   ld_shared_f2                    a float2 from shared memory, re-read at every use
+//   st_shared_v4                    16 bytes to a shared-memory address (32-bit, the shared window)
 //   fill_neg_inf                    a warp writes -inf to a range of a float or bf16 row
 #pragma once
 
@@ -248,6 +249,13 @@ __device__ __forceinline__ float2 ld_shared_f2(const float2* p) {
     float2 v;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_address(p)));
     return v;
+}
+
+// 16 bytes to shared memory at a 32-bit shared-window address (smem_address): the address arithmetic stays
+// 32-bit (a C++ pointer would be 64-bit generic arithmetic). volatile keeps its order with the other asm
+// (fences, mbarrier arrivals) and does not stop the compiler moving ordinary loads around it.
+__device__ __forceinline__ void st_shared_v4(unsigned address, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
 
 // The warp writes -inf to row[begin, end), 16 bytes at a time where the address allows (lane: 0..31).

@@ -81,15 +81,15 @@
 //             global memory into registers, dequantises them and stores the bf16 tile into one of two
 //             buffers while warpgroups 1 and 2, the consumers, run kernel 3's S, softmax and P V on the other.
 //             The buffers change hands through mbarriers (full / empty); setmaxnreg gives the consumers the
-//             registers for O (200 a thread) and leaves the producer 96. Shared memory: Q + 2 bf16 buffers +
-//             P + exchanges and flags = 226 KiB (no raw stage: the rows pass through registers). Same
-//             arguments, split and combine as kernel 3, and the same results bit for bit (the same tile
-//             values, the same wgmma sequence, the same softmax arithmetic).
-//             The default where it runs (compute capability 9.0).
-//             What it leaves on the table: the producer is now the bottleneck (Nsight Compute: the consumers
-//             spend nearly half their time waiting on "full"); it runs ~1800 instructions a warp a tile, for
-//             addresses, shuffles and a dequantisation of ~6 instructions per pair of values, while 128
-//             heads need each token converted only once and the two head groups of a row each convert it.
+//             registers for O (192 a thread) and leaves the producer 112, for a ring of 8 loads in flight
+//             a warp. Shared memory: Q + 2 bf16 buffers + P + exchanges and flags = 226 KiB (no raw stage:
+//             the rows pass through registers). Same arguments, split and combine as kernel 3, and the same
+//             results bit for bit (the same tile values, the same wgmma sequence, the same softmax
+//             arithmetic). The default where it runs (compute capability 9.0).
+//             What it leaves on the table: the producer is still the slower side (Nsight Compute: the
+//             consumers spend a fifth of their time waiting on "full"; the producer's stalls are mostly its
+//             loads' latency, ~1300 instructions a warp a tile); the two head groups of a row each
+//             convert its tokens; the grid is 3.9 waves of one block an SM (the last wave 88% full).
 //
 // Memory safety, for any input values: an index is used only when 0 <= i and i / block_size <
 // num_blocks (so i < num_blocks * block_size, without overflow); every read of the cache is then
@@ -287,17 +287,19 @@ __device__ __forceinline__ int swizzled(int row, int chunk, int chunks) {
     return (row * chunks + (chunk ^ (row & 7))) * 8;
 }
 
-// Eight e4m3 values (8 bytes, the lowest address in the low byte of lo) times `scale`, as 8 bf16 (16 bytes,
-// in order): e4m3 -> f16 is exact, f16 -> float32 is exact, the product is one float32 rounding (none for a
-// power-of-two scale), then round to nearest bf16 (exact again for a power-of-two scale).
-__device__ __forceinline__ uint4 dequantize8(uint2 bytes, float scale) {
+// Eight e4m3 values (8 bytes, the lowest address in the low byte of lo) times `scale2` (the block's scale in
+// both halves), as 8 bf16 (16 bytes, in order): e4m3 -> f16 -> float32 -> bf16 is exact (an e4m3 value has 4
+// significant bits), and the bf16 product with a power-of-two scale is exact too (it only moves the exponent):
+// the same bits as rounding float32(value) * scale to bf16, in 2.5 instructions a value instead of 3 (one
+// bf16x2 multiply a pair replaces two float32 multiplies). The cache's scales are powers of two (ue8m0).
+__device__ __forceinline__ uint4 dequantize8(uint2 bytes, __nv_bfloat162 scale2) {
     unsigned h[4], w[4];
     e4m3x4_to_f16x4(bytes.x, h[0], h[1]);
     e4m3x4_to_f16x4(bytes.y, h[2], h[3]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
-        const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+        const __nv_bfloat162 b = __hmul2(__floats2bfloat162_rn(f.x, f.y), scale2);
         w[j] = *reinterpret_cast<const unsigned*>(&b);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
@@ -366,7 +368,8 @@ sparse_mla_decode_fp8_mma(const __nv_bfloat16* __restrict__ q, const unsigned ch
             const float* scales = reinterpret_cast<const float*>(token + SCALES_AT);
             const uint4 values =
                 c < NOPE_CHUNKS
-                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c), scales[8 * c / QUANT_TILE])
+                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c),
+                                  __float2bfloat162_rn(scales[8 * c / QUANT_TILE]))
                     : *reinterpret_cast<const uint4*>(token + ROPE_AT + 16 * (c - NOPE_CHUNKS));
             *reinterpret_cast<uint4*>(kv_s + swizzled(r, c, L_CHUNKS)) = values;
         }
@@ -615,7 +618,8 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
             const float* scales = reinterpret_cast<const float*>(token + SCALES_AT);
             const uint4 values =
                 c < NOPE_CHUNKS
-                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c), scales[8 * c / QUANT_TILE])
+                    ? dequantize8(*reinterpret_cast<const uint2*>(token + 8 * c),
+                                  __float2bfloat162_rn(scales[8 * c / QUANT_TILE]))
                     : *reinterpret_cast<const uint4*>(token + ROPE_AT + 16 * (c - NOPE_CHUNKS));
             *reinterpret_cast<uint4*>(kv_s + blocked(r, c)) = values;
         }
@@ -813,13 +817,13 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // Registers: O is 64 heads x 256 values float32 a consumer warpgroup, 128 a thread, plus S's 16 and the
 // softmax state; kernel 3 needs 206. The launch gives every thread the same count (__launch_bounds__(384, 1):
 // at most 65536 / 384 = 168), then setmaxnreg moves them: the producer gives back down to
-// WS_PRODUCER_REGS = 96 (it holds 8 tokens' 16-byte loads, their scales and k^R, and addresses), the
-// consumers take WS_CONSUMER_REGS = 200: 128 x (96 + 2 x 200) = 63488, no more than the 384 x 168 the launch
-// gave the block (setmaxnreg only moves registers within that: the bound is 3 x 168 = 504 a thread, not 512).
-// ptxas allocates each side's code within its count, and the count decides how the producer's loads are
-// scheduled: at 72 registers ptxas moved each load down to its use, so a warp kept one token's loads in
-// flight and waited a memory round trip per token (984 us at B 128, h 128, s_q 2, k 2048); at 96 it issues
-// all 8 tokens' loads before the first conversion (540 us). The consumers need no more than 200.
+// WS_PRODUCER_REGS = 112 (its ring of 8 loads in flight, their scales, k^R and addresses), the consumers take
+// WS_CONSUMER_REGS = 192: 128 x (112 + 2 x 192) = 63488, no more than the 384 x 168 the launch gave the block
+// (setmaxnreg only moves registers within that: the bound is 3 x 168 = 504 a thread, not 512). ptxas
+// allocates each side's code within its count, and the count decides how the producer's loads are scheduled:
+// at 72 registers ptxas moved each load down to its use, so a warp kept one token's loads in flight and waited
+// a memory round trip per token (984 us at B 128, h 128, s_q 2, k 2048); with room for 8 loads it keeps them
+// in flight. The consumers fit 192 without spilling (184 spills); the ring does not fit 104 (it spills).
 //
 // Shared memory, WGMMA_SMEM_ALIGN-byte aligned inside (every tile starts 1024-byte aligned):
 //   Q 72 KiB | buffer 0 72 KiB | buffer 1 72 KiB | P 8 KiB | row exchange [2][64] f32 | flags [2][64] i32 |
@@ -827,39 +831,46 @@ sparse_mla_decode_fp8_wgmma(const __nv_bfloat16* __restrict__ q, const unsigned 
 // = 230432 bytes + the 1 KiB alignment slack = 231456 <= 232448 (227 KiB, the H200's opt-in a block). There is
 // no raw stage (the rows pass through registers), so the two bf16 buffers fit where kernel 3 had one.
 //
-// The producer (4 warps, each 16 of the 64 slots of a tile): warp pw takes rows 16 pw .. 16 pw + 15. For one
-// token the warp's 32 lanes load its 512 e4m3 bytes in one instruction (16 bytes a lane, one 512-byte run:
-// 4 or 5 128-byte lines) and each lane the float32 scale of its 16 values; lane l takes the 16 bytes
-// f(l) = (l / 2) % 4 + 4 (l % 2 + 2 (l / 8)) (a permutation of 0..31), whose 16 bf16 results are chunks
-// 2 f and 2 f + 1 of the row: the lane stores chunk 2 f + l % 2 first, then the other. Within each
-// quarter-warp (8 lanes, one phase of a 16-byte store) the first stores then land on chunk positions
-// 2 ((l / 2) % 4) + l % 2 = 0..7, all different before and after the row's XOR swizzle, so no bank conflict
-// (the plain f(l) = l would put two lanes on each of 4 positions). k^R's 128 bytes: lanes 8 u .. 8 u + 7
-// copy token u of a group of 4, one 16-byte chunk each. Unused slots (-1, past k, or any index outside
+// The producer (4 warps, each 16 of the 64 slots of a tile): warp pw takes rows 16 pw .. 16 pw + 15, in 16
+// loads of 16 bytes a lane. Load q covers a pair of tokens, v = q / 2 (rows 2v and 2v + 1 of the warp's 16),
+// and half q % 2 of their 512 e4m3 bytes: lane l takes token 2v + l % 2 and its 16 bytes number
+// f = (l / 2) % 4 + 4 (l / 8) + 16 (q % 2) (two 256-byte runs a load), and the float32 scale of those 16
+// values. Their 16 bf16 are chunks 2f and 2f + 1 of the row. Within a quarter-warp (8 lanes, one phase of a
+// 16-byte store) the lanes store to chunk positions 2 ((l / 2) % 4) + e (e = 0, then 1), four even ones for
+// each token of the pair, and the two rows' swizzles differ in their lowest bit: 8 different positions, no
+// bank conflict, for both stores, with no value selected between lanes; every store address is one XOR with a
+// constant of a per-lane base (nope_lane, below). k^R's 128 bytes: 4 loads a tile, lanes 8u .. 8u + 7 copy
+// token 4 g + u, one 16-byte chunk each. Unused slots (-1, past k, or any index outside
 // [0, num_blocks * block_size)) read nothing and store zeros; their flag is 0, and the consumers give them
-// the score -inf, exactly as kernel 3. A warp issues WS_TOKENS_IN_FLIGHT = 8 tokens' loads before it
-// dequantises the first (what 96 registers hold), so its 16 rows take 2 round trips; to make those short, the
-// warp prefetches the next tile's 16 rows into L2 (prefetch.global.L2, no register held) before it starts on
-// this one, and the indices of the tile after that are loaded a whole tile before they are needed (loaded
-// just before use, their wait was a tenth of the producer's time). The first group's loads are issued
-// before the wait for the buffer, so a producer that is ahead waits with its loads in flight.
+// the score -inf, exactly as kernel 3.
+// The loads run as a ring: WS_LOADS_IN_FLIGHT = 8 loads are on their way at any time (slot q % 8); after a
+// load is dequantised and stored, the load 8 further on is issued, in this tile or, for the second half of a
+// tile, in the next one (whose offsets are at hand), so the loads of the next tile are in flight while this
+// one is stored and while the producer waits for its buffer, and the memory never idles while the warp
+// converts. Dequantisation (dequantize8) is 2.5 instructions a value: e4m3 -> f16 -> float32 -> bf16, times
+// the scale as a bf16x2 multiply (exact: the scales are powers of two). The warp prefetches the rows of the
+// tile after next into L2 (prefetch.global.L2, no register held: without it the kernel is 15% slower), and
+// the indices of the tile after that are loaded a whole tile before they are needed (loaded just before use,
+// their wait was a tenth of the producer's time).
 //
 // Ordering, per buffer (u = the how-many-th use of the buffer, u = tile index / 2):
-//   producer: issue the first loads, wait empty (parity (u & 1) ^ 1: the use before was released; passes at
-//     once for u = 0), store the tile and flags, fence.proxy.async (the stores -> visible to the tensor
-//     cores), arrive on full;
-//   consumer: wait full (parity u & 1), issue S; wait for P V of the tile before (all wgmma groups but the
-//     newest), arrive on that tile's empty; wait for S, flags, max exchange (bar 1), P (the other consumer's
-//     P V of the tile before, which read P, completed before it reached bar 1), fence.proxy.async, bar 2,
-//     issue P V, then at once (after waiting full) S of the next tile: the tensor cores go from this P V to
-//     the next S without waiting for the warpgroup (kernel 3 drains P V before the next tile's barrier).
+//   producer: (its first loads of the tile already in flight) wait empty (parity (u & 1) ^ 1: the use before
+//     was released; passes at once for u = 0), store the tile and flags, fence.proxy.async (the stores ->
+//     visible to the tensor cores), arrive on full;
+//   consumer: wait full (parity u & 1), issue S; wait for S, flags, max exchange (bar 1), P (the other
+//     consumer's P V of the tile before, which read P, completed before it reached bar 1), fence.proxy.async,
+//     bar 2, issue P V; wait for it and arrive on this tile's empty at once, then wait full for the next tile
+//     and issue its S. The producer, which is the slower side, gets the buffer back the moment P V has read
+//     it. (Releasing it only after the next tile's S was issued, so that the tensor cores go from P V to the
+//     next S without a gap, made the producer wait for the consumers to see its own previous tile: 17% of its
+//     time went to waiting on empty, and the kernel was 6% slower.)
 // Q is loaded by the consumers (cp.async, then their own barrier) while the producer gathers tile 0. The
 // result, split and combine are kernel 3's (the same arguments, workspace and combine kernel).
 
 #define WS_THREADS 384                               // producer warpgroup + two consumer warpgroups
-#define WS_PRODUCER_REGS 96                          // setmaxnreg: the producer's registers a thread
-#define WS_CONSUMER_REGS 200                         // the consumers' (O: 128 float32 a thread)
-#define WS_TOKENS_IN_FLIGHT 8                        // a producer warp's tokens loaded before dequantising
+#define WS_PRODUCER_REGS 112                         // setmaxnreg: the producer's registers a thread
+#define WS_CONSUMER_REGS 192                         // the consumers' (O: 128 float32 a thread)
+#define WS_LOADS_IN_FLIGHT 8                         // a producer warp's loads on their way (512 bytes each)
 #define WS_ROWS_PER_WARP (MMA_TILE / 4)              // 16 slots of a tile per producer warp
 #define WS_ROW_BYTES (2 * MMA_HEADS * 4)             // the row-max (then row-sum) exchange [2][64] f32
 #define WS_FLAG_BYTES (2 * MMA_TILE * 4)             // used flags [2 buffers][64] i32
@@ -878,8 +889,8 @@ static_assert(P_BYTES % WGMMA_SMEM_ALIGN == 0, "P starts 1024-byte aligned, afte
 static_assert(WS_PRODUCER_REGS + 2 * WS_CONSUMER_REGS <= 3 * (65536 / 384 / 8 * 8),
               "setmaxnreg moves registers within the block's launch allocation: 384 threads x 168");
 static_assert(WS_PRODUCER_REGS % 8 == 0 && WS_CONSUMER_REGS % 8 == 0, "setmaxnreg takes multiples of 8");
-static_assert(WS_ROWS_PER_WARP % WS_TOKENS_IN_FLIGHT == 0 && WS_TOKENS_IN_FLIGHT % 4 == 0,
-              "whole groups of tokens, k^R copied 4 tokens an instruction");
+static_assert(WS_ROWS_PER_WARP == 16 && WS_LOADS_IN_FLIGHT == 8,
+              "16 rows a producer warp: 16 loads of e4m3 bytes and 4 of k^R a tile, 8 in flight (ring slots q % 8)");
 static_assert(D_NOPE == 32 * 16 && D_ROPE * 2 == 8 * 16, "a token: 32 lanes x 16 e4m3 bytes, 8 x 16 bytes of k^R");
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
@@ -920,10 +931,26 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         setmaxnreg_dec<WS_PRODUCER_REGS>();
         constexpr int ROWS = WS_ROWS_PER_WARP;  // this warp's slots of a tile: row0 .. row0 + 15
         const int row0 = ROWS * warp;
-        const int f = (lane / 2) % 4 + 4 * (lane % 2 + 2 * (lane / 8));  // this lane's 16 e4m3 bytes: f-th 16
-        const int parity_lane = lane % 2;
+        // Load q (0..15) of a tile covers the warp's token pair v = q / 2 (rows row0 + 2v, + 1), half q % 2 of
+        // their e4m3 bytes: lane l takes token 2v + side (side = l % 2), 16 bytes at piece
+        // f = piece + 16 (q % 2) of its 32 (piece = (l / 2) % 4 + 4 (l / 8)), and their scale, number f / 8.
+        const int side = lane % 2, piece = (lane / 2) % 4 + 4 * (lane / 8);
+        // Its 16 values become chunks 2f and 2f + 1 of row r = row0 + 2v + side: column block l / 8 + 4 (q % 2),
+        // chunk positions pos, pos + 1 (pos = 2 ((l / 2) % 4)), swizzled by r % 8 = (2v % 8) ^ side. So a store
+        // lands at buffer + nope_lane ^ K + (q % 2) 32768 + 2v 128 with nope_lane = (l / 8) 8192 + side 128 +
+        // (pos ^ side) 16 (row0 128 added per warp) and K = ((2v % 8) ^ e) 16 for chunk 2f + e: one XOR with a
+        // constant a store (the base has no bits where K has them). In a quarter-warp, pos ^ side takes 8
+        // different values: no bank conflict, and no value needs a select.
+        const unsigned nope_lane =
+            (lane / 8) * WGMMA_BLOCK_BYTES + (row0 + side) * 128 + ((2 * ((lane / 2) % 4)) ^ side) * 16;
+        // k^R, 4 loads a tile: load g4 covers tokens 4 g4 .. 4 g4 + 3, lanes 8u .. 8u + 7 token 4 g4 + u, chunk
+        // l % 8; stored in column block 8, row r = row0 + 4 g4 + l / 8, position (l % 8) ^ (r % 8) =
+        // (l % 8) ^ (l / 8) ^ (4 g4 % 8)
+        const unsigned rope_lane =
+            NOPE_CHUNKS / 8 * WGMMA_BLOCK_BYTES + (row0 + lane / 8) * 128 + ((lane % 8) ^ (lane / 8)) * 16;
+        const unsigned kv_base = smem_address(kv_s);
         // slot row0 + lane of tile `tile` (lanes < ROWS): its index, -1 past the split, past k or for lanes
-        // >= ROWS. Loaded a tile before its offset is needed, so no wait on it.
+        // >= ROWS. Loaded two tiles before its offset is needed, so no wait on it.
         auto slot_index = [&](int tile) -> int {
             const int j = tile * MMA_TILE + row0 + lane;
             return tile < last && lane < ROWS && j < k ? __ldg(index_row + j) : -1;
@@ -944,59 +971,67 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
                 if (at >= 0 && line < 6) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kv_cache + at + 128 * line));
             }
         };
-        long long my_offset = offset_of(slot_index(first));
-        int next_index = slot_index(first + 1);
-        prefetch_rows(my_offset);
+        // The ring: WS_LOADS_IN_FLIGHT loads of e4m3 bytes (and their scales) on their way, and the k^R loads
+        // issued with every 4th; a load's slot is its number q % 8, the same in every tile (16 loads a tile).
+        uint4 bytes[WS_LOADS_IN_FLIGHT], rope[4];
+        float scale[WS_LOADS_IN_FLIGHT];
+        // issue load q of the tile whose offsets `offsets` holds (lane i < ROWS: slot row0 + i); unused slots
+        // (offset -1) read nothing and give zeros
+        auto issue = [&](int q, long long offsets) {
+            const long long at = __shfl_sync(0xffffffffu, offsets, 2 * (q / 2) + side);
+            const unsigned char* token = kv_cache + at;
+            const int f = piece + 16 * (q % 2);
+            bytes[q % WS_LOADS_IN_FLIGHT] = make_uint4(0, 0, 0, 0);
+            scale[q % WS_LOADS_IN_FLIGHT] = 0.f;
+            if (at >= 0) {
+                bytes[q % WS_LOADS_IN_FLIGHT] = __ldg(reinterpret_cast<const uint4*>(token + 16 * f));
+                scale[q % WS_LOADS_IN_FLIGHT] = __ldg(reinterpret_cast<const float*>(token + SCALES_AT) + f / 8);
+            }
+            if (q % 4 == 0) {
+                const long long at_r = __shfl_sync(0xffffffffu, offsets, q + lane / 8);  // token 4 (q / 4) + l / 8
+                rope[q / 4] = make_uint4(0, 0, 0, 0);
+                if (at_r >= 0)
+                    rope[q / 4] = __ldg(reinterpret_cast<const uint4*>(kv_cache + at_r + ROPE_AT) + lane % 8);
+            }
+        };
+        long long cur = offset_of(slot_index(first));  // offsets of this tile's slots, then the next two tiles'
+        long long nxt = offset_of(slot_index(first + 1));
+        int ahead = slot_index(first + 2);  // the index of the tile after next: its offset is computed a tile later
+        prefetch_rows(nxt);
+#pragma unroll
+        for (int q = 0; q < WS_LOADS_IN_FLIGHT; ++q) issue(q, cur);
         for (int tile = first; tile < last; ++tile) {
             const int b = (tile - first) % 2, use = (tile - first) / 2;
-            // the next tile's rows start their way to L2 while this one is loaded and dequantised; the index
-            // of the tile after that is loaded now, to be at hand a tile later
-            const long long next_offset = offset_of(next_index);
-            next_index = slot_index(tile + 2);
-            prefetch_rows(next_offset);
-            unsigned char* buffer = kv_s + b * KV_SMEM_BYTES;
-#pragma unroll 1
-            for (int i0 = 0; i0 < ROWS; i0 += WS_TOKENS_IN_FLIGHT) {
-                // the loads of WS_TOKENS_IN_FLIGHT tokens: e4m3 bytes and their scale (zeros when unused),
-                // and k^R of the same tokens (instruction g4: lanes 8 v .. 8 v + 7 copy token i0 + 4 g4 + v)
-                uint4 bytes[WS_TOKENS_IN_FLIGHT], rope[WS_TOKENS_IN_FLIGHT / 4];
-                float scale[WS_TOKENS_IN_FLIGHT];
+            // the rows of the tile after next start their way to L2; the index of the one after that is loaded
+            const long long after = offset_of(ahead);
+            ahead = slot_index(tile + 3);
+            prefetch_rows(after);
+            const unsigned buffer = kv_base + b * KV_SMEM_BYTES;
+            const unsigned nope_at = buffer + nope_lane, rope_at = buffer + rope_lane;
+            // this tile's first loads are on their way: now wait until its buffer is free
+            mbarrier_wait(empty_bar + 8 * b, (use & 1) ^ 1);  // the consumers' last use of it is over
+            if (lane < ROWS) used_s[b * MMA_TILE + row0 + lane] = cur >= 0;
 #pragma unroll
-                for (int u = 0; u < WS_TOKENS_IN_FLIGHT; ++u) {
-                    const long long at = __shfl_sync(0xffffffffu, my_offset, i0 + u);
-                    const unsigned char* token = kv_cache + (at >= 0 ? at : 0);
-                    bytes[u] = at >= 0 ? __ldg(reinterpret_cast<const uint4*>(token + 16 * f)) : make_uint4(0, 0, 0, 0);
-                    scale[u] = at >= 0 ? __ldg(reinterpret_cast<const float*>(token + SCALES_AT) + f / 8) : 0.f;
-                }
-#pragma unroll
-                for (int g4 = 0; g4 < WS_TOKENS_IN_FLIGHT / 4; ++g4) {
-                    const long long at = __shfl_sync(0xffffffffu, my_offset, i0 + 4 * g4 + lane / 8);
-                    rope[g4] = at >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv_cache + at + ROPE_AT) + lane % 8)
-                                       : make_uint4(0, 0, 0, 0);
-                }
-                if (i0 == 0) {  // the first loads are on their way: now wait until the buffer is free
-                    mbarrier_wait(empty_bar + 8 * b, (use & 1) ^ 1);  // the consumers' last use of it is over
-                    if (lane < ROWS) used_s[b * MMA_TILE + row0 + lane] = my_offset >= 0;
-                }
-                // dequantise (kernel 2's dequantize8: exact for a power-of-two scale) and store, swizzled
-#pragma unroll
-                for (int u = 0; u < WS_TOKENS_IN_FLIGHT; ++u) {
-                    const int r = row0 + i0 + u;
-                    const uint4 lo = dequantize8(make_uint2(bytes[u].x, bytes[u].y), scale[u]);  // chunk 2 f
-                    const uint4 hi = dequantize8(make_uint2(bytes[u].z, bytes[u].w), scale[u]);  // chunk 2 f + 1
-                    *reinterpret_cast<uint4*>(buffer + blocked(r, 2 * f + parity_lane)) = parity_lane ? hi : lo;
-                    *reinterpret_cast<uint4*>(buffer + blocked(r, 2 * f + 1 - parity_lane)) = parity_lane ? lo : hi;
-                }
-#pragma unroll
-                for (int g4 = 0; g4 < WS_TOKENS_IN_FLIGHT / 4; ++g4) {
-                    const int r = row0 + i0 + 4 * g4 + lane / 8;
-                    *reinterpret_cast<uint4*>(buffer + blocked(r, NOPE_CHUNKS + lane % 8)) = rope[g4];
-                }
+            for (int q = 0; q < ROWS; ++q) {  // 16 loads a tile
+                // dequantise load q (exact: dequantize8) and store its two chunks, swizzled
+                const int v = q / 2, slot = q % WS_LOADS_IN_FLIGHT;
+                const __nv_bfloat162 scale2 = __float2bfloat162_rn(scale[slot]);
+                const uint4 lo = dequantize8(make_uint2(bytes[slot].x, bytes[slot].y), scale2);  // chunk 2f
+                const uint4 hi = dequantize8(make_uint2(bytes[slot].z, bytes[slot].w), scale2);  // chunk 2f + 1
+                const unsigned at = (q % 2) * 4 * WGMMA_BLOCK_BYTES + 2 * v * 128;
+                st_shared_v4((nope_at ^ (((2 * v) % 8) * 16)) + at, lo);
+                st_shared_v4((nope_at ^ ((((2 * v) % 8) ^ 1) * 16)) + at, hi);
+                if (q % 4 == 3)  // k^R of tokens 4 (q / 4) .. + 3
+                    st_shared_v4((rope_at ^ (((4 * (q / 4)) % 8) * 16)) + 4 * (q / 4) * 128, rope[q / 4]);
+                // then the load 8 ahead: this tile's, or the next tile's (its slots are the same)
+                if (q + WS_LOADS_IN_FLIGHT < ROWS) issue(q + WS_LOADS_IN_FLIGHT, cur);
+                else issue(q + WS_LOADS_IN_FLIGHT - ROWS, nxt);  // offsets -1 past the last tile: no load
             }
             fence_proxy_async();  // this thread's stores -> visible to the tensor cores' reads
             __syncwarp();         // the warp's stores (and fences) before its lane 0 arrives
             if (lane == 0) mbarrier_arrive(full_bar + 8 * b);  // (release) the warp's 16 rows and flags are in
-            my_offset = next_offset;
+            cur = nxt;
+            nxt = after;
         }
         return;  // nothing waits for the producer (no block-wide barrier after the split)
     }
@@ -1058,11 +1093,6 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         bool used[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) used[u] = used_s[b * MMA_TILE + 32 * c + 8 * (u / 2) + 2 * t + u % 2] != 0;
-        if (tile > first) {  // P V of the tile before is complete: its buffer goes back to the producer
-            wgmma_wait<1>();
-            fence_operands(o);
-            mbarrier_arrive(empty_bar + 8 * (b ^ 1));  // (release) each thread after its own reads of the flags
-        }
         wgmma_wait<0>();  // S of this tile
         fence_operands(acc);
 
@@ -1129,9 +1159,15 @@ sparse_mla_decode_fp8_ws(const __nv_bfloat16* __restrict__ q, const unsigned cha
         for (int kk = 0; kk < MMA_TILE / 16; ++kk)
             wgmma_m64n256k16_bf16_nb(o, wgmma_desc(p_address + 32 * kk), wgmma_desc_n_major(values_address + 2048 * kk));
         wgmma_commit();
-        if (tile + 1 < last) {  // the next tile's S, queued behind this P V
+        if (tile + 1 < last) {
+            // this tile's buffer goes back to the producer as soon as P V has read it (it is filling the other
+            // buffer with the next tile and needs this one for the tile after): not only once the next tile is
+            // here, which made the producer wait for the consumers to see its own tile first
+            wgmma_wait<0>();
+            fence_operands(o);
+            mbarrier_arrive(empty_bar + 8 * b);  // (release) each thread after its own reads of the flags
             const int next_use = (tile + 1 - first) / 2;
-            mbarrier_wait(full_bar + 8 * (b ^ 1), next_use & 1);  // (acquire) its tile and flags are stored
+            mbarrier_wait(full_bar + 8 * (b ^ 1), next_use & 1);  // (acquire) the next tile and flags are stored
             issue_scores(b ^ 1);
         }
     }

@@ -996,15 +996,14 @@ def _ws_producer_tile(cache_bytes, num_blocks, block_size, block_stride, index_r
     """sparse_mla_decode_fp8_ws's producer for one tile: (the bf16 buffer as bytes [KV_SMEM_BYTES] (0xFF where
     unwritten), the used flags [64], how many times each byte was stored, the 16-byte store addresses of every
     store instruction [instruction][32 lanes])."""
-    TILE, ROWS, IN_FLIGHT = D["MMA_TILE"], D["WS_ROWS_PER_WARP"], D["WS_TOKENS_IN_FLIGHT"]
+    TILE, ROWS, BLOCK = D["MMA_TILE"], D["WS_ROWS_PER_WARP"], D["WGMMA_BLOCK_BYTES"]
     cache_np, k = cache_bytes.numpy(), len(index_row)
     buffer = np.full(D["KV_SMEM_BYTES"], 0xFF, dtype=np.uint8)
     stores = np.zeros(D["KV_SMEM_BYTES"], dtype=np.int64)
     used = np.full(TILE, -1)
     instructions = []
     lane = np.arange(32)
-    f = (lane // 2) % 4 + 4 * (lane % 2 + 2 * (lane // 8))  # the kernel's lane -> 16 e4m3 bytes
-    parity = lane % 2
+    side, piece = lane % 2, (lane // 2) % 4 + 4 * (lane // 8)  # the kernel's lane -> token of a pair, 16 bytes
 
     def store(addresses, data):  # one warp-wide 16-byte store: data [32, 16]
         instructions.append(addresses)
@@ -1013,29 +1012,32 @@ def _ws_producer_tile(cache_bytes, num_blocks, block_size, block_stride, index_r
             stores[a:a + 16] += 1
 
     for warp in range(4):
-        offsets = []  # lane i < 16: token_offset(tile)
+        row0 = ROWS * warp
+        offsets = []  # lane i < 16: the offset of slot row0 + i
         for i in range(ROWS):
-            j = tile * TILE + ROWS * warp + i
+            j = tile * TILE + row0 + i
             token = _token_row(index_row[j] if j < k else -1, num_blocks, block_size, block_stride)
             offsets.append(-1 if token is None else token)
-            used[ROWS * warp + i] = token is not None
-        for i0 in range(0, ROWS, IN_FLIGHT):
-            for u in range(IN_FLIGHT):
-                at, r = offsets[i0 + u], ROWS * warp + i0 + u
-                rows = [cache_np[at + 16 * fl:at + 16 * fl + 16] if at >= 0 else np.zeros(16, np.uint8) for fl in f]
-                scale = np.array([cache_np[at + 512 + 4 * (fl // 8):][:4].view(np.float32)[0] if at >= 0 else 0.0
-                                  for fl in f], dtype=np.float32)
-                values = torch.from_numpy(np.stack(rows)).view(torch.float8_e4m3fn).float()  # [32 lanes, 16]
-                bf16 = (values * torch.from_numpy(scale)[:, None]).bfloat16().view(torch.uint8).numpy()  # [32, 32]
-                lo, hi = bf16[:, :16], bf16[:, 16:]  # chunks 2 f and 2 f + 1
-                store(_blocked(r, 2 * f + parity), np.where(parity[:, None] == 1, hi, lo))
-                store(_blocked(r, 2 * f + 1 - parity), np.where(parity[:, None] == 1, lo, hi))
-            for g4 in range(IN_FLIGHT // 4):
-                r = ROWS * warp + i0 + 4 * g4 + lane // 8
-                at = [offsets[i0 + 4 * g4 + l // 8] for l in lane]
+            used[row0 + i] = token is not None
+        nope_lane = (lane // 8) * BLOCK + (row0 + side) * 128 + ((2 * ((lane // 2) % 4)) ^ side) * 16
+        rope_lane = 8 * BLOCK + (row0 + lane // 8) * 128 + ((lane % 8) ^ (lane // 8)) * 16
+        for q in range(ROWS):  # load q: token pair v = q // 2, half q % 2 of their e4m3 bytes
+            v, f = q // 2, piece + 16 * (q % 2)
+            at = [offsets[2 * v + s] for s in side]
+            rows = [cache_np[a + 16 * fl:a + 16 * fl + 16] if a >= 0 else np.zeros(16, np.uint8) for a, fl in zip(at, f)]
+            scale = np.array([cache_np[a + 512 + 4 * (fl // 8):][:4].view(np.float32)[0] if a >= 0 else 0.0
+                              for a, fl in zip(at, f)], dtype=np.float32)
+            values = torch.from_numpy(np.stack(rows)).view(torch.float8_e4m3fn).float()  # [32 lanes, 16]
+            bf16 = (values * torch.from_numpy(scale)[:, None]).bfloat16().view(torch.uint8).numpy()  # [32, 32]
+            at_store = (q % 2) * 4 * BLOCK + 2 * v * 128
+            store((nope_lane ^ ((2 * v) % 8 * 16)) + at_store, bf16[:, :16])  # chunk 2f
+            store((nope_lane ^ ((((2 * v) % 8) ^ 1) * 16)) + at_store, bf16[:, 16:])  # chunk 2f + 1
+            if q % 4 == 3:  # k^R of tokens 4 g4 .. + 3: lanes 8u .. 8u + 7 token 4 g4 + u, chunk l % 8
+                g4 = q // 4
+                at = [offsets[4 * g4 + l // 8] for l in lane]
                 data = [cache_np[a + 528 + 16 * (l % 8):][:16] if a >= 0 else np.zeros(16, np.uint8)
                         for a, l in zip(at, lane)]
-                store(_blocked(r, 64 + lane % 8), np.stack(data))
+                store((rope_lane ^ ((4 * g4) % 8 * 16)) + 4 * g4 * 128, np.stack(data))
     return buffer, used, stores, instructions
 
 
