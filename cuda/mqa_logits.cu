@@ -648,8 +648,8 @@ MQA_ENTRY(mqa_logits_wgmma_h32, mqa_logits_wgmma, 32, __launch_bounds__(K4_THREA
 //
 // A consumer, per key tile: 2 x 4 wgmma m64n128k32 (queries 0 .. 128 / H - 1 of its block, then the rest,
 // kernel 4's instruction and descriptors), committed as two groups; wait for the first group, run kernel
-// 4's epilogue on it (weighted_relu_head_sums, sum_for_lane; k_scale read from global memory, loaded while
-// the tensor cores work) while the second group still runs; wait for the second, release the stage
+// 4's epilogue on it (weighted_relu_head_sums, sum_for_lane; k_scale read from global memory a tile ahead
+// of its use) while the second group still runs; wait for the second, release the stage
 // (empty), epilogue of the second. While one consumer runs its epilogue the other's wgmma keep the tensor
 // cores busy. A tile that holds no key any of the consumer's queries sees is not computed (its columns
 // inside the block's range get -inf when clean_logits, as in kernel 4).
@@ -834,10 +834,17 @@ __device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, c
         const unsigned long long b_desc = wgmma_desc(smem_address(q_tile));  // group 1: + 128 rows = + 16 KiB
         const unsigned w_lane = smem_address(w_s + buffer * K5_CONSUMERS * K5_CONSUMER_ROWS +
                                              warpgroup * K5_CONSUMER_ROWS + 2 * t);
+        // k_scale of this lane's key in the tile starting at tile_first (0 past kv_end: never stored), loaded
+        // a tile ahead of its use so that its trip to L2 hides behind a tile of work
+        auto key_scale = [&](int tile_first) {
+            const int key = tile_first + slot;
+            return key < kv_end ? __ldg(k_scale + key) : 0.f;
+        };
+        float scale = key_scale(kv_begin);
         mbarrier_wait(q_full + 8 * buffer, (round / 2) & 1);  // (acquire) q and w of this block have landed
 
         // logits[i, key] of group j from its head sums (or -inf where row i does not see the key)
-        auto store = [&](int j, const float (&sums)[QH][2], int tile_first, float scale) {
+        auto store = [&](int j, const float (&sums)[QH][2], int tile_first, float key_scale_value) {
             #pragma unroll
             for (int m = 0; m < STORES; ++m) {
                 const int v = t + 4 * m;
@@ -845,7 +852,7 @@ __device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, c
                 const int key = tile_first + slot;
                 if (i < S_q && key < kv_end) {
                     if (key >= store_ks[j][m] && key < store_ke[j][m])
-                        logits[(size_t)i * S_k + key] = from_float<T>(sum_for_lane(sums, v) * scale);
+                        logits[(size_t)i * S_k + key] = from_float<T>(sum_for_lane(sums, v) * key_scale_value);
                     else if (clean_logits)
                         logits[(size_t)i * S_k + key] = from_float<T>(NEG_INF);
                 }
@@ -855,6 +862,7 @@ __device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, c
         for (int tile = 0; tile < n_tiles; ++tile) {
             const int tile_first = kv_begin + tile * BLOCK_KV;
             mbarrier_wait(full + 8 * stage, lap & 1);  // (acquire) the key tile has landed
+            const float next_scale = key_scale(tile_first + BLOCK_KV);
             float sums[QH][2];
             if (tile_first < own_end && tile_first + BLOCK_KV > own_begin) {
                 // scores[key][(query, head)] for the 64 keys and this consumer's 256 columns: two groups of
@@ -870,9 +878,6 @@ __device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, c
                                               kk);
                     wgmma_commit();
                 }
-                // k_scale of this lane's key, loaded while the tensor cores work (0 past kv_end: never stored)
-                const int key = tile_first + slot;
-                const float scale = key < kv_end ? __ldg(k_scale + key) : 0.f;
                 wgmma_wait<1>();
                 fence_operands(acc[0]);
                 weighted_relu_head_sums<K5_N, H>(acc[0], w_lane, sums);
@@ -892,6 +897,7 @@ __device__ void mqa_logits_tma(const TensorMap& q_map, const TensorMap& k_map, c
                 store(0, sums, tile_first, 0.f);
                 store(1, sums, tile_first, 0.f);
             }
+            scale = next_scale;
             if (++stage == K5_STAGES) stage = 0, ++lap;
         }
         __syncwarp();
