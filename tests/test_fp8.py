@@ -797,7 +797,8 @@ def test_mqa_logits_cuda_many_query_blocks(kernel, H, logits_dtype):
 @pytest.mark.gpu
 def test_mqa_logits_cuda_tma_needs_aligned_inputs():
     # kernel 5 reads q, k and the weights through TMA tensor maps, which need 16-byte aligned data: a q
-    # 8 bytes past an aligned address is refused (before any launch), and kernel=None takes kernel 4
+    # 8 bytes past an aligned address is refused (before any launch). (Not run on the other kernels: 2 to 4
+    # copy q or k in 16-byte cp.async, which needs that alignment too.)
     skip_unless_available(TMA)
     data = mqa_inputs([70, 33], H=64, seed=11)
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
@@ -811,8 +812,6 @@ def test_mqa_logits_cuda_tma_needs_aligned_inputs():
         fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke, kernel=5, out=out)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # refused before any launch
-    assert torch.equal(fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke),
-                       fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel=4))
     # the tensor map: 128 bytes, the same (cached, read-only) object for the same request
     first = kernels.tensor_map_2d(k, 64, 128, swizzle=128)
     assert first.nbytes == kernels.TENSOR_MAP_BYTES and first is kernels.tensor_map_2d(k, 64, 128, swizzle=128)
