@@ -364,8 +364,8 @@ def test_mqa_logits_kernel_table():
         for out in ("f32", "bf16")]
     assert fp8.LOGITS_OUT == {torch.float32: "f32", torch.bfloat16: "bf16"}
     assert "compute capability 9.0" in table[4].needs and "compute capability 9.0" in table[5].needs
-    # kernel 4 stays the default on compute capability 9.0 until kernel 5 is measured faster
-    assert table.best_first == (4, 5, 3, 2, 1)
+    # kernel 5 is the default on compute capability 9.0 (measured faster than kernel 4), then 4
+    assert table.best_first == (5, 4, 3, 2, 1)
     d = table.defines()
     assert d["HEAD_DIM"] == 128 and d["THREADS"] == 32 * d["QUERIES_PER_CTA"]
     # kernel 4: 1024 bytes of alignment slack + what the kernel carves; K4_BLOCKS_PER_SM blocks an SM fit
