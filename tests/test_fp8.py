@@ -384,7 +384,9 @@ def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
     table = fp8.MQA_LOGITS_KERNELS
     assert table.choose(None, fp8._mqa_logits_why_not("cpu", 10)).version == 3  # no wgmma here
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
-    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 4
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 5
+    # kernel 5 needs 16-byte aligned q, k and weights; a misaligned one makes the default kernel 4
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q",))).version == 4
     assert table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10)).version == 5
     with pytest.raises(ValueError, match="kernel 5 of cuda/mqa_logits.cu .*16-byte aligned, but q, weights is not"):
         table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q", "weights")))
