@@ -101,21 +101,25 @@ def check_tensor(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if shape is not None:
-        if x.dim() != len(shape):
-            raise ValueError(f"{name} must have {len(shape)} dims {_fmt(shape)}, got shape {list(x.shape)}")
+        sizes = x.shape
+        if len(sizes) != len(shape):
+            raise ValueError(f"{name} must have {len(shape)} dims {_fmt(shape)}, got shape {list(sizes)}")
         dims = {} if dims is None else dims
-        for axis, (want, got) in enumerate(zip(shape, x.shape)):
+        for axis, want in enumerate(shape):
             if want is None:
                 continue
-            if isinstance(want, str):
-                if want in dims and dims[want] != got:
+            got = sizes[axis]
+            if want.__class__ is str:
+                known = dims.get(want)
+                if known is None:
+                    dims[want] = got
+                elif known != got:
                     raise ValueError(
-                        f"{name} has {want} = {got} (dim {axis} of shape {list(x.shape)}), "
-                        f"but {want} = {dims[want]} elsewhere"
+                        f"{name} has {want} = {got} (dim {axis} of shape {list(sizes)}), "
+                        f"but {want} = {known} elsewhere"
                     )
-                dims[want] = got
             elif want != got:
-                raise ValueError(f"{name} must have shape {_fmt(shape)}, got {list(x.shape)}")
+                raise ValueError(f"{name} must have shape {_fmt(shape)}, got {list(sizes)}")
     if dtype is not None and x.dtype is not dtype:
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if x.dtype not in allowed:

@@ -275,8 +275,9 @@ def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
     CPU, on a GPU with data checks on (reading them waits for the device)."""
     k, k_scale = _split_kv(kv)
     values = (torch.float8_e4m3fn,) if cuda else _FLOAT_INPUTS  # the reference also takes unquantised floats
-    for name, x, dtype in (("q", q, values), ("k (kv[0])", k, values), ("k_scale (kv[1])", k_scale, torch.float32),
-                           ("weights", weights, torch.float32), ("ks", ks, torch.int32), ("ke", ke, torch.int32)):
+    named = (("q", q, values), ("k (kv[0])", k, values), ("k_scale (kv[1])", k_scale, torch.float32),
+             ("weights", weights, torch.float32), ("ks", ks, torch.int32), ("ke", ke, torch.int32))
+    for name, x, dtype in named:
         check_tensor(x, name, dtype=dtype)
     dims = check_shapes("q[S_q, H, D] k[S_k, D] k_scale[S_k] weights[S_q, H] ks[S_q] ke[S_q]",
                         q, k, k_scale, weights, ks, ke)
@@ -286,9 +287,10 @@ def check_mqa_logits_inputs(q, kv, weights, ks, ke, *, cuda: bool) -> dict:
     if cuda and dims["D"] != MQA_LOGITS_KERNELS.defines()["HEAD_DIM"]:
         raise ValueError(f"the CUDA mqa_logits supports head_dim D = {MQA_LOGITS_KERNELS.defines()['HEAD_DIM']}, "
                          f"got D = {dims['D']}")
-    if cuda:
-        check_shapes("q[?, ?, ?] k[?, ?] k_scale[?] weights[?, ?] ks[?] ke[?]", q, k, k_scale, weights, ks, ke,
-                     cuda=True, contiguous=True)
+    if cuda:  # the kernels take contiguous CUDA tensors (one device: check_shapes)
+        for name, x, _ in named:
+            if not (x.is_cuda and x.is_contiguous()):
+                check_tensor(x, name, cuda=True, contiguous=True)
     if ks.numel() and data_checks_wanted(ks, ke):
         check_range(ks, "ks", 0, None)
         check_range(ke, "ke", None, dims["S_k"])

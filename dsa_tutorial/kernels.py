@@ -25,7 +25,7 @@ import functools
 import hashlib
 import os
 import re
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -495,7 +495,13 @@ class KernelTable:
         return "\n".join(lines)
 
 
-def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):
+# struct codes of the numpy scalars a kernel may take, by (kind, bytes)
+_NUMPY_CODES = {("i", 1): "b", ("u", 1): "B", ("i", 2): "h", ("u", 2): "H", ("i", 4): "i", ("u", 4): "I",
+                ("i", 8): "q", ("u", 8): "Q", ("f", 2): "e", ("f", 4): "f", ("f", 8): "d"}
+
+
+def _kernel_arg(value: Any, position: int, kernel: str, device_index: int) -> tuple[str, Any]:
+    """One launch argument as (struct code, value): the bytes the kernel parameter holds."""
     if isinstance(value, torch.Tensor):
         if value.get_device() != device_index:  # -1 for a CPU tensor
             where = f"argument {position} of {kernel}"
@@ -505,23 +511,69 @@ def _kernel_arg(value: Any, position: int, kernel: str, device_index: int):
         if not value.is_contiguous():
             raise ValueError(f"argument {position} of {kernel} must be contiguous (call .contiguous()), "
                              f"got strides {value.stride()}")
-        # The kernel parameter is a plain device pointer: pass the address itself. (Wrapping the
-        # tensor as a CuPy array would cost tens of microseconds per argument, and CuPy synchronises
-        # on the stream a __cuda_array_interface__ names.)
-        return np.uint64(value.data_ptr())
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind == "V":
-        return value  # a struct passed by value (CuPy copies its bytes: a tensor map, tensor_map_2d)
-    if isinstance(value, (bool, np.bool_)):
-        return np.int32(value)
-    if isinstance(value, (np.integer, np.floating)):
-        return value
-    if isinstance(value, int):
+        return "Q", value.data_ptr()  # the kernel parameter is a plain device pointer: the address itself
+    kind = type(value)
+    if kind is int:
         if not -(2**31) <= value < 2**31:
             raise ValueError(f"argument {position} of {kernel} = {value} does not fit an int32; pass np.int64")
-        return np.int32(value)
+        return "i", value
+    if kind is float:
+        return "f", value
+    if kind is bool or kind is np.bool_:
+        return "i", int(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind == "V":
+        return f"{value.nbytes}s", value.tobytes()  # a struct passed by value: a tensor map (tensor_map_2d)
+    if isinstance(value, np.generic) and (value.dtype.kind, value.dtype.itemsize) in _NUMPY_CODES:
+        return _NUMPY_CODES[value.dtype.kind, value.dtype.itemsize], value.item()
+    if isinstance(value, int):  # an int subclass (an IntEnum, say)
+        return _kernel_arg(int(value), position, kernel, device_index)
     if isinstance(value, float):
-        return np.float32(value)
+        return "f", float(value)
     raise TypeError(f"argument {position} of {kernel}: cannot pass {type(value).__name__} to a kernel")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameter_layout(codes: tuple[str, ...]):
+    """The parameter block of a launch whose arguments have these struct codes: (a struct that packs
+    them, each one's offset, the size). Each value sits at a multiple of its own size (of 64 bytes for
+    a struct by value: a tensor map's alignment)."""
+    import struct
+
+    fmt, offsets, offset = "=", [], 0
+    for code in codes:
+        size = struct.calcsize("=" + code)
+        align = 64 if code.endswith("s") else size
+        pad = -offset % align
+        fmt += f"{pad}x{code}" if pad else code
+        offset += pad
+        offsets.append(offset)
+        offset += size
+    return struct.Struct(fmt), tuple(offsets), max(offset, 1)
+
+
+class _ParameterBlocks(threading.local):
+    """Per thread, one reusable host buffer per parameter layout, with the array of pointers into it
+    that cuLaunchKernel takes (it copies the values during the call, so the buffer is free again as
+    soon as the call returns): (packer, buffer, offset of the block in it, address of the pointers, the
+    pointers, kept alive here)."""
+
+    def __init__(self):
+        self.blocks: dict[tuple[str, ...], tuple] = {}
+
+    def get(self, codes: tuple[str, ...]):
+        block = self.blocks.get(codes)
+        if block is None:
+            import ctypes
+
+            packer, offsets, size = _parameter_layout(codes)
+            raw = ctypes.create_string_buffer(size + 64)
+            start = -ctypes.addressof(raw) % 64  # the block starts 64-byte aligned
+            pointers = (ctypes.c_void_p * max(len(codes), 1))(*(ctypes.addressof(raw) + start + o for o in offsets))
+            block = self.blocks[codes] = (packer, raw, start, ctypes.addressof(pointers), pointers)
+        return block
+
+
+_parameter_blocks = _ParameterBlocks()
 
 
 # ----------------------------------------------------------------------------- TMA tensor maps
@@ -627,15 +679,6 @@ def _function(name: str, kernel: str, device: int):
 _dynamic_smem: dict[tuple[str, str, int], int] = {}  # the dynamic shared memory each function is allowed
 
 
-@functools.lru_cache(maxsize=64)
-def _external_stream(handle: int):
-    import cupy
-
-    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; CuPy 13 lacks the successor
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(handle)
-
-
 def launch(
     name: str,
     kernel: str,
@@ -647,27 +690,46 @@ def launch(
 ) -> None:
     """Launch `kernel` of `cuda/<name>.cu` on torch's current stream.
 
-    Tensors are passed zero-copy and must be contiguous CUDA tensors of the current device; Python
-    ints become `int`, floats `float` (use numpy scalars for other widths). `shared_mem` bytes of
+    Tensors are passed zero-copy (their address) and must be contiguous CUDA tensors of the current
+    device; Python ints and bools become `int`, floats `float` (use numpy scalars for other widths), a
+    one-element numpy void array a struct passed by value (a tensor map). `shared_mem` bytes of
     dynamic shared memory; the kernel's limit is raised to it first (static and dynamic together may
     pass 48 KiB only with the limit raised).
+
+    The launch itself is the driver's cuLaunchKernel (CuPy's thin binding of it), with the arguments
+    packed by `struct` into a reusable parameter block: CuPy's own kernel call would first wrap each
+    argument in an object, which costs the host more than the launch itself.
     """
-    grid = (grid,) if isinstance(grid, int) else tuple(grid)
-    block = (block,) if isinstance(block, int) else tuple(block)
-    if not grid or any(g <= 0 for g in grid) or not block or any(b <= 0 for b in block):
-        raise ValueError(f"{kernel}: grid {grid} and block {block} must be positive")
+    grid = (int(grid),) if isinstance(grid, int) else tuple(int(g) for g in grid)
+    block = (int(block),) if isinstance(block, int) else tuple(int(b) for b in block)
+    if not 1 <= len(grid) <= 3 or any(g <= 0 for g in grid) or not 1 <= len(block) <= 3 or any(b <= 0 for b in block):
+        raise ValueError(f"{kernel}: grid {grid} and block {block} must be 1 to 3 positive sizes")
     require_gpu()
     index = torch.cuda.current_device()
     function = _function(name, kernel, index)
-    kernel_args = tuple(_kernel_arg(a, i, kernel, index) for i, a in enumerate(args))
+    codes, values = [], []
+    for position, value in enumerate(args):
+        code, value = _kernel_arg(value, position, kernel, index)
+        codes.append(code)
+        values.append(value)
+    codes = tuple(codes)
+    from cupy.cuda import driver
+
     if shared_mem > _dynamic_smem.get((name, kernel, index), 0):
         # A kernel must be allowed its dynamic shared memory first whenever static + dynamic pass 48 KiB:
         # so raise the limit for every request larger than the last one (once per kernel and size).
-        from cupy.cuda import driver
-
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
         _dynamic_smem[(name, kernel, index)] = shared_mem
-    function(grid, block, kernel_args, shared_mem=shared_mem, stream=_external_stream(_current_stream_handle(index)))
+    gx, gy, gz = grid + (1,) * (3 - len(grid))
+    bx, by, bz = block + (1,) * (3 - len(block))
+    packer, raw, start, parameters, _ = _parameter_blocks.blocks.get(codes) or _parameter_blocks.get(codes)
+    packer.pack_into(raw, start, *values)
+    try:
+        driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, shared_mem, _current_stream_handle(index),
+                            parameters, 0)
+    except driver.CUDADriverError as error:
+        raise RuntimeError(f"launching {kernel} (grid {grid}, block {block}, {shared_mem} bytes of shared "
+                           f"memory) failed: {error}") from error
     for record in _recorders:
         record.append(Launch(name, kernel, grid, block, tuple(args), shared_mem))
 

@@ -465,9 +465,21 @@ def test_tensor_map_2d_args():
 
 
 def test_a_struct_passes_by_value():
-    # a tensor map (a 128-byte numpy void scalar) goes to CuPy as it is: CuPy copies its bytes into the launch
-    value = np.zeros(1, dtype=np.dtype((np.void, kernels.TENSOR_MAP_BYTES)))
-    assert kernels._kernel_arg(value, 0, "k", 0) is value
+    # a tensor map (a 128-byte numpy void scalar) goes into the parameter block as its bytes, 64-byte aligned
+    value = np.frombuffer(bytes(range(128)), dtype=np.dtype((np.void, kernels.TENSOR_MAP_BYTES))).copy()
+    assert kernels._kernel_arg(value, 0, "k", 0) == ("128s", bytes(range(128)))
+    packer, offsets, size = kernels._parameter_layout(("Q", "i", "128s", "i", "h", "Q"))
+    assert offsets == (0, 8, 64, 192, 196, 200) and size == 208 and packer.size == 208
+    packed = packer.pack(2**40 + 5, -3, bytes(range(128)), 7, -2, 9)
+    assert packed[64:192] == bytes(range(128)) and int.from_bytes(packed[8:12], "little", signed=True) == -3
+    assert int.from_bytes(packed[0:8], "little") == 2**40 + 5 and int.from_bytes(packed[200:208], "little") == 9
+    # scalars: Python ints and bools as int32, floats as float32, numpy scalars at their own width
+    assert kernels._kernel_arg(True, 0, "k", 0) == ("i", 1) and kernels._kernel_arg(5, 0, "k", 0) == ("i", 5)
+    assert kernels._kernel_arg(0.5, 0, "k", 0) == ("f", 0.5)
+    assert kernels._kernel_arg(np.uint64(7), 0, "k", 0) == ("Q", 7)
+    assert kernels._kernel_arg(np.float32(0.25), 0, "k", 0) == ("f", 0.25)
+    with pytest.raises(ValueError, match="does not fit an int32"):
+        kernels._kernel_arg(2**31, 0, "k", 0)
     with pytest.raises(TypeError, match="cannot pass ndarray"):
         kernels._kernel_arg(np.zeros(2, dtype=np.dtype((np.void, 128))), 0, "k", 0)
 
