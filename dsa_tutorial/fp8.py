@@ -27,6 +27,8 @@ Which function runs where:
   9.0 only; elsewhere they are refused, and None takes kernel 3. Kernel 5 also needs q, k and the
   weights 16-byte aligned (TMA tensor maps); None takes kernel 5 where it runs, else kernel 4
   (MQA_LOGITS_KERNELS.best_first: kernel 5 measured 1.09 to 1.18 times kernel 4's speed on the H200).
+  Kernels 2 to 4 copy q and k in 16-byte pieces: a q or k that does not start 16-byte aligned (a view
+  at an odd offset) leaves kernel 1, which None then takes.
 
 Neither `_cuda` function synchronises with the host: shapes, dtypes, devices and supported sizes are
 checked always; the values of ks and ke only with data checks on (`checks.set_data_checks`, or
@@ -88,10 +90,12 @@ ACT_QUANT_KERNELS = KernelTable("act_quant", [
 MQA_LOGITS_KERNELS = KernelTable("mqa_logits", [
     Kernel(1, "mqa_logits_naive_{out}", "one thread per (query, key), scalar float32: the formula in CUDA",
            needs="S_q <= 65535 (queries on grid.y)"),
-    Kernel(2, "mqa_logits_e4m3_h{H}_{out}", "mma.sync e4m3, one query a warp (sm_90 emulates it with f16 mma)"),
-    Kernel(3, "mqa_logits_f16_h{H}_{out}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation"),
+    Kernel(2, "mqa_logits_e4m3_h{H}_{out}", "mma.sync e4m3, one query a warp (sm_90 emulates it with f16 mma)",
+           needs="q and k 16-byte aligned"),
+    Kernel(3, "mqa_logits_f16_h{H}_{out}", "e4m3 converted to f16 once, f16 mma.sync, float32 accumulation",
+           needs="q and k 16-byte aligned"),
     Kernel(4, "mqa_logits_wgmma_h{H}_{out}", "Hopper's warpgroup MMA on the e4m3 values in shared memory",
-           needs="compute capability 9.0 (sm_90a)"),
+           needs="compute capability 9.0 (sm_90a), q and k 16-byte aligned"),
     Kernel(5, "mqa_logits_tma_h{H}_{out}", "kernel 4's MMA fed by TMA: a producer thread, two consumer warpgroups "
            "sharing each key tile, a persistent grid",
            needs="compute capability 9.0 (sm_90a), q, k and weights 16-byte aligned, S_q * H < 2^31"),
@@ -338,15 +342,18 @@ def _mqa_logits_why_not(device, S_q: int, H: int = 64, misaligned: tuple[str, ..
         tma = f"reads q, k and weights through TMA tensor maps: 16-byte aligned, but {', '.join(misaligned)} is not"
     if tma is None and S_q * H >= 2**31:
         tma = f"addresses the S_q * H rows of q with int32 TMA coordinates: fewer than 2^31, got {S_q * H}"
+    copied = [name for name in misaligned if name in ("q", "k")]
+    pieces = f"reads q and k in pieces of 4 and 16 bytes: 16-byte aligned, but {', '.join(copied)} is not" if copied else None
     return {1: None if S_q <= 65535 else f"puts the queries on grid.y: at most 65535, got S_q = {S_q}",
-            4: wgmma, 5: tma}
+            2: pieces, 3: pieces, 4: wgmma or pieces, 5: tma}
 
 
 def mqa_logits_cuda(q, kv, weights, ks, ke, clean_logits: bool = True, *, kernel: int | None = None,
                     out: torch.Tensor | None = None, logits_dtype: torch.dtype = torch.float32):
     """`cuda/mqa_logits.cu`: kernel = a version of MQA_LOGITS_KERNELS (1 naive, 2 mma.sync e4m3,
     3 f16 mma.sync, 4 wgmma on compute capability 9.0, 5 kernel 4's MMA fed by TMA, warp-specialised and
-    persistent, 9.0 with q, k and weights 16-byte aligned) or None, the best that runs here (5, 4, else 3).
+    persistent, 9.0 with q, k and weights 16-byte aligned) or None, the best that runs here (5, 4, else 3;
+    1 when q or k is not 16-byte aligned).
 
     q [S_q, H, D] e4m3, kv = (k [S_k, D] e4m3, k_scale [S_k] float32), weights [S_q, H] float32,
     ks, ke [S_q] int32 -> logits [S_q, S_k] logits_dtype; outside [ks_i, ke_i) -inf when clean_logits,

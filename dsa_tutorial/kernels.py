@@ -722,7 +722,7 @@ def launch(
         _dynamic_smem[(name, kernel, index)] = shared_mem
     gx, gy, gz = grid + (1,) * (3 - len(grid))
     bx, by, bz = block + (1,) * (3 - len(block))
-    packer, raw, start, parameters, _ = _parameter_blocks.blocks.get(codes) or _parameter_blocks.get(codes)
+    packer, raw, start, parameters, _ = _parameter_blocks.get(codes)
     packer.pack_into(raw, start, *values)
     try:
         driver.launchKernel(function.ptr, gx, gy, gz, bx, by, bz, shared_mem, _current_stream_handle(index),

@@ -336,6 +336,10 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
     check_logits_dtype(logits_dtype)
     dims = check_paged_inputs(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
                               cuda=True)
+    for name, x in (("q", q), ("kv_cache", kv_cache)):  # every kernel copies them in 16-byte pieces (cp.async)
+        if x.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address (the kernels copy it in 16-byte "
+                             f"pieces), but it starts {x.data_ptr() % 16} bytes past one: pass a copy")
     chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, {4: wgmma_why_not(q.device)})
     shape = (dims["B"] * dims["next_n"], max_context_len)
     if out is None:

@@ -385,14 +385,19 @@ def test_mqa_logits_cuda_takes_the_best_kernel_that_runs(monkeypatch):
     assert table.choose(None, fp8._mqa_logits_why_not("cpu", 10)).version == 3  # no wgmma here
     monkeypatch.setattr(kernels, "wgmma_available", lambda device=None: True)
     assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10)).version == 5
-    # kernel 5 needs 16-byte aligned q, k and weights; a misaligned one makes the default kernel 4
-    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q",))).version == 4
+    # kernel 5 needs 16-byte aligned q, k and weights: misaligned weights make the default kernel 4;
+    # kernels 2 to 4 copy q and k in 16-byte pieces: a misaligned q or k leaves kernel 1
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("weights",))).version == 4
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q",))).version == 1
+    with pytest.raises(ValueError, match="kernel 4 of cuda/mqa_logits.cu .*16-byte aligned, but q is not"):
+        table.choose(4, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q", "weights")))
     assert table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10)).version == 5
     with pytest.raises(ValueError, match="kernel 5 of cuda/mqa_logits.cu .*16-byte aligned, but q, weights is not"):
         table.choose(5, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("q", "weights")))
     with pytest.raises(ValueError, match="kernel 5 .*fewer than 2\\^31, got 2147483648"):
         table.choose(5, fp8._mqa_logits_why_not("cuda:0", 2**25, 64))
-    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("k",))).version == 4
+    assert table.choose(None, fp8._mqa_logits_why_not("cuda:0", 10, 64, ("k",))).version == 1
+    assert table.choose(None, fp8._mqa_logits_why_not("cpu", 10, 64, ("k",))).version == 1
     assert table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65535)).version == 1
     with pytest.raises(ValueError, match="kernel 1 of cuda/mqa_logits.cu .*at most 65535, got S_q = 65536"):
         table.choose(1, fp8._mqa_logits_why_not("cuda:0", 65536))
@@ -811,8 +816,8 @@ def test_mqa_logits_cuda_many_query_blocks(kernel, H, logits_dtype):
 @pytest.mark.gpu
 def test_mqa_logits_cuda_tma_needs_aligned_inputs():
     # kernel 5 reads q, k and the weights through TMA tensor maps, which need 16-byte aligned data: a q
-    # 8 bytes past an aligned address is refused (before any launch). (Not run on the other kernels: 2 to 4
-    # copy q or k in 16-byte cp.async, which needs that alignment too.)
+    # 8 bytes past an aligned address is refused (before any launch), and so by kernels 2 to 4, which copy q
+    # and k in 16-byte pieces.
     skip_unless_available(TMA)
     data = mqa_inputs([70, 33], H=64, seed=11)
     q, k, k_scale, w = (t.cuda() for t in data["fp8"])
@@ -822,10 +827,15 @@ def test_mqa_logits_cuda_tma_needs_aligned_inputs():
     q_shifted = shifted.view(q.shape)
     assert q_shifted.data_ptr() % 16 == 8 and q_shifted.is_contiguous()
     out = compare.poisoned((103, 103), torch.float32, "cuda")
-    with pytest.raises(ValueError, match="kernel 5 of cuda/mqa_logits.cu .*16-byte aligned, but q is not"):
-        fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke, kernel=5, out=out)
+    for kernel in (2, 3, 4, 5):
+        with pytest.raises(ValueError, match=f"kernel {kernel} of cuda/mqa_logits.cu .*16-byte aligned, but q is not"):
+            fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke, kernel=kernel, out=out)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # refused before any launch
+    # the default takes kernel 1 (scalar loads) for it, and gives kernel 1's logits of the aligned q
+    expected = fp8.mqa_logits_cuda(q, (k, k_scale), w, ks, ke, kernel=1)
+    got = fp8.mqa_logits_cuda(q_shifted, (k, k_scale), w, ks, ke, out=out)
+    assert torch.equal(got, expected)
     # the tensor map: 128 bytes, the same (cached, read-only) object for the same request
     first = kernels.tensor_map_2d(k, 64, 128, swizzle=128)
     assert first.nbytes == kernels.TENSOR_MAP_BYTES and first is kernels.tensor_map_2d(k, 64, 128, swizzle=128)

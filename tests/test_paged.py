@@ -502,6 +502,17 @@ def test_paged_default_and_errors_on_gpu():
             paged.paged_mqa_logits_cuda(**{**args, "context_lens": args["context_lens"] * 3, "max_context_len": 210})
     with pytest.raises(ValueError, match="kernel must be None or a version"):
         paged.paged_mqa_logits_cuda(**args, kernel=7)
+    # every kernel copies q and the cache in 16-byte pieces: a view at an address 8 bytes past a
+    # 16-byte boundary is refused before any launch, by every kernel
+    for name in ("q", "kv_cache"):
+        x = args[name]
+        shifted = torch.empty(x.numel() * x.element_size() + 8, dtype=torch.uint8, device="cuda")[8:]
+        shifted = shifted.view(x.dtype).view(x.shape)
+        shifted.copy_(x)
+        assert shifted.data_ptr() % 16 == 8 and shifted.is_contiguous()
+        for kernel in (None, *paged.PAGED_MQA_LOGITS_KERNELS.versions):
+            with pytest.raises(ValueError, match=f"{name} must start at a 16-byte aligned address"):
+                paged.paged_mqa_logits_cuda(**{**args, name: shifted}, kernel=kernel)
     with pytest.raises(TypeError, match="out must be bfloat16, got float32"):  # out in the dtype asked for
         paged.paged_mqa_logits_cuda(**args, out=torch.empty(2, 70, device="cuda"), logits_dtype=torch.bfloat16)
     # the per-row form: checked on the device data only with data checks on, as the [B] form
