@@ -8,7 +8,8 @@ Compute to read the hardware counters of:
 
 (from the repository root, on a GPU; DeepGEMM as in deepgemm_side_by_side.py). The cases: mqa_logits
 4096 x 65536 causal; paged_mqa_logits B 128, contexts ~32K, next_n 2, and B 64, ~8K, next_n 1;
-select_topk_cuda on 128 x 131072 scores, k 2048. It launches and prints nothing else.
+select_topk_cuda on 128 x 131072 scores, k 2048. The paged cases run the default, then every kernel from
+4 up (wgmma, TMA). It launches and prints nothing else.
 """
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ del q, kv, weights, ks, ke
 
 for B, context, next_n in ((128, 32768, 2), (64, 8192, 1)):
     q, kv_cache, w, lens, block_table, schedule, max_context_len = paged_inputs(B, context, next_n)
-    paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, block_table, schedule, max_context_len)
+    for kernel in (None, *(v for v in paged.PAGED_MQA_LOGITS_KERNELS.versions if v >= 4)):  # default, 4, 5
+        paged.paged_mqa_logits_cuda(q, kv_cache, w, lens, block_table, schedule, max_context_len, kernel=kernel)
     if deep_gemm is not None:
         rows = paged.row_lengths(lens, next_n).contiguous()
         their_schedule = deep_gemm.get_paged_mqa_logits_metadata(rows, 64, deep_gemm.get_num_sms())

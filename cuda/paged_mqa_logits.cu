@@ -849,3 +849,235 @@ PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n1, __launch_bounds__(K4_THREADS, CTAS_PE
 PAGED_ENTRY(paged_mqa_logits_wgmma_h64_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 64, 2)
 PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n1, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 32, 1)
 PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PER_SM), paged_mqa_logits_wgmma, 32, 2)
+
+// ------------------------------------------------------------------------------------ kernel 5
+//
+// What holds kernel 4 back at next_n = 2 (H200: 0.73x DeepGEMM, 63-72% of copy bandwidth, where next_n = 1
+// reaches 88-94%): the bytes are the same at both next_n, the math doubles, and a warpgroup does
+// everything in turn: its 128 threads issue the cp.async copies of a block (swizzle arithmetic, 5 copies a
+// thread), wait for them at a barrier, issue the wgmma, wait for the wgmma, then run the epilogue while
+// the tensor cores sit idle unless another warpgroup has work queued. Kernel 5
+// (paged_mqa_logits_tma_h64_n1 / ..., sm_90a only) keeps kernel 4's math and schedule, and changes who
+// moves the data and what overlaps what:
+//
+// * TMA for the cache. Seen as rows of 128 bytes, the cache [num_blocks][64][132] is a 2-D tensor of
+//   num_blocks x 66 rows: block id's values are rows 66 id .. 66 id + 63 and its scales rows 66 id + 64
+//   and 65. One tensor map (128-byte swizzle, box 64 rows) copies the values of a block into a ring stage
+//   already in wgmma's layout; its 256 bytes of scales come by cp.async.bulk (a plain bulk copy, no map),
+//   both counted on the stage's mbarrier (8448 bytes). q[b] (N = next_n H rows) and w[b] come by TMA too.
+// * One producer warp (the block's last) walks the schedule exactly as the consumers do and keeps the
+//   ring of K5_STAGES blocks full (lane k fetches the block id of unit u0 + k, once per 32 units); the
+//   two consumer warpgroups take the run's blocks alternately (u = consumer, consumer + 2, ...), wait on
+//   full[stage], and release it through empty[stage] (one arrival a warp) as soon as their wgmma have
+//   read it. q and w are double-buffered (q_full / q_empty per buffer), so a new run's q lands while the
+//   last run's blocks are still being computed: no block-wide barrier after the start.
+// * The product split by draft position and pipelined: each (block, draft position j) is one group of
+//   4 wgmma m64nHk32 (B = the H rows of q[b, j]) into one of two accumulator sets; the group of the next
+//   (block, j) is issued before the epilogue of the current one, so the tensor cores compute one while
+//   the warpgroup sums the other's heads (wgmma_wait<1>). The same registers as kernel 4 (2 x H / 2).
+//
+//   producer warp   q(b0) k0 k1 .. k7 | wait empty[0] k8 | ...   q(b1) ...
+//   consumer 0      wait full[0]: wgmma (k0, j0) | wgmma (k0, j1), epilogue (k0, j0) | wgmma (k2, j0),
+//                   release k0, epilogue (k0, j1) | ...
+//   consumer 1      wait full[1]: the same on k1, k3, ...
+//
+// setmaxnreg is not used: with two blocks an SM (the schedule's CTAS_PER_SM) the producer is one warp,
+// not a warpgroup, and the 112 registers a thread of __launch_bounds__(K5_THREADS, 2) are what the
+// consumers need (2 x 32 accumulators at H = 64).
+//
+// Shared memory (1024-byte aligned inside): values [K5_STAGES][64][128], q [2][N][128], scales
+// [K5_STAGES][64], w [2][N], mbarriers full[K5_STAGES], empty[K5_STAGES], q_full[2], q_empty[2].
+// Bounds are kernel 4's, for ANY values: context lengths, block ids and schedule entries clipped as
+// there; the TMA row of a block is 66 x its clipped id (dsa_tutorial refuses caches of 66 num_blocks >= 2^31
+// rows and B N >= 2^31 q rows for this kernel, whose coordinates are int32); stores only below each
+// run's context_len, -inf past each row's length.
+
+#define K5_CONSUMERS 2
+#define K5_THREADS (128 * K5_CONSUMERS + 32)   // two consumer warpgroups, then the producer warp
+#define K5_STAGES 8                            // physical blocks in the ring (shared by both consumers)
+#define K5_ROWS_PER_BLOCK (BLOCK_BYTES / HEAD_DIM)  // 66: a cache block as rows of 128 bytes (tensor map)
+#define K5_SCALE_BYTES (BLOCK_KV * 4)          // 256
+#define K5_BARRIERS (2 * K5_STAGES + 4)
+// Dynamic shared memory for N = next_n H rows of q: WGMMA_SMEM_ALIGN + K5_FIXED_SMEM + N * K5_SMEM_PER_ROW
+#define K5_FIXED_SMEM (K5_STAGES * (VALUE_BYTES + K5_SCALE_BYTES) + 8 * K5_BARRIERS)
+#define K5_SMEM_PER_ROW (2 * (HEAD_DIM + 4))   // two buffers of a q row and its weight
+static_assert(BLOCK_BYTES % HEAD_DIM == 0, "a cache block is a whole number of 128-byte rows");
+
+template <int H, int NEXT_N, typename T>
+__device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& values_map, const TensorMap& w_map,
+                                     const unsigned char* __restrict__ kv_cache, const int* __restrict__ context_lens,
+                                     int lens_per_row, const int* __restrict__ block_table,
+                                     const int* __restrict__ schedule_meta, T* __restrict__ logits, int B,
+                                     int max_blocks, int num_blocks, int max_context_len, int clean_logits) {
+#if WGMMA_AVAILABLE
+    constexpr int N = NEXT_N * H;  // q rows of a batch: (draft position j, head h)
+    const Lengths lens = {context_lens, NEXT_N, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
+    extern __shared__ unsigned char k5_smem_raw[];
+    unsigned char* values_s = align_smem(k5_smem_raw);                       // [K5_STAGES][64][128]
+    unsigned char* q_s = values_s + K5_STAGES * VALUE_BYTES;                 // [2][N][128]
+    float* scales_s = reinterpret_cast<float*>(q_s + 2 * N * HEAD_DIM);      // [K5_STAGES][64]
+    float* w_s = scales_s + K5_STAGES * BLOCK_KV;                            // [2][N]
+    const unsigned full = smem_address(w_s + 2 * N), empty = full + 8 * K5_STAGES;
+    const unsigned q_full = empty + 8 * K5_STAGES, q_empty = q_full + 16;
+
+    const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < K5_STAGES; ++s) {
+            mbarrier_init(full + 8 * s, 1);   // the producer's arrive.expect_tx (+ the bytes)
+            mbarrier_init(empty + 8 * s, 4);  // the 4 warps of the consumer that computes the block
+        }
+        for (int b = 0; b < 2; ++b) {
+            mbarrier_init(q_full + 8 * b, 1);
+            mbarrier_init(q_empty + 8 * b, 4 * K5_CONSUMERS);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // the barriers are initialised before anybody uses them (the only block-wide barrier)
+
+    if (warpgroup == K5_CONSUMERS) {
+        // ---------------------------------------------------------------- the producer warp
+        if (lane == 0) {
+            prefetch_tensor_map(q_map);
+            prefetch_tensor_map(values_map);
+            prefetch_tensor_map(w_map);
+        }
+        int unit = 0, run = 0;  // units (blocks) and non-empty runs this block has walked so far
+        for (int b = first_run(schedule_meta); ; ++b) {
+            int context_len, n_begin, n_end;
+            if (!schedule_run(schedule_meta, lens, B, b, max_blocks, context_len, n_begin, n_end)) break;
+            if (n_begin >= n_end) continue;
+            const int buffer = run % 2;
+            mbarrier_wait(q_empty + 8 * buffer, ((run / 2) & 1) ^ 1);  // both consumers are done with it
+            if (lane == 0) {
+                mbarrier_arrive_expect_tx(q_full + 8 * buffer, N * (HEAD_DIM + 4));
+                tma_load_2d(smem_address(q_s + buffer * N * HEAD_DIM), q_map, 0, b * N, q_full + 8 * buffer);
+                tma_load_2d(smem_address(w_s + buffer * N), w_map, 0, b * NEXT_N, q_full + 8 * buffer);
+            }
+            const int* ids_row = block_table + (size_t)b * max_blocks + n_begin;
+            int ids = 0;
+            for (int u = 0; u < n_end - n_begin; ++u, ++unit) {
+                if (u % 32 == 0) ids = u + lane < n_end - n_begin ? ids_row[u + lane] : 0;
+                const int id = min(max(__shfl_sync(0xffffffffu, ids, u % 32), 0), num_blocks - 1);
+                const int stage = unit % K5_STAGES;
+                mbarrier_wait(empty + 8 * stage, ((unit / K5_STAGES) & 1) ^ 1);  // its last block is computed
+                if (lane == 0) {
+                    mbarrier_arrive_expect_tx(full + 8 * stage, BLOCK_BYTES);
+                    tma_load_2d(smem_address(values_s + stage * VALUE_BYTES), values_map, 0, id * K5_ROWS_PER_BLOCK,
+                                full + 8 * stage);
+                    bulk_load(smem_address(scales_s + stage * BLOCK_KV),
+                              kv_cache + (size_t)id * BLOCK_BYTES + VALUE_BYTES, K5_SCALE_BYTES, full + 8 * stage);
+                }
+            }
+            ++run;
+        }
+        return;  // nothing waits for the producer; the consumers wait for every copy it issued
+    }
+
+    // -------------------------------------------------------------------- the consumers
+    const int g = lane / 4, t = lane % 4;
+    const int slot = 16 * warp + g + 8 * (t % 2);  // the token (row of the block) this lane stores, t < 2
+    int unit = 0, run = 0;
+    for (int b = first_run(schedule_meta); ; ++b) {
+        int context_len, n_begin, n_end;
+        if (!schedule_run(schedule_meta, lens, B, b, max_blocks, context_len, n_begin, n_end)) break;
+        if (n_begin >= n_end) continue;
+        const int n_units = n_end - n_begin, first_unit = unit;
+        unit += n_units;
+        const int buffer = run++ % 2;
+        // this consumer's blocks of the run: u = warpgroup + 2 i; items (i, j) in order, t = NEXT_N i + j
+        const int items = NEXT_N * (warpgroup < n_units ? (n_units - warpgroup + K5_CONSUMERS - 1) / K5_CONSUMERS : 0);
+        int row_len[NEXT_N];  // len[b, j]
+        #pragma unroll
+        for (int j = 0; j < NEXT_N; ++j) row_len[j] = row_len_of(lens, b, j, context_len);
+        const unsigned long long b_desc = wgmma_desc(smem_address(q_s + buffer * N * HEAD_DIM));  // + j H rows
+        const unsigned w_lane = smem_address(w_s + buffer * N + 2 * t);
+        mbarrier_wait(q_full + 8 * buffer, ((run - 1) / 2) & 1);  // (acquire) q[b] and w[b] have landed
+
+        // Item it = (i, j): issue its group of 4 wgmma into acc (first waiting for its block when j = 0, and
+        // reading the lane's k_scale from the stage while it is there); finish it once waited for: release
+        // the block after its last j, epilogue and store. j is a compile-time constant at every call (even
+        // items have j = 0, odd ones j = NEXT_N - 1), so row_len[j] and the offsets stay in registers.
+        auto issue = [&](int it, int j, float (&acc)[H / 2], float& scale) {
+            const int i = it / NEXT_N;
+            const int g_unit = first_unit + warpgroup + K5_CONSUMERS * i, stage = g_unit % K5_STAGES;
+            if (j == 0) {
+                mbarrier_wait(full + 8 * stage, (g_unit / K5_STAGES) & 1);  // (acquire) the block has landed
+                scale = scales_s[stage * BLOCK_KV + slot];
+            }
+            const unsigned long long a_desc = wgmma_desc(smem_address(values_s + stage * VALUE_BYTES));
+            wgmma_fence();
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 32; ++kk)
+                wgmma_m64k32_e4m3<H>(acc, a_desc + 2 * kk, b_desc + j * (H * HEAD_DIM >> 4) + 2 * kk, kk);
+            wgmma_commit();
+        };
+        auto finish = [&](int it, int j, float (&acc)[H / 2], float scale) {
+            const int i = it / NEXT_N;
+            const int u = warpgroup + K5_CONSUMERS * i, g_unit = first_unit + u;
+            fence_operands(acc);
+            if (j == NEXT_N - 1) {  // this warp's wgmma no longer read the block
+                __syncwarp();
+                if (lane == 0) mbarrier_arrive(empty + 8 * (g_unit % K5_STAGES));
+            }
+            float sums[1][2];  // [row 16 warp + g, + 8]: sum_h w[j, h] ReLU(score), over the 4 lanes
+            weighted_relu_head_sums<H, H>(acc, w_lane + 4 * j * H, sums);
+            if (t < 2) {  // lane t stores row 16 warp + g + 8 t of draft position j
+                const int pos = (n_begin + u) * BLOCK_KV + slot;
+                if (pos < context_len)
+                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
+                        from_float<T>(pos < row_len[j] ? sum_for_lane(sums, t) * scale : NEG_INF);
+            }
+        };
+
+        constexpr int ODD_J = NEXT_N - 1;  // the draft position of an odd item: 0, or 1 (the same block as it - 1)
+        float acc[2][H / 2], scale[2];
+        if (items > 0) issue(0, 0, acc[0], scale[0]);
+        #pragma unroll 1
+        for (int it = 0; it < items; it += 2) {  // items it (acc[0]) and it + 1 (acc[1])
+            if (it + 1 < items) {
+                issue(it + 1, ODD_J, acc[1], scale[1]);
+                wgmma_wait<1>();
+            } else {
+                wgmma_wait<0>();
+            }
+            finish(it, 0, acc[0], scale[0]);
+            if (it + 1 < items) {
+                const float odd_scale = NEXT_N == 1 ? scale[1] : scale[0];  // before item it + 2 reads its own
+                if (it + 2 < items) {
+                    issue(it + 2, 0, acc[0], scale[0]);
+                    wgmma_wait<1>();
+                } else {
+                    wgmma_wait<0>();
+                }
+                finish(it + 1, ODD_J, acc[1], odd_scale);
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(q_empty + 8 * buffer);  // (release) this warp is done with q[b], w[b]
+    }
+
+    if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, 4 * K5_CONSUMERS);
+#else
+    __trap();  // wgmma and TMA need sm_90a; dsa_tutorial never launches this kernel elsewhere
+#endif
+}
+
+// The entry points of kernel 5: the three tensor maps (q, the cache's values, w) by value, then kernel 4's
+// arguments but q and weights (read through the maps).
+#define PAGED_TMA_ENTRY_T(NAME, H, NEXT_N, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(K5_THREADS, CTAS_PER_SM)                                        \
+        NAME(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap values_map,              \
+             const __grid_constant__ TensorMap w_map, const unsigned char* kv_cache, const int* context_lens,    \
+             int lens_per_row, const int* block_table, const int* schedule_meta, T* logits, int B,               \
+             int max_blocks, int num_blocks, int max_context_len, int clean_logits) {                            \
+        paged_mqa_logits_tma<H, NEXT_N, T>(q_map, values_map, w_map, kv_cache, context_lens, lens_per_row,       \
+                                           block_table, schedule_meta, logits, B, max_blocks, num_blocks,        \
+                                           max_context_len, clean_logits);                                       \
+    }
+#define PAGED_TMA_ENTRY(NAME, H, NEXT_N)                                                                       \
+    PAGED_TMA_ENTRY_T(NAME##_f32, H, NEXT_N, float)                                                            \
+    PAGED_TMA_ENTRY_T(NAME##_bf16, H, NEXT_N, __nv_bfloat16)
+PAGED_TMA_ENTRY(paged_mqa_logits_tma_h64_n1, 64, 1)
+PAGED_TMA_ENTRY(paged_mqa_logits_tma_h64_n2, 64, 2)
+PAGED_TMA_ENTRY(paged_mqa_logits_tma_h32_n1, 32, 1)
+PAGED_TMA_ENTRY(paged_mqa_logits_tma_h32_n2, 32, 2)

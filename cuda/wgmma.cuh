@@ -30,9 +30,10 @@
 //   wgmma_m64n32k16_bf16, wgmma_m64n256k16_bf16_nb   the bf16 instructions (B K-major; B N-major)
 //   mbarrier_init / _arrive / _wait, setmaxnreg_dec / _inc   the hand-over between warp-specialised
 //                            warpgroups (kernel 4 of cuda/sparse_mla_decode_fp8.cu, kernel 5 of cuda/mqa_logits.cu)
-//   TensorMap, mbarrier_arrive_expect_tx, tma_load_2d, fence_mbarrier_init, prefetch_tensor_map
+//   TensorMap, mbarrier_arrive_expect_tx, tma_load_2d, bulk_load, fence_mbarrier_init, prefetch_tensor_map
 //                            the Tensor Memory Accelerator (TMA): tiles copied global -> shared by one thread,
-//                            their arrival counted in bytes by an mbarrier (kernel 5 of cuda/mqa_logits.cu)
+//                            their arrival counted in bytes by an mbarrier (kernels 5 of cuda/mqa_logits.cu
+//                            and cuda/paged_mqa_logits.cu)
 // (cuda/sparse_mla_prefill.cu's kernel 2 header explains the bf16 layouts and descriptors in full.)
 #pragma once
 
@@ -346,6 +347,15 @@ __device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap& map, 
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
         ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"(bar)
         : "memory");
+}
+
+// One bulk copy without a tensor map: `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte
+// aligned) global `src` -> shared `dst`, counted on the mbarrier `bar` like a TMA tile (kernel 5 of
+// cuda/paged_mqa_logits.cu: the 256 bytes of a cache block's scales).
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(src)), "r"(bytes), "r"(bar)
+                 : "memory");
 }
 
 #endif  // WGMMA_AVAILABLE

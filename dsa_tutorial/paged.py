@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .checks import check_range, check_same_device, check_tensor, data_checks_wanted
 from .fp8 import _FLOAT_INPUTS, LOGITS_OUT, check_logits_dtype, mqa_logits, wgmma_why_not
 from .kernels import Kernel, KernelTable
@@ -88,7 +89,12 @@ PAGED_MQA_LOGITS_KERNELS = KernelTable("paged_mqa_logits", [
            "6 warps, each its own cp.async pipeline of 32-key units, f16 mma.sync"),
     Kernel(4, "paged_mqa_logits_wgmma_h{H}_n{next_n}_{out}",
            "2 warpgroups, each its own ring of physical blocks, wgmma on e4m3", needs="compute capability 9.0 (sm_90a)"),
-], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")})
+    Kernel(5, "paged_mqa_logits_tma_h{H}_n{next_n}_{out}",
+           "kernel 4's wgmma fed by TMA: a producer warp, two consumer warpgroups sharing one ring, the product "
+           "of the next draft position issued before the epilogue of this one",
+           needs="compute capability 9.0 (sm_90a), weights 16-byte aligned, fewer than 2^31 rows of q and of "
+                 "the cache"),
+], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")}, best_first=(4, 5, 3, 2, 1))
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -340,7 +346,7 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
         if x.data_ptr() % 16:
             raise ValueError(f"{name} must start at a 16-byte aligned address (the kernels copy it in 16-byte "
                              f"pieces), but it starts {x.data_ptr() % 16} bytes past one: pass a copy")
-    chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, {4: wgmma_why_not(q.device)})
+    chosen = PAGED_MQA_LOGITS_KERNELS.choose(kernel, _paged_why_not(q, kv_cache, weights))
     shape = (dims["B"] * dims["next_n"], max_context_len)
     if out is None:
         out = torch.empty(shape, dtype=logits_dtype, device=q.device)
@@ -361,8 +367,23 @@ def _launch_geometry(version: int, next_n: int, H: int) -> tuple[int, int]:
         return 32 * d["K2_MTILES"] * next_n * (H // d["K2_HEADS_PER_WARP"]), 0
     if version == 3:  # q fragments and weights, then every warp's ring
         return d["K3_THREADS"], N * d["K3_SMEM_PER_ROW"] + d["K3_SMEM_STAGES"]
-    # 4: alignment slack, the q tile and its weights, then both warpgroups' rings
-    return d["K4_THREADS"], d["K4_SMEM_ALIGN"] + N * d["K4_SMEM_PER_ROW"] + d["K4_SMEM_STAGES"]
+    if version == 4:  # alignment slack, the q tile and its weights, then both warpgroups' rings
+        return d["K4_THREADS"], d["K4_SMEM_ALIGN"] + N * d["K4_SMEM_PER_ROW"] + d["K4_SMEM_STAGES"]
+    # 5: alignment slack, the ring (values, scales) and its barriers, two buffers of q and w
+    return d["K5_THREADS"], d["WGMMA_SMEM_ALIGN"] + d["K5_FIXED_SMEM"] + N * d["K5_SMEM_PER_ROW"]
+
+
+def _paged_why_not(q, kv_cache, weights) -> dict:
+    """The versions of PAGED_MQA_LOGITS_KERNELS that cannot run these inputs here, and why (host
+    metadata only; see KernelTable.choose)."""
+    wgmma = wgmma_why_not(q.device)
+    tma = wgmma
+    if tma is None and weights.data_ptr() % 16:
+        tma = f"reads the weights through a TMA tensor map: 16-byte aligned, but they start {weights.data_ptr() % 16} bytes past"
+    rows = max(q.shape[0] * q.shape[1] * q.shape[2], kv_cache.shape[0] * BLOCK_KV * (q.shape[3] + 4) // q.shape[3])
+    if tma is None and rows >= 2**31:
+        tma = f"addresses q and the cache by rows of {q.shape[3]} bytes with int32 TMA coordinates: fewer than 2^31, got {rows}"
+    return {4: wgmma, 5: tma}
 
 
 def _launch_paged(version: int, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
@@ -373,6 +394,17 @@ def _launch_paged(version: int, q, kv_cache, weights, context_lens, block_table,
     if B == 0 or max_context_len == 0:
         return
     threads, smem = _launch_geometry(version, next_n, H)
+    if version == 5:  # TMA: q as [B next_n H] rows, the cache as [66 num_blocks] rows of 128 bytes, w [B next_n][H]
+        D, N = q.shape[3], next_n * H
+        maps = (kernels.tensor_map_2d(q.view(B * N, D), N, D, swizzle=128),
+                kernels.tensor_map_2d(kv_cache.view(-1, D), BLOCK_KV, D, swizzle=128),
+                kernels.tensor_map_2d(weights, next_n, H))
+        PAGED_MQA_LOGITS_KERNELS.launch(
+            5, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem, H=H, next_n=next_n,
+            out=LOGITS_OUT[out.dtype],
+            args=(*maps, kv_cache, context_lens, context_lens.dim() == 2, block_table, schedule_meta, out, B,
+                  block_table.shape[1], kv_cache.shape[0], max_context_len, bool(clean_logits)))
+        return
     PAGED_MQA_LOGITS_KERNELS.launch(
         version, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem, H=H, next_n=next_n,
         out=LOGITS_OUT[out.dtype],

@@ -324,19 +324,20 @@ def test_paged_cuda_checks_before_launch(monkeypatch, change, match):
 
 
 def test_paged_kernel_table_and_constants():
-    assert TABLE.source == "paged_mqa_logits" and TABLE.versions == (1, 2, 3, 4)
+    assert TABLE.source == "paged_mqa_logits" and TABLE.versions == (1, 2, 3, 4, 5)
     # every kernel for each storage type of the logits: _f32 and _bf16 (logits_dtype)
     outs = ("f32", "bf16")
     assert TABLE.entry_points() == [
         *(f"paged_mqa_logits_{name}_h{H}_{out}" for name in ("e4m3", "f16") for H in (64, 32) for out in outs),
-        *(f"paged_mqa_logits_{name}_h{H}_n{n}_{out}" for name in ("warps", "wgmma") for H in (64, 32) for n in (1, 2)
-          for out in outs)]
+        *(f"paged_mqa_logits_{name}_h{H}_n{n}_{out}" for name in ("warps", "wgmma", "tma") for H in (64, 32)
+          for n in (1, 2) for out in outs)]
     d = TABLE.defines()
     # the cache format the Python layout helpers use is the one the kernels are compiled for
     assert (d["BLOCK_KV"], d["SPLIT_KV"], d["HEAD_DIM"]) == (paged.BLOCK_KV, paged.SPLIT_KV, 128)
     assert d["BLOCK_BYTES"] == paged.kv_cache_block_bytes(128) and d["CTAS_PER_SM"] == 2
-    assert TABLE.choose(None, {4: fp8.wgmma_why_not("cpu")}).version == 3  # no wgmma: kernel 3
-    assert TABLE.choose(None, {}).version == 4
+    no_wgmma = fp8.wgmma_why_not("cpu")
+    assert TABLE.choose(None, {4: no_wgmma, 5: no_wgmma}).version == 3  # no wgmma: kernel 3
+    assert TABLE.choose(None, {}).version == TABLE.best_first[0]
 
 
 @pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
@@ -346,14 +347,16 @@ def test_dynamic_shared_memory_fits_two_blocks_an_sm(next_n, H):
     assert paged._launch_geometry(3, next_n, H) == (192, N * (256 + 4) + 6 * 3 * 4224)
     # kernel 4: 1024 alignment slack + N 128 + N 4 + 2 warpgroups x 5 stages x (64 x 128 + 64 x 4)
     assert paged._launch_geometry(4, next_n, H) == (256, 1024 + N * 128 + N * 4 + 2 * 5 * (64 * 128 + 64 * 4))
-    for version in (3, 4):  # CTAS_PER_SM = 2 blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
+    # kernel 5: 1024 alignment slack + 8 stages x (64 x 128 + 64 x 4) + 20 mbarriers + 2 buffers x N (128 + 4)
+    assert paged._launch_geometry(5, next_n, H) == (288, 1024 + 8 * (64 * 128 + 64 * 4) + 20 * 8 + 2 * N * (128 + 4))
+    for version in (3, 4, 5):  # CTAS_PER_SM = 2 blocks an SM fit the H200's 227 KiB (1 KiB reserved a block)
         assert 2 * (paged._launch_geometry(version, next_n, H)[1] + 1024) <= 227 * 1024
     assert paged._launch_geometry(4, 2, 64)[1] == 102400 and paged._launch_geometry(4, 1, 64)[1] == 93952
 
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("logits_dtype", fp8.LOGITS_DTYPES)
-@pytest.mark.parametrize("version", TABLE.versions)
+@pytest.mark.parametrize("version", (1, 2, 3, 4))  # kernel 5's tensor maps need CUDA tensors: tested on the GPU
 @pytest.mark.parametrize("next_n, H", [(1, 64), (2, 64), (1, 32), (2, 32)])
 def test_paged_launch_geometry(monkeypatch, version, next_n, H, logits_dtype, per_row):
     # what each kernel is launched with, recorded instead of launched: one block per schedule row; the
