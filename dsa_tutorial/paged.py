@@ -381,6 +381,8 @@ def _paged_why_not(q, kv_cache, weights) -> dict:
     if tma is None and weights.data_ptr() % 16:
         tma = f"reads the weights through a TMA tensor map: 16-byte aligned, but they start {weights.data_ptr() % 16} bytes past"
     rows = max(q.shape[0] * q.shape[1] * q.shape[2], kv_cache.shape[0] * BLOCK_KV * (q.shape[3] + 4) // q.shape[3])
+    if tma is None and kv_cache.shape[0] == 0:
+        tma = "reads the cache through a TMA tensor map, which cannot describe an empty cache (num_blocks = 0)"
     if tma is None and rows >= 2**31:
         tma = f"addresses q and the cache by rows of {q.shape[3]} bytes with int32 TMA coordinates: fewer than 2^31, got {rows}"
     return {4: wgmma, 5: tma}
