@@ -871,19 +871,21 @@ PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PE
 //   full[stage], and release it through empty[stage] (one arrival a warp) as soon as their wgmma have
 //   read it. q and w are double-buffered (q_full / q_empty per buffer), so a new run's q lands while the
 //   last run's blocks are still being computed: no block-wide barrier after the start.
-// * The product split by draft position and pipelined: each (block, draft position j) is one group of
-//   4 wgmma m64nHk32 (B = the H rows of q[b, j]) into one of two accumulator sets; the group of the next
-//   (block, j) is issued before the epilogue of the current one, so the tensor cores compute one while
-//   the warpgroup sums the other's heads (wgmma_wait<1>). The same registers as kernel 4 (2 x H / 2).
+// * Where the registers allow (N = next_n H <= 64: one draft token at H = 64), the product of the
+//   consumer's next block is issued before the epilogue of this one, into a second accumulator set, so
+//   the tensor cores compute one block while the warpgroup sums the other's heads (wgmma_wait<1>). At
+//   N = 128 two sets (2 x 64 accumulators a thread) do not fit the 112 registers a thread that two
+//   blocks an SM leave, and a block's wgmma and epilogue run in turn, as in kernel 4; the other three
+//   consumers of the SM fill the tensor cores meanwhile. (Splitting N = 128 into the two draft positions,
+//   m64n64 each, pipelined, was tried: it reads every block from shared memory twice and measured 13 to
+//   18% slower than kernel 4 on the H200.)
 //
 //   producer warp   q(b0) k0 k1 .. k7 | wait empty[0] k8 | ...   q(b1) ...
-//   consumer 0      wait full[0]: wgmma (k0, j0) | wgmma (k0, j1), epilogue (k0, j0) | wgmma (k2, j0),
-//                   release k0, epilogue (k0, j1) | ...
+//   consumer 0      wait full[0]: wgmma k0 | wgmma k2, release k0, epilogue k0 | wgmma k4, release k2, ...
 //   consumer 1      wait full[1]: the same on k1, k3, ...
 //
 // setmaxnreg is not used: with two blocks an SM (the schedule's CTAS_PER_SM) the producer is one warp,
-// not a warpgroup, and the 112 registers a thread of __launch_bounds__(K5_THREADS, 2) are what the
-// consumers need (2 x 32 accumulators at H = 64).
+// not a warpgroup, so there are no registers to move to the consumers.
 //
 // Shared memory (1024-byte aligned inside): values [K5_STAGES][64][128], q [2][N][128], scales
 // [K5_STAGES][64], w [2][N], mbarriers full[K5_STAGES], empty[K5_STAGES], q_full[2], q_empty[2].
@@ -911,6 +913,7 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
                                      int max_blocks, int num_blocks, int max_context_len, int clean_logits) {
 #if WGMMA_AVAILABLE
     constexpr int N = NEXT_N * H;  // q rows of a batch: (draft position j, head h)
+    constexpr bool PING_PONG = N <= 64;  // two accumulator sets of N / 2 fit the 112 registers
     const Lengths lens = {context_lens, NEXT_N, lens_per_row, context_limit(max_context_len, max_blocks, num_blocks)};
     extern __shared__ unsigned char k5_smem_raw[];
     unsigned char* values_s = align_smem(k5_smem_raw);                       // [K5_STAGES][64][128]
@@ -984,72 +987,71 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
         const int n_units = n_end - n_begin, first_unit = unit;
         unit += n_units;
         const int buffer = run++ % 2;
-        // this consumer's blocks of the run: u = warpgroup + 2 i; items (i, j) in order, t = NEXT_N i + j
-        const int items = NEXT_N * (warpgroup < n_units ? (n_units - warpgroup + K5_CONSUMERS - 1) / K5_CONSUMERS : 0);
-        int row_len[NEXT_N];  // len[b, j]
-        #pragma unroll
-        for (int j = 0; j < NEXT_N; ++j) row_len[j] = row_len_of(lens, b, j, context_len);
-        const unsigned long long b_desc = wgmma_desc(smem_address(q_s + buffer * N * HEAD_DIM));  // + j H rows
+        // this consumer's blocks of the run: u = warpgroup + 2 i, i < my_units
+        const int my_units = warpgroup < n_units ? (n_units - warpgroup + K5_CONSUMERS - 1) / K5_CONSUMERS : 0;
+        // lane t < 2 NEXT_N stores draft position j = t / 2, token 16 warp + g + 8 (t % 2): its row's length
+        const int lane_j = min(t / 2, NEXT_N - 1), lane_len = row_len_of(lens, b, lane_j, context_len);
+        const unsigned long long b_desc = wgmma_desc(smem_address(q_s + buffer * N * HEAD_DIM));
         const unsigned w_lane = smem_address(w_s + buffer * N + 2 * t);
         mbarrier_wait(q_full + 8 * buffer, ((run - 1) / 2) & 1);  // (acquire) q[b] and w[b] have landed
 
-        // Item it = (i, j): issue its group of 4 wgmma into acc (first waiting for its block when j = 0, and
+        // Block i of this consumer: issue its 4 wgmma m64nNk32 into acc (after waiting for the block, and
         // reading the lane's k_scale from the stage while it is there); finish it once waited for: release
-        // the block after its last j, epilogue and store. j is a compile-time constant at every call (even
-        // items have j = 0, odd ones j = NEXT_N - 1), so row_len[j] and the offsets stay in registers.
-        auto issue = [&](int it, int j, float (&acc)[H / 2], float& scale) {
-            const int i = it / NEXT_N;
+        // the stage, epilogue (kernel 4's) and store.
+        auto issue = [&](int i, float (&acc)[N / 2], float& scale) {
             const int g_unit = first_unit + warpgroup + K5_CONSUMERS * i, stage = g_unit % K5_STAGES;
-            if (j == 0) {
-                mbarrier_wait(full + 8 * stage, (g_unit / K5_STAGES) & 1);  // (acquire) the block has landed
-                scale = scales_s[stage * BLOCK_KV + slot];
-            }
+            mbarrier_wait(full + 8 * stage, (g_unit / K5_STAGES) & 1);  // (acquire) the block has landed
+            scale = scales_s[stage * BLOCK_KV + slot];
             const unsigned long long a_desc = wgmma_desc(smem_address(values_s + stage * VALUE_BYTES));
             wgmma_fence();
             #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 32; ++kk)
-                wgmma_m64k32_e4m3<H>(acc, a_desc + 2 * kk, b_desc + j * (H * HEAD_DIM >> 4) + 2 * kk, kk);
+            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) wgmma_m64k32_e4m3<N>(acc, a_desc + 2 * kk, b_desc + 2 * kk, kk);
             wgmma_commit();
         };
-        auto finish = [&](int it, int j, float (&acc)[H / 2], float scale) {
-            const int i = it / NEXT_N;
-            const int u = warpgroup + K5_CONSUMERS * i, g_unit = first_unit + u;
+        auto finish = [&](int i, float (&acc)[N / 2], float scale) {
+            const int u = warpgroup + K5_CONSUMERS * i;
             fence_operands(acc);
-            if (j == NEXT_N - 1) {  // this warp's wgmma no longer read the block
-                __syncwarp();
-                if (lane == 0) mbarrier_arrive(empty + 8 * (g_unit % K5_STAGES));
-            }
-            float sums[1][2];  // [row 16 warp + g, + 8]: sum_h w[j, h] ReLU(score), over the 4 lanes
-            weighted_relu_head_sums<H, H>(acc, w_lane + 4 * j * H, sums);
-            if (t < 2) {  // lane t stores row 16 warp + g + 8 t of draft position j
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(empty + 8 * ((first_unit + u) % K5_STAGES));  // the wgmma read it
+            float sums[NEXT_N][2];  // [j][row 16 warp + g, + 8]: sum_h w ReLU(score), over all 4 lanes
+            weighted_relu_head_sums<N, H>(acc, w_lane, sums);
+            if (t < 2 * NEXT_N) {
                 const int pos = (n_begin + u) * BLOCK_KV + slot;
                 if (pos < context_len)
-                    logits[(size_t)(b * NEXT_N + j) * max_context_len + pos] =
-                        from_float<T>(pos < row_len[j] ? sum_for_lane(sums, t) * scale : NEG_INF);
+                    logits[(size_t)(b * NEXT_N + lane_j) * max_context_len + pos] =
+                        from_float<T>(pos < lane_len ? sum_for_lane(sums, t) * scale : NEG_INF);
             }
         };
 
-        constexpr int ODD_J = NEXT_N - 1;  // the draft position of an odd item: 0, or 1 (the same block as it - 1)
-        float acc[2][H / 2], scale[2];
-        if (items > 0) issue(0, 0, acc[0], scale[0]);
-        #pragma unroll 1
-        for (int it = 0; it < items; it += 2) {  // items it (acc[0]) and it + 1 (acc[1])
-            if (it + 1 < items) {
-                issue(it + 1, ODD_J, acc[1], scale[1]);
-                wgmma_wait<1>();
-            } else {
-                wgmma_wait<0>();
-            }
-            finish(it, 0, acc[0], scale[0]);
-            if (it + 1 < items) {
-                const float odd_scale = NEXT_N == 1 ? scale[1] : scale[0];  // before item it + 2 reads its own
-                if (it + 2 < items) {
-                    issue(it + 2, 0, acc[0], scale[0]);
+        if constexpr (PING_PONG) {
+            float acc[2][N / 2], scale[2];
+            if (my_units > 0) issue(0, acc[0], scale[0]);
+            #pragma unroll 1
+            for (int i = 0; i < my_units; i += 2) {  // blocks i (acc[0]) and i + 1 (acc[1])
+                if (i + 1 < my_units) {
+                    issue(i + 1, acc[1], scale[1]);
                     wgmma_wait<1>();
                 } else {
                     wgmma_wait<0>();
                 }
-                finish(it + 1, ODD_J, acc[1], odd_scale);
+                finish(i, acc[0], scale[0]);
+                if (i + 1 < my_units) {
+                    if (i + 2 < my_units) {
+                        issue(i + 2, acc[0], scale[0]);
+                        wgmma_wait<1>();
+                    } else {
+                        wgmma_wait<0>();
+                    }
+                    finish(i + 1, acc[1], scale[1]);
+                }
+            }
+        } else {
+            float acc[N / 2], scale;
+            #pragma unroll 1
+            for (int i = 0; i < my_units; ++i) {
+                issue(i, acc, scale);
+                wgmma_wait<0>();
+                finish(i, acc, scale);
             }
         }
         __syncwarp();

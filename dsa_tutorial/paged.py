@@ -381,8 +381,6 @@ def _paged_why_not(q, kv_cache, weights) -> dict:
     if tma is None and weights.data_ptr() % 16:
         tma = f"reads the weights through a TMA tensor map: 16-byte aligned, but they start {weights.data_ptr() % 16} bytes past"
     rows = max(q.shape[0] * q.shape[1] * q.shape[2], kv_cache.shape[0] * BLOCK_KV * (q.shape[3] + 4) // q.shape[3])
-    if tma is None and kv_cache.shape[0] == 0:
-        tma = "reads the cache through a TMA tensor map, which cannot describe an empty cache (num_blocks = 0)"
     if tma is None and rows >= 2**31:
         tma = f"addresses q and the cache by rows of {q.shape[3]} bytes with int32 TMA coordinates: fewer than 2^31, got {rows}"
     return {4: wgmma, 5: tma}
@@ -398,8 +396,11 @@ def _launch_paged(version: int, q, kv_cache, weights, context_lens, block_table,
     threads, smem = _launch_geometry(version, next_n, H)
     if version == 5:  # TMA: q as [B next_n H] rows, the cache as [66 num_blocks] rows of 128 bytes, w [B next_n][H]
         D, N = q.shape[3], next_n * H
+        # an empty cache (num_blocks 0) has no map, and nothing is read from it (every context clips to 0):
+        # the values map then points at q, never used
+        cache_rows = kv_cache.view(-1, D) if kv_cache.shape[0] else q.view(B * N, D)
         maps = (kernels.tensor_map_2d(q.view(B * N, D), N, D, swizzle=128),
-                kernels.tensor_map_2d(kv_cache.view(-1, D), BLOCK_KV, D, swizzle=128),
+                kernels.tensor_map_2d(cache_rows, BLOCK_KV, D, swizzle=128),
                 kernels.tensor_map_2d(weights, next_n, H))
         PAGED_MQA_LOGITS_KERNELS.launch(
             5, grid=schedule_meta.shape[0] - 1, block=threads, shared_mem=smem, H=H, next_n=next_n,
