@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from dsa_tutorial import checks, compare, fp8, paged  # noqa: E402
