@@ -33,11 +33,14 @@ Which function runs where:
   mma.sync e4m3, which sm_90 emulates with f16 mma and per-call conversions), 2 (4 x next_n x H / 32
   warps a block, e4m3 converted to f16 once, f16 mma.sync), 3 (6 warps a block, each with its own
   cp.async pipeline of 32-key units and no block-wide barrier between them; q of all heads and
-  draft positions as f16 fragments in shared memory, so every key is converted once) or 4 (2
+  draft positions as f16 fragments in shared memory, so every key is converted once), 4 (2
   warpgroups a block, each with its own pipeline of 64-token physical blocks, Hopper's warpgroup MMA
-  on the e4m3 keys and the next_n x H rows of q in shared memory; compiled for sm_90a, so it runs on
-  compute capability 9.0 only, and is refused elsewhere). kernel=None takes the best that runs
-  here: 4, else 3. Each launches one block per schedule row; ask the schedule for
+  on the e4m3 keys and the next_n x H rows of q in shared memory) or 5 (kernel 4's MMA fed by TMA: a
+  producer warp keeps one ring of blocks full for two consumer warpgroups, handed over through
+  mbarriers; weights 16-byte aligned). 4 and 5 are compiled for sm_90a, so they run on compute
+  capability 9.0 only, and are refused elsewhere. kernel=None takes the best that runs here: 5,
+  else 4, else 3 (PAGED_MQA_LOGITS_KERNELS.best_first; kernel 5 measured 1.03 to 1.05 times kernel
+  4's speed at one draft token and 1.14 to 1.16 at two, with enough work, on the H200). Each launches one block per schedule row; ask the schedule for
   `schedule_size(device)` = CTAS_PER_SM (a #define of the .cu) x the SM count (any size is correct).
   Every kernel takes both forms of context_lens as they are (an argument says which, and the kernel
   derives len[b, j] itself: no conversion, no extra launch) and is compiled once per logits_dtype
@@ -94,7 +97,7 @@ PAGED_MQA_LOGITS_KERNELS = KernelTable("paged_mqa_logits", [
            "of the next draft position issued before the epilogue of this one",
            needs="compute capability 9.0 (sm_90a), weights 16-byte aligned, fewer than 2^31 rows of q and of "
                  "the cache"),
-], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")}, best_first=(4, 5, 3, 2, 1))
+], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")}, best_first=(5, 4, 3, 2, 1))
 
 
 def kv_cache_block_bytes(head_dim: int = 128) -> int:
@@ -314,8 +317,8 @@ def paged_mqa_logits_cuda(q, kv_cache, weights, context_lens, block_table, sched
                           clean_logits: bool = True, *, kernel: int | None = None,
                           out: torch.Tensor | None = None, logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`cuda/paged_mqa_logits.cu`: one block per schedule row; kernel = a version of
-    PAGED_MQA_LOGITS_KERNELS (1 to 4, 4 on compute capability 9.0 only) or None, the best that runs
-    here (4, else 3).
+    PAGED_MQA_LOGITS_KERNELS (1 to 5, 4 and 5 on compute capability 9.0 only) or None, the best that
+    runs here (5, else 4, else 3).
 
     q [B, next_n, H, D] e4m3 (next_n in {1, 2}), kv_cache uint8 [num_blocks, 64, 1, D + 4],
     weights [B * next_n, H] float32, context_lens int32 [B] or [B, next_n] (DeepGEMM's per-row form:

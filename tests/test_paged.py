@@ -491,7 +491,7 @@ def test_paged_default_and_errors_on_gpu():
     args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_paged().items()}
     out = paged.paged_mqa_logits_cuda(*args.values())
     assert out.is_cuda and out.shape == (2, 70)
-    best = 4 if fp8.wgmma_why_not(torch.device("cuda")) is None else 3
+    best = 5 if fp8.wgmma_why_not(torch.device("cuda")) is None else 3
     assert torch.equal(out, paged.paged_mqa_logits_cuda(**args, kernel=best))
     with checks.data_checks(True):  # device data: checked only when asked for
         with pytest.raises(ValueError, match="block id"):
@@ -516,6 +516,16 @@ def test_paged_default_and_errors_on_gpu():
         for kernel in (None, *paged.PAGED_MQA_LOGITS_KERNELS.versions):
             with pytest.raises(ValueError, match=f"{name} must start at a 16-byte aligned address"):
                 paged.paged_mqa_logits_cuda(**{**args, name: shifted}, kernel=kernel)
+    # kernel 5 reads the weights through a TMA tensor map: weights 4 bytes past a 16-byte boundary are
+    # refused by it, and the default takes kernel 4 (the same logits, bit for bit)
+    if fp8.wgmma_why_not(torch.device("cuda")) is None:
+        w = args["weights"]
+        w_shifted = torch.empty(w.numel() + 1, device="cuda")[1:].view(w.shape)
+        w_shifted.copy_(w)
+        assert w_shifted.data_ptr() % 16 == 4
+        with pytest.raises(ValueError, match="kernel 5 of cuda/paged_mqa_logits.cu .*16-byte aligned"):
+            paged.paged_mqa_logits_cuda(**{**args, "weights": w_shifted}, kernel=5)
+        assert torch.equal(paged.paged_mqa_logits_cuda(**{**args, "weights": w_shifted}), out)
     with pytest.raises(TypeError, match="out must be bfloat16, got float32"):  # out in the dtype asked for
         paged.paged_mqa_logits_cuda(**args, out=torch.empty(2, 70, device="cuda"), logits_dtype=torch.bfloat16)
     # the per-row form: checked on the device data only with data checks on, as the [B] form
@@ -535,6 +545,8 @@ def test_paged_cuda_refuses_wgmma_where_it_does_not_run(monkeypatch):
     refusal = r"kernel 4 of cuda/paged_mqa_logits.cu .*capability 9\.0 .*has compute capability \d+\.\d+"
     with pytest.raises(ValueError, match=refusal):
         paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, out=out, kernel=4)
+    with pytest.raises(ValueError, match=refusal.replace("kernel 4", "kernel 5")):
+        paged.paged_mqa_logits_cuda(q, kv_cache, w, ctx, bt, meta, max_len, out=out, kernel=5)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()  # refused before any launch
     ref = paged.paged_mqa_logits(*(t.cpu() for t in (q, kv_cache, w, ctx, bt, meta)), max_len)
