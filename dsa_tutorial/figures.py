@@ -60,27 +60,36 @@ def _label(row: dict) -> str:
     return row["label"]
 
 
-def progression(operation: str, cases: list[str] | None = None, directory: Path | None = None):
+def progression(operation: str, cases: list[str] | None = None, directory: Path | None = None,
+                anchor: str | None = None):
     """One panel per case: the baseline(s), the public call with its defaults and every kernel
     version, as bars of the fraction of the ceiling they reached (log scale), each labelled with its
-    time. Returns the matplotlib figure."""
+    time. `anchor`: a side-by-side run (e.g. "deepgemm_side_by_side") whose anchor row for the same case
+    ("<operation> <case>") is drawn on top, in red, as the fraction of its own run's ceiling. Returns the
+    matplotlib figure."""
     import matplotlib.pyplot as plt
 
     data = kernel_results(operation, directory)
     ceilings = data["ceilings"]
+    anchors = {}
+    if anchor is not None:
+        side = kernel_results(anchor, directory)
+        anchors = {case.removeprefix(operation + " "): dict(row, role="anchor", label=f"{row['label']} (its run)",
+                                                              share=rate(row, side["ceilings"])[1])
+                   for case, row, _ in anchor_pairs(side) if case.startswith(operation + " ")}
     names = list(dict.fromkeys(row["case"] for row in data["rows"]))
     if cases is not None:
         unknown = [c for c in cases if c not in names]
         if unknown:
             raise KeyError(f"{operation} has no case {unknown}; its cases: {names}")
         names = list(cases)
-    heights = [sum(row["case"] == name for row in data["rows"]) for name in names]
+    heights = [sum(row["case"] == name for row in data["rows"]) + (name in anchors) for name in names]
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 0.8 + 0.34 * sum(heights) + 0.5 * len(names)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
-    colors = {"baseline": "#9a9a9a", "default": "#4c7a00", "kernel": "#3b75af"}
+    colors = {"baseline": "#9a9a9a", "default": "#4c7a00", "kernel": "#3b75af", "anchor": "#b5452b"}
     for ax, name in zip(axes[:, 0], names):
-        rows = [row for row in data["rows"] if row["case"] == name]
-        fractions = [100 * rate(row, ceilings)[1] for row in rows]
+        rows = ([anchors[name]] if name in anchors else []) + [row for row in data["rows"] if row["case"] == name]
+        fractions = [100 * (row["share"] if row["role"] == "anchor" else rate(row, ceilings)[1]) for row in rows]
         y = range(len(rows))[::-1]
         ax.barh(list(y), fractions, color=[colors[row["role"]] for row in rows], height=0.7)
         ax.set_yticks(list(y), [_label(row) for row in rows], fontsize=8)

@@ -56,6 +56,16 @@ def test_figures_draw_from_the_files(tmp_path):
     assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 4  # baseline, default, kernels 1 and 2
     with pytest.raises(KeyError, match="its cases"):
         figures.progression("index_scores", cases=["large"], directory=tmp_path)
+    # an anchor's row for the same case, from a side-by-side run, drawn on top (one bar more)
+    side = bench.Results("anchor_side_by_side", CEILINGS)
+    data = figures.kernel_results("index_scores", directory=tmp_path)
+    case = data["rows"][0]["case"]
+    side.add(f"index_scores {case}", "baseline", timing(50.0), label="Anchor abc", flops=2e12, ceiling="bf16")
+    side.add(f"index_scores {case}", "default", timing(60.0), baseline=timing(50.0), flops=2e12, ceiling="bf16")
+    side.write(tmp_path)
+    fig = figures.progression("index_scores", directory=tmp_path, anchor="anchor_side_by_side")
+    assert len(fig.axes[0].patches) == 5
+    assert fig.axes[0].get_yticklabels()[0].get_text() == "Anchor abc (its run)"  # the top bar
     fig = figures.roofline(("index_scores", "select_topk"), directory=tmp_path)
     left, right = fig.axes
     assert len(left.collections) == 1 and len(right.patches) == 1  # one compute point set, one memory bar
