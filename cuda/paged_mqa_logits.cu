@@ -62,6 +62,10 @@
 //   physical blocks: 2 warpgroups a block, each with its own cp.async ring of 64-token blocks; per
 //   block 4 wgmma m64nNk32 with N = next_n H (B = q[b], all draft positions and heads, in shared
 //   memory). (See its section.)
+// Kernel 5 (paged_mqa_logits_tma_h64_n1 / ... , sm_90a only): kernel 4's wgmma fed by TMA (a tensor map
+//   over the cache's 128-byte rows for the values, cp.async.bulk for the scales): a producer warp keeps
+//   one ring of physical blocks full for two consumer warpgroups, handed over through mbarriers; at
+//   N <= 64 the next block's wgmma runs while this block's epilogue does. (See its section.)
 //
 // Bounds, for ANY values of context_lens, block_table and schedule_meta (dsa_tutorial checks them
 // only with data checks on; compute-sanitizer runs every kernel on wild values,
@@ -89,7 +93,7 @@
 #define VALUE_BYTES (BLOCK_KV * HEAD_DIM)          // 8192: the scales start here
 #define CHUNKS_PER_ROW (HEAD_DIM / 16)
 #define MAX_REGISTERS 160                          // 64 for q[b, j]; 3 x 128 x 160 <= 65536: 3 blocks an SM
-// Schedule rows per SM that dsa_tutorial.paged.schedule_size asks for: kernels 3 and 4 are built for
+// Schedule rows per SM that dsa_tutorial.paged.schedule_size asks for: kernels 3 to 5 are built for
 // two blocks an SM (their launch bounds), kernel 2 fits two at next_n = 1, H = 64 (8 warps of <= 128
 // registers): one full wave.
 #define CTAS_PER_SM 2
