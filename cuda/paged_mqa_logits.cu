@@ -881,8 +881,8 @@ PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PE
 //   N = 128 two sets (2 x 64 accumulators a thread) do not fit the 112 registers a thread that two
 //   blocks an SM leave, and a block's wgmma and epilogue run in turn, as in kernel 4; the other three
 //   consumers of the SM fill the tensor cores meanwhile. (Splitting N = 128 into the two draft positions,
-//   m64n64 each, pipelined, was tried: it reads every block from shared memory twice and measured 13 to
-//   18% slower than kernel 4 on the H200.)
+//   m64n64 each, pipelined, was tried: it reads every block from shared memory twice and measured 15 to
+//   18% slower than kernel 4 on the H200 at 32K and 64K contexts, batch 128 and 256.)
 //
 //   producer warp   q(b0) k0 k1 .. k7 | wait empty[0] k8 | ...   q(b1) ...
 //   consumer 0      wait full[0]: wgmma k0 | wgmma k2, release k0, epilogue k0 | wgmma k4, release k2, ...
