@@ -40,8 +40,9 @@ Which function runs where:
   mbarriers; weights 16-byte aligned). 4 and 5 are compiled for sm_90a, so they run on compute
   capability 9.0 only, and are refused elsewhere. kernel=None takes the best that runs here: 5,
   else 4, else 3 (PAGED_MQA_LOGITS_KERNELS.best_first; kernel 5 measured 1.03 to 1.05 times kernel
-  4's speed at one draft token and 1.14 to 1.16 at two, with enough work, on the H200). Each launches one block per schedule row; ask the schedule for
-  `schedule_size(device)` = CTAS_PER_SM (a #define of the .cu) x the SM count (any size is correct).
+  4's speed at one draft token and 1.14 to 1.16 at two, with enough work, on the H200). Each
+  launches one block per schedule row; ask the schedule for `schedule_size(device)` = CTAS_PER_SM
+  (a #define of the .cu) x the SM count (any size is correct).
   Every kernel takes both forms of context_lens as they are (an argument says which, and the kernel
   derives len[b, j] itself: no conversion, no extra launch) and is compiled once per logits_dtype
   (the `out` variant, entry suffix _f32 / _bf16: bfloat16 writes half the bytes).
@@ -93,8 +94,8 @@ PAGED_MQA_LOGITS_KERNELS = KernelTable("paged_mqa_logits", [
     Kernel(4, "paged_mqa_logits_wgmma_h{H}_n{next_n}_{out}",
            "2 warpgroups, each its own ring of physical blocks, wgmma on e4m3", needs="compute capability 9.0 (sm_90a)"),
     Kernel(5, "paged_mqa_logits_tma_h{H}_n{next_n}_{out}",
-           "kernel 4's wgmma fed by TMA: a producer warp, two consumer warpgroups sharing one ring, the product "
-           "of the next draft position issued before the epilogue of this one",
+           "kernel 4's wgmma fed by TMA: a producer warp, two consumer warpgroups sharing one ring, the next "
+           "block's product issued before this one's epilogue where the registers allow",
            needs="compute capability 9.0 (sm_90a), weights 16-byte aligned, fewer than 2^31 rows of q and of "
                  "the cache"),
 ], variants={"H": (64, 32), "next_n": (1, 2), "out": ("f32", "bf16")}, best_first=(5, 4, 3, 2, 1))
