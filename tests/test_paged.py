@@ -385,6 +385,24 @@ def test_paged_cuda_rejects_unsupported_heads():
         paged.check_paged_inputs(q, kv_cache, w, ctx, bt, meta, max_len, cuda=True)
 
 
+def test_paged_kernel5_needs_aligned_weights_and_int32_rows(monkeypatch):
+    # kernel 5 reads the weights through a TMA tensor map (16-byte aligned data) and addresses q and the cache
+    # by 128-byte rows with int32 coordinates; host metadata only, so checked here without a GPU
+    monkeypatch.setattr(fp8.kernels, "wgmma_available", lambda device=None: True)
+    q = torch.empty(2, 1, 64, 128, dtype=torch.float8_e4m3fn)
+    cache = torch.empty(4, 64, 1, 132, dtype=torch.uint8)
+    w = torch.empty(2 * 64 + 4)
+    assert paged._paged_why_not(q, cache, w[:128].view(2, 64)) == {4: None, 5: None}
+    shifted = w[1:129].view(2, 64)  # 4 bytes past a 16-byte boundary
+    assert shifted.data_ptr() % 16 == 4
+    with pytest.raises(ValueError, match="kernel 5 .*16-byte aligned, but they start 4 bytes past"):
+        TABLE.choose(5, paged._paged_why_not(q, cache, shifted))
+    assert TABLE.choose(None, paged._paged_why_not(q, cache, shifted)).version == 4
+    huge = torch.empty(2**25, 64, 1, 132, dtype=torch.uint8, device="meta")  # 66 x 2^25 rows > 2^31
+    why = paged._paged_why_not(q.to("meta"), huge, w[:128].view(2, 64).to("meta"))
+    assert why[4] is None and "fewer than 2^31, got 2214592512" in why[5]
+
+
 def test_paged_refusal_names_the_capability(monkeypatch):
     monkeypatch.setattr(fp8.kernels, "gpu_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
