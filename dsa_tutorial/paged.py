@@ -384,9 +384,10 @@ def _paged_why_not(q, kv_cache, weights) -> dict:
     tma = wgmma
     if tma is None and weights.data_ptr() % 16:
         tma = f"reads the weights through a TMA tensor map: 16-byte aligned, but they start {weights.data_ptr() % 16} bytes past"
-    rows = max(q.shape[0] * q.shape[1] * q.shape[2], kv_cache.shape[0] * BLOCK_KV * (q.shape[3] + 4) // q.shape[3])
+    D = q.shape[3]  # a row: D bytes (q: one (b, j, h); the cache: a block is kv_cache_block_bytes(D) / D rows)
+    rows = max(q.shape[0] * q.shape[1] * q.shape[2], kv_cache.shape[0] * kv_cache_block_bytes(D) // D)
     if tma is None and rows >= 2**31:
-        tma = f"addresses q and the cache by rows of {q.shape[3]} bytes with int32 TMA coordinates: fewer than 2^31, got {rows}"
+        tma = f"addresses q and the cache by rows of {D} bytes with int32 TMA coordinates: fewer than 2^31, got {rows}"
     return {4: wgmma, 5: tma}
 
 
