@@ -2,6 +2,7 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_fp8.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_fp8.py --only paged --kernels 5   (a part)
 
 Kernels: every version of fp8.ACT_QUANT_KERNELS (cuda/act_quant.cu), fp8.MQA_LOGITS_KERNELS
 (cuda/mqa_logits.cu) and paged.PAGED_MQA_LOGITS_KERNELS (cuda/paged_mqa_logits.cu), for each H (64, 32)
@@ -17,6 +18,7 @@ negative, past max_context_len and longer than their table row; block ids negati
 that do not match the lengths or hold random int32 values; an empty cache. memcheck must stay clean:
 the kernels clip every such value (see the .cu headers), whatever the result is worth.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -55,8 +57,8 @@ def runs_here(table, kernel: int) -> bool:
     return reason is None
 
 
-def check_mqa_logits() -> None:
-    for kernel in MQA.versions:
+def check_mqa_logits(kernels) -> None:
+    for kernel in kernels:
         for H in MQA.variants["H"]:
             if not runs_here(MQA, kernel):
                 continue
@@ -110,8 +112,8 @@ def check_many_query_blocks(H: int) -> None:
     compare.assert_close(out, ref, atol=1e-3 * scale, max_calc_diff=1e-6, name=f"mqa_logits kernel 5 H={H} S={S}")
 
 
-def check_paged() -> None:
-    for kernel in PAGED.versions:
+def check_paged(kernels) -> None:
+    for kernel in kernels:
         for H in PAGED.variants["H"]:
             for next_n in PAGED.variants["next_n"]:
                 if not runs_here(PAGED, kernel):
@@ -179,9 +181,18 @@ def check_paged_wild(kernel: int, H: int, next_n: int) -> None:
 
 
 def main() -> None:
-    check_act_quant()
-    check_mqa_logits()
-    check_paged()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=("act_quant", "mqa", "paged"),
+                        default=["act_quant", "mqa", "paged"], help="the parts to launch (default: all)")
+    parser.add_argument("--kernels", type=int, nargs="+", choices=sorted(set(MQA.versions) | set(PAGED.versions)),
+                        help="the logits kernel versions to launch (default: every one)")
+    args = parser.parse_args()
+    if "act_quant" in args.only:
+        check_act_quant()
+    if "mqa" in args.only:
+        check_mqa_logits([k for k in MQA.versions if args.kernels is None or k in args.kernels])
+    if "paged" in args.only:
+        check_paged([k for k in PAGED.versions if args.kernels is None or k in args.kernels])
     torch.cuda.synchronize()
     print("sanitize_fp8: all launches checked")
 
