@@ -871,10 +871,12 @@ PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PE
 //   both counted on the stage's mbarrier (8448 bytes). q[b] (N = next_n H rows) and w[b] come by TMA too.
 // * One producer warp (the block's last) walks the schedule exactly as the consumers do and keeps the
 //   ring of K5_STAGES blocks full (lane k fetches the block id of unit u0 + k, once per 32 units); the
-//   two consumer warpgroups take the run's blocks alternately (u = consumer, consumer + 2, ...), wait on
-//   full[stage], and release it through empty[stage] (one arrival a warp) as soon as their wgmma have
-//   read it. q and w are double-buffered (q_full / q_empty per buffer), so a new run's q lands while the
-//   last run's blocks are still being computed: no block-wide barrier after the start.
+//   two consumer warpgroups take the blocks alternately by their unit over the whole walk (consumer c
+//   computes the units = c mod 2, so stage s always belongs to consumer s % 2 and its waits on full[s]
+//   see every phase in turn), wait on full[stage], and release it through empty[stage] (one arrival a
+//   thread, after its own reads) as soon as their wgmma have read it. q and w are double-buffered
+//   (q_full / q_empty per buffer), so a new run's q lands while the last run's blocks are still being
+//   computed: no block-wide barrier after the start.
 // * Where the registers allow (N = next_n H <= 64: one draft token at H = 64), the product of the
 //   consumer's next block is issued before the epilogue of this one, into a second accumulator set, so
 //   the tensor cores compute one block while the warpgroup sums the other's heads (wgmma_wait<1>). At
@@ -908,6 +910,7 @@ PAGED_ENTRY(paged_mqa_logits_wgmma_h32_n2, __launch_bounds__(K4_THREADS, CTAS_PE
 #define K5_FIXED_SMEM (K5_STAGES * (VALUE_BYTES + K5_SCALE_BYTES) + 8 * K5_BARRIERS)
 #define K5_SMEM_PER_ROW (2 * (HEAD_DIM + 4))   // two buffers of a q row and its weight
 static_assert(BLOCK_BYTES % HEAD_DIM == 0, "a cache block is a whole number of 128-byte rows");
+static_assert(K5_STAGES % K5_CONSUMERS == 0, "stage s belongs to consumer s % K5_CONSUMERS");
 
 template <int H, int NEXT_N, typename T>
 __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& values_map, const TensorMap& w_map,
@@ -930,12 +933,12 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
     const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
     if (threadIdx.x == 0) {
         for (int s = 0; s < K5_STAGES; ++s) {
-            mbarrier_init(full + 8 * s, 1);   // the producer's arrive.expect_tx (+ the bytes)
-            mbarrier_init(empty + 8 * s, 4);  // the 4 warps of the consumer that computes the block
+            mbarrier_init(full + 8 * s, 1);     // the producer's arrive.expect_tx (+ the bytes)
+            mbarrier_init(empty + 8 * s, 128);  // every thread of the consumer that owns the stage
         }
         for (int b = 0; b < 2; ++b) {
             mbarrier_init(q_full + 8 * b, 1);
-            mbarrier_init(q_empty + 8 * b, 4 * K5_CONSUMERS);
+            mbarrier_init(q_empty + 8 * b, 128 * K5_CONSUMERS);  // every consumer thread
         }
         fence_mbarrier_init();
     }
@@ -991,8 +994,12 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
         const int n_units = n_end - n_begin, first_unit = unit;
         unit += n_units;
         const int buffer = run++ % 2;
-        // this consumer's blocks of the run: u = warpgroup + 2 i, i < my_units
-        const int my_units = warpgroup < n_units ? (n_units - warpgroup + K5_CONSUMERS - 1) / K5_CONSUMERS : 0;
+        // this consumer's blocks of the run: u = u0 + 2 i, i < my_units, where u0 makes first_unit + u (the
+        // unit over the whole walk) = warpgroup mod 2, so that stage s is always computed by consumer s % 2:
+        // its own waits then see every phase of full[s] in turn (assigned per run, a run of odd length would
+        // hand a stage to the other consumer, whose wait on a parity could pass on the phase before)
+        const int u0 = (unsigned)(warpgroup + K5_CONSUMERS - first_unit % K5_CONSUMERS) % K5_CONSUMERS;
+        const int my_units = u0 < n_units ? (n_units - u0 + K5_CONSUMERS - 1) / K5_CONSUMERS : 0;
         // lane t < 2 NEXT_N stores draft position j = t / 2, token 16 warp + g + 8 (t % 2): its row's length
         const int lane_j = min(t / 2, NEXT_N - 1), lane_len = row_len_of(lens, b, lane_j, context_len);
         const unsigned long long b_desc = wgmma_desc(smem_address(q_s + buffer * N * HEAD_DIM));
@@ -1003,7 +1010,7 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
         // reading the lane's k_scale from the stage while it is there); finish it once waited for: release
         // the stage, epilogue (kernel 4's) and store.
         auto issue = [&](int i, float (&acc)[N / 2], float& scale) {
-            const int g_unit = first_unit + warpgroup + K5_CONSUMERS * i, stage = g_unit % K5_STAGES;
+            const int g_unit = first_unit + u0 + K5_CONSUMERS * i, stage = g_unit % K5_STAGES;
             mbarrier_wait(full + 8 * stage, (g_unit / K5_STAGES) & 1);  // (acquire) the block has landed
             scale = scales_s[stage * BLOCK_KV + slot];
             const unsigned long long a_desc = wgmma_desc(smem_address(values_s + stage * VALUE_BYTES));
@@ -1013,10 +1020,9 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
             wgmma_commit();
         };
         auto finish = [&](int i, float (&acc)[N / 2], float scale) {
-            const int u = warpgroup + K5_CONSUMERS * i;
+            const int u = u0 + K5_CONSUMERS * i;
             fence_operands(acc);
-            __syncwarp();
-            if (lane == 0) mbarrier_arrive(empty + 8 * ((first_unit + u) % K5_STAGES));  // the wgmma read it
+            mbarrier_arrive(empty + 8 * ((first_unit + u) % K5_STAGES));  // (release) its wgmma and scale read
             float sums[NEXT_N][2];  // [j][row 16 warp + g, + 8]: sum_h w ReLU(score), over all 4 lanes
             weighted_relu_head_sums<N, H>(acc, w_lane, sums);
             if (t < 2 * NEXT_N) {
@@ -1058,8 +1064,7 @@ __device__ void paged_mqa_logits_tma(const TensorMap& q_map, const TensorMap& va
                 finish(i, acc, scale);
             }
         }
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(q_empty + 8 * buffer);  // (release) this warp is done with q[b], w[b]
+        mbarrier_arrive(q_empty + 8 * buffer);  // (release) this thread is done with q[b], w[b]
     }
 
     if (clean_logits) fill_past_contexts(logits, lens, B, max_context_len, 4 * K5_CONSUMERS);
